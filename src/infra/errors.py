@@ -1,0 +1,86 @@
+"""One error tree for the whole library.
+
+The CLI turns any ``InfraError`` into a one-line message and a non-zero exit code;
+anything else is a bug and may show a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+
+class InfraError(Exception):
+    """Root of every error the orchestrator raises on purpose."""
+
+    exit_code: int = 1
+
+    def one_line(self) -> str:
+        """The message the CLI prints: a single line, never a traceback."""
+        return " ".join(str(self).split())
+
+
+class UsageError(InfraError):
+    """The user asked for something that cannot work (bad flags, unknown ids)."""
+
+    exit_code = 2
+
+
+class ConfigError(UsageError):
+    """A config or spec file is malformed: names the file, the key path and the reason."""
+
+    def __init__(self, file: str, key: str, reason: str, line: int | None = None) -> None:
+        self.file = file
+        self.key = key
+        self.reason = reason
+        self.line = line
+        where = file if line is None else f"{file}:{line}"
+        super().__init__(f"{where}: {key}: {reason}" if key else f"{where}: {reason}")
+
+
+class PlacementError(InfraError):
+    """Nothing fits an instance (or a pin breaks a hard constraint)."""
+
+    exit_code = 3
+
+
+class StateError(InfraError):
+    """The durable store is missing, locked by another coordinator, or inconsistent."""
+
+
+class TransportError(InfraError):
+    """Talking to a node failed; carries the node name."""
+
+    def __init__(self, node: str, reason: str) -> None:
+        self.node = node
+        self.reason = reason
+        super().__init__(f"{node}: {reason}")
+
+
+class UnreachableError(TransportError):
+    """The node could not be reached (refused, no route, DNS)."""
+
+
+class AuthFailedError(TransportError):
+    """The node refused our credentials."""
+
+
+class HostKeyError(TransportError):
+    """The node's host key is unknown or changed; we refuse to talk to it."""
+
+
+class TransportTimeoutError(TransportError, asyncio.TimeoutError):
+    """An operation on a node took longer than allowed."""
+
+
+class CommandFailedError(TransportError):
+    """A remote command ran but failed (non-zero exit or unparsable output)."""
+
+    def __init__(self, node: str, reason: str, exit_status: int | None = None,
+                 stderr: str = "") -> None:
+        super().__init__(node, reason)
+        self.exit_status = exit_status
+        self.stderr = stderr
+
+
+class DeployError(TransportError):
+    """rsync to a node failed."""
