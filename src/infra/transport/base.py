@@ -49,8 +49,12 @@ class Transport(abc.ABC):
         """Copy one file from the node to the coordinator."""
 
     @abc.abstractmethod
-    def stream(self, command: str | Sequence[str]) -> AsyncIterator[str]:
-        """Run a command and yield its stdout as it arrives, line by line."""
+    def stream(self, command: str | Sequence[str]) -> AsyncIterator[bytes]:
+        """Run a command and yield its raw stdout bytes as they arrive.
+
+        Bytes, not lines, so a caller can count exact offsets (resumable log streams).
+        The iterator ends when the command exits; a lost connection raises TransportError.
+        """
 
     @abc.abstractmethod
     async def close(self) -> None:
