@@ -216,4 +216,10 @@ class ExperimentSpec:
     max_retries: int | None = None
     auto_restart: bool | None = None
     description: str = ""
+    params: tuple[tuple[str, object], ...] = field(default=(), compare=False)
     extra: tuple[tuple[str, object], ...] = field(default=(), compare=False)
+
+    @property
+    def ram_demand_unified(self) -> float:
+        """What the instance draws from a unified-memory pool: RAM plus GPU memory."""
+        return self.ram_gb + (self.gpu_memory_gb if self.gpu_required else 0.0)

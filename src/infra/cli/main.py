@@ -1,0 +1,230 @@
+"""The ``cluster-experiment`` command line (also ``scripts/cluster_experiment.py``).
+
+Reference-style flags on the root command (``--validate-config``, ``--health-check``,
+``--deploy-all``, ``--config ... --auto-place``) plus subcommands for runs
+(``status``, ``logs``, ``stop``, ``results``). Every ``InfraError`` becomes one line on
+stderr and a non-zero exit code; user mistakes never print a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+
+from infra.cli import views
+from infra.config import Cluster, ExperimentSpec, check_spec_set, load_cluster, load_spec, parse_pins
+from infra.errors import InfraError, PlacementError, UsageError
+from infra.placement import Plan, plan, why_not
+
+DEFAULT_CLUSTER_CONFIG = "cluster_config.yaml"
+SPEC_SUFFIXES = (".json", ".yaml", ".yml")
+
+
+@dataclass
+class Ctx:
+    """What every command needs: where the topology is and how to print."""
+
+    cluster_config: str
+    json_out: bool = False
+    console: Console = field(default_factory=lambda: Console(highlight=False))
+    err: Console = field(default_factory=lambda: Console(stderr=True, highlight=False))
+    _cluster: Cluster | None = None
+
+    @property
+    def cluster(self) -> Cluster:
+        if self._cluster is None:
+            self._cluster = load_cluster(self.cluster_config)
+        return self._cluster
+
+    def emit_json(self, document: Any) -> None:
+        click.echo(json.dumps(document, indent=2, sort_keys=False, default=str))
+
+
+def find_cluster_config(explicit: str | None) -> str:
+    """The topology file: the flag, else $INFRA_CLUSTER_CONFIG, else ./cluster_config.yaml."""
+    if explicit:
+        return explicit
+    env = os.environ.get("INFRA_CLUSTER_CONFIG")
+    if env:
+        return env
+    if not Path(DEFAULT_CLUSTER_CONFIG).exists():
+        raise UsageError(f"{DEFAULT_CLUSTER_CONFIG}: not found in {Path.cwd()} "
+                         "(run from the project directory or pass --cluster-config PATH)")
+    return DEFAULT_CLUSTER_CONFIG
+
+
+def expand_spec_paths(paths: Sequence[str]) -> list[Path]:
+    """``--config`` takes files or directories (every *.json / *.yaml inside)."""
+    out: list[Path] = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            found = sorted(q for q in p.iterdir() if q.suffix.lower() in SPEC_SUFFIXES)
+            if not found:
+                raise UsageError(f"{p}: --config directory holds no .json/.yaml spec files")
+            out.extend(found)
+        else:
+            out.append(p)
+    return out
+
+
+def load_specs(cluster: Cluster, paths: Sequence[str]) -> tuple[ExperimentSpec, ...]:
+    return check_spec_set(load_spec(p, cluster) for p in expand_spec_paths(paths))
+
+
+def make_plan(cluster: Cluster, specs: tuple[ExperimentSpec, ...], placement: str | None,
+              auto_place: bool, force: bool, conditions: Any = None) -> Plan:
+    """Check pins and --auto-place, then run the engine."""
+    pins = parse_pins(placement, cluster, specs)
+    unpinned = [s.experiment_id for s in specs if s.experiment_id not in pins]
+    if unpinned and not auto_place:
+        raise UsageError(f"no placement for {', '.join(unpinned)}: add --auto-place to let the "
+                         "scheduler choose, or pin with --placement INSTANCE:NODE,...")
+    return plan(cluster, specs, pins=pins, conditions=conditions, force=force)
+
+
+def plan_failure(result: Plan) -> PlacementError:
+    parts = [f"{i} pinned to {r}" for i, r in result.pin_errors.items()]
+    parts += [f"cannot place {i} ({why_not(result, i)})" for i in result.unplaced]
+    hint = " (use --force to override a pin)" if result.pin_errors else ""
+    return PlacementError("; ".join(parts) + hint)
+
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+@click.group(invoke_without_command=True, context_settings=CONTEXT_SETTINGS)
+@click.option("--cluster-config", "cluster_config", metavar="PATH",
+              help="Topology file (default: $INFRA_CLUSTER_CONFIG or ./cluster_config.yaml).")
+@click.option("--validate-config", is_flag=True,
+              help="Validate the topology and any --config specs, print a summary, exit.")
+@click.option("--health-check", is_flag=True, help="Probe every enabled node and report.")
+@click.option("--deploy-all", is_flag=True, help="rsync the project tree to every enabled node.")
+@click.option("--config", "configs", multiple=True, metavar="SPEC",
+              help="Experiment spec file or directory (repeatable).")
+@click.option("--placement", metavar="ID:NODE,...", help="Pin instances to nodes.")
+@click.option("--auto-place", is_flag=True, help="Let the scheduler place unpinned instances.")
+@click.option("--force", is_flag=True, help="Accept pins that break hard constraints.")
+@click.option("--dry-run", is_flag=True, help="Show the plan (or deploy changes); change nothing.")
+@click.option("--explain", is_flag=True, help="With a plan: every node's score parts or reason.")
+@click.option("--json", "json_out", is_flag=True, help="Machine-readable output.")
+@click.option("--monitor-duration", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
+              help="Watch the run this long, then detach (experiments keep running).")
+@click.option("--delete/--no-delete", default=True, show_default=True,
+              help="Deploy: remove files on nodes that are gone locally.")
+@click.option("--accept-new-host-keys", is_flag=True,
+              help="Trust and record host keys of nodes seen for the first time.")
+@click.version_option(package_name="lab-orchestrator", prog_name="cluster-experiment")
+@click.pass_context
+def cli(ctx: click.Context, cluster_config: str | None, validate_config: bool,
+        health_check: bool, deploy_all: bool, configs: tuple[str, ...], placement: str | None,
+        auto_place: bool, force: bool, dry_run: bool, explain: bool, json_out: bool,
+        monitor_duration: float | None, delete: bool, accept_new_host_keys: bool) -> None:
+    """Place, run and watch lab experiments on a small cluster over SSH."""
+    if ctx.invoked_subcommand is not None:
+        ctx.obj = Ctx(find_cluster_config(cluster_config), json_out=json_out)
+        return
+    if not (validate_config or health_check or deploy_all or configs):
+        click.echo(ctx.get_help())
+        return
+    c = Ctx(find_cluster_config(cluster_config), json_out=json_out)
+    ctx.obj = c
+    cluster = c.cluster
+    if (placement or auto_place) and not configs:
+        raise UsageError("--placement/--auto-place need experiment specs: add --config SPEC")
+    specs = load_specs(cluster, configs) if configs else ()
+    if placement:
+        parse_pins(placement, cluster, specs)
+
+    if validate_config:
+        do_validate(c, cluster, specs)
+        if not (health_check or deploy_all):
+            return
+    if health_check:
+        from infra.cli.actions import do_health_check
+        do_health_check(c, cluster, accept_new_host_keys)
+    if deploy_all:
+        from infra.cli.actions import do_deploy_all
+        do_deploy_all(c, cluster, dry_run=dry_run, delete=delete,
+                      accept_new=accept_new_host_keys)
+    if specs and not validate_config:
+        if dry_run:
+            result = make_plan(cluster, specs, placement, auto_place, force)
+            show_plan(c, result, explain=explain, dry_run=True)
+            if not result.ok:
+                raise plan_failure(result)
+            return
+        from infra.cli.actions import do_run
+        do_run(c, cluster, specs, placement=placement, auto_place=auto_place, force=force,
+               explain=explain, monitor_duration=monitor_duration,
+               accept_new=accept_new_host_keys)
+
+
+def do_validate(c: Ctx, cluster: Cluster, specs: tuple[ExperimentSpec, ...]) -> None:
+    if c.json_out:
+        c.emit_json({
+            "ok": True,
+            "cluster_config": str(cluster.path),
+            "nodes": [{"name": n.name, "type": n.type.value, "host": n.host,
+                       "enabled": n.enabled, "ram_gb": n.ram_gb,
+                       "available_ram_gb": n.available_ram_gb, "gpu": n.gpu,
+                       "gpu_memory_gb": n.gpu_memory_gb, "unified_memory": n.unified_memory,
+                       "cpu_cores": n.cpu_cores, "max_instances": n.max_instances,
+                       "tags": sorted(n.tags)} for n in cluster.nodes],
+            "experiments": [s.experiment_id for s in specs],
+        })
+        return
+    c.console.print(views.nodes_table(cluster))
+    if specs:
+        c.console.print(views.specs_table(specs))
+    enabled = sum(1 for n in cluster.nodes if n.enabled)
+    c.console.print(f"[green]OK[/]: {cluster.path.name} is valid: {len(cluster.nodes)} nodes "
+                    f"({enabled} enabled)" + (f", {len(specs)} experiment specs" if specs else ""))
+
+
+def show_plan(c: Ctx, result: Plan, *, explain: bool, dry_run: bool) -> None:
+    if c.json_out:
+        doc = views.plan_json(result)
+        doc["dry_run"] = dry_run
+        c.emit_json(doc)
+        return
+    c.console.print(views.plan_table(result))
+    if explain:
+        c.console.print(views.explain(result))
+    if dry_run:
+        c.console.print("[dim]dry run: nodes were not probed (enabled nodes assumed healthy); "
+                        "nothing was deployed or started[/]")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console-script entry: run the CLI, turning known errors into one line + exit code."""
+    try:
+        rv = cli.main(args=list(argv) if argv is not None else None,
+                      prog_name="cluster-experiment", standalone_mode=False)
+    except InfraError as exc:
+        click.echo(f"error: {exc.one_line()}", err=True)
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return int(exc.exit_code)
+    except click.Abort:
+        click.echo("aborted", err=True)
+        return 130
+    except click.ClickException as exc:
+        click.echo(f"error: {exc.format_message()}", err=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        return 130
+    return rv if isinstance(rv, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,266 @@
+"""Parse and validate ``cluster_config.yaml`` into a ``Cluster``.
+
+Every key of the reference format is either used or rejected; keys kept for later
+features are accepted, validated and documented as reserved (docs/config.md).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Any
+
+from infra.config.model import (
+    LOCAL_HOSTS,
+    Cluster,
+    ClusterSection,
+    DefaultsSection,
+    DeploySection,
+    FailoverSection,
+    HealthChecks,
+    HealthCheckSection,
+    LoggingSection,
+    NetworkSection,
+    NodeConfig,
+    NodeType,
+    PlacementSection,
+    PortRange,
+    Strategy,
+)
+from infra.config.reader import Section, check_abs_path, check_safe_id, load_document
+from infra.errors import ConfigError
+
+NODE_TYPES = [t.value for t in NodeType]
+LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
+HEALTH_CHECK_NAMES = ["ssh", "memory", "disk", "temperature", "process"]
+
+
+def load_cluster(path: str | Path) -> Cluster:
+    """Read, parse and validate a topology file."""
+    p = Path(path)
+    return parse_cluster(load_document(p), p)
+
+
+def parse_cluster(data: Any, path: Path) -> Cluster:
+    """Validate an already parsed document (pure; ``path`` only names the file in errors)."""
+    file = str(path)
+    if data is None:
+        raise ConfigError(file, "", "the file is empty")
+    top = Section(file, "", data)
+    cluster = _cluster_section(top.section("cluster"))
+    nodes = _nodes(top, path.resolve().parent)
+    network = _network(top.section("network"))
+    defaults = _defaults(top.section("defaults"))
+    health = _health(top.section("health_check"))
+    failover = _failover(top.section("failover"))
+    logging = _logging(top.section("logging"))
+    placement = _placement(top.section("placement"), nodes)
+    deploy = _deploy(top.section("deploy"))
+    top.finish()
+    return Cluster(path=path.resolve(), nodes=nodes, cluster=cluster, network=network,
+                   defaults=defaults, health_check=health, failover=failover,
+                   logging=logging, placement=placement, deploy=deploy)
+
+
+def _cluster_section(s: Section) -> ClusterSection:
+    out = ClusterSection(
+        name=s.string("name", "lab-cluster"),
+        coordinator_host=s.string("coordinator_host", "localhost"),
+    )
+    s.finish()
+    return out
+
+
+def _nodes(top: Section, base_dir: Path) -> tuple[NodeConfig, ...]:
+    raw = top.raw("nodes")
+    if not isinstance(raw, list):
+        raise top.error("nodes", "expected a list of nodes")
+    if not raw:
+        raise top.error("nodes", "at least one node is required")
+    nodes: list[NodeConfig] = []
+    seen: dict[str, int] = {}
+    for i, item in enumerate(raw):
+        node = _node(Section(top.file, f"nodes[{i}]", item), base_dir)
+        if node.name in seen:
+            raise ConfigError(top.file, f"nodes[{i}].name",
+                              f"duplicate node name {node.name!r} (also nodes[{seen[node.name]}])")
+        seen[node.name] = i
+        nodes.append(node)
+    return tuple(nodes)
+
+
+def _node(s: Section, base_dir: Path) -> NodeConfig:
+    name = s.string("name")
+    why = check_safe_id(name)
+    if why:
+        raise s.error("name", why)
+    host = s.string("host")
+    if any(c.isspace() for c in host):
+        raise s.error("host", f"must not contain spaces, got {host!r}")
+    ntype = s.choice("type", NodeType, NODE_TYPES, NodeType.GENERIC)
+    ram_gb = s.number("ram_gb", positive=True)
+    reserved = s.number("reserved_ram_gb", 0.0, minimum=0.0)
+    if reserved >= ram_gb:
+        raise s.error("reserved_ram_gb",
+                      f"must be less than ram_gb ({ram_gb:g}), got {reserved:g}")
+    gpu = s.boolean("gpu", False)
+    unified = s.boolean("unified_memory", ntype is NodeType.JETSON_ORIN)
+    gpu_mem = s.number("gpu_memory_gb", 0.0, minimum=0.0)
+    if gpu and not unified and gpu_mem <= 0:
+        raise s.error("gpu_memory_gb",
+                      "must be greater than 0 when gpu is true (or set unified_memory: true)")
+    if not gpu and gpu_mem > 0:
+        raise s.error("gpu_memory_gb", "is set but gpu is false")
+    remote_work_dir = s.string("remote_work_dir", "~/lab-orchestrator")
+    if host in LOCAL_HOSTS and not remote_work_dir.startswith(("/", "~")):
+        # The local node may name its work dir relative to the config file ("." = the tree).
+        remote_work_dir = str((base_dir / remote_work_dir).resolve())
+    check_abs_path(s, "remote_work_dir", remote_work_dir)
+    key_path = s.string("ssh_key_path", None)
+    if key_path is not None:
+        check_abs_path(s, "ssh_key_path", key_path)
+    user = s.string("ssh_user", None)
+    if user is not None and (any(c.isspace() for c in user) or user.startswith("-")):
+        raise s.error("ssh_user", f"is not a valid user name: {user!r}")
+    tags = s.string_list("tags", ())
+    node = NodeConfig(
+        name=name,
+        host=host,
+        type=ntype,
+        description=s.string("description", "", allow_empty=True),
+        ram_gb=ram_gb,
+        gpu=gpu,
+        gpu_memory_gb=gpu_mem,
+        cpu_cores=s.integer("cpu_cores", 1, minimum=1),
+        max_instances=s.integer("max_instances", 1, minimum=1),
+        reserved_ram_gb=reserved,
+        ssh_user=user,
+        ssh_port=s.port("ssh_port", 22),
+        ssh_key_path=key_path,
+        remote_work_dir=remote_work_dir,
+        python_path=s.string("python_path", "python3"),
+        monitor_port=s.port("monitor_port", None),
+        enabled=s.boolean("enabled", True),
+        tags=frozenset(tags),
+        unified_memory=unified,
+    )
+    s.finish()
+    return node
+
+
+def _network(s: Section) -> NetworkSection:
+    subnets = s.string_list("subnets", ())
+    for i, net in enumerate(subnets):
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            raise ConfigError(s.file, f"{s.key('subnets')}[{i}]",
+                              f"not a network in CIDR form: {net!r}") from None
+    port_range = None
+    if s.has("peer_port_range"):
+        r = s.section("peer_port_range")
+        start, end = r.port("start"), r.port("end")
+        if end < start:
+            raise r.error("end", f"must not be below start ({start}), got {end}")
+        r.finish()
+        port_range = PortRange(start, end)
+    s.finish()
+    return NetworkSection(subnets=subnets, peer_port_range=port_range)
+
+
+def _defaults(s: Section) -> DefaultsSection:
+    out = DefaultsSection(
+        ram_gb=s.number("ram_gb", 1.0, positive=True),
+        gpu_required=s.boolean("gpu_required", False),
+        gpu_memory_gb=s.number("gpu_memory_gb", 0.0, minimum=0.0),
+        cpu_cores=s.number("cpu_cores", 0.0, minimum=0.0),
+    )
+    s.finish()
+    return out
+
+
+def _health_checks(s: Section) -> HealthChecks:
+    if not s.has("checks"):
+        return HealthChecks()
+    raw = s.data["checks"]
+    if isinstance(raw, list):
+        names = s.string_list("checks")
+        for i, name in enumerate(names):
+            if name not in HEALTH_CHECK_NAMES:
+                raise ConfigError(s.file, f"{s.key('checks')}[{i}]",
+                                  f"unknown check {name!r}; known: "
+                                  f"{', '.join(HEALTH_CHECK_NAMES)}")
+        defaults = HealthChecks()
+        # A check left out of the list is disabled by making its threshold unreachable.
+        return HealthChecks(
+            memory_percent=defaults.memory_percent if "memory" in names else 101.0,
+            disk_free_gb=defaults.disk_free_gb if "disk" in names else 0.0,
+            temperature_c=defaults.temperature_c if "temperature" in names else 1000.0,
+        )
+    c = s.section("checks")
+    out = HealthChecks(
+        memory_percent=c.number("memory_percent", 90.0, minimum=1.0, maximum=101.0),
+        disk_free_gb=c.number("disk_free_gb", 1.0, minimum=0.0),
+        temperature_c=c.number("temperature_c", 85.0, positive=True),
+    )
+    c.finish()
+    return out
+
+
+def _health(s: Section) -> HealthCheckSection:
+    known_hosts = s.string("known_hosts", None)
+    if known_hosts is not None:
+        check_abs_path(s, "known_hosts", known_hosts)
+    out = HealthCheckSection(
+        enabled=s.boolean("enabled", True),
+        interval_seconds=s.number("interval_seconds", 30.0, positive=True),
+        timeout_seconds=s.number("timeout_seconds", 10.0, positive=True),
+        keepalive_seconds=s.number("keepalive_seconds", 5.0, positive=True),
+        keepalive_count_max=s.integer("keepalive_count_max", 3, minimum=1),
+        checks=_health_checks(s),
+        known_hosts=known_hosts,
+        accept_new_host_keys=s.boolean("accept_new_host_keys", False),
+        reconnect_attempts=s.integer("reconnect_attempts", 3, minimum=0),
+        disconnected_grace_seconds=s.number("disconnected_grace_seconds", 60.0, minimum=0.0),
+    )
+    s.used.add("checks")
+    s.finish()
+    return out
+
+
+def _failover(s: Section) -> FailoverSection:
+    out = FailoverSection(
+        enabled=s.boolean("enabled", True),
+        auto_restart=s.boolean("auto_restart", True),
+        max_retries=s.integer("max_retries", None, minimum=0),
+        retry_delay_seconds=s.number("retry_delay_seconds", 5.0, minimum=0.0),
+    )
+    s.finish()
+    return out
+
+
+def _logging(s: Section) -> LoggingSection:
+    out = LoggingSection(
+        log_dir=s.string("log_dir", "logs"),
+        level=s.choice("level", str, LOG_LEVELS, "INFO"),
+    )
+    s.finish()
+    return out
+
+
+def _placement(s: Section, nodes: tuple[NodeConfig, ...]) -> PlacementSection:
+    strategy = s.choice("strategy", Strategy, [x.value for x in Strategy], Strategy.SCORE)
+    prefs = s.string_list("preferences", ())
+    names = {n.name for n in nodes}
+    for i, name in enumerate(prefs):
+        if name not in names:
+            raise ConfigError(s.file, f"{s.key('preferences')}[{i}]",
+                              f"unknown node {name!r}; nodes: {', '.join(sorted(names))}")
+    s.finish()
+    return PlacementSection(strategy=strategy, preferences=prefs)
+
+
+def _deploy(s: Section) -> DeploySection:
+    out = DeploySection(source=s.string("source", None), exclude=s.string_list("exclude", ()))
+    s.finish()
+    return out

@@ -1,0 +1,156 @@
+"""``plan()``: order the instances, then for each run every node through the checks and
+scorers and take the best. Pure: no I/O, the result depends only on its inputs.
+
+Order: pinned instances first, then GPU-required first, larger RAM first, then id; an
+instance waits for the peers it names in ``affinity`` (cycles broken by that base order).
+Ties go to the node listed first in the topology (or in ``placement.preferences``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from infra.config.model import Cluster, ExperimentSpec, NodeConfig, Strategy
+from infra.placement.checks import DEFAULT_CHECKS, Check, all_rejections, first_rejection
+from infra.placement.scoring import REFERENCE_SCORERS, ScorePart, Scorer
+from infra.placement.snapshot import NodeCondition, Snapshot
+
+STRATEGIES: dict[Strategy, tuple[Scorer, ...]] = {Strategy.SCORE: REFERENCE_SCORERS}
+
+
+@dataclass(frozen=True)
+class NodeEvaluation:
+    """One node judged for one instance: a rejection reason, or score parts."""
+
+    node: str
+    rejection: str | None
+    parts: tuple[ScorePart, ...] = ()
+
+    @property
+    def feasible(self) -> bool:
+        return self.rejection is None
+
+    @property
+    def total(self) -> float:
+        return sum(p.points for p in self.parts)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one instance goes and why."""
+
+    instance_id: str
+    node: str
+    score: float
+    parts: tuple[ScorePart, ...]
+    pinned: bool = False
+    forced: tuple[str, ...] = ()  # hard constraints a --force pin overrode
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The outcome: placements in decision order, per-instance node evaluations, failures."""
+
+    placements: tuple[Placement, ...]
+    evaluations: Mapping[str, tuple[NodeEvaluation, ...]]
+    unplaced: tuple[str, ...] = ()
+    pin_errors: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.unplaced and not self.pin_errors
+
+    def node_of(self, instance_id: str) -> str | None:
+        for p in self.placements:
+            if p.instance_id == instance_id:
+                return p.node
+        return None
+
+    def as_dict(self) -> dict[str, str]:
+        return {p.instance_id: p.node for p in self.placements}
+
+
+def base_key(spec: ExperimentSpec) -> tuple[bool, float, str]:
+    """GPU-required first, then larger RAM first, then id."""
+    return (not spec.gpu_required, -spec.ram_gb, spec.experiment_id)
+
+
+def placement_order(specs: Iterable[ExperimentSpec]) -> list[ExperimentSpec]:
+    """Base order, except that an instance comes after the affinity peers it names."""
+    remaining = sorted(specs, key=base_key)
+    ids = {s.experiment_id for s in remaining}
+    done: set[str] = set()
+    order: list[ExperimentSpec] = []
+    while remaining:
+        pick = next((s for s in remaining
+                     if all(p in done or p not in ids for p in s.affinity)), remaining[0])
+        remaining.remove(pick)
+        done.add(pick.experiment_id)
+        order.append(pick)
+    return order
+
+
+def evaluate(snap: Snapshot, node: NodeConfig, spec: ExperimentSpec,
+             checks: tuple[tuple[str, Check], ...], scorers: tuple[Scorer, ...]
+             ) -> NodeEvaluation:
+    reason = first_rejection(snap, node, spec, checks)
+    if reason is not None:
+        return NodeEvaluation(node.name, reason)
+    return NodeEvaluation(node.name, None, tuple(score(snap, node, spec) for score in scorers))
+
+
+def plan(cluster: Cluster, specs: Iterable[ExperimentSpec], *,
+         pins: Mapping[str, str] | None = None,
+         conditions: Mapping[str, NodeCondition] | None = None,
+         force: bool = False,
+         strategy: Strategy | None = None,
+         checks: tuple[tuple[str, Check], ...] = DEFAULT_CHECKS) -> Plan:
+    """Place every spec. Pins are checked against the hard constraints unless ``force``."""
+    spec_list = sorted(specs, key=lambda s: s.experiment_id)
+    pins = dict(pins or {})
+    scorers = STRATEGIES[strategy or cluster.placement.strategy]
+    snap = Snapshot.build(cluster, spec_list, conditions, cluster.placement.preferences)
+    node_by_name = {n.name: n for n in snap.nodes}
+
+    placements: list[Placement] = []
+    evaluations: dict[str, tuple[NodeEvaluation, ...]] = {}
+    unplaced: list[str] = []
+    pin_errors: dict[str, str] = {}
+
+    pinned = [s for s in sorted(spec_list, key=base_key) if s.experiment_id in pins]
+    for spec in pinned:
+        node = node_by_name[pins[spec.experiment_id]]
+        evaluations[spec.experiment_id] = tuple(
+            evaluate(snap, n, spec, checks, scorers) for n in snap.nodes)
+        violations = all_rejections(snap, node, spec, checks)
+        if violations and not force:
+            pin_errors[spec.experiment_id] = f"{node.name} {violations[0]}"
+            continue
+        parts = tuple(score(snap, node, spec) for score in scorers)
+        placements.append(Placement(spec.experiment_id, node.name, sum(p.points for p in parts),
+                                    parts, pinned=True, forced=violations))
+        snap = snap.with_placement(spec, node)
+
+    for spec in placement_order(s for s in spec_list if s.experiment_id not in pins):
+        evals = tuple(evaluate(snap, n, spec, checks, scorers) for n in snap.nodes)
+        evaluations[spec.experiment_id] = evals
+        best: NodeEvaluation | None = None
+        for ev in evals:  # strict '>' keeps the first-listed node on ties
+            if ev.feasible and (best is None or ev.total > best.total + 1e-9):
+                best = ev
+        if best is None:
+            unplaced.append(spec.experiment_id)
+            continue
+        placements.append(Placement(spec.experiment_id, best.node, best.total, best.parts))
+        snap = snap.with_placement(spec, node_by_name[best.node])
+
+    return Plan(placements=tuple(placements), evaluations=evaluations,
+                unplaced=tuple(unplaced), pin_errors=pin_errors)
+
+
+def why_not(plan_: Plan, instance_id: str) -> str:
+    """One line: every node's reason for refusing the instance."""
+    evals = plan_.evaluations.get(instance_id, ())
+    reasons = [f"{e.node}: {e.rejection}" for e in evals if not e.feasible]
+    return "; ".join(reasons) if reasons else "no nodes"
