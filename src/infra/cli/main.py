@@ -20,7 +20,14 @@ import click
 from rich.console import Console
 
 from infra.cli import views
-from infra.config import Cluster, ExperimentSpec, check_spec_set, load_cluster, load_spec, parse_pins
+from infra.config import (
+    Cluster,
+    ExperimentSpec,
+    check_spec_set,
+    load_cluster,
+    load_spec,
+    parse_pins,
+)
 from infra.errors import InfraError, PlacementError, UsageError
 from infra.placement import Plan, plan, why_not
 

@@ -29,7 +29,8 @@ def nodes_table(cluster: Cluster) -> Table:
         gpu = "-"
         if n.gpu:
             gpu = "unified" if n.unified_memory else f"{_num(n.gpu_memory_gb)} GB"
-        reach = "local" if n.is_local else f"{n.ssh_user + '@' if n.ssh_user else ''}{n.host}:{n.ssh_port}"
+        user = f"{n.ssh_user}@" if n.ssh_user else ""
+        reach = "local" if n.is_local else f"{user}{n.host}:{n.ssh_port}"
         table.add_row(n.name, n.type.value, reach, "yes" if n.enabled else "[dim]no[/]",
                       f"{_num(n.ram_gb)} ({_num(n.available_ram_gb)})", gpu, str(n.cpu_cores),
                       str(n.max_instances))
@@ -43,7 +44,8 @@ def specs_table(specs: tuple[ExperimentSpec, ...]) -> Table:
         table.add_column(col)
     for s in specs:
         gpu = f"yes ({_num(s.gpu_memory_gb)} GB)" if s.gpu_required else "no"
-        table.add_row(s.experiment_id, _num(s.ram_gb), gpu, _num(s.cpu_cores) if s.cpu_cores else "-",
+        cores = _num(s.cpu_cores) if s.cpu_cores else "-"
+        table.add_row(s.experiment_id, _num(s.ram_gb), gpu, cores,
                       s.preferred_node or "-", ", ".join(s.affinity) or "-",
                       ", ".join(s.anti_affinity) or "-", s.recover.value, s.source.name)
     return table
@@ -59,7 +61,8 @@ def plan_table(plan: Plan) -> Table:
             how += " [red](forced: " + "; ".join(p.forced) + ")[/]"
         table.add_row(p.instance_id, p.node, _num(round(p.score, 2)), how)
     for instance in plan.unplaced:
-        table.add_row(instance, "[red]-[/]", "-", f"[red]cannot place: {why_not(plan, instance)}[/]")
+        why = why_not(plan, instance)
+        table.add_row(instance, "[red]-[/]", "-", f"[red]cannot place: {why}[/]")
     for instance, reason in plan.pin_errors.items():
         table.add_row(instance, "[red]-[/]", "-", f"[red]pin refused: {reason}[/]")
     return table
