@@ -52,8 +52,8 @@ def ram_fits(snap: Snapshot, node: NodeConfig, spec: ExperimentSpec) -> str | No
 
 
 def gpu_memory_fits(snap: Snapshot, node: NodeConfig, spec: ExperimentSpec) -> str | None:
-    if not spec.gpu_required or node.unified_memory:
-        return None  # unified memory was checked as one pool by ram_fits
+    if not spec.gpu_required or not node.gpu or node.unified_memory:
+        return None  # no GPU: gpu_present says so; unified: ram_fits checked the one pool
     free = snap.free_gpu_memory_gb(node)
     if spec.gpu_memory_gb <= free + 1e-9:
         return None
