@@ -1,0 +1,328 @@
+"""Durable run state in SQLite: runs, instances, events.
+
+Written before and after every action, so a coordinator killed at any point finds every
+run and instance again. The file and its directory are private to the user (0600/0700).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+import secrets
+import socket
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from infra.errors import StateError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    created_at REAL NOT NULL,
+    cluster_config TEXT NOT NULL,
+    state TEXT NOT NULL,
+    plan_json TEXT NOT NULL DEFAULT '{}',
+    coordinator TEXT NOT NULL DEFAULT '',
+    lease_holder TEXT,
+    lease_expires REAL
+);
+CREATE TABLE IF NOT EXISTS instances (
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    instance_id TEXT NOT NULL,
+    node TEXT NOT NULL,
+    state TEXT NOT NULL,
+    spec_json TEXT NOT NULL,
+    pid INTEGER,
+    exit_code INTEGER,
+    signal TEXT,
+    started_at REAL,
+    ended_at REAL,
+    restarts INTEGER NOT NULL DEFAULT 0,
+    reason TEXT NOT NULL DEFAULT '',
+    last_line TEXT NOT NULL DEFAULT '',
+    log_offset INTEGER NOT NULL DEFAULT 0,
+    results_fetched INTEGER NOT NULL DEFAULT 0,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (run_id, instance_id)
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id TEXT,
+    at REAL NOT NULL,
+    kind TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    message TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_run ON events(run_id, id);
+"""
+
+
+class RunState(str, enum.Enum):
+    PLANNED = "planned"
+    STARTING = "starting"
+    RUNNING = "running"
+    FINISHED = "finished"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+class InstanceState(str, enum.Enum):
+    """Coordinator-side life of one instance (the node's supervisor has the finer detail)."""
+
+    PLANNED = "planned"
+    DEPLOYING = "deploying"
+    STARTING = "starting"
+    RUNNING = "running"
+    RESTARTING = "restarting"
+    EXITED = "exited"       # finished with exit code 0
+    FAILED = "failed"       # finished with a non-zero exit code or a signal, retries exhausted
+    STOPPED = "stopped"     # stopped on request
+    LOST = "lost"           # neither the process nor its supervisor exists any more
+    UNKNOWN = "unknown"     # node unreachable: last known state kept in the record
+
+    @property
+    def finished(self) -> bool:
+        return self in (InstanceState.EXITED, InstanceState.FAILED, InstanceState.STOPPED,
+                        InstanceState.LOST)
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    run_id: str
+    created_at: float
+    cluster_config: str
+    state: RunState
+    plan: dict[str, Any]
+    coordinator: str
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    run_id: str
+    instance_id: str
+    node: str
+    state: InstanceState
+    spec: dict[str, Any]
+    pid: int | None
+    exit_code: int | None
+    signal: str | None
+    started_at: float | None
+    ended_at: float | None
+    restarts: int
+    reason: str
+    last_line: str
+    log_offset: int
+    results_fetched: bool
+    updated_at: float
+
+    @property
+    def runtime_seconds(self) -> float | None:
+        if self.started_at is None:
+            return None
+        return (self.ended_at or time.time()) - self.started_at
+
+
+@dataclass(frozen=True)
+class Event:
+    id: int
+    run_id: str | None
+    at: float
+    kind: str
+    subject: str
+    message: str
+
+
+def new_run_id(now: float | None = None) -> str:
+    """Sortable, path-safe run id: r-YYYYmmdd-HHMMSS-xxxx."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now or time.time()))
+    return f"r-{stamp}-{secrets.token_hex(2)}"
+
+
+def coordinator_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class Store:
+    """One SQLite file (``<log_dir>/state.db``); every write is its own transaction."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not path.exists():
+                fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+                os.close(fd)
+            os.chmod(path, 0o600)
+            self.db = sqlite3.connect(str(path), timeout=30.0, isolation_level=None)
+        except (OSError, sqlite3.Error) as exc:
+            raise StateError(f"{path}: cannot open the state store: {exc}") from None
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(SCHEMA)
+        for suffix in ("-wal", "-shm"):
+            side = Path(str(path) + suffix)
+            if side.exists():
+                os.chmod(side, 0o600)
+
+    @classmethod
+    def for_log_dir(cls, log_dir: Path) -> Store:
+        return cls(log_dir / "state.db")
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    # ------------------------------------------------------------------ runs
+
+    def create_run(self, run_id: str, cluster_config: str, plan: dict[str, Any],
+                   instances: list[tuple[str, str, dict[str, Any]]]) -> None:
+        """Record a run and its planned instances (instance_id, node, spec) in one go."""
+        now = time.time()
+        with self.tx() as db:
+            db.execute("INSERT INTO runs(run_id, created_at, cluster_config, state, plan_json,"
+                       " coordinator) VALUES (?,?,?,?,?,?)",
+                       (run_id, now, cluster_config, RunState.PLANNED.value,
+                        json.dumps(plan), coordinator_id()))
+            for instance_id, node, spec in instances:
+                db.execute("INSERT INTO instances(run_id, instance_id, node, state, spec_json,"
+                           " updated_at) VALUES (?,?,?,?,?,?)",
+                           (run_id, instance_id, node, InstanceState.PLANNED.value,
+                            json.dumps(spec), now))
+            db.execute("INSERT INTO events(run_id, at, kind, subject, message) VALUES "
+                       "(?,?,?,?,?)", (run_id, now, "run", run_id,
+                                       f"run created with {len(instances)} instances"))
+
+    def set_run_state(self, run_id: str, state: RunState) -> None:
+        self.db.execute("UPDATE runs SET state=? WHERE run_id=?", (state.value, run_id))
+
+    def run(self, run_id: str) -> RunRecord:
+        row = self.db.execute("SELECT * FROM runs WHERE run_id=?", (run_id,)).fetchone()
+        if row is None:
+            raise StateError(f"no run {run_id!r} in {self.path}")
+        return self._run(row)
+
+    def runs(self, limit: int = 50) -> list[RunRecord]:
+        rows = self.db.execute("SELECT * FROM runs ORDER BY created_at DESC, run_id DESC LIMIT ?",
+                               (limit,)).fetchall()
+        return [self._run(r) for r in rows]
+
+    def latest_run(self) -> RunRecord:
+        runs = self.runs(1)
+        if not runs:
+            raise StateError(f"no runs recorded yet in {self.path}")
+        return runs[0]
+
+    def resolve_run(self, run_id: str | None) -> RunRecord:
+        """A run by id, unique prefix, or the latest when None."""
+        if run_id is None:
+            return self.latest_run()
+        rows = self.db.execute("SELECT * FROM runs WHERE run_id=? OR run_id LIKE ? "
+                               "ORDER BY run_id", (run_id, run_id + "%")).fetchall()
+        exact = [r for r in rows if r["run_id"] == run_id]
+        if exact:
+            return self._run(exact[0])
+        if len(rows) == 1:
+            return self._run(rows[0])
+        if not rows:
+            raise StateError(f"no run {run_id!r} in {self.path}")
+        raise StateError(f"run id {run_id!r} is ambiguous: "
+                         + ", ".join(r["run_id"] for r in rows[:5]))
+
+    @staticmethod
+    def _run(row: sqlite3.Row) -> RunRecord:
+        return RunRecord(run_id=row["run_id"], created_at=row["created_at"],
+                         cluster_config=row["cluster_config"], state=RunState(row["state"]),
+                         plan=json.loads(row["plan_json"]), coordinator=row["coordinator"])
+
+    # ------------------------------------------------------------------ lease
+
+    def acquire_lease(self, run_id: str, holder: str, ttl: float, *,
+                      steal: bool = False) -> str | None:
+        """Take the run's lease; returns None on success, else the current holder."""
+        now = time.time()
+        with self.tx() as db:
+            row = db.execute("SELECT lease_holder, lease_expires FROM runs WHERE run_id=?",
+                             (run_id,)).fetchone()
+            if row is None:
+                raise StateError(f"no run {run_id!r} in {self.path}")
+            current, expires = row["lease_holder"], row["lease_expires"]
+            if current and current != holder and expires and expires > now and not steal:
+                return str(current)
+            db.execute("UPDATE runs SET lease_holder=?, lease_expires=? WHERE run_id=?",
+                       (holder, now + ttl, run_id))
+        return None
+
+    def release_lease(self, run_id: str, holder: str) -> None:
+        self.db.execute("UPDATE runs SET lease_holder=NULL, lease_expires=NULL "
+                        "WHERE run_id=? AND lease_holder=?", (run_id, holder))
+
+    # ------------------------------------------------------------------ instances
+
+    def instances(self, run_id: str) -> list[InstanceRecord]:
+        rows = self.db.execute("SELECT * FROM instances WHERE run_id=? ORDER BY instance_id",
+                               (run_id,)).fetchall()
+        return [self._instance(r) for r in rows]
+
+    def instance(self, run_id: str, instance_id: str) -> InstanceRecord:
+        row = self.db.execute("SELECT * FROM instances WHERE run_id=? AND instance_id=?",
+                              (run_id, instance_id)).fetchone()
+        if row is None:
+            raise StateError(f"run {run_id} has no instance {instance_id!r}")
+        return self._instance(row)
+
+    def update_instance(self, run_id: str, instance_id: str, **fields: Any) -> None:
+        allowed = {"node", "state", "pid", "exit_code", "signal", "started_at", "ended_at",
+                   "restarts", "reason", "last_line", "log_offset", "results_fetched"}
+        bad = set(fields) - allowed
+        if bad:
+            raise ValueError(f"unknown instance fields {bad}")
+        if not fields:
+            return
+        values = [v.value if isinstance(v, enum.Enum) else v for v in fields.values()]
+        cols = ", ".join(f"{k}=?" for k in fields)
+        self.db.execute(f"UPDATE instances SET {cols}, updated_at=? "
+                        "WHERE run_id=? AND instance_id=?",
+                        (*values, time.time(), run_id, instance_id))
+
+    @staticmethod
+    def _instance(row: sqlite3.Row) -> InstanceRecord:
+        return InstanceRecord(
+            run_id=row["run_id"], instance_id=row["instance_id"], node=row["node"],
+            state=InstanceState(row["state"]), spec=json.loads(row["spec_json"]),
+            pid=row["pid"], exit_code=row["exit_code"], signal=row["signal"],
+            started_at=row["started_at"], ended_at=row["ended_at"], restarts=row["restarts"],
+            reason=row["reason"], last_line=row["last_line"], log_offset=row["log_offset"],
+            results_fetched=bool(row["results_fetched"]), updated_at=row["updated_at"])
+
+    # ------------------------------------------------------------------ events
+
+    def add_event(self, run_id: str | None, kind: str, subject: str, message: str) -> None:
+        self.db.execute("INSERT INTO events(run_id, at, kind, subject, message) VALUES "
+                        "(?,?,?,?,?)", (run_id, time.time(), kind, subject, message))
+
+    def events(self, run_id: str | None = None, after_id: int = 0,
+               limit: int = 1000) -> list[Event]:
+        if run_id is None:
+            rows = self.db.execute("SELECT * FROM events WHERE id>? ORDER BY id LIMIT ?",
+                                   (after_id, limit)).fetchall()
+        else:
+            rows = self.db.execute("SELECT * FROM events WHERE run_id=? AND id>? ORDER BY id "
+                                   "LIMIT ?", (run_id, after_id, limit)).fetchall()
+        return [Event(r["id"], r["run_id"], r["at"], r["kind"], r["subject"], r["message"])
+                for r in rows]
