@@ -211,8 +211,57 @@ def show_plan(c: Ctx, result: Plan, *, explain: bool, dry_run: bool) -> None:
                         "nothing was deployed or started[/]")
 
 
+@cli.command()
+@click.argument("run_id", required=False)
+@click.option("--json", "json_out", is_flag=True, help="Machine-readable output.")
+@click.option("--no-refresh", is_flag=True, help="Show the stored state without asking nodes.")
+@click.pass_obj
+def status(c: Ctx, run_id: str | None, json_out: bool, no_refresh: bool) -> None:
+    """Show a run's instances (default: the latest run), refreshed from the nodes."""
+    from infra.cli.actions import do_status
+    c.json_out = c.json_out or json_out
+    do_status(c, run_id, refresh=not no_refresh)
+
+
+@cli.command()
+@click.argument("run_id")
+@click.argument("instance_id")
+@click.option("-f", "--follow", is_flag=True, help="Keep streaming until the instance ends.")
+@click.pass_obj
+def logs(c: Ctx, run_id: str, instance_id: str, follow: bool) -> None:
+    """Print an instance's output (syncing the local copy from its node first)."""
+    from infra.cli.actions import do_logs
+    do_logs(c, run_id, instance_id, follow)
+
+
+@cli.command()
+@click.argument("run_id")
+@click.argument("instance_id", required=False)
+@click.option("--grace", type=click.FloatRange(min=0), default=10.0, show_default=True,
+              help="Seconds between SIGTERM and SIGKILL.")
+@click.option("--json", "json_out", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def stop(c: Ctx, run_id: str, instance_id: str | None, grace: float, json_out: bool) -> None:
+    """Stop a run, or one instance of it (the whole process group)."""
+    from infra.cli.actions import do_stop
+    c.json_out = c.json_out or json_out
+    do_stop(c, run_id, instance_id, grace)
+
+
+@cli.command()
+@click.argument("run_id")
+@click.option("--json", "json_out", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def results(c: Ctx, run_id: str, json_out: bool) -> None:
+    """Fetch the declared results of every instance of a run now."""
+    from infra.cli.actions import do_results
+    c.json_out = c.json_out or json_out
+    do_results(c, run_id)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Console-script entry: run the CLI, turning known errors into one line + exit code."""
+    os.umask(0o077)  # logs, results and state may hold secrets: private to the user
     try:
         rv = cli.main(args=list(argv) if argv is not None else None,
                       prog_name="cluster-experiment", standalone_mode=False)

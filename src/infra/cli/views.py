@@ -5,6 +5,9 @@ Each function turns values into rich renderables or plain dicts; printing is the
 
 from __future__ import annotations
 
+import dataclasses
+import time
+from collections.abc import Mapping
 from typing import Any
 
 from rich.console import Group, RenderableType
@@ -12,7 +15,11 @@ from rich.table import Table
 from rich.text import Text
 
 from infra.config.model import Cluster, ExperimentSpec
+from infra.errors import InfraError
 from infra.placement import Plan, why_not
+from infra.probe.health import NodeHealth
+from infra.runner.deploy import DeployResult
+from infra.state import InstanceRecord, RunRecord
 
 
 def _num(value: float) -> str:
@@ -132,4 +139,129 @@ def plan_json(plan: Plan) -> dict[str, Any]:
         "instances": instances,
         "unplaced": list(plan.unplaced) + list(plan.pin_errors),
         "ok": plan.ok,
+    }
+
+
+# --------------------------------------------------------------------------- health
+
+_STATUS_STYLE = {"healthy": "green", "degraded": "yellow", "unavailable": "red",
+                 "maintenance": "blue"}
+
+
+def health_table(cluster: Cluster, health: Mapping[str, NodeHealth]) -> Table:
+    """Status, the reason, what was detected, and declared-vs-detected mismatches."""
+    table = Table(title="Health check", title_justify="left")
+    for col in ("node", "status", "detail", "mem used/total GB", "load 1m", "disk free GB",
+                "GPUs", "declared vs detected"):
+        table.add_column(col)
+    for name, h in health.items():
+        style = _STATUS_STYLE.get(h.status.value, "")
+        status = f"[{style}]{h.status.value.upper()}[/]"
+        detail = h.error or "; ".join(h.reasons) or ""
+        f = h.facts
+        if f is None:
+            table.add_row(name, status, detail, "", "", "", "", "")
+            continue
+        used = f.mem_total_gb - f.mem_available_gb
+        gpus = ", ".join(g.name for g in f.gpus) or "-"
+        mism = "; ".join(m.describe() for m in h.mismatches) or "-"
+        table.add_row(name, status, detail or f"{f.hostname} {f.arch}",
+                      f"{used:.1f}/{f.mem_total_gb:.1f}", f"{f.load[0]:.2f}",
+                      f"{f.disk_free_gb:.1f}", gpus, mism)
+    return table
+
+
+def health_json(h: NodeHealth) -> dict[str, Any]:
+    doc: dict[str, Any] = {"status": h.status.value.upper(), "reasons": list(h.reasons),
+                           "error": h.error,
+                           "mismatches": [{"field": m.field, "declared": m.declared,
+                                           "detected": m.detected} for m in h.mismatches]}
+    if h.facts is not None:
+        doc["facts"] = dataclasses.asdict(h.facts)
+    return doc
+
+
+# --------------------------------------------------------------------------- deploy
+
+def deploy_table(results: Mapping[str, DeployResult | InfraError], *, dry_run: bool) -> Table:
+    table = Table(title="Deploy" + (" (dry run: nothing changed)" if dry_run else ""),
+                  title_justify="left")
+    for col in ("node", "result", "files sent", "bytes sent", "files in tree", "detail"):
+        table.add_column(col)
+    for node, r in results.items():
+        if isinstance(r, InfraError):
+            table.add_row(node, "[red]failed[/]", "", "", "", r.one_line())
+        elif r.skipped or r.stats is None:
+            table.add_row(node, "skipped", "", "", "", r.reason)
+        else:
+            s = r.stats
+            changed = ", ".join(list(s.changed[:5]) + ([f"+{len(s.changed) - 5} more"]
+                                                      if len(s.changed) > 5 else []))
+            deleted = f"; deleted {len(s.deleted)}" if s.deleted else ""
+            table.add_row(node, "[green]would change[/]" if dry_run else "[green]ok[/]",
+                          str(s.files_transferred), str(s.bytes_sent), str(s.total_files),
+                          (changed or "no changes") + deleted)
+    return table
+
+
+def deploy_json(r: DeployResult | InfraError) -> dict[str, Any]:
+    if isinstance(r, InfraError):
+        return {"ok": False, "error": r.one_line()}
+    doc: dict[str, Any] = {"ok": True, "skipped": r.skipped, "reason": r.reason}
+    if r.stats is not None:
+        doc.update(dataclasses.asdict(r.stats))
+    return doc
+
+
+# --------------------------------------------------------------------------- runs
+
+_PHASE_STYLE = {"running": "green", "exited": "cyan", "failed": "red", "lost": "red",
+                "stopped": "yellow", "restarting": "yellow", "unknown": "dim"}
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def _ended(rec: InstanceRecord) -> str:
+    if rec.signal:
+        return rec.signal
+    if rec.exit_code is not None:
+        return f"exit {rec.exit_code}"
+    return "-"
+
+
+def instances_table(run: RunRecord, records: list[InstanceRecord]) -> Table:
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.created_at))
+    table = Table(title=f"Run {run.run_id} ({run.state.value}, started {stamp})",
+                  title_justify="left")
+    for col in ("instance", "node", "state", "pid", "exit", "runtime", "restarts", "detail"):
+        table.add_column(col)
+    for r in records:
+        style = _PHASE_STYLE.get(r.state.value, "")
+        state = f"[{style}]{r.state.value}[/]" if style else r.state.value
+        table.add_row(r.instance_id, r.node, state, str(r.pid or "-"), _ended(r),
+                      _duration(r.runtime_seconds), str(r.restarts),
+                      Text(r.reason or r.last_line))
+    return table
+
+
+def status_json(run: RunRecord, records: list[InstanceRecord]) -> dict[str, Any]:
+    return {
+        "run_id": run.run_id,
+        "state": run.state.value,
+        "created_at": run.created_at,
+        "cluster_config": run.cluster_config,
+        "placements": {r.instance_id: r.node for r in records},
+        "instances": [{
+            "instance_id": r.instance_id, "node": r.node, "state": r.state.value,
+            "pid": r.pid, "exit_code": r.exit_code, "signal": r.signal,
+            "started_at": r.started_at, "ended_at": r.ended_at,
+            "runtime_seconds": r.runtime_seconds, "restarts": r.restarts,
+            "reason": r.reason, "last_line": r.last_line, "log_bytes": r.log_offset,
+            "results_fetched": r.results_fetched,
+        } for r in records],
     }

@@ -2,13 +2,20 @@
 
 from infra.state.store import (
     Event,
+    InstancePhase,
     InstanceRecord,
-    InstanceState,
     RunRecord,
     RunState,
     Store,
     new_run_id,
 )
 
-__all__ = ["Event", "InstanceRecord", "InstanceState", "RunRecord", "RunState", "Store",
-           "new_run_id"]
+__all__ = [
+    "Event",
+    "InstancePhase",
+    "InstanceRecord",
+    "RunRecord",
+    "RunState",
+    "Store",
+    "new_run_id",
+]

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from infra.errors import StateError
+from infra.errors import StateError, UsageError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -72,7 +72,7 @@ class RunState(str, enum.Enum):
     FAILED = "failed"
 
 
-class InstanceState(str, enum.Enum):
+class InstancePhase(str, enum.Enum):
     """Coordinator-side life of one instance (the node's supervisor has the finer detail)."""
 
     PLANNED = "planned"
@@ -88,8 +88,8 @@ class InstanceState(str, enum.Enum):
 
     @property
     def finished(self) -> bool:
-        return self in (InstanceState.EXITED, InstanceState.FAILED, InstanceState.STOPPED,
-                        InstanceState.LOST)
+        return self in (InstancePhase.EXITED, InstancePhase.FAILED, InstancePhase.STOPPED,
+                        InstancePhase.LOST)
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ class InstanceRecord:
     run_id: str
     instance_id: str
     node: str
-    state: InstanceState
+    state: InstancePhase
     spec: dict[str, Any]
     pid: int | None
     exit_code: int | None
@@ -202,7 +202,7 @@ class Store:
             for instance_id, node, spec in instances:
                 db.execute("INSERT INTO instances(run_id, instance_id, node, state, spec_json,"
                            " updated_at) VALUES (?,?,?,?,?,?)",
-                           (run_id, instance_id, node, InstanceState.PLANNED.value,
+                           (run_id, instance_id, node, InstancePhase.PLANNED.value,
                             json.dumps(spec), now))
             db.execute("INSERT INTO events(run_id, at, kind, subject, message) VALUES "
                        "(?,?,?,?,?)", (run_id, now, "run", run_id,
@@ -214,7 +214,7 @@ class Store:
     def run(self, run_id: str) -> RunRecord:
         row = self.db.execute("SELECT * FROM runs WHERE run_id=?", (run_id,)).fetchone()
         if row is None:
-            raise StateError(f"no run {run_id!r} in {self.path}")
+            raise UsageError(f"no run {run_id!r} in {self.path}")
         return self._run(row)
 
     def runs(self, limit: int = 50) -> list[RunRecord]:
@@ -225,7 +225,7 @@ class Store:
     def latest_run(self) -> RunRecord:
         runs = self.runs(1)
         if not runs:
-            raise StateError(f"no runs recorded yet in {self.path}")
+            raise UsageError(f"no runs recorded yet in {self.path}")
         return runs[0]
 
     def resolve_run(self, run_id: str | None) -> RunRecord:
@@ -240,8 +240,8 @@ class Store:
         if len(rows) == 1:
             return self._run(rows[0])
         if not rows:
-            raise StateError(f"no run {run_id!r} in {self.path}")
-        raise StateError(f"run id {run_id!r} is ambiguous: "
+            raise UsageError(f"no run {run_id!r} in {self.path}")
+        raise UsageError(f"run id {run_id!r} is ambiguous: "
                          + ", ".join(r["run_id"] for r in rows[:5]))
 
     @staticmethod
@@ -283,7 +283,7 @@ class Store:
         row = self.db.execute("SELECT * FROM instances WHERE run_id=? AND instance_id=?",
                               (run_id, instance_id)).fetchone()
         if row is None:
-            raise StateError(f"run {run_id} has no instance {instance_id!r}")
+            raise UsageError(f"run {run_id} has no instance {instance_id!r}")
         return self._instance(row)
 
     def update_instance(self, run_id: str, instance_id: str, **fields: Any) -> None:
@@ -304,7 +304,7 @@ class Store:
     def _instance(row: sqlite3.Row) -> InstanceRecord:
         return InstanceRecord(
             run_id=row["run_id"], instance_id=row["instance_id"], node=row["node"],
-            state=InstanceState(row["state"]), spec=json.loads(row["spec_json"]),
+            state=InstancePhase(row["state"]), spec=json.loads(row["spec_json"]),
             pid=row["pid"], exit_code=row["exit_code"], signal=row["signal"],
             started_at=row["started_at"], ended_at=row["ended_at"], restarts=row["restarts"],
             reason=row["reason"], last_line=row["last_line"], log_offset=row["log_offset"],

@@ -1,0 +1,335 @@
+"""The CLI's actions that touch nodes: health check, deploy, run, and the run subcommands.
+
+Each action builds one ``ConnectionPool`` (one connection per node, reused for everything),
+does its work with asyncio, and renders through ``infra.cli.views``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from infra.cli import views
+from infra.config import Cluster, ExperimentSpec
+from infra.errors import InfraError, UsageError
+from infra.placement import Condition, NodeCondition
+from infra.probe.health import NodeHealth, NodeStatus
+from infra.probe.run import check_health
+from infra.runner.deploy import DeployResult, deploy_all
+from infra.runner.lifecycle import RunSession, local_log_path
+from infra.runner.monitor import monitor_run
+from infra.state import InstancePhase, Store
+from infra.transport.pool import ConnectionPool
+
+if TYPE_CHECKING:
+    from infra.cli.main import Ctx
+
+T = TypeVar("T")
+
+
+def with_accept_new(cluster: Cluster, accept_new: bool) -> Cluster:
+    """The cluster with first-contact host keys accepted when the flag asks for it."""
+    if not accept_new:
+        return cluster
+    return dataclasses.replace(cluster, health_check=dataclasses.replace(
+        cluster.health_check, accept_new_host_keys=True))
+
+
+def run_async(factory: Callable[[], Awaitable[T]]) -> T:
+    return asyncio.run(factory())  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- health
+
+async def probe_nodes(cluster: Cluster, pool: ConnectionPool,
+                      names: list[str] | None = None) -> dict[str, NodeHealth]:
+    """Probe enabled nodes (or the named ones) concurrently: one probe call per node."""
+    nodes = [n for n in cluster.nodes if (n.enabled if names is None else n.name in names)]
+    timeout = cluster.health_check.timeout_seconds
+
+    async def one(node_name: str) -> NodeHealth:
+        node = cluster.node(node_name)
+        transport = await pool.get(node)
+        return await check_health(transport, node, cluster.health_check.checks, timeout)
+
+    results = await asyncio.gather(*(one(n.name) for n in nodes))
+    return {h.node: h for h in results}
+
+
+def conditions_from(health: dict[str, NodeHealth]) -> dict[str, NodeCondition]:
+    mapping = {NodeStatus.HEALTHY: Condition.HEALTHY, NodeStatus.DEGRADED: Condition.DEGRADED,
+               NodeStatus.UNAVAILABLE: Condition.UNAVAILABLE,
+               NodeStatus.MAINTENANCE: Condition.UNAVAILABLE}
+    return {name: NodeCondition(mapping[h.status], "; ".join(h.reasons) or (h.error or ""))
+            for name, h in health.items()}
+
+
+def do_health_check(c: Ctx, cluster: Cluster, accept_new: bool) -> None:
+    cluster = with_accept_new(cluster, accept_new)
+    enabled = [n for n in cluster.nodes if n.enabled]
+    if not enabled:
+        raise UsageError(f"{cluster.path}: no node is enabled")
+
+    async def go() -> dict[str, NodeHealth]:
+        async with ConnectionPool(cluster) as pool:
+            return await probe_nodes(cluster, pool)
+
+    started = time.monotonic()
+    if c.json_out:
+        health = run_async(go)
+    else:
+        with c.err.status(f"probing {len(enabled)} node(s)..."):
+            health = run_async(go)
+    elapsed = time.monotonic() - started
+    if c.json_out:
+        c.emit_json({"nodes": {name: views.health_json(h) for name, h in health.items()},
+                     "ok": all(h.reachable for h in health.values()),
+                     "seconds": round(elapsed, 3)})
+    else:
+        c.console.print(views.health_table(cluster, health))
+    down = [n for n, h in health.items() if not h.reachable]
+    if down:
+        raise InfraError(f"{len(down)} of {len(health)} enabled node(s) unavailable: "
+                         + ", ".join(f"{n} ({health[n].error})" for n in down))
+
+
+# --------------------------------------------------------------------------- deploy
+
+def do_deploy_all(c: Ctx, cluster: Cluster, *, dry_run: bool, delete: bool,
+                  accept_new: bool) -> None:
+    cluster = with_accept_new(cluster, accept_new)
+    nodes = [n for n in cluster.nodes if n.enabled]
+    if not nodes:
+        raise UsageError(f"{cluster.path}: no node is enabled")
+    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                        TimeElapsedColumn(), console=c.err, transient=True,
+                        disable=c.json_out)
+    task_ids = {n.name: progress.add_task(f"{n.name}: waiting", total=1) for n in nodes}
+
+    def on_progress(node: str, what: str) -> None:
+        progress.update(task_ids[node], description=f"{node}: {what}",
+                        completed=1 if what in ("done", "failed") else 0)
+
+    async def go() -> dict[str, DeployResult | InfraError]:
+        return await deploy_all(nodes, cluster.health_check, cluster.deploy_source,
+                                excludes=cluster.deploy.exclude, delete=delete,
+                                dry_run=dry_run, on_progress=on_progress)
+
+    with progress:
+        results = run_async(go)
+    if c.json_out:
+        c.emit_json({"source": str(cluster.deploy_source), "dry_run": dry_run,
+                     "nodes": {n: views.deploy_json(r) for n, r in results.items()}})
+    else:
+        c.console.print(views.deploy_table(results, dry_run=dry_run))
+    failed = [n for n, r in results.items() if not isinstance(r, DeployResult)]
+    if failed:
+        raise InfraError(f"deploy failed on {', '.join(failed)}: "
+                         + "; ".join(f"{n}: {results[n]}" for n in failed))
+
+
+# --------------------------------------------------------------------------- run
+
+def _printer(c: Ctx) -> Callable[[str, str, str], None]:
+    def emit(kind: str, subject: str, message: str) -> None:
+        stamp = time.strftime("%H:%M:%S")
+        c.err.print(f"[dim]{stamp}[/] [bold]{subject}[/] {message}", soft_wrap=True)
+    return emit
+
+
+def do_run(c: Ctx, cluster: Cluster, specs: tuple[ExperimentSpec, ...], *,
+           placement: str | None, auto_place: bool, force: bool, explain: bool,
+           monitor_duration: float | None, accept_new: bool) -> None:
+    from infra.cli.main import make_plan, plan_failure
+
+    cluster = with_accept_new(cluster, accept_new)
+    store = Store.for_log_dir(cluster.log_dir)
+
+    async def go() -> tuple[str, bool]:
+        async with ConnectionPool(cluster) as pool:
+            session = RunSession(cluster, store, pool, emit=_printer(c))
+            health = await probe_nodes(cluster, pool)
+            for name, h in health.items():
+                if not h.reachable:
+                    session.emit("node", name, f"unavailable: {h.error}")
+            result = make_plan(cluster, specs, placement, auto_place, force,
+                               conditions=conditions_from(health))
+            if not c.json_out:
+                c.console.print(views.plan_table(result))
+                if explain:
+                    c.console.print(views.explain(result))
+            if not result.ok:
+                raise plan_failure(result)
+            run_id = session.record_run(specs, result, views.plan_json(result))
+            session.emit("run", run_id, f"run {run_id}: {len(result.placements)} instance(s)")
+            await session.launch(run_id)
+            finished = False
+            if monitor_duration is None or monitor_duration > 0:
+                try:
+                    outcome = await monitor_run(session, run_id, monitor_duration)
+                    finished = outcome.finished
+                except asyncio.CancelledError:
+                    finished = False
+            return run_id, finished
+
+    try:
+        run_id, finished = run_async(go)
+    except KeyboardInterrupt:
+        c.err.print("detached (Ctrl-C): experiments keep running; "
+                    "`cluster-experiment status` shows them")
+        raise
+    finally:
+        pass
+    records = store.instances(run_id)
+    if c.json_out:
+        c.emit_json(views.status_json(store.run(run_id), records))
+    else:
+        c.console.print(views.instances_table(store.run(run_id), records))
+        if not finished:
+            c.console.print(f"Experiments keep running on their nodes. Look again with:\n"
+                            f"  cluster-experiment status {run_id}\n"
+                            f"  cluster-experiment logs {run_id} INSTANCE -f\n"
+                            f"  cluster-experiment stop {run_id}")
+        else:
+            c.console.print(f"Logs and results are in {cluster.log_dir / run_id}")
+    store.close()
+    failed = [r for r in records if r.state in (InstancePhase.FAILED, InstancePhase.LOST)]
+    if failed:
+        raise InfraError(f"{len(failed)} instance(s) failed: " + ", ".join(
+            f"{r.instance_id} ({r.reason or r.state.value})" for r in failed))
+
+
+# --------------------------------------------------------------------------- subcommands
+
+def open_store(cluster: Cluster) -> Store:
+    db = cluster.log_dir / "state.db"
+    if not db.exists():
+        raise UsageError(f"no runs yet: {db} does not exist")
+    return Store(db)
+
+
+def do_status(c: Ctx, run_id: str | None, refresh: bool) -> None:
+    cluster = c.cluster
+    store = open_store(cluster)
+    run = store.resolve_run(run_id)
+    errors: dict[str, str] = {}
+    if refresh:
+        async def go() -> dict[str, str]:
+            async with ConnectionPool(cluster) as pool:
+                return await RunSession(cluster, store, pool).sweep(run.run_id)
+        errors = run_async(go)
+        run = store.run(run.run_id)
+    records = store.instances(run.run_id)
+    if c.json_out:
+        doc = views.status_json(run, records)
+        doc["unreachable"] = errors
+        doc["runs"] = [r.run_id for r in store.runs(20)]
+        c.emit_json(doc)
+    else:
+        c.console.print(views.instances_table(run, records))
+        for node, why in errors.items():
+            c.err.print(f"[yellow]{node}: unreachable ({why}); showing its last known state[/]")
+    store.close()
+
+
+def do_logs(c: Ctx, run_id: str, instance_id: str, follow: bool) -> None:
+    cluster = c.cluster
+    store = open_store(cluster)
+    run = store.resolve_run(run_id)
+    rec = store.instance(run.run_id, instance_id)
+    path = local_log_path(cluster, run.run_id, instance_id)
+    already = path.read_bytes() if path.exists() else b""
+    sys.stdout.buffer.write(already)
+    sys.stdout.buffer.flush()
+
+    def out(data: bytes) -> None:
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+
+    async def go() -> None:
+        async with ConnectionPool(cluster) as pool:
+            session = RunSession(cluster, store, pool)
+            holder = f"logs:{id(session)}"
+            other = store.acquire_lease(run.run_id, holder, 60.0)
+            if other is not None:
+                raise UsageError(f"run {run.run_id} is being watched by {other}; its log copy "
+                                 f"is {path}")
+            try:
+                if follow:
+                    await session.sweep(run.run_id)
+                    await session.stream_log_until_done(run.run_id, instance_id, on_bytes=out)
+                else:
+                    await session.sync_log(run.run_id, rec, follow=False, on_bytes=out)
+            finally:
+                store.release_lease(run.run_id, holder)
+
+    try:
+        run_async(go)
+    except InfraError as exc:
+        if follow:
+            raise
+        c.err.print(f"[yellow]showing the local copy only: {exc.one_line()}[/]")
+    store.close()
+
+
+def do_stop(c: Ctx, run_id: str, instance_id: str | None, grace: float) -> None:
+    cluster = c.cluster
+    store = open_store(cluster)
+    run = store.resolve_run(run_id)
+
+    async def go() -> dict[str, str]:
+        async with ConnectionPool(cluster) as pool:
+            return await RunSession(cluster, store, pool, emit=_printer(c)).stop(
+                run.run_id, instance_id, grace)
+
+    errors = run_async(go)
+    records = store.instances(run.run_id)
+    if c.json_out:
+        doc = views.status_json(store.run(run.run_id), records)
+        doc["errors"] = errors
+        c.emit_json(doc)
+    else:
+        c.console.print(views.instances_table(store.run(run.run_id), records))
+    store.close()
+    if errors:
+        raise InfraError("could not stop on " + "; ".join(f"{n}: {e}" for n, e in errors.items()))
+
+
+def do_results(c: Ctx, run_id: str) -> None:
+    cluster = c.cluster
+    store = open_store(cluster)
+    run = store.resolve_run(run_id)
+
+    async def go() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        async with ConnectionPool(cluster) as pool:
+            session = RunSession(cluster, store, pool, emit=_printer(c))
+            for rec in store.instances(run.run_id):
+                try:
+                    files = await session.fetch_results(run.run_id, rec)
+                    out[rec.instance_id] = [str(f) for f in files]
+                except InfraError as exc:
+                    out[rec.instance_id] = {"error": exc.one_line()}
+        return out
+
+    fetched = run_async(go)
+    if c.json_out:
+        c.emit_json({"run_id": run.run_id, "results": fetched})
+    else:
+        for instance, files in fetched.items():
+            if isinstance(files, dict):
+                c.console.print(f"{instance}: [red]{files['error']}[/]")
+            else:
+                c.console.print(f"{instance}: {len(files)} file(s)")
+                for f in files:
+                    c.console.print(f"  {Path(f).relative_to(cluster.log_dir)}")
+    store.close()
+    if any(isinstance(v, dict) for v in fetched.values()):
+        raise InfraError("some results could not be fetched")

@@ -1,0 +1,426 @@
+"""A run from plan to results: record, deploy, start, sweep status, stream logs, fetch results.
+
+Every step writes the store before acting and after the outcome, so a coordinator killed
+anywhere leaves a record that ``status`` and ``watch`` can rebuild from; starts go through
+the node's idempotent supervisor, so retrying after a crash never starts a second copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import posixpath
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from infra.config.model import Cluster, ExperimentSpec, NodeConfig
+from infra.errors import InfraError, TransportError
+from infra.placement import Plan
+from infra.runner.deploy import DeployResult, deploy_all
+from infra.runner.supervisor_client import (
+    InstanceState,
+    InstanceStatus,
+    RestartPolicy,
+    StartRequest,
+    SupervisorClient,
+)
+from infra.state import InstancePhase, InstanceRecord, RunState, Store, new_run_id
+from infra.transport.base import Transport
+from infra.transport.marker import extract_json
+from infra.transport.pool import ConnectionPool
+
+EventSink = Callable[[str, str, str], None]
+"""(kind, subject, message) -> None: where progress lines go (console, dashboard, tests)."""
+
+MAX_RESULT_FILES = 10_000
+
+_PHASE_OF_STATUS = {
+    InstanceStatus.STARTING: InstancePhase.STARTING,
+    InstanceStatus.RUNNING: InstancePhase.RUNNING,
+    InstanceStatus.RESTARTING: InstancePhase.RESTARTING,
+    InstanceStatus.EXITED: InstancePhase.EXITED,
+    InstanceStatus.FAILED: InstancePhase.FAILED,
+    InstanceStatus.STOPPED: InstancePhase.STOPPED,
+    InstanceStatus.LOST: InstancePhase.LOST,
+}
+
+# A small node-side helper: expand result globs under a directory into a file list.
+_RESULTS_LISTER = r"""
+import glob, json, os, sys
+base = os.path.expanduser(sys.argv[1]); out = []; limit = int(sys.argv[2])
+for pat in sys.argv[3:]:
+    for hit in sorted(glob.glob(os.path.join(base, pat))):
+        if os.path.isdir(hit):
+            for root, dirs, files in os.walk(hit):
+                dirs.sort()
+                out.extend(os.path.join(root, f) for f in sorted(files))
+        elif os.path.isfile(hit):
+            out.append(hit)
+seen = []
+for p in out:
+    r = os.path.relpath(p, base)
+    if not r.startswith('..') and r not in seen:
+        seen.append(r)
+doc = json.dumps({'base': base, 'files': seen[:limit]})
+print('@@INFRA-JSON-BEGIN@@' + doc + '@@INFRA-JSON-END@@')
+"""
+
+
+def _noop(kind: str, subject: str, message: str) -> None:
+    return None
+
+
+def spec_document(spec: ExperimentSpec) -> dict[str, Any]:
+    """What the store keeps of a spec: enough to start, restart and fetch results later."""
+    return {
+        "experiment_id": spec.experiment_id,
+        "command": spec.command,
+        "workdir": spec.workdir,
+        "env": dict(spec.env),
+        "ram_gb": spec.ram_gb,
+        "gpu_required": spec.gpu_required,
+        "gpu_memory_gb": spec.gpu_memory_gb,
+        "cpu_cores": spec.cpu_cores,
+        "results": list(spec.results),
+        "recover": spec.recover.value,
+        "max_retries": spec.max_retries,
+        "auto_restart": spec.auto_restart,
+        "params": dict(spec.params),
+        "source": str(spec.source),
+    }
+
+
+def instance_cwd(node: NodeConfig, spec_doc: dict[str, Any]) -> str:
+    """Where the command runs on the node: the deployed tree, or ``workdir`` inside it."""
+    base = node.remote_work_dir.rstrip("/") or "/"
+    workdir = spec_doc.get("workdir")
+    return posixpath.join(base, workdir) if workdir else base
+
+
+def local_log_path(cluster: Cluster, run_id: str, instance_id: str) -> Path:
+    return cluster.log_dir / run_id / f"{instance_id}.log"
+
+
+def local_results_dir(cluster: Cluster, run_id: str, instance_id: str) -> Path:
+    return cluster.log_dir / run_id / instance_id
+
+
+@dataclass
+class RunSession:
+    """Everything one coordinator process holds while it drives runs."""
+
+    cluster: Cluster
+    store: Store
+    pool: ConnectionPool
+    emit: EventSink = _noop
+    clients: dict[str, SupervisorClient] = field(default_factory=dict)
+
+    def event(self, run_id: str | None, kind: str, subject: str, message: str) -> None:
+        """Record an event durably, then show it."""
+        self.store.add_event(run_id, kind, subject, message)
+        self.emit(kind, subject, message)
+
+    async def client(self, node_name: str) -> SupervisorClient:
+        node = self.cluster.node(node_name)
+        transport = await self.pool.get(node)
+        held = self.clients.get(node_name)
+        if held is None or held.transport is not transport:
+            held = SupervisorClient(transport, node,
+                                    command_timeout=max(30.0,
+                                                        self.cluster.health_check.timeout_seconds))
+            self.clients[node_name] = held
+        return held
+
+    async def transport(self, node_name: str) -> Transport:
+        return await self.pool.get(self.cluster.node(node_name))
+
+    # ------------------------------------------------------------------ start
+
+    def record_run(self, specs: Sequence[ExperimentSpec], plan: Plan,
+                   plan_doc: dict[str, Any]) -> str:
+        """Write the run and its planned instances before touching any node."""
+        run_id = new_run_id()
+        by_id = {s.experiment_id: s for s in specs}
+        rows = [(p.instance_id, p.node, spec_document(by_id[p.instance_id]))
+                for p in plan.placements]
+        self.store.create_run(run_id, str(self.cluster.path), plan_doc, rows)
+        for p in plan.placements:
+            self.store.add_event(run_id, "placed", p.instance_id,
+                                 f"placed on {p.node} (score {p.score:g})")
+        return run_id
+
+    async def deploy_for_run(self, run_id: str, node_names: Iterable[str]) -> set[str]:
+        """Deploy the tree to the nodes of a run; returns the nodes that failed."""
+        nodes = [self.cluster.node(n) for n in sorted(set(node_names))]
+        for rec in self.store.instances(run_id):
+            self.store.update_instance(run_id, rec.instance_id, state=InstancePhase.DEPLOYING)
+        results = await deploy_all(nodes, self.cluster.health_check, self.cluster.deploy_source,
+                                   excludes=self.cluster.deploy.exclude, delete=True)
+        failed: set[str] = set()
+        for name, res in results.items():
+            if isinstance(res, DeployResult):
+                if res.skipped:
+                    self.event(run_id, "deploy", name, f"deploy skipped: {res.reason}")
+                else:
+                    stats = res.stats
+                    sent = f"{stats.files_transferred} files, {stats.bytes_sent} bytes" \
+                        if stats else "done"
+                    self.event(run_id, "deploy", name, f"deployed ({sent})")
+            else:
+                failed.add(name)
+                self.event(run_id, "deploy", name, f"deploy failed: {res}")
+        return failed
+
+    async def start_instance(self, run_id: str, rec: InstanceRecord) -> None:
+        """Start one instance through the node's supervisor (idempotent on the node)."""
+        node = self.cluster.node(rec.node)
+        spec = rec.spec
+        self.store.update_instance(run_id, rec.instance_id, state=InstancePhase.STARTING)
+        env = dict(spec.get("env") or {})
+        if spec.get("params"):
+            env["INFRA_PARAMS"] = json.dumps(spec["params"], sort_keys=True)
+        request = StartRequest(
+            run_id=run_id,
+            instance_id=rec.instance_id,
+            command=spec["command"],
+            cwd=instance_cwd(node, spec),
+            env=tuple(sorted(env.items())),
+            allocation={"node": node.name, "ram_gb": spec.get("ram_gb"),
+                        "gpu_required": spec.get("gpu_required"),
+                        "gpu_memory_gb": spec.get("gpu_memory_gb"),
+                        "cpu_cores": spec.get("cpu_cores")},
+            restart=RestartPolicy.from_config(self.cluster.failover,
+                                              auto_restart=spec.get("auto_restart"),
+                                              max_retries=spec.get("max_retries")),
+        )
+        try:
+            client = await self.client(node.name)
+            state = await client.start(request)
+        except InfraError as exc:
+            self.store.update_instance(run_id, rec.instance_id, state=InstancePhase.FAILED,
+                                       reason=f"start failed: {exc.one_line()}")
+            self.event(run_id, "start", rec.instance_id, f"start failed on {node.name}: "
+                       f"{exc.one_line()}")
+            return
+        self.apply_state(run_id, rec, state)
+        verb = "already started" if state.already else "started"
+        self.event(run_id, "start", rec.instance_id, f"{verb} on {node.name} (pid {state.pid})")
+
+    async def launch(self, run_id: str) -> None:
+        """Deploy to the run's nodes, then start every planned instance."""
+        self.store.set_run_state(run_id, RunState.STARTING)
+        records = self.store.instances(run_id)
+        failed_nodes = await self.deploy_for_run(run_id, (r.node for r in records))
+        starts = []
+        for rec in records:
+            if rec.node in failed_nodes:
+                self.store.update_instance(run_id, rec.instance_id, state=InstancePhase.FAILED,
+                                           reason=f"deploy to {rec.node} failed")
+                continue
+            starts.append(self.start_instance(run_id, rec))
+        await asyncio.gather(*starts)
+        self.store.set_run_state(run_id, RunState.RUNNING)
+
+    # ------------------------------------------------------------------ status
+
+    def apply_state(self, run_id: str, rec: InstanceRecord, state: InstanceState) -> None:
+        """Fold the supervisor's view of an instance into the store; events on changes."""
+        phase = _PHASE_OF_STATUS[state.status]
+        reason = state.final_reason or ""
+        if not reason and state.attempts and state.attempts[-1].reason:
+            reason = state.attempts[-1].reason or ""
+        self.store.update_instance(
+            run_id, rec.instance_id, state=phase, pid=state.pid, exit_code=state.exit_code,
+            signal=state.signal, started_at=state.created_at or state.started_at,
+            ended_at=state.ended_at if state.is_final else None, restarts=state.restarts,
+            reason=reason, last_line=state.last_line[:200])
+        if phase != rec.state and rec.state not in (InstancePhase.STARTING,
+                                                     InstancePhase.PLANNED,
+                                                     InstancePhase.DEPLOYING):
+            detail = f" ({reason})" if reason else ""
+            self.event(run_id, "state", rec.instance_id, f"{rec.state.value} -> "
+                       f"{phase.value}{detail}")
+        elif state.restarts > rec.restarts:
+            self.event(run_id, "restart", rec.instance_id,
+                       f"restarted (attempt {state.restarts + 1}): {reason}")
+
+    async def sweep(self, run_id: str) -> dict[str, str]:
+        """One status call per node of the run; returns node -> error for unreachable nodes."""
+        records = self.store.instances(run_id)
+        by_node: dict[str, list[InstanceRecord]] = {}
+        for rec in records:
+            by_node.setdefault(rec.node, []).append(rec)
+
+        async def one(node_name: str) -> tuple[str, list[InstanceState] | InfraError]:
+            try:
+                client = await self.client(node_name)
+                return node_name, await client.status(run_id)
+            except InfraError as exc:
+                return node_name, exc
+
+        errors: dict[str, str] = {}
+        for node_name, result in await asyncio.gather(*(one(n) for n in by_node)):
+            if isinstance(result, InfraError):
+                errors[node_name] = result.one_line()
+                continue
+            found = {s.instance_id: s for s in result}
+            for rec in by_node[node_name]:
+                state = found.get(rec.instance_id)
+                if state is not None:
+                    self.apply_state(run_id, rec, state)
+                elif rec.state in (InstancePhase.RUNNING, InstancePhase.RESTARTING):
+                    self.store.update_instance(run_id, rec.instance_id, state=InstancePhase.LOST,
+                                               reason=f"no record of it on {node_name}")
+                    self.event(run_id, "state", rec.instance_id,
+                               f"lost: no record of it on {node_name}")
+        self._settle_run(run_id)
+        return errors
+
+    def _settle_run(self, run_id: str) -> None:
+        records = self.store.instances(run_id)
+        if records and all(r.state.finished for r in records):
+            run = self.store.run(run_id)
+            if run.state not in (RunState.FINISHED, RunState.STOPPED, RunState.FAILED):
+                bad = [r for r in records if r.state in (InstancePhase.FAILED, InstancePhase.LOST)]
+                final = RunState.FAILED if bad else RunState.FINISHED
+                if all(r.state is InstancePhase.STOPPED for r in records):
+                    final = RunState.STOPPED
+                self.store.set_run_state(run_id, final)
+                self.event(run_id, "run", run_id, f"run {final.value}")
+
+    # ------------------------------------------------------------------ logs
+
+    async def sync_log(self, run_id: str, rec: InstanceRecord, *, follow: bool,
+                       on_bytes: Callable[[bytes], None] | None = None) -> int:
+        """Append the node's log bytes to the local copy from where the copy ends.
+
+        The local file's size is the offset, so after any interruption the stream resumes
+        with no byte lost and none written twice. Returns the new size.
+        """
+        path = local_log_path(self.cluster, run_id, rec.instance_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        client = await self.client(rec.node)
+        with open(path, "ab") as fh:
+            offset = fh.tell()
+            if follow:
+                async for chunk in client.follow(run_id, rec.instance_id, offset):
+                    fh.write(chunk)
+                    fh.flush()
+                    if on_bytes:
+                        on_bytes(chunk)
+            else:
+                while True:
+                    piece = await client.read(run_id, rec.instance_id, offset)
+                    if piece.data:
+                        fh.write(piece.data)
+                        fh.flush()
+                        if on_bytes:
+                            on_bytes(piece.data)
+                    offset = fh.tell()
+                    if piece.eof or not piece.data:
+                        break
+            size = fh.tell()
+        self.store.update_instance(run_id, rec.instance_id, log_offset=size)
+        return size
+
+    async def stream_log_until_done(self, run_id: str, instance_id: str, *,
+                                    retry_delay: float = 1.0,
+                                    on_bytes: Callable[[bytes], None] | None = None) -> None:
+        """Follow one instance's log until it ended and is drained, reconnecting on drops."""
+        while True:
+            rec = self.store.instance(run_id, instance_id)
+            try:
+                await self.sync_log(run_id, rec, follow=True, on_bytes=on_bytes)
+                rec = self.store.instance(run_id, instance_id)
+                if rec.state.finished:
+                    # drained after the end: one last non-following read closes any gap
+                    await self.sync_log(run_id, rec, follow=False, on_bytes=on_bytes)
+                    return
+                # follow ended: the instance ended on the node; the sweep will record it
+                state = await (await self.client(rec.node)).status(run_id)
+                mine = [s for s in state if s.instance_id == instance_id]
+                if not mine or mine[0].is_final:
+                    await self.sync_log(run_id, rec, follow=False, on_bytes=on_bytes)
+                    return
+            except TransportError as exc:
+                self.emit("log", instance_id, f"log stream interrupted ({exc.reason}); "
+                          "resuming")
+            await asyncio.sleep(retry_delay)
+
+    # ------------------------------------------------------------------ results
+
+    async def fetch_results(self, run_id: str, rec: InstanceRecord) -> list[Path]:
+        """Copy the spec's ``results`` (globs under the instance's cwd) into logs/<run>/<id>/."""
+        patterns = list(rec.spec.get("results") or [])
+        if not patterns:
+            self.store.update_instance(run_id, rec.instance_id, results_fetched=1)
+            return []
+        node = self.cluster.node(rec.node)
+        transport = await self.transport(rec.node)
+        cwd = instance_cwd(node, rec.spec)
+        result = await transport.run([node.python_path, "-c", _RESULTS_LISTER, cwd,
+                                      str(MAX_RESULT_FILES), *patterns],
+                                     timeout=self.cluster.health_check.timeout_seconds * 3)
+        try:
+            listing = extract_json(result.stdout)
+        except ValueError:
+            raise TransportError(rec.node, "could not list results: "
+                                 f"{(result.stderr or result.stdout).strip()[-200:]}") from None
+        base: str = listing["base"]
+        dest_root = local_results_dir(self.cluster, run_id, rec.instance_id)
+        fetched: list[Path] = []
+        for rel in listing["files"]:
+            dest = (dest_root / rel).resolve()
+            if not str(dest).startswith(str(dest_root.resolve()) + os.sep):
+                continue  # never write outside the results directory
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            await transport.get(posixpath.join(base, rel), str(dest))
+            fetched.append(dest)
+        self.store.update_instance(run_id, rec.instance_id, results_fetched=1)
+        self.event(run_id, "results", rec.instance_id,
+                   f"fetched {len(fetched)} result file(s) into {dest_root}")
+        return fetched
+
+    # ------------------------------------------------------------------ stop
+
+    async def stop(self, run_id: str, instance_id: str | None = None,
+                   grace: float = 10.0) -> dict[str, str]:
+        """Stop a run (or one instance): SIGTERM to the process group, SIGKILL after grace."""
+        records = self.store.instances(run_id)
+        if instance_id is not None:
+            records = [r for r in records if r.instance_id == instance_id]
+            if not records:
+                raise InfraError(f"run {run_id} has no instance {instance_id!r}")
+        by_node: dict[str, list[InstanceRecord]] = {}
+        for rec in records:
+            by_node.setdefault(rec.node, []).append(rec)
+        errors: dict[str, str] = {}
+
+        async def one(node_name: str, recs: list[InstanceRecord]) -> None:
+            try:
+                client = await self.client(node_name)
+                states: list[InstanceState] = []
+                if instance_id is None:
+                    states = await client.stop(run_id, None, grace=grace)
+                else:
+                    states = await client.stop(run_id, instance_id, grace=grace)
+            except InfraError as exc:
+                errors[node_name] = exc.one_line()
+                return
+            found = {s.instance_id: s for s in states}
+            for rec in recs:
+                if rec.instance_id in found:
+                    self.apply_state(run_id, rec, found[rec.instance_id])
+
+        await asyncio.gather(*(one(n, r) for n, r in by_node.items()))
+        for rec in records:
+            self.store.add_event(run_id, "stop", rec.instance_id, f"stop requested "
+                                 f"(grace {grace:g} s)")
+        if instance_id is None and not errors:
+            self.store.set_run_state(run_id, RunState.STOPPED)
+        self._settle_run(run_id)
+        return errors
+
