@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Set up everything the tests need on a fresh Debian/Ubuntu machine, then run them:
+# system packages (OpenSSH server, rsync, pssh), a virtualenv with the project and its dev
+# extras, lint (ruff), types (mypy), and pytest -- including the integration tests that
+# start real sshd servers on 127.0.0.x loopback addresses (they need root).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+missing=()
+[ -x /usr/sbin/sshd ] || missing+=(openssh-server)
+command -v ssh >/dev/null || missing+=(openssh-client)
+command -v rsync >/dev/null || missing+=(rsync)
+command -v parallel-ssh >/dev/null || command -v pssh >/dev/null || missing+=(pssh)
+command -v ps >/dev/null || missing+=(procps)
+command -v ip >/dev/null || missing+=(iproute2)
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "== installing system packages: ${missing[*]}"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    echo "== creating .venv"
+    "$PY" -m venv .venv
+fi
+echo "== installing the project with its dev extras"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+
+echo "== ruff"
+.venv/bin/ruff check src tests scripts
+echo "== mypy"
+.venv/bin/mypy
+echo "== pytest"
+.venv/bin/python -m pytest -p no:cacheprovider "$@"
