@@ -26,6 +26,7 @@ from infra.runner.deploy import DeployResult, deploy_all
 from infra.runner.lifecycle import RunSession, local_log_path
 from infra.runner.monitor import monitor_run
 from infra.state import InstancePhase, Store
+from infra.state.store import coordinator_id
 from infra.transport.pool import ConnectionPool
 
 if TYPE_CHECKING:
@@ -256,7 +257,7 @@ def do_logs(c: Ctx, run_id: str, instance_id: str, follow: bool) -> None:
     async def go() -> None:
         async with ConnectionPool(cluster) as pool:
             session = RunSession(cluster, store, pool)
-            holder = f"logs:{id(session)}"
+            holder = coordinator_id()
             other = store.acquire_lease(run.run_id, holder, 60.0)
             if other is not None:
                 raise UsageError(f"run {run.run_id} is being watched by {other}; its log copy "

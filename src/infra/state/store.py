@@ -145,7 +145,22 @@ def new_run_id(now: float | None = None) -> str:
 
 
 def coordinator_id() -> str:
+    """Who holds a lease: ``host:pid`` of this coordinator process."""
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def holder_is_dead(holder: str) -> bool:
+    """True when ``holder`` is a process on this machine that no longer exists."""
+    host, _, pid = holder.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 class Store:
@@ -262,7 +277,8 @@ class Store:
             if row is None:
                 raise StateError(f"no run {run_id!r} in {self.path}")
             current, expires = row["lease_holder"], row["lease_expires"]
-            if current and current != holder and expires and expires > now and not steal:
+            live = expires is not None and expires > now and not holder_is_dead(str(current))
+            if current and current != holder and live and not steal:
                 return str(current)
             db.execute("UPDATE runs SET lease_holder=?, lease_expires=? WHERE run_id=?",
                        (holder, now + ttl, run_id))
