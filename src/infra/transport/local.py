@@ -47,7 +47,8 @@ class LocalTransport(Transport):
         except asyncio.TimeoutError:
             proc.kill()
             await proc.wait()
-            raise TransportTimeoutError(self.node, f"timed out after {timeout:g} s: {cmd}") from None
+            raise TransportTimeoutError(self.node,
+                                        f"timed out after {timeout:g} s: {cmd}") from None
         rc = proc.returncode if proc.returncode is not None else -1
         result = CommandResult(
             command=cmd,
