@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shlex
 import shutil
+import signal
 from collections.abc import AsyncIterator, Sequence
 
 from infra.errors import CommandFailedError, TransportTimeoutError
@@ -19,12 +21,15 @@ def _as_shell(command: str | Sequence[str]) -> str:
 def _signal_name(returncode: int) -> str | None:
     if returncode >= 0:
         return None
-    import signal as _signal
-
     try:
-        return _signal.Signals(-returncode).name
+        return signal.Signals(-returncode).name
     except ValueError:
         return f"SIG{-returncode}"
+
+
+def _kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
 
 
 class LocalTransport(Transport):
@@ -40,12 +45,13 @@ class LocalTransport(Transport):
             "/bin/sh", "-c", cmd,
             stdin=asyncio.subprocess.PIPE if input is not None else asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,  # so a timeout can kill the shell and its children
         )
         try:
             out, err = await asyncio.wait_for(
                 proc.communicate(input.encode() if input is not None else None), timeout)
         except asyncio.TimeoutError:
-            proc.kill()
+            _kill_group(proc.pid)
             await proc.wait()
             raise TransportTimeoutError(self.node,
                                         f"timed out after {timeout:g} s: {cmd}") from None
@@ -75,7 +81,7 @@ class LocalTransport(Transport):
         proc = await asyncio.create_subprocess_exec(
             "/bin/sh", "-c", _as_shell(command),
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL, start_new_session=True,
         )
         assert proc.stdout is not None
         try:
@@ -86,7 +92,7 @@ class LocalTransport(Transport):
                 yield chunk
         finally:
             if proc.returncode is None:
-                proc.kill()
+                _kill_group(proc.pid)
             await proc.wait()
 
     async def close(self) -> None:
