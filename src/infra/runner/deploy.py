@@ -1,0 +1,494 @@
+"""Code deployment: rsync the project tree to each node's work dir over the node's SSH settings.
+
+rsync does the real work (delta transfer, deletes, ``.gitignore`` rules); this module builds
+its command line from the same ``NodeConfig``/``HealthCheckSection`` settings the asyncssh
+transport uses, runs it without a shell, parses ``--stats``/``--itemize-changes`` into a
+``DeployStats`` and turns rsync/ssh failures into ``DeployError`` with a readable reason.
+
+Skipping unchanged deploys: ``source_fingerprint`` is a cheap hash of the tree's paths, sizes
+and mtimes. The caller keeps the fingerprint of the last successful deploy per node (it is
+returned in ``DeployResult.fingerprint``) and passes it back as ``last_fingerprint``; when the
+tree still hashes the same, the deploy is skipped without contacting the node. This misses
+changes made on the node itself, so it is an optimisation only: the authoritative check is a
+normal deploy, which rsync turns into a cheap no-op when nothing differs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fnmatch
+import hashlib
+import math
+import os
+import posixpath
+import re
+import shlex
+import signal
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from infra.config.model import HealthCheckSection, NodeConfig
+from infra.errors import DeployError, InfraError
+
+DEFAULT_EXCLUDES: tuple[str, ...] = (
+    ".git/", "__pycache__/", "*.pyc", "/logs/", ".infra/", ".venv/",
+)
+"""Never deployed: VCS data, bytecode, the coordinator's logs and state, virtualenvs."""
+
+GITIGNORE_FILTER = "--filter=:- .gitignore"
+"""Per-directory merge of ``.gitignore`` files as exclude rules (``!`` negations unsupported)."""
+
+MKPATH_VERSION = (3, 2, 3)
+"""First rsync with ``--mkpath``."""
+
+ARG_PROTECTION_VERSION = (3, 2, 4)
+"""First rsync that escapes remote path arguments by default."""
+
+ProgressCallback = Callable[[str, str], None]
+
+
+@dataclass(frozen=True)
+class DeployStats:
+    """What one rsync run did, from ``--stats`` and ``--itemize-changes`` output.
+
+    ``changed`` lists created or updated paths (directories end in ``/``; directories whose
+    only change is a timestamp are left out); ``deleted`` the paths removed on the node.
+    """
+
+    files_transferred: int = 0
+    bytes_sent: int = 0
+    total_files: int = 0
+    changed: tuple[str, ...] = ()
+    deleted: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DeployResult:
+    """Outcome of deploying to one node; ``stats`` is None when the deploy was skipped.
+
+    ``fingerprint`` is the source fingerprint the deploy was made from (None for dry runs):
+    store it and pass it back as ``last_fingerprint`` to skip the next unchanged deploy.
+    """
+
+    node: str
+    stats: DeployStats | None
+    skipped: bool = False
+    reason: str = ""
+    fingerprint: str | None = None
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _ssh_option_value(value: str) -> str:
+    """Escape a path for an ssh ``-o`` value: ``%`` tokens, then OpenSSH's quoting rules.
+
+    (``-i`` is not used for keys: ssh checks that path before expanding ``%%``.)
+    """
+    value = value.replace("%", "%%")
+    if re.search(r'[\s"\'\\]', value):
+        return '"' + re.sub(r'(["\'\\])', r"\\\1", value) + '"'
+    return value
+
+
+def known_hosts_path(health: HealthCheckSection) -> str:
+    """The known_hosts file both transports verify host keys against."""
+    return os.path.expanduser(health.known_hosts or "~/.ssh/known_hosts")
+
+
+def ssh_command_for(node: NodeConfig, health: HealthCheckSection) -> list[str]:
+    """The ssh client command line with the same settings as the asyncssh transport.
+
+    Port, key (only that key), known_hosts, strict host key checking (``accept-new`` only when
+    configured), connect timeout and keepalive; ``BatchMode`` so nothing ever prompts.
+    """
+    cmd = ["ssh", "-p", str(node.ssh_port)]
+    if node.ssh_key_path:
+        key = os.path.expanduser(node.ssh_key_path)
+        cmd += ["-o", f"IdentityFile={_ssh_option_value(key)}", "-o", "IdentitiesOnly=yes"]
+    cmd += ["-o", "BatchMode=yes"]
+    cmd += ["-o", f"UserKnownHostsFile={_ssh_option_value(known_hosts_path(health))}"]
+    if health.known_hosts:
+        # An explicit known_hosts file is the only source of trust, as in asyncssh.
+        cmd += ["-o", "GlobalKnownHostsFile=/dev/null"]
+    checking = "accept-new" if health.accept_new_host_keys else "yes"
+    cmd += ["-o", f"StrictHostKeyChecking={checking}"]
+    cmd += ["-o", f"ConnectTimeout={max(1, math.ceil(health.timeout_seconds))}"]
+    interval = math.ceil(health.keepalive_seconds) if health.keepalive_seconds > 0 else 0
+    cmd += ["-o", f"ServerAliveInterval={interval}"]
+    cmd += ["-o", f"ServerAliveCountMax={max(1, health.keepalive_count_max)}"]
+    return cmd
+
+
+_TILDE_USER = re.compile(r"^~[A-Za-z0-9._-]*$")
+
+
+def remote_dir_for(node: NodeConfig) -> str:
+    """The node's work dir as rsync should name it: ``~/x`` becomes ``x`` (home-relative).
+
+    Raises ``DeployError`` for a dir that is the home or root directory itself, where a
+    ``--delete`` deploy would wipe unrelated files.
+    """
+    raw = node.remote_work_dir.strip()
+    if raw == "~" or raw.startswith("~/"):
+        raw = raw[1:].lstrip("/") or "."
+    norm = posixpath.normpath(raw) if raw else "."
+    first = norm.split("/", 1)[0]
+    if norm in (".", "/", "..") or norm.startswith("../") or _TILDE_USER.match(norm):
+        raise DeployError(node.name, f"refusing to deploy into {node.remote_work_dir!r}: "
+                                     "use a dedicated directory under the home directory")
+    if first.startswith("~") and not _TILDE_USER.match(first):
+        raise DeployError(node.name, f"remote_work_dir {node.remote_work_dir!r}: "
+                                     "invalid ~user prefix")
+    return norm
+
+
+def _remote_shell_path(path: str) -> str:
+    """Quote a path for the node's shell, leaving a leading ``~user`` unquoted so it expands."""
+    if path.startswith("~"):
+        head, _, rest = path.partition("/")
+        return f"{head}/{shlex.quote(rest)}" if rest else head
+    return shlex.quote(path)
+
+
+def _host_part(node: NodeConfig) -> str:
+    host = f"[{node.host}]" if ":" in node.host else node.host
+    return f"{node.ssh_user}@{host}" if node.ssh_user else host
+
+
+def _needs_protection(path: str) -> bool:
+    return re.fullmatch(r"[A-Za-z0-9_./+,=@%~-]*", path) is None
+
+
+def local_work_dir(node: NodeConfig) -> Path:
+    """A local node's work dir, resolved (a relative dir is relative to the home directory)."""
+    path = Path(node.remote_work_dir).expanduser()
+    if not path.is_absolute():
+        path = Path.home() / path
+    return path.resolve()
+
+
+def build_rsync_command(node: NodeConfig, health: HealthCheckSection, source: Path, *,
+                        excludes: Sequence[str], delete: bool = True, dry_run: bool = False,
+                        rsync_version: tuple[int, ...] | None = None) -> list[str]:
+    """The rsync argv that copies ``source``'s contents into the node's work dir (pure).
+
+    ``rsync_version`` is the local rsync's version (None: assume a current one); it decides
+    between ``--mkpath`` and a ``mkdir -p`` prefix on the remote rsync command, and whether
+    paths need ``--protect-args``. Local nodes get a plain local rsync (the caller creates the
+    target dir). Raises ``DeployError`` for a work dir that is the home or root directory.
+    """
+    version = rsync_version or (99,)
+    cmd = ["rsync", "-az", "--stats", "--itemize-changes"]
+    if delete:
+        cmd.append("--delete")
+    if dry_run:
+        cmd.append("--dry-run")
+    for pattern in (*DEFAULT_EXCLUDES, *excludes):
+        cmd.append(f"--exclude={pattern}")
+    cmd.append(GITIGNORE_FILTER)
+    src = str(source).rstrip("/") + "/"
+    if node.is_local:
+        return [*cmd, src, str(local_work_dir(node)) + "/"]
+
+    remote_dir = remote_dir_for(node)
+    if version >= MKPATH_VERSION:
+        cmd.append("--mkpath")
+    else:
+        cmd.append(f"--rsync-path=mkdir -p {_remote_shell_path(remote_dir)} && rsync")
+    if version < ARG_PROTECTION_VERSION and _needs_protection(remote_dir):
+        cmd.append("--protect-args")
+    cmd += ["-e", shlex.join(ssh_command_for(node, health))]
+    return [*cmd, src, f"{_host_part(node)}:{remote_dir}/"]
+
+
+# --------------------------------------------------------------------------- output parsing
+
+_STAT_PATTERNS = {
+    "total_files": re.compile(r"^Number of files:\s*([\d,.]+)", re.M),
+    "files_transferred": re.compile(
+        r"^Number of (?:regular )?files transferred:\s*([\d,.]+)", re.M),
+    "bytes_sent": re.compile(r"^Total bytes sent:\s*([\d,.]+)", re.M),
+}
+_ITEM = re.compile(r"^([<>ch.])([fdLDS])([^ ]{7,9}) (.+)$")
+_DELETING = re.compile(r"^\*deleting +(.+)$")
+
+
+def _number(text: str) -> int:
+    return int(re.sub(r"[,.]", "", text))
+
+
+def parse_rsync_stats(output: str) -> DeployStats:
+    """Parse rsync's stdout from ``--stats --itemize-changes`` (rsync 3.0 to 3.4+ formats)."""
+    values: dict[str, int] = {}
+    for key, pattern in _STAT_PATTERNS.items():
+        match = pattern.search(output)
+        values[key] = _number(match.group(1)) if match else 0
+    changed: list[str] = []
+    deleted: list[str] = []
+    for line in output.splitlines():
+        gone = _DELETING.match(line)
+        if gone:
+            deleted.append(gone.group(1))
+            continue
+        item = _ITEM.match(line)
+        if not item:
+            continue
+        update, kind, flags, path = item.groups()
+        if kind == "d" and update == "." and "+" not in flags:
+            continue  # a directory whose timestamp or permissions moved along with its files
+        if kind == "L":
+            path = path.split(" -> ", 1)[0]
+        elif update == "h":
+            path = path.split(" => ", 1)[0]
+        changed.append(path)
+    return DeployStats(files_transferred=values["files_transferred"],
+                       bytes_sent=values["bytes_sent"], total_files=values["total_files"],
+                       changed=tuple(changed), deleted=tuple(deleted))
+
+
+_FAILURES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
+    (re.compile(pattern, re.I | re.M), reason) for pattern, reason in (
+        (r"REMOTE HOST IDENTIFICATION HAS CHANGED",
+         "host key verification failed: the node's host key does not match known_hosts"),
+        (r"No \S+ host key is known for",
+         "host key verification failed: the node's host key is not in known_hosts"),
+        (r"Host key verification failed", "host key verification failed"),
+        (r"Connection refused", "connection refused"),
+        (r"Timeout, server .* not responding", "node stopped responding (ssh keepalive)"),
+        (r"Connection timed out|Operation timed out", "connection timed out"),
+        (r"Could not resolve hostname", "could not resolve the node's host name"),
+        (r"No route to host|Network is unreachable", "no route to host"),
+        (r"Identity file .* not accessible",
+         "permission denied: ssh key file not accessible on the coordinator"),
+        (r"Permission denied \(publickey", "permission denied: the node refused the ssh key"),
+        (r"\brsync: (?:command )?not found|remote command not found", "rsync not found on node"),
+        (r"Failed to exec ssh", "ssh client not found on the coordinator"),
+        (r"--mkpath: unknown option", "the node's rsync is too old for --mkpath"),
+        (r"No space left on device", "no space left on the node"),
+    ))
+_MKPATH_UNKNOWN = re.compile(r"--mkpath: unknown option|unknown option.*--mkpath")
+_PERMISSION_LINE = re.compile(r"^rsync: (?:\[\w+\] )?(.*): Permission denied \(13\)", re.M)
+
+
+def rsync_failure_reason(stderr: str, returncode: int) -> str:
+    """A short readable reason for a failed rsync run, from its stderr and exit code."""
+    for pattern, reason in _FAILURES:
+        if pattern.search(stderr):
+            return reason
+    denied = _PERMISSION_LINE.search(stderr)
+    if denied:
+        return f"permission denied: {denied.group(1)}"
+    if returncode == 127:
+        return "rsync not found on node"
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    detail = next((ln for ln in lines if ln.startswith("rsync:")), lines[0] if lines else "")
+    return f"rsync failed (exit {returncode}): {detail}" if detail else \
+        f"rsync failed (exit {returncode})"
+
+
+# --------------------------------------------------------------------------- fingerprint
+
+
+def _roughly_excluded(rel: str, is_dir: bool, patterns: Sequence[str]) -> bool:
+    name = rel.rsplit("/", 1)[-1]
+    for raw in patterns:
+        dir_only = raw.endswith("/")
+        pattern = raw.rstrip("/")
+        if not pattern or (dir_only and not is_dir):
+            continue
+        if pattern.startswith("/") or "/" in pattern:
+            if fnmatch.fnmatchcase(rel, pattern.lstrip("/")):
+                return True
+        elif fnmatch.fnmatchcase(name, pattern):
+            return True
+    return False
+
+
+def source_fingerprint(source: Path, excludes: Sequence[str]) -> str:
+    """Hash of the tree's relative paths, sizes, modes and mtimes (no file contents).
+
+    Honours the default and configured excludes roughly (not ``.gitignore``): it may see a
+    change rsync would not deploy, never the reverse, so a stale skip cannot come from it.
+    """
+    patterns = (*DEFAULT_EXCLUDES, *excludes)
+    digest = hashlib.sha256()
+    digest.update(f"{Path(source).resolve()}\0{chr(0).join(patterns)}\n".encode())
+    root = str(source)
+    entries: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel_dir = os.path.relpath(dirpath, root)
+        rel_dir = "" if rel_dir == "." else rel_dir.replace(os.sep, "/") + "/"
+        kept = []
+        for name in sorted(dirnames):
+            rel = rel_dir + name
+            if os.path.islink(os.path.join(dirpath, name)):
+                filenames.append(name)  # rsync copies a symlink to a dir as a link
+            elif not _roughly_excluded(rel, True, patterns):
+                kept.append(name)
+                entries.append(f"d {rel}")
+        dirnames[:] = kept
+        for name in filenames:
+            rel = rel_dir + name
+            if _roughly_excluded(rel, False, patterns):
+                continue
+            full = os.path.join(dirpath, name)
+            try:
+                st = os.lstat(full)
+            except FileNotFoundError:
+                continue
+            target = os.readlink(full) if os.path.islink(full) else ""
+            entries.append(f"f {rel}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_mode}\0{target}")
+    for entry in sorted(entries):
+        digest.update(entry.encode(errors="surrogateescape") + b"\n")
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- running
+
+_version_cache: dict[str, tuple[int, ...]] = {}
+
+
+async def local_rsync_version() -> tuple[int, ...]:
+    """The coordinator's rsync version, e.g. ``(3, 2, 7)``; probed once per process.
+
+    Raises ``FileNotFoundError`` when rsync is not installed.
+    """
+    if "rsync" not in _version_cache:
+        proc = await asyncio.create_subprocess_exec(
+            "rsync", "--version", stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+        out, _ = await proc.communicate()
+        match = re.search(r"version\s+(\d+)\.(\d+)\.(\d+)", out.decode(errors="replace"))
+        _version_cache["rsync"] = tuple(int(x) for x in match.groups()) if match else (0, 0, 0)
+    return _version_cache["rsync"]
+
+
+def _rsync_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["LC_ALL"] = "C"  # English messages and plain number formats to parse
+    for name in ("RSYNC_OLD_ARGS", "RSYNC_PROTECT_ARGS", "RSYNC_RSH"):
+        env.pop(name, None)
+    return env
+
+
+async def _run_rsync(node: NodeConfig, argv: list[str]) -> tuple[int, str, str]:
+    try:
+        # Own process group: cancelling can kill rsync and its ssh child together.
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, env=_rsync_env(), start_new_session=True)
+    except FileNotFoundError:
+        raise DeployError(node.name, "rsync is not installed on the coordinator") from None
+    try:
+        out, err = await proc.communicate()
+    finally:
+        if proc.returncode is None:  # cancelled: leave neither rsync nor ssh running
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+    rc = proc.returncode if proc.returncode is not None else -1
+    return rc, out.decode(errors="replace"), err.decode(errors="replace")
+
+
+def _local_target(node: NodeConfig, source: Path) -> tuple[Path, str | None]:
+    """A local node's resolved work dir and, when rsync must not run, why."""
+    target = local_work_dir(node)
+    src = source.resolve()
+    if target == src:
+        return target, "work dir is the source tree"
+    if target == Path.home().resolve() or target == Path(target.anchor):
+        raise DeployError(node.name, f"refusing to deploy into {target}")
+    if src in target.parents:
+        raise DeployError(node.name, f"work dir {target} is inside the source tree {src}")
+    if target in src.parents:
+        raise DeployError(node.name, f"source tree {src} is inside the work dir {target}")
+    return target, None
+
+
+async def _deploy(node: NodeConfig, health: HealthCheckSection, source: Path, *,
+                  excludes: Sequence[str], delete: bool, dry_run: bool,
+                  fingerprint: str | None, last_fingerprint: str | None) -> DeployResult:
+    if not source.is_dir():
+        raise DeployError(node.name, f"source {source} is not a directory")
+    if node.is_local:
+        target, why_not = _local_target(node, source)
+        if why_not:
+            return DeployResult(node.name, None, skipped=True, reason=why_not,
+                                fingerprint=fingerprint)
+        if not dry_run:
+            target.mkdir(parents=True, exist_ok=True)
+    if (last_fingerprint is not None and fingerprint == last_fingerprint and not dry_run):
+        return DeployResult(node.name, None, skipped=True,
+                            reason="source unchanged since the last deploy",
+                            fingerprint=fingerprint)
+    try:
+        version = await local_rsync_version()
+    except FileNotFoundError:
+        raise DeployError(node.name, "rsync is not installed on the coordinator") from None
+    argv = build_rsync_command(node, health, source, excludes=excludes, delete=delete,
+                               dry_run=dry_run, rsync_version=version)
+    rc, out, err = await _run_rsync(node, argv)
+    if rc != 0 and not node.is_local and _MKPATH_UNKNOWN.search(err):
+        # Our rsync has --mkpath, the node's does not: create the dir with a mkdir prefix.
+        argv = build_rsync_command(node, health, source, excludes=excludes, delete=delete,
+                                   dry_run=dry_run, rsync_version=(3, 2, 2))
+        rc, out, err = await _run_rsync(node, argv)
+    if rc not in (0, 24):  # 24: some source files vanished mid-transfer; the rest arrived
+        raise DeployError(node.name, rsync_failure_reason(err, rc))
+    return DeployResult(node.name, parse_rsync_stats(out), skipped=False,
+                        reason="dry run" if dry_run else "",
+                        fingerprint=None if dry_run else fingerprint)
+
+
+async def deploy_node(node: NodeConfig, health: HealthCheckSection, source: Path, *,
+                      excludes: Sequence[str], delete: bool = True, dry_run: bool = False,
+                      last_fingerprint: str | None = None) -> DeployResult:
+    """rsync ``source`` into one node's work dir; raises ``DeployError`` with a clear reason.
+
+    A local node whose work dir is the source tree is skipped; with ``last_fingerprint``
+    equal to the tree's current fingerprint the deploy is skipped without contacting the node.
+    """
+    fingerprint = await asyncio.to_thread(source_fingerprint, source, excludes) \
+        if source.is_dir() else None
+    return await _deploy(node, health, source, excludes=excludes, delete=delete,
+                         dry_run=dry_run, fingerprint=fingerprint,
+                         last_fingerprint=last_fingerprint)
+
+
+async def deploy_all(nodes: Sequence[NodeConfig], health: HealthCheckSection, source: Path, *,
+                     excludes: Sequence[str], delete: bool = True, dry_run: bool = False,
+                     on_progress: ProgressCallback | None = None,
+                     last_fingerprints: Mapping[str, str] | None = None,
+                     max_parallel: int = 8) -> dict[str, DeployResult | InfraError]:
+    """Deploy to every node concurrently: node name -> result or the error for that node.
+
+    One failing node never hides the others (Fabric's ``GroupResult``). ``on_progress`` is
+    called with (node name, "started" | "done" | "failed") and must not raise.
+    ``max_parallel`` bounds simultaneous rsync/ssh processes.
+    """
+    fingerprint = await asyncio.to_thread(source_fingerprint, source, excludes) \
+        if source.is_dir() else None
+    limit = asyncio.Semaphore(max(1, max_parallel))
+    last = last_fingerprints or {}
+
+    async def one(node: NodeConfig) -> DeployResult | InfraError:
+        async with limit:
+            if on_progress:
+                on_progress(node.name, "started")
+            try:
+                result = await _deploy(node, health, source, excludes=excludes, delete=delete,
+                                       dry_run=dry_run, fingerprint=fingerprint,
+                                       last_fingerprint=last.get(node.name))
+            except InfraError as exc:
+                if on_progress:
+                    on_progress(node.name, "failed")
+                return exc
+            if on_progress:
+                on_progress(node.name, "done")
+            return result
+
+    results = await asyncio.gather(*(one(node) for node in nodes))
+    return {node.name: result for node, result in zip(nodes, results, strict=True)}
