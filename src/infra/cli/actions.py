@@ -14,17 +14,19 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from infra.cli import views
 from infra.config import Cluster, ExperimentSpec
 from infra.errors import InfraError, UsageError
+from infra.monitor.loop import Monitor, MonitorOutcome
+from infra.monitor.saved import SavedState
 from infra.placement import Condition, NodeCondition
 from infra.probe.health import NodeHealth, NodeStatus
 from infra.probe.run import check_health
 from infra.runner.deploy import DeployResult, deploy_all
-from infra.runner.lifecycle import RunSession, local_log_path
-from infra.runner.monitor import monitor_run
+from infra.runner.lifecycle import RunSession, local_log_path, spec_from_document
 from infra.state import InstancePhase, Store
 from infra.state.store import coordinator_id
 from infra.transport.pool import ConnectionPool
@@ -138,11 +140,27 @@ def do_deploy_all(c: Ctx, cluster: Cluster, *, dry_run: bool, delete: bool,
 
 # --------------------------------------------------------------------------- run
 
-def _printer(c: Ctx) -> Callable[[str, str, str], None]:
+def _printer(c: Ctx, saved: SavedState | None = None,
+             quiet: bool = False) -> Callable[[str, str, str], None]:
+    """Where events go: the orchestrator's log file, and stderr unless a dashboard shows them."""
     def emit(kind: str, subject: str, message: str) -> None:
-        stamp = time.strftime("%H:%M:%S")
-        c.err.print(f"[dim]{stamp}[/] [bold]{subject}[/] {message}", soft_wrap=True)
+        if saved is not None:
+            saved.log(kind, subject, message)
+        if not quiet:
+            stamp = time.strftime("%H:%M:%S")
+            c.err.print(f"[dim]{stamp}[/] [bold]{subject}[/] {escape(message)}", soft_wrap=True)
     return emit
+
+
+async def _watch(c: Ctx, session: RunSession, run_id: str, duration: float | None,
+                 saved: SavedState) -> MonitorOutcome:
+    """Run the monitor with the live dashboard (or plain lines when not a terminal)."""
+    from infra.dashboard import Dashboard
+
+    if c.json_out:
+        return await Monitor(session, run_id, saved=saved).run(duration)
+    with Dashboard(c.console) as dash:
+        return await Monitor(session, run_id, saved=saved, on_snapshot=dash.update).run(duration)
 
 
 def do_run(c: Ctx, cluster: Cluster, specs: tuple[ExperimentSpec, ...], *,
@@ -152,16 +170,20 @@ def do_run(c: Ctx, cluster: Cluster, specs: tuple[ExperimentSpec, ...], *,
 
     cluster = with_accept_new(cluster, accept_new)
     store = Store.for_log_dir(cluster.log_dir)
+    saved = SavedState(cluster.log_dir)
+    holder: dict[str, str] = {}
 
-    async def go() -> tuple[str, bool]:
+    async def go() -> bool:
         async with ConnectionPool(cluster) as pool:
-            session = RunSession(cluster, store, pool, emit=_printer(c))
+            session = RunSession(cluster, store, pool, emit=_printer(c, saved))
             health = await probe_nodes(cluster, pool)
             for name, h in health.items():
                 if not h.reachable:
                     session.emit("node", name, f"unavailable: {h.error}")
             result = make_plan(cluster, specs, placement, auto_place, force,
-                               conditions=conditions_from(health))
+                               conditions=conditions_from(health),
+                               occupied=[(spec_from_document(r.spec), r.node)
+                                         for r in store.active_instances()])
             if not c.json_out:
                 c.console.print(views.plan_table(result))
                 if explain:
@@ -169,32 +191,38 @@ def do_run(c: Ctx, cluster: Cluster, specs: tuple[ExperimentSpec, ...], *,
             if not result.ok:
                 raise plan_failure(result)
             run_id = session.record_run(specs, result, views.plan_json(result))
+            holder["run"] = run_id
             session.emit("run", run_id, f"run {run_id}: {len(result.placements)} instance(s)")
             await session.launch(run_id)
-            finished = False
-            if monitor_duration is None or monitor_duration > 0:
-                try:
-                    outcome = await monitor_run(session, run_id, monitor_duration)
-                    finished = outcome.finished
-                except asyncio.CancelledError:
-                    finished = False
-            return run_id, finished
+            if monitor_duration is not None and monitor_duration <= 0:
+                return False
+            session.emit = _printer(c, saved, quiet=not c.json_out)
+            outcome = await _watch(c, session, run_id, monitor_duration, saved)
+            return outcome.finished
 
     try:
-        run_id, finished = run_async(go)
+        finished = run_async(go)
     except KeyboardInterrupt:
-        c.err.print("detached (Ctrl-C): experiments keep running; "
-                    "`cluster-experiment status` shows them")
-        raise
+        finished = False
+        if "run" not in holder:
+            raise
+        c.err.print("detached (Ctrl-C): the experiments keep running")
     finally:
-        pass
+        saved.close()
+    run_id = holder["run"]
+    _report(c, cluster, store, run_id, finished)
+
+
+def _report(c: Ctx, cluster: Cluster, store: Store, run_id: str, finished: bool) -> None:
     records = store.instances(run_id)
+    run = store.run(run_id)
     if c.json_out:
-        c.emit_json(views.status_json(store.run(run_id), records))
+        c.emit_json(views.status_json(run, records))
     else:
-        c.console.print(views.instances_table(store.run(run_id), records))
+        c.console.print(views.instances_table(run, records))
         if not finished:
             c.console.print(f"Experiments keep running on their nodes. Look again with:\n"
+                            f"  cluster-experiment watch {run_id}\n"
                             f"  cluster-experiment status {run_id}\n"
                             f"  cluster-experiment logs {run_id} INSTANCE -f\n"
                             f"  cluster-experiment stop {run_id}")
@@ -202,9 +230,33 @@ def do_run(c: Ctx, cluster: Cluster, specs: tuple[ExperimentSpec, ...], *,
             c.console.print(f"Logs and results are in {cluster.log_dir / run_id}")
     store.close()
     failed = [r for r in records if r.state in (InstancePhase.FAILED, InstancePhase.LOST)]
-    if failed:
+    if failed and finished:
         raise InfraError(f"{len(failed)} instance(s) failed: " + ", ".join(
             f"{r.instance_id} ({r.reason or r.state.value})" for r in failed))
+
+
+def do_watch(c: Ctx, run_id: str | None, duration: float | None) -> None:
+    """Attach to a run: rebuild from the store and the nodes, resume streams, apply policy."""
+    cluster = c.cluster
+    store = open_store(cluster)
+    run = store.resolve_run(run_id)
+    saved = SavedState(cluster.log_dir)
+
+    async def go() -> bool:
+        async with ConnectionPool(cluster) as pool:
+            session = RunSession(cluster, store, pool,
+                                 emit=_printer(c, saved, quiet=not c.json_out))
+            outcome = await _watch(c, session, run.run_id, duration, saved)
+            return outcome.finished
+
+    try:
+        finished = run_async(go)
+    except KeyboardInterrupt:
+        finished = False
+        c.err.print("detached (Ctrl-C): the experiments keep running")
+    finally:
+        saved.close()
+    _report(c, cluster, store, run.run_id, finished)
 
 
 # --------------------------------------------------------------------------- subcommands

@@ -88,14 +88,16 @@ def load_specs(cluster: Cluster, paths: Sequence[str]) -> tuple[ExperimentSpec, 
 
 
 def make_plan(cluster: Cluster, specs: tuple[ExperimentSpec, ...], placement: str | None,
-              auto_place: bool, force: bool, conditions: Any = None) -> Plan:
+              auto_place: bool, force: bool, conditions: Any = None,
+              occupied: Any = ()) -> Plan:
     """Check pins and --auto-place, then run the engine."""
     pins = parse_pins(placement, cluster, specs)
     unpinned = [s.experiment_id for s in specs if s.experiment_id not in pins]
     if unpinned and not auto_place:
         raise UsageError(f"no placement for {', '.join(unpinned)}: add --auto-place to let the "
                          "scheduler choose, or pin with --placement INSTANCE:NODE,...")
-    return plan(cluster, specs, pins=pins, conditions=conditions, force=force)
+    return plan(cluster, specs, pins=pins, conditions=conditions, force=force,
+                occupied=occupied)
 
 
 def plan_failure(result: Plan) -> PlacementError:
@@ -221,6 +223,23 @@ def status(c: Ctx, run_id: str | None, json_out: bool, no_refresh: bool) -> None
     from infra.cli.actions import do_status
     c.json_out = c.json_out or json_out
     do_status(c, run_id, refresh=not no_refresh)
+
+
+@cli.command()
+@click.argument("run_id", required=False)
+@click.option("--duration", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
+              help="Detach after this long (default: when every instance has finished).")
+@click.option("--json", "json_out", is_flag=True, help="No dashboard; print the final status "
+              "as JSON.")
+@click.pass_obj
+def watch(c: Ctx, run_id: str | None, duration: float | None, json_out: bool) -> None:
+    """Attach to a run (default: the latest): live dashboard, logs home, policies applied.
+
+    Ctrl-C detaches and leaves the experiments running; only `stop` stops them.
+    """
+    from infra.cli.actions import do_watch
+    c.json_out = c.json_out or json_out
+    do_watch(c, run_id, duration)
 
 
 @cli.command()

@@ -105,13 +105,23 @@ def plan(cluster: Cluster, specs: Iterable[ExperimentSpec], *,
          conditions: Mapping[str, NodeCondition] | None = None,
          force: bool = False,
          strategy: Strategy | None = None,
+         occupied: Iterable[tuple[ExperimentSpec, str]] = (),
          checks: tuple[tuple[str, Check], ...] = DEFAULT_CHECKS) -> Plan:
-    """Place every spec. Pins are checked against the hard constraints unless ``force``."""
+    """Place every spec. Pins are checked against the hard constraints unless ``force``.
+
+    ``occupied`` is work already running (spec, node): it uses capacity and counts for
+    affinity and anti-affinity, but is not placed again.
+    """
     spec_list = sorted(specs, key=lambda s: s.experiment_id)
+    busy = list(occupied)
     pins = dict(pins or {})
     scorers = STRATEGIES[strategy or cluster.placement.strategy]
-    snap = Snapshot.build(cluster, spec_list, conditions, cluster.placement.preferences)
+    snap = Snapshot.build(cluster, [*spec_list, *(s for s, _ in busy)], conditions,
+                          cluster.placement.preferences)
     node_by_name = {n.name: n for n in snap.nodes}
+    for spec, node_name in busy:
+        if node_name in node_by_name:
+            snap = snap.with_placement(spec, node_by_name[node_name])
 
     placements: list[Placement] = []
     evaluations: dict[str, tuple[NodeEvaluation, ...]] = {}

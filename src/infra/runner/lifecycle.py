@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from infra.config.model import Cluster, ExperimentSpec, NodeConfig
+from infra.config.model import Cluster, ExperimentSpec, NodeConfig, RecoverPolicy
 from infra.errors import InfraError, TransportError
-from infra.placement import Plan
+from infra.placement import Condition, NodeCondition, Plan, plan, why_not
 from infra.runner.deploy import DeployResult, deploy_all
 from infra.runner.supervisor_client import (
     InstanceState,
@@ -90,7 +90,25 @@ def spec_document(spec: ExperimentSpec) -> dict[str, Any]:
         "auto_restart": spec.auto_restart,
         "params": dict(spec.params),
         "source": str(spec.source),
+        "preferred_node": spec.preferred_node,
+        "affinity": list(spec.affinity),
+        "anti_affinity": list(spec.anti_affinity),
     }
+
+
+def spec_from_document(doc: dict[str, Any]) -> ExperimentSpec:
+    """Rebuild the spec a run stored (to re-place an instance after its node was lost)."""
+    return ExperimentSpec(
+        experiment_id=doc["experiment_id"], command=doc["command"],
+        source=Path(doc.get("source") or "."), workdir=doc.get("workdir"),
+        env=tuple(sorted((doc.get("env") or {}).items())), ram_gb=float(doc["ram_gb"]),
+        gpu_required=bool(doc["gpu_required"]), gpu_memory_gb=float(doc["gpu_memory_gb"]),
+        cpu_cores=float(doc.get("cpu_cores") or 0.0), preferred_node=doc.get("preferred_node"),
+        affinity=tuple(doc.get("affinity") or ()),
+        anti_affinity=tuple(doc.get("anti_affinity") or ()),
+        results=tuple(doc.get("results") or ()), recover=RecoverPolicy(doc["recover"]),
+        max_retries=doc.get("max_retries"), auto_restart=doc.get("auto_restart"),
+        params=tuple(sorted((doc.get("params") or {}).items())))
 
 
 def instance_cwd(node: NodeConfig, spec_doc: dict[str, Any]) -> str:
@@ -152,11 +170,14 @@ class RunSession:
                                  f"placed on {p.node} (score {p.score:g})")
         return run_id
 
-    async def deploy_for_run(self, run_id: str, node_names: Iterable[str]) -> set[str]:
+    async def deploy_for_run(self, run_id: str, node_names: Iterable[str],
+                             only: str | None = None) -> set[str]:
         """Deploy the tree to the nodes of a run; returns the nodes that failed."""
         nodes = [self.cluster.node(n) for n in sorted(set(node_names))]
         for rec in self.store.instances(run_id):
-            self.store.update_instance(run_id, rec.instance_id, state=InstancePhase.DEPLOYING)
+            if only is None and rec.state is InstancePhase.PLANNED:
+                self.store.update_instance(run_id, rec.instance_id,
+                                           state=InstancePhase.DEPLOYING)
         results = await deploy_all(nodes, self.cluster.health_check, self.cluster.deploy_source,
                                    excludes=self.cluster.deploy.exclude, delete=True)
         failed: set[str] = set()
@@ -247,12 +268,22 @@ class RunSession:
             self.event(run_id, "restart", rec.instance_id,
                        f"restarted (attempt {state.restarts + 1}): {reason}")
 
-    async def sweep(self, run_id: str) -> dict[str, str]:
-        """One status call per node of the run; returns node -> error for unreachable nodes."""
+    async def sweep(self, run_id: str, skip: Iterable[str] = ()) -> dict[str, str]:
+        """One status call per node of the run; returns node -> error for unreachable nodes.
+
+        Nodes an instance was moved away from are asked too: a copy still running there
+        (the node came back) is stopped, so there are never two. ``skip`` names nodes not
+        to contact this time (known to be down).
+        """
         records = self.store.instances(run_id)
+        skipped = set(skip)
         by_node: dict[str, list[InstanceRecord]] = {}
         for rec in records:
-            by_node.setdefault(rec.node, []).append(rec)
+            if rec.node not in skipped:
+                by_node.setdefault(rec.node, []).append(rec)
+            for old in rec.previous_nodes:
+                if old not in skipped and old != rec.node:
+                    by_node.setdefault(old, [])
 
         async def one(node_name: str) -> tuple[str, list[InstanceState] | InfraError]:
             try:
@@ -267,6 +298,7 @@ class RunSession:
                 errors[node_name] = result.one_line()
                 continue
             found = {s.instance_id: s for s in result}
+            await self._stop_stale_copies(run_id, node_name, records, found)
             for rec in by_node[node_name]:
                 state = found.get(rec.instance_id)
                 if state is not None:
@@ -278,6 +310,75 @@ class RunSession:
                                f"lost: no record of it on {node_name}")
         self._settle_run(run_id)
         return errors
+
+    async def _stop_stale_copies(self, run_id: str, node_name: str,
+                                 records: list[InstanceRecord],
+                                 found: dict[str, InstanceState]) -> None:
+        for rec in records:
+            state = found.get(rec.instance_id)
+            if rec.node == node_name or state is None or state.is_final:
+                continue
+            if node_name not in rec.previous_nodes:
+                continue
+            try:
+                await (await self.client(node_name)).stop(run_id, rec.instance_id, grace=5.0)
+                self.event(run_id, "stale", rec.instance_id,
+                           f"stopped a stale copy on {node_name} (pid {state.pid}); the "
+                           f"instance runs on {rec.node} now")
+            except InfraError as exc:
+                self.event(run_id, "stale", rec.instance_id,
+                           f"could not stop the stale copy on {node_name}: {exc.one_line()}")
+
+    # ------------------------------------------------------------------ recovery
+
+    def occupied(self, run_id: str, but: str) -> list[tuple[ExperimentSpec, str]]:
+        """Work holding capacity now: this run's other active instances and other runs'."""
+        recs = [r for r in self.store.instances(run_id)
+                if r.instance_id != but and r.state.active]
+        recs += self.store.active_instances(exclude_run=run_id)
+        return [(spec_from_document(r.spec), r.node) for r in recs]
+
+    async def move_instance(self, run_id: str, rec: InstanceRecord,
+                            conditions: dict[str, NodeCondition], why: str) -> bool:
+        """Re-place an instance off its node through the placement engine and start it there.
+
+        Returns False (and pauses it with the reason) when no node can take it.
+        """
+        conds = dict(conditions)
+        conds[rec.node] = NodeCondition(Condition.UNAVAILABLE, why)
+        spec = spec_from_document(rec.spec)
+        result = plan(self.cluster, [spec], conditions=conds,
+                      occupied=self.occupied(run_id, rec.instance_id))
+        target = result.node_of(rec.instance_id)
+        if target is None:
+            reason = f"{why}; no node can take it: {why_not(result, rec.instance_id)}"
+            self.store.update_instance(run_id, rec.instance_id, state=InstancePhase.PAUSED,
+                                       reason=reason)
+            self.event(run_id, "paused", rec.instance_id, reason)
+            return False
+        path = local_log_path(self.cluster, run_id, rec.instance_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "ab") as fh:
+            fh.write(f"[orchestrator] moved from {rec.node} to {target}: {why}\n".encode())
+            base = fh.tell()
+        self.store.update_instance(
+            run_id, rec.instance_id, state=InstancePhase.MOVING, node=target,
+            previous_nodes=(*rec.previous_nodes, rec.node), moves=rec.moves + 1, pid=None,
+            exit_code=None, signal=None, ended_at=None, restarts=0, log_base=base,
+            log_offset=base, results_fetched=0, reason=f"moving from {rec.node}: {why}")
+        self.event(run_id, "move", rec.instance_id, f"moving from {rec.node} to {target}: {why}")
+        failed = await self.deploy_for_run(run_id, [target], only=rec.instance_id)
+        moved = self.store.instance(run_id, rec.instance_id)
+        if target in failed:
+            self.store.update_instance(run_id, rec.instance_id, state=InstancePhase.PAUSED,
+                                       reason=f"{why}; deploy to {target} failed")
+            return False
+        await self.start_instance(run_id, moved)
+        return True
+
+    def mark(self, run_id: str, rec: InstanceRecord, phase: InstancePhase, reason: str) -> None:
+        self.store.update_instance(run_id, rec.instance_id, state=phase, reason=reason)
+        self.event(run_id, phase.value, rec.instance_id, reason)
 
     def _settle_run(self, run_id: str) -> None:
         records = self.store.instances(run_id)
@@ -304,7 +405,9 @@ class RunSession:
         path.parent.mkdir(parents=True, exist_ok=True)
         client = await self.client(rec.node)
         with open(path, "ab") as fh:
-            offset = fh.tell()
+            offset = fh.tell() - rec.log_base  # where the current node's log continues
+            if offset < 0:
+                offset = 0
             if follow:
                 async for chunk in client.follow(run_id, rec.instance_id, offset):
                     fh.write(chunk)
@@ -319,7 +422,7 @@ class RunSession:
                         fh.flush()
                         if on_bytes:
                             on_bytes(piece.data)
-                    offset = fh.tell()
+                    offset = fh.tell() - rec.log_base
                     if piece.eof or not piece.data:
                         break
             size = fh.tell()

@@ -47,9 +47,19 @@ CREATE TABLE IF NOT EXISTS instances (
     reason TEXT NOT NULL DEFAULT '',
     last_line TEXT NOT NULL DEFAULT '',
     log_offset INTEGER NOT NULL DEFAULT 0,
+    log_base INTEGER NOT NULL DEFAULT 0,
     results_fetched INTEGER NOT NULL DEFAULT 0,
+    moves INTEGER NOT NULL DEFAULT 0,
+    previous_nodes TEXT NOT NULL DEFAULT '[]',
     updated_at REAL NOT NULL,
     PRIMARY KEY (run_id, instance_id)
+);
+CREATE TABLE IF NOT EXISTS node_states (
+    name TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    since REAL NOT NULL,
+    updated_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -61,6 +71,16 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_run ON events(run_id, id);
 """
+
+
+# Columns added after the first release: opening an older store adds them in place.
+ADDED_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
+    "instances": (
+        ("moves", "INTEGER NOT NULL DEFAULT 0"),
+        ("previous_nodes", "TEXT NOT NULL DEFAULT '[]'"),
+        ("log_base", "INTEGER NOT NULL DEFAULT 0"),
+    ),
+}
 
 
 class RunState(str, enum.Enum):
@@ -83,13 +103,21 @@ class InstancePhase(str, enum.Enum):
     EXITED = "exited"       # finished with exit code 0
     FAILED = "failed"       # finished with a non-zero exit code or a signal, retries exhausted
     STOPPED = "stopped"     # stopped on request
-    LOST = "lost"           # neither the process nor its supervisor exists any more
-    UNKNOWN = "unknown"     # node unreachable: last known state kept in the record
+    LOST = "lost"           # gone with its node, or neither process nor supervisor exists
+    PAUSED = "paused"       # its node was lost and policy (or lack of room) says wait
+    MOVING = "moving"       # being re-placed and started on another node
 
     @property
     def finished(self) -> bool:
+        """Over: nothing runs and nothing will run it again without the user."""
         return self in (InstancePhase.EXITED, InstancePhase.FAILED, InstancePhase.STOPPED,
-                        InstancePhase.LOST)
+                        InstancePhase.LOST, InstancePhase.PAUSED)
+
+    @property
+    def active(self) -> bool:
+        """Holds (or is about to hold) resources on its node."""
+        return self in (InstancePhase.DEPLOYING, InstancePhase.STARTING, InstancePhase.RUNNING,
+                        InstancePhase.RESTARTING, InstancePhase.MOVING)
 
 
 @dataclass(frozen=True)
@@ -120,6 +148,9 @@ class InstanceRecord:
     log_offset: int
     results_fetched: bool
     updated_at: float
+    moves: int = 0
+    previous_nodes: tuple[str, ...] = ()
+    log_base: int = 0  # local log size when the current node's log began (after a move)
 
     @property
     def runtime_seconds(self) -> float | None:
@@ -181,10 +212,18 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
+        self._migrate()
         for suffix in ("-wal", "-shm"):
             side = Path(str(path) + suffix)
             if side.exists():
                 os.chmod(side, 0o600)
+
+    def _migrate(self) -> None:
+        for table, columns in ADDED_COLUMNS.items():
+            have = {r["name"] for r in self.db.execute(f"PRAGMA table_info({table})")}
+            for name, decl in columns:
+                if name not in have:
+                    self.db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
 
     @classmethod
     def for_log_dir(cls, log_dir: Path) -> Store:
@@ -304,13 +343,16 @@ class Store:
 
     def update_instance(self, run_id: str, instance_id: str, **fields: Any) -> None:
         allowed = {"node", "state", "pid", "exit_code", "signal", "started_at", "ended_at",
-                   "restarts", "reason", "last_line", "log_offset", "results_fetched"}
+                   "restarts", "reason", "last_line", "log_offset", "results_fetched", "moves",
+                   "previous_nodes", "log_base"}
         bad = set(fields) - allowed
         if bad:
             raise ValueError(f"unknown instance fields {bad}")
         if not fields:
             return
-        values = [v.value if isinstance(v, enum.Enum) else v for v in fields.values()]
+        values = [v.value if isinstance(v, enum.Enum) else
+                  json.dumps(list(v)) if isinstance(v, (tuple, list)) else v
+                  for v in fields.values()]
         cols = ", ".join(f"{k}=?" for k in fields)
         self.db.execute(f"UPDATE instances SET {cols}, updated_at=? "
                         "WHERE run_id=? AND instance_id=?",
@@ -324,13 +366,52 @@ class Store:
             pid=row["pid"], exit_code=row["exit_code"], signal=row["signal"],
             started_at=row["started_at"], ended_at=row["ended_at"], restarts=row["restarts"],
             reason=row["reason"], last_line=row["last_line"], log_offset=row["log_offset"],
-            results_fetched=bool(row["results_fetched"]), updated_at=row["updated_at"])
+            results_fetched=bool(row["results_fetched"]), updated_at=row["updated_at"],
+            moves=row["moves"], previous_nodes=tuple(json.loads(row["previous_nodes"])),
+            log_base=row["log_base"])
+
+    def active_instances(self, exclude_run: str | None = None) -> list[InstanceRecord]:
+        """Instances of every run that hold resources on their nodes right now."""
+        phases = [p.value for p in InstancePhase if p.active]
+        rows = self.db.execute(
+            f"SELECT * FROM instances WHERE state IN ({','.join('?' * len(phases))}) "
+            "AND run_id != ? ORDER BY run_id, instance_id",
+            (*phases, exclude_run or "")).fetchall()
+        return [self._instance(r) for r in rows]
+
+    # ------------------------------------------------------------------ node states
+
+    def node_states(self) -> dict[str, tuple[str, str, float]]:
+        """name -> (state, reason, since)."""
+        rows = self.db.execute("SELECT * FROM node_states").fetchall()
+        return {r["name"]: (r["state"], r["reason"], r["since"]) for r in rows}
+
+    def set_node_state(self, name: str, state: str, reason: str) -> bool:
+        """Record a node's state; returns True when it changed (``since`` restarts then)."""
+        now = time.time()
+        with self.tx() as db:
+            row = db.execute("SELECT state, reason FROM node_states WHERE name=?",
+                             (name,)).fetchone()
+            if row is not None and row["state"] == state:
+                db.execute("UPDATE node_states SET reason=?, updated_at=? WHERE name=?",
+                           (reason, now, name))
+                return False
+            db.execute("INSERT OR REPLACE INTO node_states(name, state, reason, since, "
+                       "updated_at) VALUES (?,?,?,?,?)", (name, state, reason, now, now))
+        return True
 
     # ------------------------------------------------------------------ events
 
     def add_event(self, run_id: str | None, kind: str, subject: str, message: str) -> None:
         self.db.execute("INSERT INTO events(run_id, at, kind, subject, message) VALUES "
                         "(?,?,?,?,?)", (run_id, time.time(), kind, subject, message))
+
+    def recent_events(self, run_id: str, limit: int) -> list[Event]:
+        """The last ``limit`` events of a run (and node events), oldest first."""
+        rows = self.db.execute("SELECT * FROM events WHERE run_id=? ORDER BY id DESC LIMIT ?",
+                               (run_id, limit)).fetchall()
+        return [Event(r["id"], r["run_id"], r["at"], r["kind"], r["subject"], r["message"])
+                for r in reversed(rows)]
 
     def events(self, run_id: str | None = None, after_id: int = 0,
                limit: int = 1000) -> list[Event]:

@@ -1,0 +1,331 @@
+"""The live loop behind ``--monitor-duration`` and ``watch``.
+
+Each tick: one status sweep per reachable node of the run; a probe per node when its
+health interval (or reconnect backoff) is due; node-loss transitions recorded as events;
+recovery by policy (move, pause, lose) for work on offline nodes and for instances whose
+restarts are exhausted; log streams home; results fetched when instances end; a snapshot
+for the dashboard and the saved-state file. The run's lease keeps a second coordinator
+from acting at the same time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from infra.config.model import RecoverPolicy
+from infra.errors import InfraError
+from infra.monitor import tracker as trk
+from infra.monitor.saved import SavedState
+from infra.monitor.snapshot import (
+    EventView,
+    GpuView,
+    InstanceView,
+    NodeState,
+    NodeView,
+    RunSnapshot,
+)
+from infra.placement import Condition, NodeCondition
+from infra.probe.health import NodeHealth, NodeStatus
+from infra.probe.run import check_health
+from infra.runner.lifecycle import RunSession
+from infra.state import InstancePhase, InstanceRecord
+from infra.state.store import coordinator_id
+
+FOLLOW_STREAMS_PER_NODE = 4
+"""Long-lived follow channels per node; further instances are synced by reads each tick,
+so streams never use up the connection's channels (OpenSSH MaxSessions is 10)."""
+RESULT_FETCH_ATTEMPTS = 3
+MAX_MOVES = 3
+"""An instance is moved at most this many times; after that it is paused with the reason."""
+RECENT_EVENTS = 50
+
+SnapshotSink = Callable[[RunSnapshot], None]
+
+
+@dataclass
+class MonitorOutcome:
+    """How watching ended."""
+
+    finished: bool            # every instance is over, logs drained, results fetched
+    lease_holder: str | None  # another coordinator held the lease (we only reported)
+    unreachable: dict[str, str] = field(default_factory=dict)
+
+
+_CONDITION_OF = {
+    NodeState.HEALTHY: Condition.HEALTHY, NodeState.UNKNOWN: Condition.UNKNOWN,
+    NodeState.DEGRADED: Condition.DEGRADED,
+}
+
+
+class Monitor:
+    """Watches one run; ``run()`` returns when it is over or the duration has passed."""
+
+    def __init__(self, session: RunSession, run_id: str, *, tick: float = 1.0,
+                 on_snapshot: SnapshotSink | None = None, holder: str | None = None,
+                 saved: SavedState | None = None) -> None:
+        self.s = session
+        self.run_id = run_id
+        self.tick = tick
+        self.on_snapshot = on_snapshot
+        self.holder = holder or coordinator_id()
+        self.saved = saved
+        self.other: str | None = None
+        cfg = session.cluster.health_check
+        stored = session.store.node_states()
+        self.trackers: dict[str, trk.Tracker] = {}
+        for node in session.cluster.nodes:
+            if not node.enabled:
+                continue
+            state, reason, _since = stored.get(node.name, (NodeState.UNKNOWN.value, "", 0.0))
+            try:
+                st = NodeState(state)
+            except ValueError:
+                st = NodeState.UNKNOWN
+            self.trackers[node.name] = trk.Tracker(node.name, st, reason,
+                                                   failures=cfg.reconnect_attempts
+                                                   if st is NodeState.OFFLINE else 0)
+        self.health: dict[str, NodeHealth] = {}
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.drained: set[str] = set()
+        self.fetch_failures: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ main loop
+
+    async def run(self, duration: float | None) -> MonitorOutcome:
+        ttl = max(30.0, self.tick * 10)
+        self.other = self.s.store.acquire_lease(self.run_id, self.holder, ttl)
+        if self.other is not None:
+            self.s.emit("lease", self.run_id,
+                        f"run is watched by {self.other}; showing status only here "
+                        "(that coordinator streams logs and applies the policies)")
+        deadline = None if duration is None else time.monotonic() + duration
+        outcome = MonitorOutcome(finished=False, lease_holder=self.other)
+        try:
+            while True:
+                acting = self.other is None
+                if not acting:
+                    self.other = self.s.store.acquire_lease(self.run_id, self.holder, ttl)
+                    if self.other is None:
+                        self.s.emit("lease", self.run_id, "lease taken over: acting now")
+                        acting = True
+                else:
+                    self.s.store.acquire_lease(self.run_id, self.holder, ttl)
+                outcome.unreachable = await self.tick_once(acting=acting)
+                records = {r.instance_id: r for r in self.s.store.instances(self.run_id)}
+                self.publish(records)
+                if self._all_done(records, acting=acting):
+                    outcome.finished = True
+                    break
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+                wait = self.tick if deadline is None else \
+                    max(0.0, min(self.tick, deadline - time.monotonic()))
+                await asyncio.sleep(wait)
+        finally:
+            for task in self.tasks.values():
+                task.cancel()
+            for task in self.tasks.values():
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            if self.other is None:
+                self.s.store.release_lease(self.run_id, self.holder)
+        outcome.lease_holder = self.other
+        return outcome
+
+    async def tick_once(self, *, acting: bool) -> dict[str, str]:
+        """One sweep + due probes + policies + logs/results. Returns unreachable nodes."""
+        now = time.monotonic()
+        down = {n for n, t in self.trackers.items()
+                if t.state in (NodeState.RECONNECTING, NodeState.DISCONNECTED,
+                               NodeState.OFFLINE)}
+        errors = await self.s.sweep(self.run_id, skip=down)
+        due = [n for n, t in self.trackers.items()
+               if n not in errors and t.next_probe_at <= now]
+        probes = await asyncio.gather(*(self._probe(n) for n in due))
+        now = time.monotonic()
+        for name, why in errors.items():
+            if name in self.trackers:
+                self._apply(*trk.on_failure(self.trackers[name], now, why,
+                                            self.s.cluster.health_check))
+        for health in probes:
+            t = self.trackers[health.node]
+            if health.status is NodeStatus.UNAVAILABLE:
+                self._apply(*trk.on_failure(t, now, health.error or "unreachable",
+                                            self.s.cluster.health_check))
+            else:
+                self.health[health.node] = health
+                degraded = "; ".join(health.reasons) if health.status is NodeStatus.DEGRADED \
+                    else None
+                self._apply(*trk.on_success(t, now, degraded, self.s.cluster.health_check))
+        if acting:
+            await self._recover()
+            records = {r.instance_id: r for r in self.s.store.instances(self.run_id)}
+            await self._service_logs_and_results(records)
+        return {n: t.reason for n, t in self.trackers.items()
+                if t.state in (NodeState.RECONNECTING, NodeState.DISCONNECTED,
+                               NodeState.OFFLINE)}
+
+    async def _probe(self, name: str) -> NodeHealth:
+        node = self.s.cluster.node(name)
+        transport = await self.s.pool.get(node)
+        return await check_health(transport, node, self.s.cluster.health_check.checks,
+                                  self.s.cluster.health_check.timeout_seconds)
+
+    def _apply(self, new: trk.Tracker, transition: trk.Transition | None) -> None:
+        self.trackers[new.node] = new
+        if transition is None:
+            return
+        self.s.store.set_node_state(new.node, new.state.value, new.reason)
+        self.s.event(self.run_id, "node", new.node,
+                     f"{transition.old.value} -> {transition.new.value}: {transition.reason}")
+
+    # ------------------------------------------------------------------ policies
+
+    def conditions(self) -> dict[str, NodeCondition]:
+        return {n: NodeCondition(_CONDITION_OF.get(t.state, Condition.UNAVAILABLE), t.reason)
+                for n, t in self.trackers.items()}
+
+    async def _recover(self) -> None:
+        """Apply each instance's ``recover`` policy to lost nodes and exhausted restarts."""
+        for rec in self.s.store.instances(self.run_id):
+            t = self.trackers.get(rec.node)
+            policy = RecoverPolicy(rec.spec.get("recover", "none"))
+            if t is not None and t.state is NodeState.OFFLINE and rec.state.active:
+                why = f"node {rec.node} offline ({t.reason})"
+                await self._recover_one(rec, policy, why, lost=True)
+            elif rec.state is InstancePhase.FAILED and policy is RecoverPolicy.CLUSTER \
+                    and rec.spec.get("auto_restart", True) and rec.pid is not None \
+                    and not rec.reason.startswith(("stop", "start failed", "deploy")) \
+                    and rec.moves < MAX_MOVES and "moved" not in rec.reason:
+                why = f"restarts exhausted on {rec.node} ({rec.reason})"
+                await self._recover_one(rec, policy, why, lost=False)
+
+    async def _recover_one(self, rec: InstanceRecord, policy: RecoverPolicy, why: str, *,
+                           lost: bool) -> None:
+        if policy is RecoverPolicy.CLUSTER and rec.moves < MAX_MOVES:
+            await self.s.move_instance(self.run_id, rec, self.conditions(), why)
+        elif policy is RecoverPolicy.CLUSTER:
+            self.s.mark(self.run_id, rec, InstancePhase.PAUSED,
+                        f"{why}; already moved {rec.moves} times (limit {MAX_MOVES})")
+        elif policy is RecoverPolicy.PAUSE and lost:
+            self.s.mark(self.run_id, rec, InstancePhase.PAUSED, f"{why}; recover: pause")
+        elif lost:
+            self.s.mark(self.run_id, rec, InstancePhase.LOST, f"{why}; recover: none")
+
+    # ------------------------------------------------------------------ logs, results
+
+    def _per_node(self, node: str, records: dict[str, InstanceRecord]) -> int:
+        return sum(1 for i, t in self.tasks.items()
+                   if not t.done() and records.get(i) is not None and records[i].node == node)
+
+    async def _service_logs_and_results(self, records: dict[str, InstanceRecord]) -> None:
+        for instance_id, rec in sorted(records.items()):
+            task = self.tasks.get(instance_id)
+            if task is not None and task.done():
+                if not task.cancelled() and task.exception() is None:
+                    self.drained.add(instance_id)
+                del self.tasks[instance_id]
+                task = None
+            if rec.state is InstancePhase.MOVING or self._node_down(rec.node):
+                if task is not None:
+                    task.cancel()
+                    self.tasks.pop(instance_id, None)
+                self.drained.discard(instance_id)
+                continue
+            if instance_id in self.drained and rec.state.active:
+                self.drained.discard(instance_id)  # moved and running again elsewhere
+            if instance_id not in self.drained:
+                if rec.pid is None and not rec.state.finished:
+                    continue  # not started yet
+                if task is None and not rec.state.finished and \
+                        self._per_node(rec.node, records) < FOLLOW_STREAMS_PER_NODE:
+                    self.tasks[instance_id] = asyncio.create_task(
+                        self.s.stream_log_until_done(self.run_id, instance_id))
+                    continue
+                if task is None:
+                    try:
+                        await self.s.sync_log(self.run_id, rec, follow=False)
+                        if rec.state.finished:
+                            self.drained.add(instance_id)
+                    except InfraError as exc:
+                        self.s.emit("log", instance_id, f"log sync failed: {exc.one_line()}")
+            fetchable = rec.state in (InstancePhase.EXITED, InstancePhase.FAILED,
+                                      InstancePhase.STOPPED)
+            if fetchable and instance_id in self.drained and not rec.results_fetched \
+                    and self.fetch_failures.get(instance_id, 0) < RESULT_FETCH_ATTEMPTS:
+                try:
+                    await self.s.fetch_results(self.run_id, rec)
+                except InfraError as exc:
+                    self.fetch_failures[instance_id] = self.fetch_failures.get(instance_id, 0) + 1
+                    self.s.event(self.run_id, "results", instance_id,
+                                 f"fetching results failed: {exc.one_line()}")
+
+    def _node_down(self, node: str) -> bool:
+        t = self.trackers.get(node)
+        return t is not None and t.state in (NodeState.RECONNECTING, NodeState.DISCONNECTED,
+                                             NodeState.OFFLINE)
+
+    def _all_done(self, records: dict[str, InstanceRecord], *, acting: bool) -> bool:
+        if not records:
+            return True
+        for rec in records.values():
+            if not rec.state.finished:
+                return False
+            if not acting or rec.state in (InstancePhase.PAUSED, InstancePhase.LOST):
+                continue
+            pending = rec.instance_id not in self.drained or not rec.results_fetched
+            retry_left = self.fetch_failures.get(rec.instance_id, 0) < RESULT_FETCH_ATTEMPTS
+            if pending and retry_left and not self._node_down(rec.node):
+                return False
+        return True
+
+    # ------------------------------------------------------------------ snapshot
+
+    def snapshot(self, records: dict[str, InstanceRecord]) -> RunSnapshot:
+        now = time.time()
+        nodes = []
+        count: dict[str, int] = {}
+        for rec in records.values():
+            if rec.state.active:
+                count[rec.node] = count.get(rec.node, 0) + 1
+        for node in self.s.cluster.nodes:
+            t = self.trackers.get(node.name)
+            if t is None:
+                nodes.append(NodeView(node.name, NodeState.DISABLED,
+                                      max_instances=node.max_instances))
+                continue
+            h = self.health.get(node.name)
+            f = h.facts if h else None
+            nodes.append(NodeView(
+                name=node.name, state=t.state, reason=t.reason,
+                load1=f.load[0] if f else None, cpu_count=f.cpu_online if f else None,
+                mem_used_gb=(f.mem_total_gb - f.mem_available_gb) if f else None,
+                mem_total_gb=f.mem_total_gb if f else None,
+                gpus=tuple(GpuView(g.name, g.utilization_pct, g.memory_used_mb,
+                                   g.memory_total_mb, g.temperature_c) for g in f.gpus)
+                if f else (),
+                power_mw=f.jetson.power_mw if f and f.jetson else None,
+                temperature_c=f.max_temperature[1] if f and f.max_temperature else None,
+                instances=count.get(node.name, 0), max_instances=node.max_instances))
+        instances = tuple(InstanceView(
+            instance_id=r.instance_id, node=r.node, state=r.state.value,
+            uptime_seconds=r.runtime_seconds, restarts=r.restarts, moves=r.moves,
+            exit_code=r.exit_code, signal=r.signal, reason=r.reason, last_line=r.last_line)
+            for r in sorted(records.values(), key=lambda r: r.instance_id))
+        events = tuple(EventView(e.at, e.kind, e.subject, e.message)
+                       for e in self.s.store.recent_events(self.run_id, RECENT_EVENTS))
+        run = self.s.store.run(self.run_id)
+        return RunSnapshot(run_id=self.run_id, run_state=run.state.value, taken_at=now,
+                           nodes=tuple(nodes), instances=instances, events=events,
+                           watcher=self.other or "")
+
+    def publish(self, records: dict[str, InstanceRecord]) -> None:
+        snap = self.snapshot(records)
+        if self.on_snapshot is not None:
+            self.on_snapshot(snap)
+        if self.saved is not None and self.other is None:
+            self.saved.write(snap, records)
