@@ -1,0 +1,58 @@
+"""Shared pytest fixtures and hooks: the real-sshd fleet and the integration guard."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Generator, Iterator
+from typing import Any
+
+import pytest
+
+from tests.sshfleet import SSHFleet, unavailable_reason
+
+REQUIRE_INTEGRATION = "INFRA_REQUIRE_INTEGRATION"
+
+
+def integration_required() -> bool:
+    """True when skipping an integration test must count as a failure (CI sets the env)."""
+    return os.environ.get(REQUIRE_INTEGRATION) == "1"
+
+
+def skip_or_fail(reason: str) -> None:
+    """Skip the test, or fail it when integration tests are required."""
+    if integration_required():
+        pytest.fail(f"{reason} (and {REQUIRE_INTEGRATION}=1)", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def ssh_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SSHFleet]:
+    """Three real sshd hosts on 127.0.0.21-23, one Unix user each, for the whole session.
+
+    Tests that stop or pause a host must restore it (``start()`` / ``resume()``).
+    """
+    reason = unavailable_reason()
+    if reason is not None:
+        skip_or_fail(f"SSH fleet unavailable: {reason}")
+    with SSHFleet.start(3, tmp_path_factory.mktemp("fleet")) as fleet:
+        yield fleet
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that uses the fleet as ``integration``."""
+    for item in items:
+        if "ssh_fleet" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item,
+                               call: pytest.CallInfo[None]) -> Generator[None, Any, None]:
+    """With INFRA_REQUIRE_INTEGRATION=1, a skipped integration test is reported as failed."""
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()
+    if (report.skipped and integration_required() and not hasattr(report, "wasxfail")
+            and item.get_closest_marker("integration") is not None):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = (f"integration test skipped while {REQUIRE_INTEGRATION}=1: {reason}")
