@@ -1,0 +1,1005 @@
+"""Node-side supervisor: runs one experiment detached, applies the restart policy, records state.
+
+Standard library only, Python 3.8+. The coordinator copies this file to
+``<remote_work_dir>/.infra/supervisor-<sha256[:12]>.py`` (versioned by content) and calls it
+over SSH; every subcommand except ``follow`` prints one JSON document between the two marker
+strings, so shell noise around it cannot break parsing.
+
+Layout under ROOT (``<remote_work_dir>/.infra``)::
+
+    runs/RUN/INSTANCE/state.json      the instance's state, replaced atomically
+    runs/RUN/INSTANCE/request.json    the start request as received
+    runs/RUN/INSTANCE/output.log      the program's stdout + stderr (append only)
+    runs/RUN/INSTANCE/supervisor.log  the supervisor's own output (tracebacks only)
+    runs/RUN/INSTANCE/stop.json       present once a stop was requested
+    runs/RUN/INSTANCE/results/        default INFRA_RESULTS_DIR
+
+Subcommands: ``start`` (idempotent: the instance directory is created with ``os.mkdir``, so
+a retried start never runs a second copy), ``status`` (every instance on the node in one
+call, with live checks), ``stop``, ``follow`` (raw log bytes from an offset until the
+instance ended and the file is drained) and ``read`` (one chunk of the log as JSON).
+
+Restart policy (applied here, so it works while the coordinator is away). An attempt that
+ends with exit code 0 ends the instance ("exited"). An attempt that ends after a stop was
+requested is never a failure and never restarted ("stopped"); so is a SIGTERM/SIGINT that
+the supervisor did not send (someone stopped it on purpose). Every other end is a failure.
+The instance gives up ("failed") when the number of failed attempts so far reaches the
+limit for the kind of the latest failure:
+
+    SIGSEGV, SIGILL, SIGBUS, SIGFPE (hardware or memory-safety faults)   2
+    SIGKILL (likely out of memory), SIGABRT                               3
+    non-zero exit code or any other signal                                3
+
+``max_retries`` counts restarts: ``max_retries=N`` allows at most N+1 attempts. When set it
+replaces the limit for exit codes and other signals and caps the two signal limits above
+(so ``max_retries=0`` never restarts anything, and a segfault still gives up after 2).
+``auto_restart: false`` never restarts. ``retry_delay_seconds`` is waited between attempts.
+
+The instance is its process group: when an attempt ends, processes left in its group get
+SIGTERM and, after a short grace, SIGKILL, so a restart never competes with leftovers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import json
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from typing import Any
+
+BEGIN = "@@INFRA-JSON-BEGIN@@"
+END = "@@INFRA-JSON-END@@"
+
+ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
+ACTIVE_STATES = ("starting", "running", "restarting")
+FINAL_STATES = ("exited", "failed", "stopped", "lost")
+
+HARD_FAULT_SIGNALS = ("SIGSEGV", "SIGILL", "SIGBUS", "SIGFPE")
+RESOURCE_SIGNALS = ("SIGKILL", "SIGABRT")
+INTENTIONAL_SIGNALS = ("SIGTERM", "SIGINT")
+LIMITS = {"hard_fault": 2, "resource": 3, "exit_code": 3, "signal": 3}
+
+START_WAIT_SECONDS = 10.0       # start returns once the first pid is recorded, or after this
+NEVER_STARTED_SECONDS = 60.0    # a "starting" instance without a supervisor after this is lost
+LEFTOVER_GRACE_SECONDS = 5.0    # SIGTERM -> SIGKILL for processes left in an ended attempt's group
+KILL_WAIT_SECONDS = 5.0         # how long to wait for a SIGKILLed group to disappear
+DEFAULT_GRACE_SECONDS = 10.0
+LAST_LINE_CHARS = 200
+PR_SET_CHILD_SUBREAPER = 36
+
+
+class Bad(Exception):
+    """A request the supervisor refuses (bad id, unknown instance); reported as ok=false."""
+
+
+# --------------------------------------------------------------------------- small helpers
+
+def emit(document: dict[str, Any]) -> None:
+    """Print one marker-wrapped JSON document on stdout."""
+    sys.stdout.write(BEGIN + json.dumps(document, sort_keys=True) + END + "\n")
+    sys.stdout.flush()
+
+
+def check_id(value: Any, what: str) -> str:
+    """Refuse ids that are not safe single path components."""
+    if not isinstance(value, str) or not ID_RE.match(value) or ".." in value:
+        raise Bad(f"invalid {what} {value!r}: use letters, digits and ._@- (at most 128, no '..')")
+    return value
+
+
+def instance_dir(root: str, run_id: str, instance_id: str) -> str:
+    return os.path.join(root, "runs", run_id, instance_id)
+
+
+def read_json(path: str) -> dict[str, Any] | None:
+    """The JSON object in ``path``, or None when it is missing or unreadable."""
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def write_json_atomic(path: str, document: dict[str, Any]) -> None:
+    """Write temp + fsync + os.replace, so a reader never sees half a document."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(document, f, sort_keys=True, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    try:
+        dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+def proc_stat(pid: int) -> tuple[str, int, int] | None:
+    """(state letter, process group, start ticks) from /proc/PID/stat, or None when gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read().decode("ascii", "replace")
+    except (OSError, ValueError):
+        return None
+    fields = data[data.rfind(")") + 2:].split()
+    try:
+        # fields[0] is field 3 of proc(5): state; field 5 pgrp; field 22 starttime.
+        return fields[0], int(fields[2]), int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def start_ticks(pid: int) -> int | None:
+    stat = proc_stat(pid)
+    return stat[2] if stat else None
+
+
+def is_alive(pid: Any, ticks: Any) -> bool:
+    """True when ``pid`` runs and is still the process we started (same start ticks)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    stat = proc_stat(pid)
+    if stat is None:
+        if os.path.isdir("/proc/self"):
+            return False
+        try:  # no procfs: the best we can do is "some process has this pid"
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    if stat[0] in ("Z", "X"):
+        return False
+    return ticks is None or stat[2] == ticks
+
+
+def group_members(pgid: int | None) -> list[int]:
+    """Live (non-zombie) processes whose process group is ``pgid``."""
+    if not pgid:
+        return []
+    members = []
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        names = []
+    if not names:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return []
+        except PermissionError:
+            pass
+        return [pgid]
+    for name in names:
+        if not name.isdigit():
+            continue
+        stat = proc_stat(int(name))
+        if stat is not None and stat[1] == pgid and stat[0] not in ("Z", "X"):
+            members.append(int(name))
+    return members
+
+
+def boot_id() -> str | None:
+    """This boot's id: a pid or start time recorded before a reboot means nothing after it."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def same_boot(doc: dict[str, Any]) -> bool:
+    recorded = doc.get("boot_id")
+    return recorded is None or recorded == boot_id()
+
+
+def our_group_members(doc: dict[str, Any]) -> list[int]:
+    """Live members of the instance's process group, only while that group is provably ours.
+
+    The group id is the latest attempt's pid. If a process with that pid exists, it must have
+    our recorded start ticks; otherwise the kernel cannot have reused the id while members of
+    the old group live, and members started before our leader are not ours.
+    """
+    pgid = doc.get("pgid")
+    ticks = doc.get("pid_start_ticks")
+    if not isinstance(pgid, int) or pgid <= 0 or not same_boot(doc):
+        return []
+    leader = proc_stat(pgid)
+    if leader is not None and ticks is not None and leader[2] != ticks:
+        return []
+    members = []
+    for pid in group_members(pgid):
+        stat = proc_stat(pid)
+        if stat is not None and (ticks is None or stat[2] >= ticks):
+            members.append(pid)
+    return members
+
+
+def signal_group(pgid: int | None, sig: int) -> None:
+    if not pgid:
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def _is_known_signal(number: int) -> bool:
+    try:
+        signal.Signals(number)
+    except ValueError:
+        return False
+    return True
+
+
+def signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"SIG{number}"
+
+
+def reap_orphans() -> None:
+    """Collect exited children that were reparented to us (we are a child subreaper)."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        except OSError:
+            return
+        if pid == 0:
+            return
+
+
+def make_subreaper() -> None:
+    """Best effort: orphaned grandchildren come back to us, so we can reap them."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except Exception:
+        pass
+
+
+def last_line(path: str) -> tuple[int, str]:
+    """(size in bytes, last non-empty line cut to LAST_LINE_CHARS) of a log file."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 4096))
+            tail = f.read()
+    except OSError:
+        return 0, ""
+    lines = [ln for ln in tail.decode("utf-8", "replace").splitlines() if ln.strip()]
+    line = lines[-1] if lines else ""
+    return size, line[-LAST_LINE_CHARS:]
+
+
+# --------------------------------------------------------------------------- OOM evidence
+
+def _read_oom_kill(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) == 2 and parts[0] == "oom_kill":
+                    return int(parts[1])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def oom_counters() -> dict[str, int]:
+    """oom_kill counters: system-wide (/proc/vmstat) and for our memory cgroup (v1 or v2)."""
+    counters = {}
+    value = _read_oom_kill("/proc/vmstat")
+    if value is not None:
+        counters["vmstat"] = value
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":
+            candidate = "/sys/fs/cgroup" + path.rstrip("/") + "/memory.events"
+        elif "memory" in controllers.split(","):
+            candidate = "/sys/fs/cgroup/memory" + path.rstrip("/") + "/memory.oom_control"
+        else:
+            continue
+        value = _read_oom_kill(candidate)
+        if value is not None:
+            counters[candidate] = value
+    return counters
+
+
+def kernel_log_mentions(pid: int) -> bool:
+    """True when the kernel log says the OOM killer killed ``pid`` (dmesg may be forbidden)."""
+    try:
+        out = subprocess.run(["dmesg"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             stdin=subprocess.DEVNULL, timeout=3).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    pattern = re.compile(rf"(Killed process|Kill process) {pid}\b")
+    return bool(pattern.search(out.decode("utf-8", "replace")))
+
+
+def oom_evidence(before: dict[str, int], pid: int) -> bool:
+    after = oom_counters()
+    for key, value in after.items():
+        if key in before and value > before[key]:
+            return True
+    return kernel_log_mentions(pid)
+
+
+# --------------------------------------------------------------------------- policy (pure)
+
+def classify(returncode: int) -> tuple[str, int | None, str | None]:
+    """(kind, exit_code, signal name) of an attempt's end.
+
+    kind is "ok", "exit_code", "hard_fault", "resource", "intentional" or "signal". A shell
+    that did not exec its last command reports a child's death by signal N as exit 128+N;
+    that is read as the signal too (the exit code is kept).
+    """
+    if returncode == 0:
+        return "ok", 0, None
+    exit_code: int | None = None
+    if returncode < 0:
+        sig = signal_name(-returncode)
+    elif 128 < returncode <= 128 + 64 and _is_known_signal(returncode - 128):
+        exit_code = returncode
+        sig = signal_name(returncode - 128)
+    else:
+        return "exit_code", returncode, None
+    if sig in HARD_FAULT_SIGNALS:
+        return "hard_fault", exit_code, sig
+    if sig in RESOURCE_SIGNALS:
+        return "resource", exit_code, sig
+    if sig in INTENTIONAL_SIGNALS:
+        return "intentional", exit_code, sig
+    return "signal", exit_code, sig
+
+
+def failure_limit(kind: str, max_retries: int | None) -> int:
+    """Failed attempts after which the instance gives up (see the module docstring)."""
+    base = LIMITS[kind]
+    if max_retries is None:
+        return base
+    if kind in ("exit_code", "signal"):
+        return max_retries + 1
+    return min(base, max_retries + 1)
+
+
+def describe_end(exit_code: int | None, sig: str | None, oom: bool = False) -> str:
+    """Readable reason for an attempt's end."""
+    if sig is None:
+        return f"exit code {exit_code or 0}"
+    text = f"killed by {sig}"
+    if sig == "SIGKILL":
+        text += (" (killed by the kernel OOM killer)" if oom
+                 else " (possibly out of memory)")
+    if exit_code is not None:
+        text += f" (the shell reported exit code {exit_code})"
+    return text
+
+
+# --------------------------------------------------------------------------- the supervisor
+
+class Supervisor:
+    """The daemon that owns one instance: spawns attempts, forwards stops, writes state."""
+
+    def __init__(self, idir: str, request: dict[str, Any]) -> None:
+        self.idir = idir
+        self.request = request
+        self.state_path = os.path.join(idir, "state.json")
+        self.stop_path = os.path.join(idir, "stop.json")
+        self.log_path = os.path.join(idir, "output.log")
+        self.state = read_json(self.state_path) or {}
+        self.pgid: int | None = None
+        self.child_running = False
+        self.forwarded = False
+        self.stop_requested = False
+        self.grace = DEFAULT_GRACE_SECONDS
+        self.kill_deadline: float | None = None
+
+    # signal handlers: flags and signals only, never state writes
+    def on_term(self, signum: int, frame: Any) -> None:
+        self.stop_requested = True
+        self.read_stop_file()
+        self.forward_stop()
+
+    def on_alarm(self, signum: int, frame: Any) -> None:
+        if self.child_running or self.pgid:
+            signal_group(self.pgid, signal.SIGKILL)
+
+    def read_stop_file(self) -> bool:
+        doc = read_json(self.stop_path)
+        if doc is None:
+            return False
+        self.stop_requested = True
+        try:
+            self.grace = max(0.0, float(doc.get("grace", DEFAULT_GRACE_SECONDS)))
+        except (TypeError, ValueError):
+            self.grace = DEFAULT_GRACE_SECONDS
+        return True
+
+    def forward_stop(self) -> None:
+        if self.pgid is None or not self.child_running or self.forwarded:
+            return
+        self.forwarded = True
+        signal_group(self.pgid, signal.SIGTERM)
+        self.kill_deadline = time.time() + self.grace
+        signal.setitimer(signal.ITIMER_REAL, max(self.grace, 0.001))
+
+    def stop_pending(self) -> bool:
+        return self.stop_requested or self.read_stop_file()
+
+    def save(self, **changes: Any) -> None:
+        self.state.update(changes)
+        self.state["stop_requested"] = self.stop_requested
+        self.state["updated_at"] = time.time()
+        write_json_atomic(self.state_path, self.state)
+
+    def finish(self, state: str, reason: str) -> None:
+        self.save(state=state, final_reason=reason, ended_at=time.time())
+
+    def child_env(self, attempt: int, results_dir: str) -> dict[str, str]:
+        req = self.request
+        env = dict(os.environ)
+        for key, value in (req.get("env") or {}).items():
+            env[str(key)] = str(value)
+        env["INFRA_RUN_ID"] = req["run_id"]
+        env["INFRA_INSTANCE_ID"] = req["instance_id"]
+        env["INFRA_NODE"] = str(req.get("node") or "")
+        env["INFRA_ALLOCATION"] = json.dumps(req.get("allocation") or {}, sort_keys=True)
+        env["INFRA_RESULTS_DIR"] = results_dir
+        env["INFRA_ATTEMPT"] = str(attempt)
+        gpu_ids = req.get("gpu_ids") or []
+        if gpu_ids:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpu_ids)
+        return env
+
+    def end_group(self, pgid: int, stopping: bool) -> None:
+        """Make sure nothing of the attempt's process group is left."""
+        if stopping:
+            deadline = self.kill_deadline or (time.time() + self.grace)
+            if not self.forwarded:
+                signal_group(pgid, signal.SIGTERM)
+        else:
+            if not group_members(pgid):
+                return
+            signal_group(pgid, signal.SIGTERM)
+            deadline = time.time() + LEFTOVER_GRACE_SECONDS
+        while group_members(pgid) and time.time() < deadline:
+            reap_orphans()
+            time.sleep(0.05)
+        if group_members(pgid):
+            signal_group(pgid, signal.SIGKILL)
+            deadline = time.time() + KILL_WAIT_SECONDS
+            while group_members(pgid) and time.time() < deadline:
+                reap_orphans()
+                time.sleep(0.05)
+        reap_orphans()
+
+    def run(self) -> None:
+        req = self.request
+        restart = req.get("restart") or {}
+        auto_restart = bool(restart.get("auto_restart", True))
+        max_retries = restart.get("max_retries")
+        max_retries = None if max_retries is None else max(0, int(max_retries))
+        delay = max(0.0, float(restart.get("retry_delay_seconds") or 0.0))
+        results_dir = self.state["results_dir"]
+        cwd = self.state["cwd"]
+
+        signal.signal(signal.SIGTERM, self.on_term)
+        signal.signal(signal.SIGINT, self.on_term)
+        signal.signal(signal.SIGALRM, self.on_alarm)
+        make_subreaper()
+        self.save(supervisor_pid=os.getpid(), supervisor_start_ticks=start_ticks(os.getpid()))
+
+        with open(self.log_path, "ab") as log:
+            self.attempts(log, auto_restart, max_retries, delay, results_dir, cwd)
+
+    def attempts(self, log: Any, auto_restart: bool, max_retries: int | None, delay: float,
+                 results_dir: str, cwd: str) -> None:
+        """Run attempts until the instance exits, fails for good, or is stopped."""
+        req = self.request
+        failures = 0
+        attempt = 0
+        last_reason = ""
+        while True:
+            if self.stop_pending():
+                self.finish("stopped", f"stopped on request before attempt {attempt + 1}")
+                return
+            attempt += 1
+            if attempt > 1:
+                log.write(f"[supervisor] attempt {attempt} after {last_reason}\n".encode())
+                log.flush()
+            before = oom_counters()
+            started = time.time()
+            try:
+                os.makedirs(results_dir, exist_ok=True)
+                proc = subprocess.Popen(
+                    ["/bin/sh", "-c", req["command"]], cwd=cwd,
+                    env=self.child_env(attempt, results_dir), stdin=subprocess.DEVNULL,
+                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                    close_fds=True)
+            except OSError as exc:
+                reason = f"could not start: {exc}"
+                self.state.setdefault("attempts", []).append({
+                    "attempt": attempt, "pid": None, "started_at": started,
+                    "ended_at": time.time(), "exit_code": None, "signal": None,
+                    "reason": reason})
+                self.finish("failed", reason)
+                return
+            self.pgid = proc.pid
+            self.child_running = True
+            record = {"attempt": attempt, "pid": proc.pid, "started_at": started,
+                      "ended_at": None, "exit_code": None, "signal": None, "reason": None}
+            self.state.setdefault("attempts", []).append(record)
+            self.save(state="running", pid=proc.pid, pid_start_ticks=start_ticks(proc.pid),
+                      pgid=proc.pid, started_at=started, exit_code=None, signal=None,
+                      restarts=attempt - 1)
+            if self.stop_pending():
+                self.forward_stop()
+
+            returncode = proc.wait()
+            self.child_running = False
+            ended = time.time()
+            stopping = self.stop_pending()
+            kind, exit_code, sig = classify(returncode)
+            oom = sig == "SIGKILL" and not stopping and oom_evidence(before, proc.pid)
+            reason = describe_end(exit_code, sig, oom)
+            self.end_group(proc.pid, stopping)
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            self.pgid = None
+            self.forwarded = False
+            self.kill_deadline = None
+            record.update(ended_at=ended, exit_code=exit_code, signal=sig, reason=reason)
+            self.state.update(exit_code=exit_code, signal=sig)
+
+            if stopping:
+                self.finish("stopped", f"stopped on request ({reason})")
+                return
+            if kind == "ok":
+                self.finish("exited", reason)
+                return
+            if kind == "intentional":
+                self.finish("stopped", f"{reason}, not sent by the supervisor: treated as an "
+                                       "intentional stop")
+                return
+            failures += 1
+            if not auto_restart:
+                self.finish("failed", f"{reason}; auto_restart is off")
+                return
+            limit = failure_limit(kind, max_retries)
+            if failures >= limit:
+                plural = "" if failures == 1 else "s"
+                self.finish("failed", f"{reason}; gave up after {failures} failed "
+                                      f"attempt{plural} (limit {limit})")
+                return
+            last_reason = reason
+            self.save(state="restarting", final_reason=None)
+            resume = time.time() + delay
+            while time.time() < resume and not self.stop_pending():
+                time.sleep(min(0.1, max(0.0, resume - time.time())))
+
+
+def daemon_main(idir: str, request: dict[str, Any]) -> None:
+    """Body of the detached process: redirect fds, then supervise until the instance ends."""
+    null_fd = os.open(os.devnull, os.O_RDONLY)
+    log_fd = os.open(os.path.join(idir, "supervisor.log"),
+                     os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(null_fd, 0)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    os.chdir("/")
+    keep = (0, 1, 2)
+    try:
+        fds = [int(n) for n in os.listdir("/proc/self/fd")]
+    except OSError:
+        fds = list(range(3, 256))
+    for fd in fds:
+        if fd not in keep:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    supervisor = Supervisor(idir, request)
+    try:
+        supervisor.run()
+    except BaseException as exc:  # record why, so status does not just say "lost"
+        traceback.print_exc()
+        try:
+            supervisor.finish("failed", f"supervisor error: {exc!r}")
+        except Exception:
+            traceback.print_exc()
+
+
+# --------------------------------------------------------------------------- status
+
+def effective_state(idir: str, state: dict[str, Any] | None = None) -> dict[str, Any]:
+    """state.json plus live checks; an active state with nothing alive becomes "lost"."""
+    doc = dict(state if state is not None else (read_json(os.path.join(idir, "state.json"))
+                                                 or {}))
+    if not doc:
+        parts = idir.rstrip("/").split("/")
+        doc = {"run_id": parts[-2], "instance_id": parts[-1], "state": "starting",
+               "created_at": os.path.getmtime(idir) if os.path.isdir(idir) else None}
+    if os.path.exists(os.path.join(idir, "stop.json")):
+        doc["stop_requested"] = True
+    rebooted = not same_boot(doc)
+    alive = not rebooted and is_alive(doc.get("pid"), doc.get("pid_start_ticks"))
+    sup_alive = not rebooted and is_alive(doc.get("supervisor_pid"),
+                                          doc.get("supervisor_start_ticks"))
+    doc["alive"] = alive
+    doc["supervisor_alive"] = sup_alive
+    if doc.get("state") in ACTIVE_STATES and not sup_alive:
+        if rebooted:
+            doc["state"] = "lost"
+            doc["final_reason"] = "the node rebooted while the instance was active"
+        elif doc.get("supervisor_pid") is None:
+            created = doc.get("created_at") or 0.0
+            if time.time() - created > NEVER_STARTED_SECONDS:
+                doc["state"] = "lost"
+                doc["final_reason"] = "the supervisor never started"
+        elif alive or our_group_members(doc):
+            doc["detached"] = True  # the supervisor is gone, the process group still runs
+        else:
+            doc["state"] = "lost"
+            doc["final_reason"] = (
+                "the supervisor (pid {}) and the process (pid {}) are gone without a "
+                "recorded exit (supervisor killed?)"
+            ).format(doc.get("supervisor_pid"), doc.get("pid"))
+    return doc
+
+
+def describe(idir: str, state: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What status/start/stop report for one instance."""
+    doc = effective_state(idir, state)
+    size, line = last_line(os.path.join(idir, "output.log"))
+    doc["log_size"] = size
+    doc["last_line"] = line
+    doc["log_path"] = os.path.join(idir, "output.log")
+    return doc
+
+
+def list_instances(root: str, run_id: str | None) -> list[str]:
+    runs_dir = os.path.join(root, "runs")
+    try:
+        runs = [run_id] if run_id is not None else sorted(os.listdir(runs_dir))
+    except OSError:
+        return []
+    dirs = []
+    for run in runs:
+        if not ID_RE.match(run):
+            continue
+        try:
+            names = sorted(os.listdir(os.path.join(runs_dir, run)))
+        except OSError:
+            continue
+        for name in names:
+            path = os.path.join(runs_dir, run, name)
+            if ID_RE.match(name) and os.path.isdir(path):
+                dirs.append(path)
+    return dirs
+
+
+# --------------------------------------------------------------------------- subcommands
+
+def norm_root(root: str) -> str:
+    return os.path.abspath(os.path.expanduser(root))
+
+
+def parse_request(text: str) -> dict[str, Any]:
+    try:
+        req = json.loads(text)
+    except ValueError as exc:
+        raise Bad(f"the start request is not JSON: {exc}") from None
+    if not isinstance(req, dict):
+        raise Bad("the start request must be a JSON object")
+    check_id(req.get("run_id"), "run_id")
+    check_id(req.get("instance_id"), "instance_id")
+    if not isinstance(req.get("command"), str) or not req["command"].strip():
+        raise Bad("the start request needs a non-empty command")
+    for key, kind in (("env", dict), ("allocation", dict), ("gpu_ids", list),
+                      ("restart", dict)):
+        if req.get(key) is not None and not isinstance(req[key], kind):
+            raise Bad("{} must be a JSON {}".format(key, "object" if kind is dict else "array"))
+    return req
+
+
+def wait_for_start(idir: str, bound: float) -> dict[str, Any]:
+    """Poll state.json until the first pid is recorded, the instance ended, or ``bound``."""
+    deadline = time.time() + bound
+    while True:
+        doc = effective_state(idir)
+        if doc.get("pid") is not None or doc.get("state") in FINAL_STATES:
+            return doc
+        if time.time() >= deadline:
+            return doc
+        time.sleep(0.02)
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    root = norm_root(args.root)
+    req = parse_request(sys.stdin.read())
+    idir = instance_dir(root, req["run_id"], req["instance_id"])
+    os.makedirs(os.path.dirname(idir), exist_ok=True)
+    try:
+        os.mkdir(idir)  # the lock: exactly one start call ever creates this directory
+    except FileExistsError:
+        wait_for_start(idir, START_WAIT_SECONDS)
+        doc = describe(idir)
+        doc["already"] = True
+        emit({"ok": True, "instance": doc})
+        return 0
+    cwd = os.path.abspath(os.path.expanduser(req.get("cwd") or "~"))
+    results = req.get("results_dir")
+    results_dir = (os.path.join(idir, "results") if not results else
+                   os.path.join(cwd, os.path.expanduser(results)))
+    restart = req.get("restart") or {}
+    state = {
+        "run_id": req["run_id"], "instance_id": req["instance_id"],
+        "node": req.get("node"), "command": req["command"], "cwd": cwd,
+        "results_dir": results_dir, "restart": restart, "state": "starting",
+        "created_at": time.time(), "pid": None, "pid_start_ticks": None, "pgid": None,
+        "supervisor_pid": None, "supervisor_start_ticks": None, "started_at": None,
+        "ended_at": None, "exit_code": None, "signal": None, "attempts": [],
+        "restarts": 0, "stop_requested": False, "final_reason": None, "boot_id": boot_id(),
+    }
+    write_json_atomic(os.path.join(idir, "request.json"), req)
+    write_json_atomic(os.path.join(idir, "state.json"), state)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    child = os.fork()
+    if child == 0:
+        code = 0
+        try:
+            os.setsid()
+            if os.fork() == 0:
+                daemon_main(idir, req)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        os._exit(code)
+    os.waitpid(child, 0)
+    wait_for_start(idir, START_WAIT_SECONDS)
+    doc = describe(idir)
+    doc["already"] = False
+    emit({"ok": True, "instance": doc})
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    root = norm_root(args.root)
+    if args.run is not None:
+        check_id(args.run, "run id")
+    emit({"ok": True, "instances": [describe(d) for d in list_instances(root, args.run)]})
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    root = norm_root(args.root)
+    check_id(args.run, "run id")
+    if args.instance is not None:
+        check_id(args.instance, "instance id")
+        idir = instance_dir(root, args.run, args.instance)
+        if not os.path.isdir(idir):
+            raise Bad(f"no instance {args.run}/{args.instance} on this node")
+        dirs = [idir]
+    else:
+        dirs = list_instances(root, args.run)
+    grace = max(0.0, float(args.grace))
+    for idir in dirs:
+        if effective_state(idir).get("state") not in FINAL_STATES:
+            write_json_atomic(os.path.join(idir, "stop.json"),
+                              {"requested_at": time.time(), "grace": grace})
+    deadline = time.time() + grace + 5.0
+    pending = list(dirs)
+    signalled: set[str] = set()
+    direct: dict[str, float] = {}
+    while pending:
+        still = []
+        for idir in pending:
+            if not stop_step(idir, grace, signalled, direct):
+                still.append(idir)
+        pending = still
+        if not pending or time.time() >= deadline:
+            break
+        time.sleep(0.05)
+    emit({"ok": True, "instances": [describe(d) for d in dirs]})
+    return 0
+
+
+def stop_step(idir: str, grace: float, signalled: set[str], direct: dict[str, float]) -> bool:
+    """Advance the stop of one instance; True once it is over."""
+    state_path = os.path.join(idir, "state.json")
+    raw = read_json(state_path)
+    if raw is None:
+        return False  # the start call is between mkdir and its first write
+    if raw.get("state") in FINAL_STATES:
+        return True
+    doc = effective_state(idir, raw)
+    if doc["supervisor_alive"]:
+        if idir not in signalled:  # it forwards SIGTERM, escalates, and records the end
+            signalled.add(idir)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(doc["supervisor_pid"], signal.SIGTERM)
+        return False
+    if raw.get("supervisor_pid") is None and doc.get("state") != "lost":
+        return False  # the supervisor is starting; it will see stop.json
+    # no supervisor: end the process group ourselves
+    members = our_group_members(raw)
+    if members:
+        now = time.time()
+        if idir not in direct:
+            direct[idir] = now
+            signal_group(raw.get("pgid"), signal.SIGTERM)
+        elif now - direct[idir] >= grace:
+            signal_group(raw.get("pgid"), signal.SIGKILL)
+        return False
+    if idir in direct:
+        raw.update(state="stopped", final_reason="stopped on request; the supervisor was "
+                                                 "gone, so the exit status is unknown")
+    else:
+        raw.update(state="lost", final_reason=doc.get("final_reason"))
+    raw.update(stop_requested=True, ended_at=raw.get("ended_at") or time.time())
+    write_json_atomic(state_path, raw)
+    return True
+
+
+def open_instance(args: argparse.Namespace) -> str:
+    root = norm_root(args.root)
+    idir = instance_dir(root, check_id(args.run, "run id"), check_id(args.instance,
+                                                                     "instance id"))
+    if not os.path.isdir(idir):
+        raise Bad(f"no instance {args.run}/{args.instance} on this node")
+    return idir
+
+
+def output_closed() -> bool:
+    """True when the reader of our stdout went away (pipe or socket closed)."""
+    try:
+        poller = select.poll()
+        poller.register(1, 0)
+        for _, events in poller.poll(0):
+            if events & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
+                return True
+    except (OSError, ValueError, AttributeError):
+        return False
+    return False
+
+
+def cmd_follow(args: argparse.Namespace) -> int:
+    idir = open_instance(args)
+    path = os.path.join(idir, "output.log")
+    parent = os.getppid()
+    idle = 0.02
+    while not os.path.exists(path):  # the supervisor creates it before the first attempt
+        if (effective_state(idir).get("state") in FINAL_STATES or output_closed()
+                or os.getppid() != parent):
+            return 0
+        time.sleep(idle)
+        idle = min(idle * 2, 0.5)
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(max(0, int(args.offset)))
+            return follow_file(handle, idir, parent)
+    except BrokenPipeError:
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+        return 0
+
+
+def follow_file(handle: Any, idir: str, parent: int) -> int:
+    """Copy the log to stdout as it grows; end once the instance ended and all is copied."""
+    out = sys.stdout.buffer
+    idle = 0.02
+    while True:
+        data = handle.read(65536)
+        if data:
+            out.write(data)
+            out.flush()
+            idle = 0.02
+            continue
+        if effective_state(idir).get("state") in FINAL_STATES:
+            # ended before this last read, so nothing more will be written: drain and end
+            data = handle.read(65536)
+            while data:
+                out.write(data)
+                data = handle.read(65536)
+            out.flush()
+            return 0
+        if output_closed() or os.getppid() != parent:
+            return 0  # the reader went away (SSH channel closed): do not linger
+        time.sleep(idle)
+        idle = min(idle * 2, 0.5)
+
+
+def cmd_read(args: argparse.Namespace) -> int:
+    idir = open_instance(args)
+    ended = effective_state(idir).get("state") in FINAL_STATES  # before reading: see "eof"
+    offset = max(0, int(args.offset))
+    data = b""
+    size = 0
+    try:
+        with open(os.path.join(idir, "output.log"), "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(offset)
+            data = f.read(max(0, int(args.max_bytes)))
+    except OSError:
+        pass
+    new_offset = offset + len(data)
+    emit({"ok": True, "data_b64": base64.b64encode(data).decode("ascii"),
+          "offset": new_offset, "size": size, "eof": new_offset >= size, "ended": ended})
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="lab-orchestrator node-side supervisor")
+    sub = parser.add_subparsers(dest="command")
+    p = sub.add_parser("start", help="start one instance detached (request JSON on stdin)")
+    p.add_argument("--root", required=True)
+    p = sub.add_parser("status", help="every instance on this node, with live checks")
+    p.add_argument("--root", required=True)
+    p.add_argument("--run")
+    p = sub.add_parser("stop", help="stop a run or one instance (SIGTERM, then SIGKILL)")
+    p.add_argument("--root", required=True)
+    p.add_argument("--run", required=True)
+    p.add_argument("--instance")
+    p.add_argument("--grace", type=float, default=DEFAULT_GRACE_SECONDS)
+    for name in ("follow", "read"):
+        p = sub.add_parser(name, help="log bytes from an offset")
+        p.add_argument("--root", required=True)
+        p.add_argument("--run", required=True)
+        p.add_argument("--instance", required=True)
+        p.add_argument("--offset", type=int, default=0)
+        if name == "read":
+            p.add_argument("--max-bytes", type=int, default=1 << 20)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {"start": cmd_start, "status": cmd_status, "stop": cmd_stop,
+                "follow": cmd_follow, "read": cmd_read}
+    if args.command not in handlers:
+        build_parser().print_usage(sys.stderr)
+        return 2
+    try:
+        return handlers[args.command](args)
+    except Bad as exc:
+        if args.command == "follow":
+            sys.stderr.write(f"supervisor: {exc}\n")
+        else:
+            emit({"ok": False, "error": str(exc)})
+        return 2
+    except Exception as exc:
+        traceback.print_exc()
+        if args.command != "follow":
+            emit({"ok": False, "error": f"internal error: {exc!r}"})
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,400 @@
+"""Coordinator side of the node supervisor: install it, start/status/stop instances, read logs.
+
+Everything goes through the ``Transport`` ABC, so the same code drives a node over asyncssh
+or this machine through the local transport. The node-side script
+(``infra/remote/supervisor.py``) is copied once to
+``<remote_work_dir>/.infra/supervisor-<sha256[:12]>.py``: the name changes with its content,
+so an upgraded coordinator never runs a stale copy, and two versions can coexist.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import enum
+import functools
+import hashlib
+import json
+import re
+import shlex
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from infra.config.model import FailoverSection, NodeConfig
+from infra.errors import CommandFailedError, UsageError
+from infra.transport.base import CommandResult, Transport
+from infra.transport.marker import extract_json
+
+SUPERVISOR_SOURCE = Path(__file__).resolve().parent.parent / "remote" / "supervisor.py"
+"""The node-side script, as shipped in this package."""
+
+ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
+"""Run and instance ids become path components on the node; the script checks the same rule."""
+
+_TILDE = re.compile(r"^~([A-Za-z0-9._-]*)(/.*)?$")
+_ROOT_TAG = "@@INFRA-ROOT:"
+_SCRIPT_TAG = "@@INFRA-SCRIPT:"
+
+
+@functools.lru_cache(maxsize=1)
+def supervisor_digest() -> str:
+    """First 12 hex digits of the script's sha256: its version on the node."""
+    return hashlib.sha256(SUPERVISOR_SOURCE.read_bytes()).hexdigest()[:12]
+
+
+def supervisor_filename() -> str:
+    """Name of the installed script under the node's ``.infra`` directory."""
+    return f"supervisor-{supervisor_digest()}.py"
+
+
+def check_id(value: str, what: str) -> str:
+    """Refuse an id that is not a safe single path component (before it reaches a node)."""
+    if not ID_PATTERN.match(value) or ".." in value:
+        raise UsageError(f"invalid {what} {value!r}: use letters, digits and ._@- "
+                         "(at most 128 characters, no '..')")
+    return value
+
+
+def shell_path(path: str) -> str:
+    """Quote a node path for the node's shell while keeping a leading ``~``/``~user`` live."""
+    match = _TILDE.match(path)
+    if match is None:
+        return shlex.quote(path)
+    rest = match.group(2) or ""
+    return "~" + match.group(1) + ("/" + shlex.quote(rest[1:]) if len(rest) > 1 else rest)
+
+
+class InstanceStatus(str, enum.Enum):
+    """Where an instance stands on its node, as the supervisor (and its live checks) see it."""
+
+    STARTING = "starting"
+    RUNNING = "running"
+    RESTARTING = "restarting"
+    EXITED = "exited"
+    FAILED = "failed"
+    STOPPED = "stopped"
+    LOST = "lost"
+
+    @property
+    def is_final(self) -> bool:
+        """True when nothing of the instance runs any more and nothing will restart it."""
+        return self in (InstanceStatus.EXITED, InstanceStatus.FAILED, InstanceStatus.STOPPED,
+                        InstanceStatus.LOST)
+
+
+@dataclass(frozen=True)
+class AttemptRecord:
+    """One run of the command: its pid, times and how it ended (reason is readable text)."""
+
+    attempt: int
+    pid: int | None
+    started_at: float | None
+    ended_at: float | None
+    exit_code: int | None
+    signal: str | None
+    reason: str | None
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> AttemptRecord:
+        """Build from one entry of the supervisor's ``attempts`` list."""
+        return cls(attempt=int(doc.get("attempt") or 0), pid=_opt_int(doc.get("pid")),
+                   started_at=_opt_float(doc.get("started_at")),
+                   ended_at=_opt_float(doc.get("ended_at")),
+                   exit_code=_opt_int(doc.get("exit_code")), signal=_opt_str(doc.get("signal")),
+                   reason=_opt_str(doc.get("reason")))
+
+
+@dataclass(frozen=True)
+class InstanceState:
+    """One instance on one node: the supervisor's record plus live process checks.
+
+    ``pid``/``started_at``/``exit_code``/``signal`` describe the latest attempt; ``alive``
+    means that pid still runs with the start time we recorded (a reused pid is not ours);
+    ``detached`` means the process runs but its supervisor is gone. ``already`` is set on
+    the result of a start that found the instance there before.
+    """
+
+    node: str
+    run_id: str
+    instance_id: str
+    status: InstanceStatus
+    pid: int | None = None
+    pid_start_ticks: int | None = None
+    pgid: int | None = None
+    supervisor_pid: int | None = None
+    alive: bool = False
+    supervisor_alive: bool = False
+    detached: bool = False
+    created_at: float | None = None
+    started_at: float | None = None
+    ended_at: float | None = None
+    exit_code: int | None = None
+    signal: str | None = None
+    attempts: tuple[AttemptRecord, ...] = ()
+    restarts: int = 0
+    stop_requested: bool = False
+    final_reason: str | None = None
+    log_size: int = 0
+    last_line: str = ""
+    log_path: str | None = None
+    results_dir: str | None = None
+    cwd: str | None = None
+    command: str | None = None
+    already: bool = False
+
+    @property
+    def is_final(self) -> bool:
+        """True once the instance is over (exited, failed, stopped or lost)."""
+        return self.status.is_final
+
+    @classmethod
+    def from_json(cls, node: str, doc: Mapping[str, Any]) -> InstanceState:
+        """Build from one instance document printed by the node-side script."""
+        try:
+            status = InstanceStatus(doc.get("state", "lost"))
+        except ValueError:
+            status = InstanceStatus.LOST
+        attempts = doc.get("attempts") or []
+        return cls(
+            node=node, run_id=str(doc.get("run_id", "")),
+            instance_id=str(doc.get("instance_id", "")), status=status,
+            pid=_opt_int(doc.get("pid")), pid_start_ticks=_opt_int(doc.get("pid_start_ticks")),
+            pgid=_opt_int(doc.get("pgid")), supervisor_pid=_opt_int(doc.get("supervisor_pid")),
+            alive=bool(doc.get("alive")), supervisor_alive=bool(doc.get("supervisor_alive")),
+            detached=bool(doc.get("detached")), created_at=_opt_float(doc.get("created_at")),
+            started_at=_opt_float(doc.get("started_at")),
+            ended_at=_opt_float(doc.get("ended_at")), exit_code=_opt_int(doc.get("exit_code")),
+            signal=_opt_str(doc.get("signal")),
+            attempts=tuple(AttemptRecord.from_json(a) for a in attempts if isinstance(a, dict)),
+            restarts=int(doc.get("restarts") or 0), stop_requested=bool(doc.get("stop_requested")),
+            final_reason=_opt_str(doc.get("final_reason")), log_size=int(doc.get("log_size") or 0),
+            last_line=str(doc.get("last_line") or ""), log_path=_opt_str(doc.get("log_path")),
+            results_dir=_opt_str(doc.get("results_dir")), cwd=_opt_str(doc.get("cwd")),
+            command=_opt_str(doc.get("command")), already=bool(doc.get("already")),
+        )
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """Node-side restart policy of one instance (rules in ``infra/remote/supervisor.py``).
+
+    ``max_retries`` counts restarts: N allows at most N+1 attempts; None keeps the built-in
+    limits (2 for SIGSEGV/SIGILL/SIGBUS/SIGFPE, 3 for everything else).
+    """
+
+    auto_restart: bool = True
+    max_retries: int | None = None
+    retry_delay_seconds: float = 5.0
+
+    @classmethod
+    def from_config(cls, failover: FailoverSection, *, auto_restart: bool | None = None,
+                    max_retries: int | None = None) -> RestartPolicy:
+        """The cluster's failover section, with an experiment spec's overrides applied."""
+        return cls(
+            auto_restart=failover.auto_restart if auto_restart is None else auto_restart,
+            max_retries=failover.max_retries if max_retries is None else max_retries,
+            retry_delay_seconds=failover.retry_delay_seconds,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {"auto_restart": self.auto_restart, "max_retries": self.max_retries,
+                "retry_delay_seconds": self.retry_delay_seconds}
+
+
+@dataclass(frozen=True)
+class StartRequest:
+    """Everything the supervisor needs to start one instance.
+
+    ``cwd`` and ``results_dir`` are node paths (``~`` allowed; a relative ``results_dir`` is
+    under ``cwd``); ``results_dir`` defaults to the instance's own directory on the node.
+    ``allocation`` is passed to the program as JSON in ``INFRA_ALLOCATION``.
+    """
+
+    run_id: str
+    instance_id: str
+    command: str
+    cwd: str | None = None
+    env: tuple[tuple[str, str], ...] = ()
+    allocation: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    gpu_ids: tuple[str, ...] = ()
+    results_dir: str | None = None
+    restart: RestartPolicy = RestartPolicy()
+
+    def to_json(self, node: str) -> dict[str, Any]:
+        """The JSON request the script reads on stdin."""
+        return {
+            "run_id": self.run_id, "instance_id": self.instance_id, "node": node,
+            "command": self.command, "cwd": self.cwd, "env": dict(self.env),
+            "allocation": dict(self.allocation), "gpu_ids": [str(g) for g in self.gpu_ids],
+            "results_dir": self.results_dir, "restart": self.restart.to_json(),
+        }
+
+
+@dataclass(frozen=True)
+class LogChunk:
+    """Bytes of an instance's log from an offset; ``ended and eof`` means nothing more comes."""
+
+    data: bytes
+    offset: int
+    size: int
+    eof: bool
+    ended: bool
+
+
+class SupervisorClient:
+    """Drives the supervisor script on one node; one client per transport (connection)."""
+
+    def __init__(self, transport: Transport, node: NodeConfig, *,
+                 command_timeout: float = 30.0) -> None:
+        self.transport = transport
+        self.node = node
+        self.command_timeout = command_timeout
+        self._script: str | None = None
+        self._install_lock = asyncio.Lock()
+
+    @property
+    def root(self) -> str:
+        """The supervisor's directory on the node, as configured (may start with ``~``)."""
+        return self.node.remote_work_dir.rstrip("/") + "/.infra"
+
+    async def ensure_installed(self) -> str:
+        """Make sure this version of the script is on the node; return its absolute path.
+
+        One ``test -f`` per client (connection); the upload goes to a temporary name and is
+        renamed into place, so a half-copied script is never run.
+        """
+        if self._script is not None:
+            return self._script
+        async with self._install_lock:
+            if self._script is not None:
+                return self._script
+            name = supervisor_filename()
+            probe = (f"mkdir -p {shell_path(self.root)} && cd {shell_path(self.root)} && "
+                     f"printf '%s%s\\n' {_ROOT_TAG} \"$PWD\" && "
+                     f"if test -f {shlex.quote(name)}; then echo {_SCRIPT_TAG}present; "
+                     f"else echo {_SCRIPT_TAG}missing; fi")
+            result = await self.transport.run(probe, timeout=self.command_timeout)
+            root = _tagged_line(result.stdout, _ROOT_TAG)
+            present = _tagged_line(result.stdout, _SCRIPT_TAG)
+            if not result.ok or root is None or present is None:
+                raise CommandFailedError(
+                    self.node.name, f"cannot prepare {self.root}: {_tail(result)}",
+                    exit_status=result.exit_status, stderr=result.stderr)
+            script = f"{root}/{name}"
+            if present != "present":
+                tmp = f"{root}/.{name}.{uuid.uuid4().hex}.tmp"
+                await self.transport.put(str(SUPERVISOR_SOURCE), tmp)
+                await self.transport.run(f"mv -f {shlex.quote(tmp)} {shlex.quote(script)}",
+                                         timeout=self.command_timeout, check=True)
+            self._script = script
+            return script
+
+    async def start(self, request: StartRequest) -> InstanceState:
+        """Start one instance detached; idempotent (a repeat returns it with ``already``)."""
+        check_id(request.run_id, "run id")
+        check_id(request.instance_id, "instance id")
+        doc = await self._call(["start", "--root", self.root],
+                               input=_json(request.to_json(self.node.name)))
+        return InstanceState.from_json(self.node.name, doc["instance"])
+
+    async def status(self, run_id: str | None = None) -> list[InstanceState]:
+        """Every instance on the node (or of one run), with live checks, in one call."""
+        args = ["status", "--root", self.root]
+        if run_id is not None:
+            args += ["--run", check_id(run_id, "run id")]
+        doc = await self._call(args)
+        return [InstanceState.from_json(self.node.name, d) for d in doc["instances"]]
+
+    async def stop(self, run_id: str, instance_id: str | None = None,
+                   grace: float = 10.0) -> list[InstanceState]:
+        """SIGTERM the instance's process group, SIGKILL after ``grace``; the final states."""
+        args = ["stop", "--root", self.root, "--run", check_id(run_id, "run id"),
+                "--grace", repr(float(grace))]
+        if instance_id is not None:
+            args += ["--instance", check_id(instance_id, "instance id")]
+        doc = await self._call(args, timeout=grace + self.command_timeout)
+        return [InstanceState.from_json(self.node.name, d) for d in doc["instances"]]
+
+    async def follow(self, run_id: str, instance_id: str, offset: int = 0,
+                     ) -> AsyncIterator[bytes]:
+        """Raw log bytes from ``offset`` as they are written; ends when the instance ended.
+
+        Count the bytes to resume after a lost connection from the right offset. An unknown
+        instance yields nothing.
+        """
+        args = ["follow", "--root", self.root, "--run", check_id(run_id, "run id"),
+                "--instance", check_id(instance_id, "instance id"), "--offset", str(offset)]
+        command = await self._command(args)
+        async for chunk in self.transport.stream(command):
+            yield chunk
+
+    async def read(self, run_id: str, instance_id: str, offset: int = 0,
+                   max_bytes: int = 1 << 20) -> LogChunk:
+        """At most ``max_bytes`` of the log from ``offset`` (non-blocking)."""
+        args = ["read", "--root", self.root, "--run", check_id(run_id, "run id"),
+                "--instance", check_id(instance_id, "instance id"), "--offset", str(offset),
+                "--max-bytes", str(max_bytes)]
+        doc = await self._call(args)
+        return LogChunk(data=base64.b64decode(doc["data_b64"]), offset=int(doc["offset"]),
+                        size=int(doc["size"]), eof=bool(doc["eof"]), ended=bool(doc["ended"]))
+
+    async def _command(self, args: Sequence[str]) -> str:
+        script = await self.ensure_installed()
+        return " ".join([shell_path(self.node.python_path), shlex.quote(script),
+                         *(shlex.quote(a) for a in args)])
+
+    async def _call(self, args: Sequence[str], *, input: str | None = None,
+                    timeout: float | None = None) -> dict[str, Any]:
+        """Run one subcommand and return its JSON; reinstall once if the script vanished."""
+        for retry in (False, True):
+            command = await self._command(args)
+            result = await self.transport.run(command, input=input,
+                                              timeout=timeout or self.command_timeout)
+            if not retry and result.exit_status == 2 and "can't open file" in result.stderr:
+                self._script = None  # deleted behind our back (node wiped): install again
+                continue
+            break
+        try:
+            doc = extract_json(result.stdout)
+        except ValueError:
+            raise CommandFailedError(
+                self.node.name, f"supervisor {args[0]} printed no result: {_tail(result)}",
+                exit_status=result.exit_status, stderr=result.stderr) from None
+        if not isinstance(doc, dict) or not doc.get("ok"):
+            error = doc.get("error") if isinstance(doc, dict) else doc
+            raise CommandFailedError(self.node.name, f"supervisor {args[0]}: {error}",
+                                     exit_status=result.exit_status, stderr=result.stderr)
+        return doc
+
+
+def _json(document: Mapping[str, Any]) -> str:
+    return json.dumps(document, sort_keys=True)
+
+
+def _tagged_line(text: str, tag: str) -> str | None:
+    found = None
+    for line in text.splitlines():
+        if line.startswith(tag):
+            found = line[len(tag):]
+    return found
+
+
+def _tail(result: CommandResult) -> str:
+    text = (result.stderr.strip() or result.stdout.strip())[-500:]
+    status = result.exit_status if result.exit_status is not None else result.signal
+    return f"exit {status}: {text}" if text else f"exit {status}"
+
+
+def _opt_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def _opt_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _opt_str(value: Any) -> str | None:
+    return None if value is None else str(value)

@@ -1,0 +1,166 @@
+"""Coordinator side of the supervisor: quoting, install-once, typed results, id checks.
+
+Runs the real script through LocalTransport; a counting LocalTransport subclass only observes
+how many commands the client sends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from infra.config.model import FailoverSection, NodeConfig
+from infra.errors import CommandFailedError, UsageError
+from infra.runner.supervisor_client import (
+    SUPERVISOR_SOURCE,
+    AttemptRecord,
+    InstanceState,
+    InstanceStatus,
+    RestartPolicy,
+    StartRequest,
+    SupervisorClient,
+    shell_path,
+    supervisor_filename,
+)
+from infra.transport.base import CommandResult
+from infra.transport.local import LocalTransport
+
+
+class CountingTransport(LocalTransport):
+    """LocalTransport that records the commands and uploads it was asked for."""
+
+    def __init__(self, node: str) -> None:
+        super().__init__(node)
+        self.commands: list[str] = []
+        self.puts: list[str] = []
+
+    async def run(self, command: str | Sequence[str], *, input: str | None = None,
+                  timeout: float | None = None, check: bool = False) -> CommandResult:
+        self.commands.append(command if isinstance(command, str) else " ".join(command))
+        return await super().run(command, input=input, timeout=timeout, check=check)
+
+    async def put(self, local_path: str, remote_path: str) -> None:
+        self.puts.append(remote_path)
+        await super().put(local_path, remote_path)
+
+
+def make_node(work: str, python: str = sys.executable) -> NodeConfig:
+    return NodeConfig(name="n1", host="localhost", remote_work_dir=work, python_path=python)
+
+
+@pytest.mark.parametrize("path", ["~", "~/", "~/a b", "~/x/'q'/$HOME", "/abs/with space",
+                                  "rel/path", "~root/x y", "~$(touch nope)/x"])
+def test_shell_path_expands_tilde_and_quotes_the_rest(path: str, tmp_path: Path) -> None:
+    home = str(tmp_path / "home dir")
+    out = subprocess.run(["/bin/sh", "-c", f"printf %s {shell_path(path)}"], text=True,
+                         capture_output=True, check=True, cwd=tmp_path,
+                         env={"HOME": home, "PATH": "/usr/bin:/bin"}).stdout
+    if path == "~" or path.startswith("~/"):
+        assert out == home + path[1:]
+    elif path.startswith("~root"):
+        assert out == str(Path("~root").expanduser()) + path[5:]
+    else:
+        assert out == path
+    assert not (tmp_path / "nope").exists()
+
+
+def test_install_once_per_client_and_reinstall_when_wiped(tmp_path: Path) -> None:
+    transport = CountingTransport("n1")
+    node = make_node(str(tmp_path / "work"))
+    client = SupervisorClient(transport, node)
+
+    async def scenario() -> None:
+        assert await client.status() == []
+        assert await client.status() == []
+        probes = [c for c in transport.commands if c.startswith("mkdir -p")]
+        assert len(probes) == 1 and len(transport.puts) == 1
+        installed = tmp_path / "work" / ".infra" / supervisor_filename()
+        assert installed.read_bytes() == SUPERVISOR_SOURCE.read_bytes()
+        assert sorted(p.name for p in installed.parent.iterdir()) == [installed.name]
+        # a second client (new connection) finds it and does not upload again
+        other = CountingTransport("n1")
+        await SupervisorClient(other, node).status()
+        assert other.puts == []
+        installed.unlink()  # node wiped behind our back: the next call reinstalls
+        assert await client.status() == []
+        assert installed.exists() and len(transport.puts) == 2
+
+    asyncio.run(scenario())
+
+
+def test_tilde_work_dir_with_space(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    client = SupervisorClient(LocalTransport("n1"), make_node("~/lab work"))
+
+    async def scenario() -> InstanceState:
+        await client.start(StartRequest(run_id="r", instance_id="i", command="echo hi"))
+        for _ in range(600):
+            (state,) = await client.status("r")
+            if state.is_final:
+                return state
+            await asyncio.sleep(0.05)
+        raise AssertionError("never ended")
+
+    state = asyncio.run(scenario())
+    assert state.status is InstanceStatus.EXITED and state.last_line == "hi"
+    assert state.log_path == str(tmp_path / "lab work" / ".infra" / "runs" / "r" / "i"
+                                 / "output.log")
+
+
+def test_bad_python_is_a_command_failure(tmp_path: Path) -> None:
+    node = make_node(str(tmp_path / "work"), python=str(tmp_path / "no-python"))
+    client = SupervisorClient(LocalTransport("n1"), node)
+    with pytest.raises(CommandFailedError, match="printed no result"):
+        asyncio.run(client.status())
+
+
+@pytest.mark.parametrize("bad", ["", "../x", "a/b", "-rf", ".hidden", "a..b", "x" * 129,
+                                 "sp ace", "semi;colon"])
+def test_ids_are_checked_before_anything_is_sent(bad: str, tmp_path: Path) -> None:
+    transport = CountingTransport("n1")
+    client = SupervisorClient(transport, make_node(str(tmp_path / "work")))
+    with pytest.raises(UsageError):
+        asyncio.run(client.start(StartRequest(run_id=bad, instance_id="i", command="true")))
+    with pytest.raises(UsageError):
+        asyncio.run(client.stop("r", bad))
+    with pytest.raises(UsageError):
+        asyncio.run(client.status(bad))
+    assert transport.commands == []
+
+
+def test_instance_state_from_json() -> None:
+    doc = {
+        "run_id": "r", "instance_id": "i", "state": "failed", "pid": 10, "pid_start_ticks": 5,
+        "pgid": 10, "supervisor_pid": 9, "alive": False, "supervisor_alive": False,
+        "started_at": 1.5, "ended_at": 2.5, "exit_code": None, "signal": "SIGSEGV",
+        "attempts": [{"attempt": 1, "pid": 8, "started_at": 1.0, "ended_at": 1.2,
+                      "exit_code": None, "signal": "SIGSEGV", "reason": "killed by SIGSEGV"}],
+        "restarts": 1, "stop_requested": False, "final_reason": "gave up", "log_size": 12,
+        "last_line": "x", "unknown_future_field": 1,
+    }
+    state = InstanceState.from_json("n1", doc)
+    assert state.node == "n1" and state.status is InstanceStatus.FAILED and state.is_final
+    assert state.attempts == (AttemptRecord(1, 8, 1.0, 1.2, None, "SIGSEGV",
+                                            "killed by SIGSEGV"),)
+    assert InstanceState.from_json("n1", {**doc, "state": "weird"}).status is InstanceStatus.LOST
+    assert not InstanceStatus.RESTARTING.is_final and InstanceStatus.LOST.is_final
+
+
+def test_restart_policy_and_request_json() -> None:
+    failover = FailoverSection(auto_restart=True, max_retries=None, retry_delay_seconds=2.0)
+    assert RestartPolicy.from_config(failover) == RestartPolicy(True, None, 2.0)
+    assert RestartPolicy.from_config(failover, auto_restart=False, max_retries=4) == \
+        RestartPolicy(False, 4, 2.0)
+    req = StartRequest(run_id="r", instance_id="i", command="c", env=(("A", "1"),),
+                       allocation={"ram_gb": 1}, gpu_ids=("0",))
+    assert req.to_json("n1") == {
+        "run_id": "r", "instance_id": "i", "node": "n1", "command": "c", "cwd": None,
+        "env": {"A": "1"}, "allocation": {"ram_gb": 1}, "gpu_ids": ["0"],
+        "results_dir": None,
+        "restart": {"auto_restart": True, "max_retries": None, "retry_delay_seconds": 5.0},
+    }
