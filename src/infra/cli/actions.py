@@ -146,7 +146,7 @@ def _printer(c: Ctx, saved: SavedState | None = None,
     def emit(kind: str, subject: str, message: str) -> None:
         if saved is not None:
             saved.log(kind, subject, message)
-        if not quiet:
+        if not quiet or kind == "lease":
             stamp = time.strftime("%H:%M:%S")
             c.err.print(f"[dim]{stamp}[/] [bold]{subject}[/] {escape(message)}", soft_wrap=True)
     return emit

@@ -258,15 +258,18 @@ class RunSession:
             signal=state.signal, started_at=state.created_at or state.started_at,
             ended_at=state.ended_at if state.is_final else None, restarts=state.restarts,
             reason=reason, last_line=state.last_line[:200])
+        if state.restarts > rec.restarts:
+            ended = [a for a in state.attempts if a.ended_at is not None]
+            why = ended[-1].reason if ended and ended[-1].reason else reason
+            self.event(run_id, "restart", rec.instance_id,
+                       f"restarted on {rec.node} (attempt {state.restarts + 1}) after: {why}")
         if phase != rec.state and rec.state not in (InstancePhase.STARTING,
                                                      InstancePhase.PLANNED,
-                                                     InstancePhase.DEPLOYING):
+                                                     InstancePhase.DEPLOYING,
+                                                     InstancePhase.MOVING):
             detail = f" ({reason})" if reason else ""
             self.event(run_id, "state", rec.instance_id, f"{rec.state.value} -> "
                        f"{phase.value}{detail}")
-        elif state.restarts > rec.restarts:
-            self.event(run_id, "restart", rec.instance_id,
-                       f"restarted (attempt {state.restarts + 1}): {reason}")
 
     async def sweep(self, run_id: str, skip: Iterable[str] = ()) -> dict[str, str]:
         """One status call per node of the run; returns node -> error for unreachable nodes.
