@@ -15,7 +15,7 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,7 @@ CREATE TABLE IF NOT EXISTS instances (
     last_line TEXT NOT NULL DEFAULT '',
     log_offset INTEGER NOT NULL DEFAULT 0,
     log_base INTEGER NOT NULL DEFAULT 0,
+    allocation_json TEXT NOT NULL DEFAULT '{}',
     results_fetched INTEGER NOT NULL DEFAULT 0,
     moves INTEGER NOT NULL DEFAULT 0,
     previous_nodes TEXT NOT NULL DEFAULT '[]',
@@ -59,6 +60,14 @@ CREATE TABLE IF NOT EXISTS node_states (
     state TEXT NOT NULL,
     reason TEXT NOT NULL DEFAULT '',
     since REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS node_admin (
+    name TEXT PRIMARY KEY,
+    admin TEXT NOT NULL DEFAULT 'none',
+    eligible INTEGER NOT NULL DEFAULT 1,
+    reason TEXT NOT NULL DEFAULT '',
+    deadline REAL,
     updated_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS events (
@@ -79,8 +88,28 @@ ADDED_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
         ("moves", "INTEGER NOT NULL DEFAULT 0"),
         ("previous_nodes", "TEXT NOT NULL DEFAULT '[]'"),
         ("log_base", "INTEGER NOT NULL DEFAULT 0"),
+        ("allocation_json", "TEXT NOT NULL DEFAULT '{}'"),
     ),
 }
+
+
+class AdminState(str, enum.Enum):
+    """What an operator set on a node; the health loop never changes it."""
+
+    NONE = "none"
+    MAINTENANCE = "maintenance"   # no new work; current work stays
+    DRAINING = "draining"         # no new work; work is moved off or allowed to finish
+    QUARANTINED = "quarantined"   # treated as inactive
+
+
+@dataclass(frozen=True)
+class NodeAdmin:
+    name: str
+    admin: AdminState = AdminState.NONE
+    eligible: bool = True
+    reason: str = ""
+    deadline: float | None = None
+    updated_at: float = 0.0
 
 
 class RunState(str, enum.Enum):
@@ -151,6 +180,7 @@ class InstanceRecord:
     moves: int = 0
     previous_nodes: tuple[str, ...] = ()
     log_base: int = 0  # local log size when the current node's log began (after a move)
+    allocation: dict[str, Any] = field(default_factory=dict)
 
     @property
     def runtime_seconds(self) -> float | None:
@@ -344,7 +374,7 @@ class Store:
     def update_instance(self, run_id: str, instance_id: str, **fields: Any) -> None:
         allowed = {"node", "state", "pid", "exit_code", "signal", "started_at", "ended_at",
                    "restarts", "reason", "last_line", "log_offset", "results_fetched", "moves",
-                   "previous_nodes", "log_base"}
+                   "previous_nodes", "log_base", "allocation_json"}
         bad = set(fields) - allowed
         if bad:
             raise ValueError(f"unknown instance fields {bad}")
@@ -368,7 +398,7 @@ class Store:
             reason=row["reason"], last_line=row["last_line"], log_offset=row["log_offset"],
             results_fetched=bool(row["results_fetched"]), updated_at=row["updated_at"],
             moves=row["moves"], previous_nodes=tuple(json.loads(row["previous_nodes"])),
-            log_base=row["log_base"])
+            log_base=row["log_base"], allocation=json.loads(row["allocation_json"] or "{}"))
 
     def active_instances(self, exclude_run: str | None = None) -> list[InstanceRecord]:
         """Instances of every run that hold resources on their nodes right now."""
@@ -399,6 +429,29 @@ class Store:
             db.execute("INSERT OR REPLACE INTO node_states(name, state, reason, since, "
                        "updated_at) VALUES (?,?,?,?,?)", (name, state, reason, now, now))
         return True
+
+    # ------------------------------------------------------------------ node admin
+
+    def node_admin(self, name: str) -> NodeAdmin:
+        row = self.db.execute("SELECT * FROM node_admin WHERE name=?", (name,)).fetchone()
+        if row is None:
+            return NodeAdmin(name)
+        return NodeAdmin(name, AdminState(row["admin"]), bool(row["eligible"]), row["reason"],
+                         row["deadline"], row["updated_at"])
+
+    def node_admins(self) -> dict[str, NodeAdmin]:
+        rows = self.db.execute("SELECT name FROM node_admin").fetchall()
+        return {r["name"]: self.node_admin(r["name"]) for r in rows}
+
+    def set_node_admin(self, name: str, admin: AdminState, *, eligible: bool, reason: str,
+                       deadline: float | None = None) -> None:
+        self.db.execute("INSERT OR REPLACE INTO node_admin(name, admin, eligible, reason, "
+                        "deadline, updated_at) VALUES (?,?,?,?,?,?)",
+                        (name, admin.value, int(eligible), reason, deadline, time.time()))
+
+    def instances_on(self, node: str) -> list[InstanceRecord]:
+        """Active instances of every run on one node."""
+        return [r for r in self.active_instances() if r.node == node]
 
     # ------------------------------------------------------------------ events
 
