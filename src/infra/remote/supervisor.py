@@ -736,7 +736,7 @@ def wait_for_start(idir: str, bound: float) -> dict[str, Any]:
             return doc
         if time.time() >= deadline:
             return doc
-        time.sleep(0.02)
+        time.sleep(0.01)
 
 
 def cmd_start(args: argparse.Namespace) -> int:

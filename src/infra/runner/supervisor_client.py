@@ -342,8 +342,10 @@ class SupervisorClient:
                         size=int(doc["size"]), eof=bool(doc["eof"]), ended=bool(doc["ended"]))
 
     async def _command(self, args: Sequence[str]) -> str:
+        # -S -E: the script is stdlib only, so skip site-packages (.pth files can cost 100+ ms
+        # per call) and ignore PYTHON* variables; the experiment still gets the full env.
         script = await self.ensure_installed()
-        return " ".join([shell_path(self.node.python_path), shlex.quote(script),
+        return " ".join([shell_path(self.node.python_path), "-S", "-E", shlex.quote(script),
                          *(shlex.quote(a) for a in args)])
 
     async def _call(self, args: Sequence[str], *, input: str | None = None,
