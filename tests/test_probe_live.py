@@ -183,7 +183,8 @@ async def _fleet_check(fleet: SSHFleet, node: NodeConfig, **section: object) -> 
 @pytest.mark.integration
 def test_probe_every_fleet_host_over_ssh(ssh_fleet: SSHFleet) -> None:
     async def probe_all() -> list[NodeHealth]:
-        nodes = [ssh_fleet.node_config(h) for h in ssh_fleet.hosts]
+        nodes = [ssh_fleet.node_config(h, remote_work_dir=str(h.home / "no-such" / "work"))
+                 for h in ssh_fleet.hosts]
         return list(await asyncio.gather(*(_fleet_check(ssh_fleet, n) for n in nodes)))
 
     for host, health in zip(ssh_fleet.hosts, asyncio.run(probe_all()), strict=True):
@@ -193,7 +194,7 @@ def test_probe_every_fleet_host_over_ssh(ssh_fleet: SSHFleet) -> None:
         assert facts.hostname == socket.gethostname()  # every fleet host is this machine
         assert facts.mem_total_gb * 2**30 == psutil.virtual_memory().total
         assert facts.cpu_online >= 1
-        # The work dir does not exist yet: disk is measured at the host's home.
+        # The work dir does not exist: disk is measured at its nearest existing parent.
         assert facts.disk_path == str(host.home)
         assert facts.errors == ()
 
