@@ -27,6 +27,7 @@ from infra.probe.health import NodeHealth, NodeStatus
 from infra.probe.run import check_health
 from infra.runner.deploy import DeployResult, deploy_all
 from infra.runner.lifecycle import RunSession, local_log_path, spec_from_document
+from infra.runner.nodeops import admin_conditions, merge_conditions
 from infra.state import InstancePhase, Store
 from infra.state.store import coordinator_id
 from infra.transport.pool import ConnectionPool
@@ -181,7 +182,8 @@ def do_run(c: Ctx, cluster: Cluster, specs: tuple[ExperimentSpec, ...], *,
                 if not h.reachable:
                     session.emit("node", name, f"unavailable: {h.error}")
             result = make_plan(cluster, specs, placement, auto_place, force,
-                               conditions=conditions_from(health),
+                               conditions=merge_conditions(conditions_from(health),
+                                                           admin_conditions(cluster, store)),
                                occupied=[(spec_from_document(r.spec), r.node)
                                          for r in store.active_instances()])
             if not c.json_out:

@@ -100,6 +100,23 @@ def make_plan(cluster: Cluster, specs: tuple[ExperimentSpec, ...], placement: st
                 occupied=occupied)
 
 
+def stored_context(cluster: Cluster) -> dict[str, Any]:
+    """For dry runs: operator states and work other runs hold, if a store exists (read only)."""
+    db = cluster.log_dir / "state.db"
+    if not db.exists():
+        return {}
+    from infra.runner.lifecycle import spec_from_document
+    from infra.runner.nodeops import admin_conditions
+    from infra.state import Store
+    store = Store(db)
+    try:
+        return {"conditions": admin_conditions(cluster, store),
+                "occupied": [(spec_from_document(r.spec), r.node)
+                             for r in store.active_instances()]}
+    finally:
+        store.close()
+
+
 def plan_failure(result: Plan) -> PlacementError:
     parts = [f"{i} pinned to {r}" for i, r in result.pin_errors.items()]
     parts += [f"cannot place {i} ({why_not(result, i)})" for i in result.unplaced]
@@ -166,7 +183,8 @@ def cli(ctx: click.Context, cluster_config: str | None, validate_config: bool,
                       accept_new=accept_new_host_keys)
     if specs and not validate_config:
         if dry_run:
-            result = make_plan(cluster, specs, placement, auto_place, force)
+            result = make_plan(cluster, specs, placement, auto_place, force,
+                               **stored_context(cluster))
             show_plan(c, result, explain=explain, dry_run=True)
             if not result.ok:
                 raise plan_failure(result)
@@ -276,6 +294,15 @@ def results(c: Ctx, run_id: str, json_out: bool) -> None:
     from infra.cli.actions import do_results
     c.json_out = c.json_out or json_out
     do_results(c, run_id)
+
+
+def _register_node_commands() -> None:
+    from infra.cli.nodes import node, resource
+    cli.add_command(node)
+    cli.add_command(resource)
+
+
+_register_node_commands()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -186,8 +186,11 @@ class Monitor:
     # ------------------------------------------------------------------ policies
 
     def conditions(self) -> dict[str, NodeCondition]:
-        return {n: NodeCondition(_CONDITION_OF.get(t.state, Condition.UNAVAILABLE), t.reason)
-                for n, t in self.trackers.items()}
+        """Where moved work may go: live health, overridden by operator states."""
+        from infra.runner.nodeops import admin_conditions, merge_conditions
+        health = {n: NodeCondition(_CONDITION_OF.get(t.state, Condition.UNAVAILABLE), t.reason)
+                  for n, t in self.trackers.items()}
+        return merge_conditions(health, admin_conditions(self.s.cluster, self.s.store))
 
     async def _recover(self) -> None:
         """Apply each instance's ``recover`` policy to lost nodes and exhausted restarts."""

@@ -342,10 +342,15 @@ class RunSession:
         return [(spec_from_document(r.spec), r.node) for r in recs]
 
     async def move_instance(self, run_id: str, rec: InstanceRecord,
-                            conditions: dict[str, NodeCondition], why: str) -> bool:
+                            conditions: dict[str, NodeCondition], why: str, *,
+                            count: bool = True, keep_if_blocked: bool = False,
+                            stop_old: bool = False) -> bool:
         """Re-place an instance off its node through the placement engine and start it there.
 
-        Returns False (and pauses it with the reason) when no node can take it.
+        Returns False when no node can take it: the instance is paused with the reason, or
+        left as it is with ``keep_if_blocked`` (a drain retries later). ``count`` adds to the
+        failure-move count (drains don't); ``stop_old`` stops the copy on the old node first
+        (a drain: the node is reachable).
         """
         conds = dict(conditions)
         conds[rec.node] = NodeCondition(Condition.UNAVAILABLE, why)
@@ -355,10 +360,16 @@ class RunSession:
         target = result.node_of(rec.instance_id)
         if target is None:
             reason = f"{why}; no node can take it: {why_not(result, rec.instance_id)}"
+            if keep_if_blocked:
+                self.event(run_id, "blocked", rec.instance_id, reason)
+                return False
             self.store.update_instance(run_id, rec.instance_id, state=InstancePhase.PAUSED,
                                        reason=reason)
             self.event(run_id, "paused", rec.instance_id, reason)
             return False
+        if stop_old:
+            await (await self.client(rec.node)).stop(run_id, rec.instance_id, grace=10.0)
+            await self.sync_log(run_id, rec, follow=False)  # drain the old copy's last lines
         path = local_log_path(self.cluster, run_id, rec.instance_id)
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "ab") as fh:
@@ -366,7 +377,8 @@ class RunSession:
             base = fh.tell()
         self.store.update_instance(
             run_id, rec.instance_id, state=InstancePhase.MOVING, node=target,
-            previous_nodes=(*rec.previous_nodes, rec.node), moves=rec.moves + 1, pid=None,
+            previous_nodes=(*rec.previous_nodes, rec.node),
+            moves=rec.moves + (1 if count else 0), pid=None,
             exit_code=None, signal=None, ended_at=None, restarts=0, log_base=base,
             log_offset=base, results_fetched=0, reason=f"moving from {rec.node}: {why}")
         self.event(run_id, "move", rec.instance_id, f"moving from {rec.node} to {target}: {why}")

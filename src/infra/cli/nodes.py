@@ -1,0 +1,329 @@
+"""``node`` and ``resource`` subcommands: list, maintenance, drain, undrain, reconcile.
+
+Operator states live in the durable store (``node_admin``) and override health: a good
+probe never clears maintenance or draining.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from typing import TYPE_CHECKING, Any
+
+import click
+from rich.table import Table
+
+from infra.config import Cluster
+from infra.errors import InfraError, UsageError
+from infra.runner.lifecycle import RunSession
+from infra.runner.nodeops import (
+    ActionKind,
+    DrainReport,
+    admin_conditions,
+    admin_summary,
+    drain_pass,
+    merge_conditions,
+    reconcile_node,
+)
+from infra.state import Store
+from infra.state.store import AdminState
+from infra.transport.pool import ConnectionPool
+
+if TYPE_CHECKING:
+    from infra.cli.main import Ctx
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd]?)$")
+
+
+def parse_duration(text: str) -> float:
+    """``30m``, ``2h``, ``90s``, ``1d`` or plain seconds -> seconds."""
+    m = _DURATION.match(text.strip())
+    if not m:
+        raise UsageError(f"--deadline: {text!r} is not a duration like 30m, 2h or 90s")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+
+
+def _store(cluster: Cluster) -> Store:
+    return Store.for_log_dir(cluster.log_dir)
+
+
+def _node(cluster: Cluster, name: str) -> None:
+    if name not in cluster.node_names:
+        raise UsageError(f"unknown node {name!r}; nodes: {', '.join(cluster.node_names)}")
+
+
+async def _conditions(cluster: Cluster, store: Store,
+                      pool: ConnectionPool) -> dict[str, Any]:
+    from infra.cli.actions import conditions_from, probe_nodes
+    health = await probe_nodes(cluster, pool)
+    return merge_conditions(conditions_from(health), admin_conditions(cluster, store))
+
+
+@click.group()
+def node() -> None:
+    """Node operations: list, maintenance, drain, undrain, reconcile."""
+
+
+@node.command("list")
+@click.option("--json", "json_out", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def node_list(c: Ctx, json_out: bool) -> None:
+    """Every node: health state, operator state, eligibility, active work."""
+    cluster = c.cluster
+    store = _store(cluster)
+    health = store.node_states()
+    admins = {n: store.node_admin(n) for n in cluster.node_names}
+    active: dict[str, int] = {}
+    for rec in store.active_instances():
+        active[rec.node] = active.get(rec.node, 0) + 1
+    rows: list[dict[str, Any]] = []
+    for n in cluster.nodes:
+        state, reason, _ = health.get(n.name, ("unknown", "", 0.0))
+        admin = admins[n.name]
+        rows.append({"name": n.name, "enabled": n.enabled, "health": state,
+                     "health_reason": reason, "admin": admin.admin.value,
+                     "eligible": admin.eligible and admin.admin is AdminState.NONE
+                     and n.enabled and getattr(n, "scheduling_eligible", True),
+                     "admin_reason": admin.reason, "deadline": admin.deadline,
+                     "active_instances": active.get(n.name, 0),
+                     "max_instances": n.max_instances})
+    store.close()
+    if c.json_out or json_out:
+        c.emit_json({"nodes": rows})
+        return
+    table = Table(title="Nodes", title_justify="left")
+    for col in ("node", "enabled", "health", "operator", "eligible", "work", "reason"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["name"], "yes" if r["enabled"] else "no", r["health"], r["admin"],
+                      "yes" if r["eligible"] else "[yellow]no[/]",
+                      f"{r['active_instances']}/{r['max_instances']}",
+                      r["admin_reason"] or r["health_reason"])
+    c.console.print(table)
+
+
+@node.command()
+@click.argument("name")
+@click.option("--enable/--disable", required=True, help="Enter or leave maintenance.")
+@click.option("--reason", default="", help="Why (recorded with the state and an event).")
+@click.pass_obj
+def maintenance(c: Ctx, name: str, enable: bool, reason: str) -> None:
+    """Stop (or resume) new placements on a node; its current work stays where it is."""
+    cluster = c.cluster
+    _node(cluster, name)
+    store = _store(cluster)
+    if enable:
+        store.set_node_admin(name, AdminState.MAINTENANCE, eligible=False, reason=reason)
+        msg = f"maintenance enabled: {reason or 'no reason given'}"
+    else:
+        store.set_node_admin(name, AdminState.NONE, eligible=True, reason=reason)
+        msg = f"maintenance disabled: {reason or 'no reason given'}"
+    store.add_event(None, "node", name, msg)
+    store.close()
+    c.console.print(f"{name}: {msg}")
+
+
+def _print_drain(c: Ctx, report: DrainReport, dry_run: bool) -> None:
+    table = Table(title=f"Drain {report.node}" + (" (dry run)" if dry_run else ""),
+                  title_justify="left")
+    for col in ("run", "instance", "action", "detail"):
+        table.add_column(col)
+    for a in report.actions:
+        table.add_row(a.run_id, a.instance_id, a.kind.value, a.detail)
+    c.console.print(table)
+
+
+@node.command()
+@click.argument("name")
+@click.option("--reason", default="", help="Why (recorded).")
+@click.option("--deadline", default="30m", show_default=True,
+              help="How long batch work may run before it is moved or paused.")
+@click.option("--dry-run", is_flag=True, help="Show what the drain would do; change nothing.")
+@click.option("--wait", is_flag=True, help="Keep going until the drain is complete.")
+@click.option("--grace", type=click.FloatRange(min=0), default=10.0, show_default=True,
+              help="Seconds between SIGTERM and SIGKILL for work that is paused.")
+@click.option("--json", "json_out", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def drain(c: Ctx, name: str, reason: str, deadline: str, dry_run: bool, wait: bool,
+          grace: float, json_out: bool) -> None:
+    """Mark a node draining (no new work) and move its work off (reference semantics)."""
+    cluster = c.cluster
+    _node(cluster, name)
+    seconds = parse_duration(deadline)
+    store = _store(cluster)
+    admin = store.node_admin(name)
+    if not dry_run:
+        if admin.admin is not AdminState.DRAINING:
+            store.set_node_admin(name, AdminState.DRAINING, eligible=False, reason=reason,
+                                 deadline=time.time() + seconds)
+            store.add_event(None, "node", name, f"draining: {reason or 'no reason given'} "
+                            f"(deadline {deadline})")
+        elif reason:
+            store.set_node_admin(name, AdminState.DRAINING, eligible=False, reason=reason,
+                                 deadline=admin.deadline)
+    elif admin.admin is not AdminState.DRAINING:
+        # a dry run sees the drain as it would start now
+        store.set_node_admin(name, admin.admin, eligible=admin.eligible, reason=admin.reason,
+                             deadline=admin.deadline)
+
+    async def go() -> DrainReport:
+        async with ConnectionPool(cluster) as pool:
+            session = RunSession(cluster, store, pool)
+            while True:
+                conds = await _conditions(cluster, store, pool)
+                report = await drain_pass(session, name, conds, dry_run=dry_run, grace=grace)
+                if dry_run or report.done or not wait:
+                    return report
+                if not c.json_out and not json_out:
+                    counts = report.counts()
+                    c.err.print(f"{name}: draining ({counts['wait']} waiting, "
+                                f"{counts['blocked']} blocked)")
+                await asyncio.sleep(2.0)
+
+    report = asyncio.run(go())
+    store.close()
+    if c.json_out or json_out:
+        c.emit_json({"node": name, "dry_run": dry_run, "done": report.done,
+                     "counts": report.counts(),
+                     "actions": [{"run_id": a.run_id, "instance_id": a.instance_id,
+                                  "action": a.kind.value, "detail": a.detail}
+                                 for a in report.actions]})
+    else:
+        _print_drain(c, report, dry_run)
+        if report.done:
+            c.console.print(f"{name}: drain complete; the node is in maintenance "
+                            "(`node undrain --mark-eligible` makes it schedulable)")
+        elif not dry_run:
+            c.console.print(f"{name}: draining; run `cluster-experiment node drain {name} "
+                            "--wait` to finish")
+    if any(a.kind is ActionKind.BLOCKED for a in report.actions) and wait:
+        raise InfraError(f"{name}: drain blocked")
+
+
+@node.command()
+@click.argument("name")
+@click.option("--reason", default="", help="Why (recorded).")
+@click.option("--mark-eligible", is_flag=True, help="Also make the node schedulable again.")
+@click.pass_obj
+def undrain(c: Ctx, name: str, reason: str, mark_eligible: bool) -> None:
+    """Cancel a drain (the node stays in maintenance unless --mark-eligible)."""
+    cluster = c.cluster
+    _node(cluster, name)
+    store = _store(cluster)
+    if mark_eligible:
+        store.set_node_admin(name, AdminState.NONE, eligible=True, reason=reason)
+        msg = f"undrained and eligible: {reason or 'no reason given'}"
+    else:
+        store.set_node_admin(name, AdminState.MAINTENANCE, eligible=False, reason=reason)
+        msg = f"drain cancelled; in maintenance: {reason or 'no reason given'}"
+    store.add_event(None, "node", name, msg)
+    store.close()
+    c.console.print(f"{name}: {msg}")
+
+
+@node.command()
+@click.argument("name")
+@click.option("--reason", default="", help="Why (recorded with the events).")
+@click.option("--dry-run", is_flag=True, help="Count what would happen; change nothing.")
+@click.pass_obj
+def reconcile(c: Ctx, name: str, reason: str, dry_run: bool) -> None:
+    """Check the work placed on a node; recover it by policy if the node is gone (JSON)."""
+    from infra.cli.actions import probe_nodes
+    cluster = c.cluster
+    _node(cluster, name)
+    store = _store(cluster)
+
+    async def go() -> dict[str, object]:
+        async with ConnectionPool(cluster) as pool:
+            session = RunSession(cluster, store, pool)
+            health = await probe_nodes(cluster, pool, [name])
+            reachable = name in health and health[name].reachable
+            conds = await _conditions(cluster, store, pool)
+            report = await reconcile_node(session, name, reachable, conds, dry_run=dry_run)
+            doc = report.as_json()
+            doc.update(reachable=reachable, dry_run=dry_run, reason=reason)
+            return doc
+
+    doc = asyncio.run(go())
+    if not dry_run:
+        store.add_event(None, "node", name, f"reconciled: {reason or 'manual'}")
+    store.close()
+    c.emit_json(doc)
+
+
+@click.group()
+def resource() -> None:
+    """Cluster capacity."""
+
+
+@resource.command("list")
+@click.option("--json", "json_out", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def resource_list(c: Ctx, json_out: bool) -> None:
+    """Per node and in total: capacity, what active runs hold, what is free, eligibility."""
+    cluster = c.cluster
+    store = _store(cluster)
+    held: dict[str, dict[str, float]] = {}
+    devices: dict[str, list[str]] = {}
+    for rec in store.active_instances():
+        h = held.setdefault(rec.node, {"ram_gb": 0.0, "gpu_memory_gb": 0.0, "cpu_cores": 0.0,
+                                       "instances": 0})
+        unified = cluster.node(rec.node).unified_memory if rec.node in cluster.node_names \
+            else False
+        gpu_mem = float(rec.spec.get("gpu_memory_gb") or 0.0) \
+            if rec.spec.get("gpu_required") else 0.0
+        h["ram_gb"] += float(rec.spec.get("ram_gb") or 0.0) + (gpu_mem if unified else 0.0)
+        h["gpu_memory_gb"] += 0.0 if unified else gpu_mem
+        h["cpu_cores"] += float(rec.spec.get("cpu_cores") or 0.0)
+        h["instances"] += 1
+        ids = rec.allocation.get("device_ids") or []
+        devices.setdefault(rec.node, []).extend(str(i) for i in ids)
+    admins = {n: store.node_admin(n) for n in cluster.node_names}
+    health = store.node_states()
+    store.close()
+    rows: list[dict[str, Any]] = []
+    total = {"cpu_cores": 0.0, "ram_gb": 0.0, "gpu_memory_gb": 0.0, "instances": 0.0,
+             "held_ram_gb": 0.0, "held_cpu_cores": 0.0, "held_gpu_memory_gb": 0.0}
+    for n in cluster.nodes:
+        h = held.get(n.name, {"ram_gb": 0.0, "gpu_memory_gb": 0.0, "cpu_cores": 0.0,
+                              "instances": 0})
+        row = {"name": n.name, "enabled": n.enabled, "state": health.get(n.name, ("unknown",))[0],
+               "operator": admin_summary(admins[n.name]), "cpu_cores": n.cpu_cores,
+               "ram_gb": n.ram_gb, "available_ram_gb": n.available_ram_gb,
+               "gpu": n.gpu, "gpu_memory_gb": n.gpu_memory_gb,
+               "unified_memory": n.unified_memory, "max_instances": n.max_instances,
+               "held": h, "devices_held": devices.get(n.name, []),
+               "free_ram_gb": n.available_ram_gb - h["ram_gb"],
+               "free_slots": n.max_instances - int(h["instances"])}
+        rows.append(row)
+        if n.enabled:
+            total["cpu_cores"] += n.cpu_cores
+            total["ram_gb"] += n.available_ram_gb
+            total["gpu_memory_gb"] += 0.0 if n.unified_memory else n.gpu_memory_gb
+            total["instances"] += n.max_instances
+            total["held_ram_gb"] += h["ram_gb"]
+            total["held_cpu_cores"] += h["cpu_cores"]
+            total["held_gpu_memory_gb"] += h["gpu_memory_gb"]
+    if c.json_out or json_out:
+        c.emit_json({"nodes": rows, "total": total})
+        return
+    table = Table(title="Resources (held = active instances of every run)",
+                  title_justify="left")
+    for col in ("node", "state", "operator", "cores held/total", "RAM GB held/avail",
+                "GPU", "slots free", "devices held"):
+        table.add_column(col)
+    for r in rows:
+        h = r["held"]
+        gpu = "-" if not r["gpu"] else ("unified" if r["unified_memory"] else
+                                       f"{h['gpu_memory_gb']:g}/{r['gpu_memory_gb']:g} GB")
+        table.add_row(r["name"], r["state"] if r["enabled"] else "disabled", r["operator"],
+                      f"{h['cpu_cores']:g}/{r['cpu_cores']}",
+                      f"{h['ram_gb']:g}/{r['available_ram_gb']:g}", gpu,
+                      f"{r['free_slots']}/{r['max_instances']}",
+                      ", ".join(r["devices_held"]) or "-")
+    table.add_row("[bold]total (enabled)[/]", "", "",
+                  f"{total['held_cpu_cores']:g}/{total['cpu_cores']:g}",
+                  f"{total['held_ram_gb']:g}/{total['ram_gb']:g}",
+                  f"{total['held_gpu_memory_gb']:g}/{total['gpu_memory_gb']:g} GB", "", "")
+    c.console.print(table)
