@@ -506,3 +506,31 @@ def test_failure_limits() -> None:
 
 def test_script_is_python38_syntax() -> None:
     ast.parse(SUPERVISOR_SOURCE.read_text(), feature_version=(3, 8))
+
+
+def test_service_restarts_after_clean_exit_until_stopped(client: SupervisorClient,
+                                                         tmp_path: Path) -> None:
+    count = tmp_path / "service-count"
+    cmd = f"echo x >> {count}; exit 0"
+    req = StartRequest(run_id="svc", instance_id="api", command=cmd,
+                       restart=RestartPolicy(auto_restart=True, retry_delay_seconds=0.05,
+                                             always=True))
+
+    async def scenario() -> InstanceState:
+        await client.start(req)
+        await wait_for(client, "svc", "api", lambda s: s.restarts >= 3, "restarted 3 times")
+        await client.stop("svc", "api", grace=1.0)
+        return await wait_final(client, "svc", "api")
+
+    final = run(scenario())
+    assert final.status is InstanceStatus.STOPPED
+    assert len(count.read_text().split()) >= 4  # a clean exit did not end the service
+    assert all(a.exit_code in (0, None) for a in final.attempts)
+
+
+def test_batch_clean_exit_is_final_without_always(client: SupervisorClient,
+                                                  tmp_path: Path) -> None:
+    count = tmp_path / "batch-count"
+    final = run(_start_and_wait(client, request("svc", "batch", f"echo x >> {count}")))
+    assert final.status is InstanceStatus.EXITED
+    assert count.read_text().split() == ["x"]

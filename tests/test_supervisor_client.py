@@ -162,5 +162,6 @@ def test_restart_policy_and_request_json() -> None:
         "run_id": "r", "instance_id": "i", "node": "n1", "command": "c", "cwd": None,
         "env": {"A": "1"}, "allocation": {"ram_gb": 1}, "gpu_ids": ["0"],
         "results_dir": None,
-        "restart": {"auto_restart": True, "max_retries": None, "retry_delay_seconds": 5.0},
+        "restart": {"auto_restart": True, "max_retries": None, "retry_delay_seconds": 5.0,
+                    "always": False},
     }

@@ -34,6 +34,8 @@ limit for the kind of the latest failure:
 replaces the limit for exit codes and other signals and caps the two signal limits above
 (so ``max_retries=0`` never restarts anything, and a segfault still gives up after 2).
 ``auto_restart: false`` never restarts. ``retry_delay_seconds`` is waited between attempts.
+``always: true`` (service and system jobs) also restarts after a clean exit (code 0); the
+failure limits above still stop a crash loop.
 
 The instance is its process group: when an attempt ends, processes left in its group get
 SIGTERM and, after a short grace, SIGKILL, so a restart never competes with leftovers.
@@ -408,6 +410,8 @@ def describe_end(exit_code: int | None, sig: str | None, oom: bool = False) -> s
 class Supervisor:
     """The daemon that owns one instance: spawns attempts, forwards stops, writes state."""
 
+    always = False
+
     def __init__(self, idir: str, request: dict[str, Any]) -> None:
         self.idir = idir
         self.request = request
@@ -508,6 +512,7 @@ class Supervisor:
         max_retries = restart.get("max_retries")
         max_retries = None if max_retries is None else max(0, int(max_retries))
         delay = max(0.0, float(restart.get("retry_delay_seconds") or 0.0))
+        self.always = bool(restart.get("always", False)) and auto_restart
         results_dir = self.state["results_dir"]
         cwd = self.state["cwd"]
 
@@ -581,9 +586,16 @@ class Supervisor:
             if stopping:
                 self.finish("stopped", f"stopped on request ({reason})")
                 return
-            if kind == "ok":
+            if kind == "ok" and not self.always:
                 self.finish("exited", reason)
                 return
+            if kind == "ok":  # a service (restart: always): a clean exit is restarted too
+                last_reason = f"{reason} (service: restarted always)"
+                self.save(state="restarting", final_reason=None)
+                resume = time.time() + delay
+                while time.time() < resume and not self.stop_pending():
+                    time.sleep(min(0.1, max(0.0, resume - time.time())))
+                continue
             if kind == "intentional":
                 self.finish("stopped", f"{reason}, not sent by the supervisor: treated as an "
                                        "intentional stop")

@@ -93,6 +93,7 @@ def spec_document(spec: ExperimentSpec) -> dict[str, Any]:
         "preferred_node": spec.preferred_node,
         "affinity": list(spec.affinity),
         "anti_affinity": list(spec.anti_affinity),
+        "job_type": str(getattr(getattr(spec, "job_type", None), "value", "batch")),
     }
 
 
@@ -215,7 +216,9 @@ class RunSession:
                         "cpu_cores": spec.get("cpu_cores")},
             restart=RestartPolicy.from_config(self.cluster.failover,
                                               auto_restart=spec.get("auto_restart"),
-                                              max_retries=spec.get("max_retries")),
+                                              max_retries=spec.get("max_retries"),
+                                              always=spec.get("job_type") in ("service",
+                                                                              "system")),
         )
         try:
             client = await self.client(node.name)

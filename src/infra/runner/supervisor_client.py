@@ -188,20 +188,22 @@ class RestartPolicy:
     auto_restart: bool = True
     max_retries: int | None = None
     retry_delay_seconds: float = 5.0
+    always: bool = False  # service/system jobs: a clean exit is restarted too
 
     @classmethod
     def from_config(cls, failover: FailoverSection, *, auto_restart: bool | None = None,
-                    max_retries: int | None = None) -> RestartPolicy:
+                    max_retries: int | None = None, always: bool = False) -> RestartPolicy:
         """The cluster's failover section, with an experiment spec's overrides applied."""
         return cls(
             auto_restart=failover.auto_restart if auto_restart is None else auto_restart,
             max_retries=failover.max_retries if max_retries is None else max_retries,
             retry_delay_seconds=failover.retry_delay_seconds,
+            always=always,
         )
 
     def to_json(self) -> dict[str, Any]:
         return {"auto_restart": self.auto_restart, "max_retries": self.max_retries,
-                "retry_delay_seconds": self.retry_delay_seconds}
+                "retry_delay_seconds": self.retry_delay_seconds, "always": self.always}
 
 
 @dataclass(frozen=True)
