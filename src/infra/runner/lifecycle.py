@@ -251,11 +251,17 @@ class RunSession:
     # ------------------------------------------------------------------ status
 
     def apply_state(self, run_id: str, rec: InstanceRecord, state: InstanceState) -> None:
-        """Fold the supervisor's view of an instance into the store; events on changes."""
+        """Fold the supervisor's view of an instance into the store; events on changes.
+
+        A paused instance stays paused when its node reports it over (the pause reason is
+        the useful one); it becomes running again only if the node says it still runs.
+        """
         phase = _PHASE_OF_STATUS[state.status]
         reason = state.final_reason or ""
         if not reason and state.attempts and state.attempts[-1].reason:
             reason = state.attempts[-1].reason or ""
+        if rec.state is InstancePhase.PAUSED and state.is_final:
+            return
         self.store.update_instance(
             run_id, rec.instance_id, state=phase, pid=state.pid, exit_code=state.exit_code,
             signal=state.signal, started_at=state.created_at or state.started_at,
