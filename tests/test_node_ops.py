@@ -33,7 +33,7 @@ def test_drain_moves_service_lets_batch_finish_then_undrain(project: Path,
     fast_health(project)
     svc = spec(project, "svc", duration=120.0, interval=0.5, job_type="service",
                recover="cluster")
-    bat = spec(project, "bat", duration=4.0, interval=0.2, job_type="batch", recover="cluster")
+    bat = spec(project, "bat", duration=10.0, interval=0.2, job_type="batch", recover="cluster")
     proc = cli(project, "--config", str(svc), "--config", str(bat),
                "--placement", "svc:node1,bat:node1", "--monitor-duration", "0")
     assert proc.returncode == 0, proc.stderr

@@ -194,9 +194,12 @@ def do_run(c: Ctx, cluster: Cluster, specs: tuple[ExperimentSpec, ...], *,
                 raise plan_failure(result)
             run_id = session.record_run(specs, result, views.plan_json(result))
             holder["run"] = run_id
+            # hold the run's lease while launching: a `watch` elsewhere only reports meanwhile
+            store.acquire_lease(run_id, coordinator_id(), 120.0)
             session.emit("run", run_id, f"run {run_id}: {len(result.placements)} instance(s)")
             await session.launch(run_id)
             if monitor_duration is not None and monitor_duration <= 0:
+                store.release_lease(run_id, coordinator_id())
                 return False
             session.emit = _printer(c, saved, quiet=not c.json_out)
             outcome = await _watch(c, session, run_id, monitor_duration, saved)
@@ -231,10 +234,11 @@ def _report(c: Ctx, cluster: Cluster, store: Store, run_id: str, finished: bool)
         else:
             c.console.print(f"Logs and results are in {cluster.log_dir / run_id}")
     store.close()
-    failed = [r for r in records if r.state in (InstancePhase.FAILED, InstancePhase.LOST)]
+    failed = [r for r in records if r.state in (InstancePhase.FAILED, InstancePhase.LOST,
+                                                InstancePhase.PAUSED)]
     if failed and finished:
-        raise InfraError(f"{len(failed)} instance(s) failed: " + ", ".join(
-            f"{r.instance_id} ({r.reason or r.state.value})" for r in failed))
+        raise InfraError(f"{len(failed)} instance(s) did not finish: " + ", ".join(
+            f"{r.instance_id} {r.state.value} ({r.reason or r.state.value})" for r in failed))
 
 
 def do_watch(c: Ctx, run_id: str | None, duration: float | None) -> None:

@@ -153,19 +153,16 @@ def drain(c: Ctx, name: str, reason: str, deadline: str, dry_run: bool, wait: bo
     seconds = parse_duration(deadline)
     store = _store(cluster)
     admin = store.node_admin(name)
+    reason = reason or admin.reason
     if not dry_run:
         if admin.admin is not AdminState.DRAINING:
             store.set_node_admin(name, AdminState.DRAINING, eligible=False, reason=reason,
                                  deadline=time.time() + seconds)
             store.add_event(None, "node", name, f"draining: {reason or 'no reason given'} "
                             f"(deadline {deadline})")
-        elif reason:
+        elif reason != admin.reason:
             store.set_node_admin(name, AdminState.DRAINING, eligible=False, reason=reason,
                                  deadline=admin.deadline)
-    elif admin.admin is not AdminState.DRAINING:
-        # a dry run sees the drain as it would start now
-        store.set_node_admin(name, admin.admin, eligible=admin.eligible, reason=admin.reason,
-                             deadline=admin.deadline)
 
     async def go() -> DrainReport:
         async with ConnectionPool(cluster) as pool:
@@ -289,7 +286,8 @@ def resource_list(c: Ctx, json_out: bool) -> None:
         h = held.get(n.name, {"ram_gb": 0.0, "gpu_memory_gb": 0.0, "cpu_cores": 0.0,
                               "instances": 0})
         row = {"name": n.name, "enabled": n.enabled, "state": health.get(n.name, ("unknown",))[0],
-               "operator": admin_summary(admins[n.name]), "cpu_cores": n.cpu_cores,
+               "operator": admin_summary(admins[n.name]) if n.enabled else "disabled",
+               "cpu_cores": n.cpu_cores,
                "ram_gb": n.ram_gb, "available_ram_gb": n.available_ram_gb,
                "gpu": n.gpu, "gpu_memory_gb": n.gpu_memory_gb,
                "unified_memory": n.unified_memory, "max_instances": n.max_instances,

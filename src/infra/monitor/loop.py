@@ -192,8 +192,23 @@ class Monitor:
                   for n, t in self.trackers.items()}
         return merge_conditions(health, admin_conditions(self.s.cluster, self.s.store))
 
+    async def _resume_launch(self) -> None:
+        """Finish a launch a dead coordinator left half done (starts are idempotent)."""
+        records = self.s.store.instances(self.run_id)
+        pending = [r for r in records if r.pid is None and r.state in (
+            InstancePhase.PLANNED, InstancePhase.DEPLOYING, InstancePhase.STARTING)]
+        if not pending:
+            return
+        nodes = {r.node for r in pending if not self._node_down(r.node)}
+        failed = await self.s.deploy_for_run(self.run_id, nodes, only="resume")
+        for rec in pending:
+            if rec.node in nodes and rec.node not in failed:
+                self.s.emit("start", rec.instance_id, "resuming an unfinished launch")
+                await self.s.start_instance(self.run_id, rec)
+
     async def _recover(self) -> None:
         """Apply each instance's ``recover`` policy to lost nodes and exhausted restarts."""
+        await self._resume_launch()
         for rec in self.s.store.instances(self.run_id):
             t = self.trackers.get(rec.node)
             policy = RecoverPolicy(rec.spec.get("recover", "none"))

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from infra.config.model import Cluster, ExperimentSpec, NodeConfig, RecoverPolicy
-from infra.errors import InfraError, TransportError
+from infra.errors import InfraError, TransportError, UsageError
 from infra.placement import Condition, NodeCondition, Plan, plan, why_not
 from infra.runner.deploy import DeployResult, deploy_all
 from infra.runner.supervisor_client import (
@@ -193,7 +193,8 @@ class RunSession:
                     self.event(run_id, "deploy", name, f"deployed ({sent})")
             else:
                 failed.add(name)
-                self.event(run_id, "deploy", name, f"deploy failed: {res}")
+                why = res.reason if isinstance(res, TransportError) else res.one_line()
+                self.event(run_id, "deploy", name, f"deploy failed: {why}")
         return failed
 
     async def start_instance(self, run_id: str, rec: InstanceRecord) -> None:
@@ -479,36 +480,56 @@ class RunSession:
 
     # ------------------------------------------------------------------ results
 
-    async def fetch_results(self, run_id: str, rec: InstanceRecord) -> list[Path]:
-        """Copy the spec's ``results`` (globs under the instance's cwd) into logs/<run>/<id>/."""
-        patterns = list(rec.spec.get("results") or [])
-        if not patterns:
-            self.store.update_instance(run_id, rec.instance_id, results_fetched=1)
-            return []
-        node = self.cluster.node(rec.node)
-        transport = await self.transport(rec.node)
-        cwd = instance_cwd(node, rec.spec)
-        result = await transport.run([node.python_path, "-c", _RESULTS_LISTER, cwd,
+    async def _list_results(self, node: NodeConfig, base: str,
+                            patterns: list[str]) -> tuple[str, list[str]]:
+        transport = await self.transport(node.name)
+        result = await transport.run([node.python_path, "-c", _RESULTS_LISTER, base,
                                       str(MAX_RESULT_FILES), *patterns],
                                      timeout=self.cluster.health_check.timeout_seconds * 3)
         try:
             listing = extract_json(result.stdout)
         except ValueError:
-            raise TransportError(rec.node, "could not list results: "
+            raise TransportError(node.name, "could not list results: "
                                  f"{(result.stderr or result.stdout).strip()[-200:]}") from None
-        base: str = listing["base"]
+        return str(listing["base"]), list(listing["files"])
+
+    async def fetch_results(self, run_id: str, rec: InstanceRecord) -> list[Path]:
+        """Copy results home into logs/<run>/<id>/: the spec's ``results`` globs (relative to
+        the instance's cwd) and everything the experiment wrote to ``$INFRA_RESULTS_DIR``
+        (into ``results/``)."""
+        patterns = list(rec.spec.get("results") or [])
+        node = self.cluster.node(rec.node)
+        transport = await self.transport(rec.node)
+        sources: list[tuple[str, list[str], str]] = []
+        if patterns:
+            base, files = await self._list_results(node, instance_cwd(node, rec.spec), patterns)
+            sources.append((base, files, ""))
+        states = await (await self.client(rec.node)).status(run_id)
+        mine = [s for s in states if s.instance_id == rec.instance_id and s.results_dir]
+        if mine and mine[0].results_dir:
+            base, files = await self._list_results(node, mine[0].results_dir, ["*"])
+            sources.append((base, files, "results"))
         dest_root = local_results_dir(self.cluster, run_id, rec.instance_id)
         fetched: list[Path] = []
-        for rel in listing["files"]:
+        for base, files, prefix in sources:
+            fetched += await self._copy_home(transport, base, files,
+                                             dest_root / prefix if prefix else dest_root)
+        self.store.update_instance(run_id, rec.instance_id, results_fetched=1)
+        if fetched or patterns:
+            self.event(run_id, "results", rec.instance_id,
+                       f"fetched {len(fetched)} result file(s) into {dest_root}")
+        return fetched
+
+    async def _copy_home(self, transport: Transport, base: str, files: list[str],
+                         dest_root: Path) -> list[Path]:
+        fetched: list[Path] = []
+        for rel in files:
             dest = (dest_root / rel).resolve()
             if not str(dest).startswith(str(dest_root.resolve()) + os.sep):
                 continue  # never write outside the results directory
             dest.parent.mkdir(parents=True, exist_ok=True)
             await transport.get(posixpath.join(base, rel), str(dest))
             fetched.append(dest)
-        self.store.update_instance(run_id, rec.instance_id, results_fetched=1)
-        self.event(run_id, "results", rec.instance_id,
-                   f"fetched {len(fetched)} result file(s) into {dest_root}")
         return fetched
 
     # ------------------------------------------------------------------ stop
@@ -520,7 +541,7 @@ class RunSession:
         if instance_id is not None:
             records = [r for r in records if r.instance_id == instance_id]
             if not records:
-                raise InfraError(f"run {run_id} has no instance {instance_id!r}")
+                raise UsageError(f"run {run_id} has no instance {instance_id!r}")
         by_node: dict[str, list[InstanceRecord]] = {}
         for rec in records:
             by_node.setdefault(rec.node, []).append(rec)
