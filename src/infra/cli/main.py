@@ -28,6 +28,7 @@ from infra.config import (
     load_spec,
     parse_pins,
 )
+from infra.config.model import Strategy
 from infra.errors import InfraError, PlacementError, UsageError
 from infra.placement import Plan, plan, why_not
 
@@ -89,7 +90,7 @@ def load_specs(cluster: Cluster, paths: Sequence[str]) -> tuple[ExperimentSpec, 
 
 def make_plan(cluster: Cluster, specs: tuple[ExperimentSpec, ...], placement: str | None,
               auto_place: bool, force: bool, conditions: Any = None,
-              occupied: Any = ()) -> Plan:
+              occupied: Any = (), facts: Any = None) -> Plan:
     """Check pins and --auto-place, then run the engine."""
     pins = parse_pins(placement, cluster, specs)
     unpinned = [s.experiment_id for s in specs if s.experiment_id not in pins]
@@ -97,7 +98,7 @@ def make_plan(cluster: Cluster, specs: tuple[ExperimentSpec, ...], placement: st
         raise UsageError(f"no placement for {', '.join(unpinned)}: add --auto-place to let the "
                          "scheduler choose, or pin with --placement INSTANCE:NODE,...")
     return plan(cluster, specs, pins=pins, conditions=conditions, force=force,
-                occupied=occupied)
+                occupied=occupied, facts=facts)
 
 
 def stored_context(cluster: Cluster) -> dict[str, Any]:
@@ -138,6 +139,8 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 
               help="Experiment spec file or directory (repeatable).")
 @click.option("--placement", metavar="ID:NODE,...", help="Pin instances to nodes.")
 @click.option("--auto-place", is_flag=True, help="Let the scheduler place unpinned instances.")
+@click.option("--strategy", type=click.Choice([s.value for s in Strategy]), default=None,
+              help="Placement strategy (default: placement.strategy in the config, else score).")
 @click.option("--force", is_flag=True, help="Accept pins that break hard constraints.")
 @click.option("--dry-run", is_flag=True, help="Show the plan (or deploy changes); change nothing.")
 @click.option("--explain", is_flag=True, help="With a plan: every node's score parts or reason.")
@@ -153,7 +156,8 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 
 def cli(ctx: click.Context, cluster_config: str | None, validate_config: bool,
         health_check: bool, deploy_all: bool, configs: tuple[str, ...], placement: str | None,
         auto_place: bool, force: bool, dry_run: bool, explain: bool, json_out: bool,
-        monitor_duration: float | None, delete: bool, accept_new_host_keys: bool) -> None:
+        monitor_duration: float | None, delete: bool, accept_new_host_keys: bool,
+        strategy: str | None = None) -> None:
     """Place, run and watch lab experiments on a small cluster over SSH."""
     if ctx.invoked_subcommand is not None:
         ctx.obj = Ctx(find_cluster_config(cluster_config), json_out=json_out)
@@ -164,6 +168,8 @@ def cli(ctx: click.Context, cluster_config: str | None, validate_config: bool,
     c = Ctx(find_cluster_config(cluster_config), json_out=json_out)
     ctx.obj = c
     cluster = c.cluster
+    if strategy is not None:  # the cluster object carries it to every plan() of this command
+        cluster = c._cluster = cluster.with_strategy(Strategy(strategy))
     if (placement or auto_place) and not configs:
         raise UsageError("--placement/--auto-place need experiment specs: add --config SPEC")
     specs = load_specs(cluster, configs) if configs else ()

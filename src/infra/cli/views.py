@@ -16,7 +16,7 @@ from rich.text import Text
 
 from infra.config.model import Cluster, ExperimentSpec
 from infra.errors import InfraError
-from infra.placement import Plan, why_not
+from infra.placement import NodeEvaluation, Plan, ScorePart, why_not
 from infra.probe.health import NodeHealth
 from infra.runner.deploy import DeployResult
 from infra.state import InstanceRecord, RunRecord
@@ -75,34 +75,59 @@ def plan_table(plan: Plan) -> Table:
     return table
 
 
+# Short column headers for known score parts; any other part shows under its own name.
+PART_LABELS = {"ram_efficiency": "ram_eff", "load_balance": "load", "gpu_match": "gpu",
+               "preferred_node": "preferred", "binpack_cpu": "cpu fit", "binpack_memory":
+               "mem fit", "spread_cpu": "cpu spread", "spread_memory": "mem spread"}
+
+
+def _part_names(evals: tuple[NodeEvaluation, ...]) -> list[str]:
+    """Every score part any feasible node got, in the order the strategy produces them."""
+    names: dict[str, None] = {}
+    for ev in evals:
+        for part in ev.parts:
+            names.setdefault(part.name, None)
+    return list(names)
+
+
+def _detail(parts: tuple[ScorePart, ...]) -> str:
+    """The headline detail (the first part, and its siblings like binpack_cpu/_memory), plus
+    the affinity peers if any."""
+    if not parts:
+        return ""
+    family = parts[0].name.split("_")[0] + "_"
+    details = [p.detail.split(" (")[0] for p in parts if p.name.startswith(family) and p.detail]
+    details += [p.detail for p in parts if p.name == "affinity" and p.points]
+    return "; ".join(details)
+
+
 def explain(plan: Plan) -> RenderableType:
-    """Per instance, each node's score parts or its rejection reason."""
-    chosen = plan.as_dict()
+    """Per instance, each node's score parts (whatever the strategy produces) or its
+    rejection reason; the chosen node's allocation under the title when it has one."""
+    placed = {p.instance_id: p for p in plan.placements}
     blocks: list[RenderableType] = []
     for instance, evals in plan.evaluations.items():
-        table = Table(title=f"{instance} -> {chosen.get(instance, 'NOT PLACED')}",
-                      title_justify="left")
+        p = placed.get(instance)
+        title = f"{instance} -> {p.node if p else 'NOT PLACED'}"
+        if p is not None and p.allocation is not None and p.allocation.summary():
+            title += f" [{p.allocation.summary()}]"
+        table = Table(title=Text(title), title_justify="left")
+        names = _part_names(evals)
         table.add_column("node")
         table.add_column("total")
-        table.add_column("ram_eff")
-        table.add_column("load")
-        table.add_column("gpu")
-        table.add_column("affinity")
-        table.add_column("preferred")
-        table.add_column("RAM use / why not")
+        for name in names:
+            table.add_column(PART_LABELS.get(name, name))
+        table.add_column("detail / why not")
         for ev in evals:
-            mark = "*" if chosen.get(instance) == ev.node else ""
+            mark = "*" if p is not None and p.node == ev.node else ""
             if not ev.feasible:
-                table.add_row(ev.node, "-", "", "", "", "", "", Text(f"rejected: {ev.rejection}",
-                                                                     style="red"))
+                table.add_row(ev.node, "-", *([""] * len(names)),
+                              Text(f"rejected: {ev.rejection}", style="red"))
                 continue
-            pts = {p.name: p for p in ev.parts}
-            cells = [_num(round(pts[k].points, 2)) if k in pts else "" for k in
-                     ("ram_efficiency", "load_balance", "gpu_match", "affinity", "preferred_node")]
-            detail = pts["ram_efficiency"].detail.split(" (")[0] if "ram_efficiency" in pts else ""
-            if "affinity" in pts and pts["affinity"].points:
-                detail += f"; {pts['affinity'].detail}"
-            table.add_row(f"{ev.node}{mark}", _num(round(ev.total, 2)), *cells, detail)
+            pts = {part.name: part for part in ev.parts}
+            cells = [_num(round(pts[k].points, 2)) if k in pts else "" for k in names]
+            table.add_row(f"{ev.node}{mark}", _num(round(ev.total, 2)), *cells,
+                          _detail(ev.parts))
         blocks.append(table)
     return Group(*blocks)
 
@@ -127,7 +152,8 @@ def plan_json(plan: Plan) -> dict[str, Any]:
         entry: dict[str, Any] = {"node": placed.node if placed else None, "nodes": nodes}
         if placed:
             entry.update(score=round(placed.score, 6), pinned=placed.pinned,
-                         forced=list(placed.forced))
+                         forced=list(placed.forced),
+                         allocation=placed.allocation.to_json() if placed.allocation else None)
         elif instance in plan.pin_errors:
             entry["error"] = f"pin refused: {plan.pin_errors[instance]}"
         else:
@@ -135,6 +161,7 @@ def plan_json(plan: Plan) -> dict[str, Any]:
         instances[instance] = entry
     return {
         "placements": plan.as_dict(),
+        "strategy": plan.strategy.value,
         "order": [p.instance_id for p in plan.placements],
         "instances": instances,
         "unplaced": list(plan.unplaced) + list(plan.pin_errors),

@@ -7,10 +7,14 @@ Everything here is a plain value: parsing and validation live in ``topology.py``
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 LOCAL_HOSTS = frozenset({"localhost", "local"})
+# What every node runs unless it says otherwise: processes started on the host by the supervisor.
+DEFAULT_RUNTIME_DRIVERS = ("host_local",)
 
 
 class NodeType(str, enum.Enum):
@@ -31,9 +35,229 @@ class RecoverPolicy(str, enum.Enum):
 
 
 class Strategy(str, enum.Enum):
-    """Placement strategy; only the reference points system exists for now."""
+    """Placement strategy: the reference points system, or Nomad-style bin packing / spreading."""
 
     SCORE = "score"
+    BINPACK = "binpack"
+    SPREAD = "spread"
+
+
+class JobType(str, enum.Enum):
+    """Nomad-style job type: system/sysbatch run one copy on every eligible node."""
+
+    SERVICE = "service"
+    BATCH = "batch"
+    SYSTEM = "system"
+    SYSBATCH = "sysbatch"
+
+
+class PortProtocol(str, enum.Enum):
+    """Protocol of an explicitly reserved port (recorded; the port number is what conflicts)."""
+
+    TCP = "tcp"
+    UDP = "udp"
+    HTTP = "http"
+    GRPC = "grpc"
+
+
+class VolumeMode(str, enum.Enum):
+    """Access mode of a host volume (recorded and passed on; nothing is mounted)."""
+
+    RO = "ro"
+    RW = "rw"
+
+
+class Operator(str, enum.Enum):
+    """Constraint operators (Nomad's set): compare a node attribute with a value."""
+
+    EQ = "="
+    NE = "!="
+    LT = "<"
+    LE = "<="
+    GT = ">"
+    GE = ">="
+    REGEXP = "regexp"
+    VERSION = "version"
+    SET_CONTAINS = "set_contains"
+    SET_CONTAINS_ANY = "set_contains_any"
+    IS_SET = "is_set"
+    IS_NOT_SET = "is_not_set"
+    DISTINCT_HOSTS = "distinct_hosts"
+
+
+# A node attribute value: scalars, or a set of strings (tags, list attributes).
+AttrValue = str | int | float | bool | frozenset[str]
+
+
+@dataclass(frozen=True)
+class NodeDevice:
+    """One device a node offers (declared in the topology or detected by the probe)."""
+
+    id: str
+    kind: str = "gpu"
+    vendor: str | None = None
+    driver: str | None = None
+    memory_mb: float | None = None
+    capabilities: frozenset[str] = frozenset()
+    index: int | None = None  # CUDA/ROCm device index when known
+
+    def describe(self) -> str:
+        """Short human form, e.g. ``gpu0: nvidia cuda 8192 MB``."""
+        bits = [b for b in (self.vendor, self.driver) if b]
+        if self.memory_mb is not None:
+            bits.append(f"{self.memory_mb:g} MB")
+        return f"{self.id}: {' '.join(bits)}" if bits else self.id
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """A placement constraint: ``attribute operator value`` over node attributes.
+
+    A plain string constraint in a file becomes ``tags set_contains <tag>`` with ``tag`` set,
+    so its rejection reads "needs tag cuda".
+    """
+
+    attribute: str
+    operator: Operator
+    value: str | None = None
+    tag: str | None = None
+
+    def describe(self) -> str:
+        """The constraint as the user would read it."""
+        if self.tag is not None:
+            return f"tag {self.tag}"
+        if self.operator in (Operator.IS_SET, Operator.IS_NOT_SET):
+            return f"{self.attribute} {self.operator.value}"
+        if self.operator is Operator.DISTINCT_HOSTS:
+            return "distinct_hosts" + ("" if self.value in (None, "true") else f" {self.value}")
+        return f"{self.attribute} {self.operator.value} {self.value}"
+
+    def to_json(self) -> Any:
+        """Plain JSON form (a string for a tag constraint), as a spec file would hold it."""
+        if self.tag is not None:
+            return self.tag
+        doc: dict[str, Any] = {"attribute": self.attribute, "operator": self.operator.value}
+        if self.value is not None:
+            doc["value"] = self.value
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: Any) -> Constraint:
+        """Inverse of ``to_json`` (trusted input: documents this program wrote)."""
+        if isinstance(doc, str):
+            return tag_constraint(doc)
+        value = doc.get("value")
+        return cls(str(doc.get("attribute", "")), Operator(doc["operator"]),
+                   None if value is None else str(value))
+
+
+def tag_constraint(tag: str) -> Constraint:
+    """The constraint a plain string stands for: the node must advertise ``tag``."""
+    return Constraint("tags", Operator.SET_CONTAINS, tag, tag=tag)
+
+
+@dataclass(frozen=True)
+class DeviceRequest:
+    """``count`` devices of ``kind`` matching every given filter, allocated by id."""
+
+    kind: str = "gpu"
+    count: int = 1
+    vendor: str | None = None
+    driver: str | None = None
+    min_memory_mb: float = 0.0
+    capabilities: frozenset[str] = frozenset()
+    ids: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"kind": self.kind, "count": self.count}
+        if self.vendor is not None:
+            doc["vendor"] = self.vendor
+        if self.driver is not None:
+            doc["driver"] = self.driver
+        if self.min_memory_mb:
+            doc["min_memory_mb"] = self.min_memory_mb
+        if self.capabilities:
+            doc["capabilities"] = sorted(self.capabilities)
+        if self.ids:
+            doc["ids"] = list(self.ids)
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> DeviceRequest:
+        return cls(kind=str(doc.get("kind", "gpu")), count=int(doc.get("count", 1)),
+                   vendor=doc.get("vendor"), driver=doc.get("driver"),
+                   min_memory_mb=float(doc.get("min_memory_mb") or 0.0),
+                   capabilities=frozenset(doc.get("capabilities") or ()),
+                   ids=tuple(doc.get("ids") or ()))
+
+
+@dataclass(frozen=True)
+class PortRequest:
+    """One explicit port to reserve on the node, under a label (``INFRA_PORT_<LABEL>``)."""
+
+    label: str
+    port: int
+    protocol: PortProtocol = PortProtocol.TCP
+
+
+@dataclass(frozen=True)
+class VolumeRequest:
+    """A host path the instance needs on its node; recorded and passed on, never mounted."""
+
+    name: str
+    source: str
+    target: str
+    mode: VolumeMode = VolumeMode.RO
+    type: str = "host"
+
+
+@dataclass(frozen=True)
+class ResourceRequest:
+    """The rich part of a spec's ``resources`` (CPU and memory live on the spec itself)."""
+
+    disk_gb: float = 0.0
+    devices: tuple[DeviceRequest, ...] = ()
+    ports: tuple[PortRequest, ...] = ()
+    volumes: tuple[VolumeRequest, ...] = ()
+    runtime_driver: str | None = None
+
+    @property
+    def empty(self) -> bool:
+        return self == ResourceRequest()
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON form for the state store (``from_json`` reads it back)."""
+        doc: dict[str, Any] = {}
+        if self.disk_gb:
+            doc["disk_gb"] = self.disk_gb
+        if self.devices:
+            doc["devices"] = [d.to_json() for d in self.devices]
+        if self.ports:
+            doc["ports"] = [{"label": p.label, "port": p.port, "protocol": p.protocol.value}
+                            for p in self.ports]
+        if self.volumes:
+            doc["volumes"] = [{"name": v.name, "source": v.source, "target": v.target,
+                               "mode": v.mode.value, "type": v.type} for v in self.volumes]
+        if self.runtime_driver is not None:
+            doc["runtime_driver"] = self.runtime_driver
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any] | None) -> ResourceRequest:
+        """Inverse of ``to_json`` (trusted input: documents this program wrote)."""
+        if not doc:
+            return cls()
+        return cls(
+            disk_gb=float(doc.get("disk_gb") or 0.0),
+            devices=tuple(DeviceRequest.from_json(d) for d in doc.get("devices") or ()),
+            ports=tuple(PortRequest(str(p["label"]), int(p["port"]),
+                                    PortProtocol(p.get("protocol", "tcp")))
+                        for p in doc.get("ports") or ()),
+            volumes=tuple(VolumeRequest(str(v["name"]), str(v["source"]), str(v["target"]),
+                                        VolumeMode(v.get("mode", "ro")), str(v.get("type", "host")))
+                          for v in doc.get("volumes") or ()),
+            runtime_driver=doc.get("runtime_driver"),
+        )
 
 
 @dataclass(frozen=True)
@@ -59,6 +283,12 @@ class NodeConfig:
     enabled: bool = True
     tags: frozenset[str] = frozenset()
     unified_memory: bool = False
+    scheduling_eligible: bool = True
+    attributes: tuple[tuple[str, AttrValue], ...] = ()
+    devices: tuple[NodeDevice, ...] = ()
+    host_paths: tuple[str, ...] = ()
+    runtime_drivers: tuple[str, ...] = DEFAULT_RUNTIME_DRIVERS
+    disk_gb: float | None = None
 
     @property
     def is_local(self) -> bool:
@@ -140,8 +370,11 @@ class LoggingSection:
 
 @dataclass(frozen=True)
 class PlacementSection:
+    """Scheduler settings: strategy, tie-break node order, constraints for every instance."""
+
     strategy: Strategy = Strategy.SCORE
     preferences: tuple[str, ...] = ()
+    constraints: tuple[Constraint, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -176,6 +409,10 @@ class Cluster:
     @property
     def node_names(self) -> tuple[str, ...]:
         return tuple(n.name for n in self.nodes)
+
+    def with_strategy(self, strategy: Strategy) -> Cluster:
+        """The same cluster placing with ``strategy`` (the ``--strategy`` flag)."""
+        return replace(self, placement=replace(self.placement, strategy=strategy))
 
     @property
     def root(self) -> Path:
@@ -218,6 +455,10 @@ class ExperimentSpec:
     description: str = ""
     params: tuple[tuple[str, object], ...] = field(default=(), compare=False)
     extra: tuple[tuple[str, object], ...] = field(default=(), compare=False)
+    resources: ResourceRequest = ResourceRequest()
+    constraints: tuple[Constraint, ...] = ()
+    job_type: JobType = JobType.BATCH
+    template_id: str | None = None  # system/sysbatch copy: the spec it was expanded from
 
     @property
     def ram_demand_unified(self) -> float:

@@ -8,14 +8,43 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from infra.config.model import Cluster, ExperimentSpec, RecoverPolicy
+from infra.config.model import Cluster, ExperimentSpec, JobType, RecoverPolicy
 from infra.config.reader import Section, check_safe_id, load_document
+from infra.config.resources import ParsedResources, parse_constraints, parse_resources
 from infra.errors import ConfigError, UsageError
 
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 RECOVER_CHOICES = [r.value for r in RecoverPolicy]
-# Keys the scheduler work (resources, constraints, job types) will use: accepted and kept.
-RESERVED_SPEC_KEYS = frozenset({"resources", "constraints", "job_type"})
+JOB_TYPES = [j.value for j in JobType]
+# Keys accepted and kept for later features (none now: resources, constraints and job_type
+# are real).
+RESERVED_SPEC_KEYS: frozenset[str] = frozenset()
+
+
+def _merge_scalar(s: Section, flat_key: str, flat_unit: str, res_value: float | None,
+                  res_key: str | None, default: float, *, positive: bool) -> float:
+    """A flat key and its ``resources`` spelling: either may be given; both must agree."""
+    if positive:
+        flat = s.number(flat_key, None, positive=True)
+    else:
+        flat = s.number(flat_key, None, minimum=0.0)
+    if res_value is None:
+        return default if flat is None else float(flat)
+    if flat is not None and abs(flat - res_value) > 1e-9:
+        raise ConfigError(s.file, f"resources.{res_key}",
+                          f"conflicts with {flat_key}: resources.{res_key} means "
+                          f"{res_value:g} {flat_unit}, {flat_key} is {flat:g}; keep one")
+    return res_value
+
+
+def _gpu_required(s: Section, res: ParsedResources, default: bool) -> bool:
+    """``gpu_required``, implied true by a GPU device request in ``resources``."""
+    flat = s.boolean("gpu_required", None)
+    if res.wants_gpu:
+        if flat is False:
+            raise s.error("gpu_required", "is false but resources requests a GPU device")
+        return True
+    return default if flat is None else bool(flat)
 
 
 def load_spec(path: str | Path, cluster: Cluster) -> ExperimentSpec:
@@ -69,7 +98,8 @@ def parse_spec(data: Any, path: Path, cluster: Cluster) -> ExperimentSpec:
         env.append((name, str(value)))
 
     defaults = cluster.defaults
-    gpu_required = s.boolean("gpu_required", defaults.gpu_required)
+    res = parse_resources(s.section("resources"))
+    gpu_required = _gpu_required(s, res, defaults.gpu_required)
     gpu_memory = s.number("gpu_memory_gb", defaults.gpu_memory_gb if gpu_required else 0.0,
                           minimum=0.0)
     if gpu_memory > 0 and not gpu_required:
@@ -101,10 +131,12 @@ def parse_spec(data: Any, path: Path, cluster: Cluster) -> ExperimentSpec:
         source=path.resolve(),
         workdir=workdir,
         env=tuple(env),
-        ram_gb=s.number("ram_gb", defaults.ram_gb, positive=True),
+        ram_gb=_merge_scalar(s, "ram_gb", "GB", res.ram_gb, res.ram_key, defaults.ram_gb,
+                             positive=True),
         gpu_required=gpu_required,
         gpu_memory_gb=gpu_memory,
-        cpu_cores=s.number("cpu_cores", defaults.cpu_cores, minimum=0.0),
+        cpu_cores=_merge_scalar(s, "cpu_cores", "cores", res.cpu_cores, res.cpu_key,
+                                defaults.cpu_cores, positive=False),
         preferred_node=preferred,
         affinity=affinity,
         anti_affinity=anti,
@@ -116,6 +148,9 @@ def parse_spec(data: Any, path: Path, cluster: Cluster) -> ExperimentSpec:
         description=s.string("description", "", allow_empty=True),
         params=tuple(sorted((params or {}).items())),
         extra=tuple(sorted((k, s.data[k]) for k in RESERVED_SPEC_KEYS if k in s.data)),
+        resources=res.request,
+        constraints=parse_constraints(s, "constraints"),
+        job_type=s.choice("job_type", JobType, JOB_TYPES, JobType.BATCH),
     )
     s.finish(reserved=RESERVED_SPEC_KEYS)
     return spec

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from infra.config.model import (
+    DEFAULT_RUNTIME_DRIVERS,
     LOCAL_HOSTS,
     Cluster,
     ClusterSection,
@@ -28,6 +29,12 @@ from infra.config.model import (
     Strategy,
 )
 from infra.config.reader import Section, check_abs_path, check_safe_id, load_document
+from infra.config.resources import (
+    parse_attributes,
+    parse_constraints,
+    parse_host_paths,
+    parse_node_devices,
+)
 from infra.errors import ConfigError
 
 NODE_TYPES = [t.value for t in NodeType]
@@ -123,6 +130,8 @@ def _node(s: Section, base_dir: Path) -> NodeConfig:
     if user is not None and (any(c.isspace() for c in user) or user.startswith("-")):
         raise s.error("ssh_user", f"is not a valid user name: {user!r}")
     tags = s.string_list("tags", ())
+    drivers = s.string_list("runtime_drivers", DEFAULT_RUNTIME_DRIVERS)
+    disk_gb = s.number("disk_gb", None, minimum=0.0)
     node = NodeConfig(
         name=name,
         host=host,
@@ -143,6 +152,12 @@ def _node(s: Section, base_dir: Path) -> NodeConfig:
         enabled=s.boolean("enabled", True),
         tags=frozenset(tags),
         unified_memory=unified,
+        scheduling_eligible=s.boolean("scheduling_eligible", True),
+        attributes=parse_attributes(s),
+        devices=parse_node_devices(s, gpu),
+        host_paths=parse_host_paths(s),
+        runtime_drivers=tuple(dict.fromkeys(d.strip() for d in drivers)),
+        disk_gb=disk_gb,
     )
     s.finish()
     return node
@@ -250,6 +265,7 @@ def _logging(s: Section) -> LoggingSection:
 
 def _placement(s: Section, nodes: tuple[NodeConfig, ...]) -> PlacementSection:
     strategy = s.choice("strategy", Strategy, [x.value for x in Strategy], Strategy.SCORE)
+    constraints = parse_constraints(s, "constraints")
     prefs = s.string_list("preferences", ())
     names = {n.name for n in nodes}
     for i, name in enumerate(prefs):
@@ -257,7 +273,7 @@ def _placement(s: Section, nodes: tuple[NodeConfig, ...]) -> PlacementSection:
             raise ConfigError(s.file, f"{s.key('preferences')}[{i}]",
                               f"unknown node {name!r}; nodes: {', '.join(sorted(names))}")
     s.finish()
-    return PlacementSection(strategy=strategy, preferences=prefs)
+    return PlacementSection(strategy=strategy, preferences=prefs, constraints=constraints)
 
 
 def _deploy(s: Section) -> DeploySection:

@@ -4,6 +4,8 @@ scorers and take the best. Pure: no I/O, the result depends only on its inputs.
 Order: pinned instances first, then GPU-required first, larger RAM first, then id; an
 instance waits for the peers it names in ``affinity`` (cycles broken by that base order).
 Ties go to the node listed first in the topology (or in ``placement.preferences``).
+Every placement records its ``Allocation`` (device ids, ports, volumes, driver, amounts);
+devices and ports held by this plan or by ``occupied`` work are never handed out twice.
 """
 
 from __future__ import annotations
@@ -12,11 +14,17 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from infra.config.model import Cluster, ExperimentSpec, NodeConfig, Strategy
+from infra.placement.allocation import Allocation
 from infra.placement.checks import DEFAULT_CHECKS, Check, all_rejections, first_rejection
-from infra.placement.scoring import REFERENCE_SCORERS, ScorePart, Scorer
+from infra.placement.scoring import STRATEGIES, ScorePart, Scorer
 from infra.placement.snapshot import NodeCondition, Snapshot
+from infra.probe.facts import NodeFacts
 
-STRATEGIES: dict[Strategy, tuple[Scorer, ...]] = {Strategy.SCORE: REFERENCE_SCORERS}
+__all__ = ["STRATEGIES", "NodeEvaluation", "Occupied", "Placement", "Plan", "base_key",
+           "evaluate", "normalize_occupied", "placement_order", "plan", "why_not"]
+
+# Work already running: (spec, node) or (spec, node, allocation-or-None).
+Occupied = tuple[ExperimentSpec, str] | tuple[ExperimentSpec, str, Allocation | None]
 
 
 @dataclass(frozen=True)
@@ -46,6 +54,7 @@ class Placement:
     parts: tuple[ScorePart, ...]
     pinned: bool = False
     forced: tuple[str, ...] = ()  # hard constraints a --force pin overrode
+    allocation: Allocation | None = None  # always set by plan()
 
 
 @dataclass(frozen=True)
@@ -56,6 +65,7 @@ class Plan:
     evaluations: Mapping[str, tuple[NodeEvaluation, ...]]
     unplaced: tuple[str, ...] = ()
     pin_errors: Mapping[str, str] = field(default_factory=dict)
+    strategy: Strategy = Strategy.SCORE
 
     @property
     def ok(self) -> bool:
@@ -69,6 +79,12 @@ class Plan:
 
     def as_dict(self) -> dict[str, str]:
         return {p.instance_id: p.node for p in self.placements}
+
+    def allocation_of(self, instance_id: str) -> Allocation | None:
+        for p in self.placements:
+            if p.instance_id == instance_id:
+                return p.allocation
+        return None
 
 
 def base_key(spec: ExperimentSpec) -> tuple[bool, float, str]:
@@ -100,28 +116,45 @@ def evaluate(snap: Snapshot, node: NodeConfig, spec: ExperimentSpec,
     return NodeEvaluation(node.name, None, tuple(score(snap, node, spec) for score in scorers))
 
 
+def normalize_occupied(items: Iterable[Occupied]
+                       ) -> list[tuple[ExperimentSpec, str, Allocation | None]]:
+    """Normalize (spec, node) and (spec, node, allocation) items to triples."""
+    out: list[tuple[ExperimentSpec, str, Allocation | None]] = []
+    for item in items:
+        if len(item) == 2:
+            out.append((item[0], item[1], None))
+        else:
+            out.append((item[0], item[1], item[2]))
+    return out
+
+
 def plan(cluster: Cluster, specs: Iterable[ExperimentSpec], *,
          pins: Mapping[str, str] | None = None,
          conditions: Mapping[str, NodeCondition] | None = None,
          force: bool = False,
          strategy: Strategy | None = None,
-         occupied: Iterable[tuple[ExperimentSpec, str]] = (),
-         checks: tuple[tuple[str, Check], ...] = DEFAULT_CHECKS) -> Plan:
+         occupied: Iterable[Occupied] = (),
+         checks: tuple[tuple[str, Check], ...] = DEFAULT_CHECKS,
+         facts: Mapping[str, NodeFacts] | None = None) -> Plan:
     """Place every spec. Pins are checked against the hard constraints unless ``force``.
 
-    ``occupied`` is work already running (spec, node): it uses capacity and counts for
-    affinity and anti-affinity, but is not placed again.
+    ``occupied`` is work already running, as (spec, node) or (spec, node, allocation): it
+    uses capacity, holds its devices and ports (the allocation's, else what the spec asks
+    for) and counts for affinity and anti-affinity, but is not placed again. ``facts``
+    (probe results by node) refine node inventories: GPU ids, memory, capabilities, arch.
+    ``strategy`` overrides the config's ``placement.strategy``.
     """
     spec_list = sorted(specs, key=lambda s: s.experiment_id)
-    busy = list(occupied)
+    busy = normalize_occupied(occupied)
     pins = dict(pins or {})
-    scorers = STRATEGIES[strategy or cluster.placement.strategy]
-    snap = Snapshot.build(cluster, [*spec_list, *(s for s, _ in busy)], conditions,
-                          cluster.placement.preferences)
+    chosen_strategy = strategy or cluster.placement.strategy
+    scorers = STRATEGIES[chosen_strategy]
+    snap = Snapshot.build(cluster, [*spec_list, *(s for s, _, _ in busy)], conditions,
+                          cluster.placement.preferences, facts)
     node_by_name = {n.name: n for n in snap.nodes}
-    for spec, node_name in busy:
+    for spec, node_name, alloc in busy:
         if node_name in node_by_name:
-            snap = snap.with_placement(spec, node_by_name[node_name])
+            snap = snap.with_placement(spec, node_by_name[node_name], alloc, occupied=True)
 
     placements: list[Placement] = []
     evaluations: dict[str, tuple[NodeEvaluation, ...]] = {}
@@ -138,9 +171,10 @@ def plan(cluster: Cluster, specs: Iterable[ExperimentSpec], *,
             pin_errors[spec.experiment_id] = f"{node.name} {violations[0]}"
             continue
         parts = tuple(score(snap, node, spec) for score in scorers)
+        alloc, _short = snap.allocate(node, spec)
         placements.append(Placement(spec.experiment_id, node.name, sum(p.points for p in parts),
-                                    parts, pinned=True, forced=violations))
-        snap = snap.with_placement(spec, node)
+                                    parts, pinned=True, forced=violations, allocation=alloc))
+        snap = snap.with_placement(spec, node, alloc)
 
     for spec in placement_order(s for s in spec_list if s.experiment_id not in pins):
         evals = tuple(evaluate(snap, n, spec, checks, scorers) for n in snap.nodes)
@@ -152,11 +186,14 @@ def plan(cluster: Cluster, specs: Iterable[ExperimentSpec], *,
         if best is None:
             unplaced.append(spec.experiment_id)
             continue
-        placements.append(Placement(spec.experiment_id, best.node, best.total, best.parts))
-        snap = snap.with_placement(spec, node_by_name[best.node])
+        node = node_by_name[best.node]
+        alloc, _short = snap.allocate(node, spec)
+        placements.append(Placement(spec.experiment_id, best.node, best.total, best.parts,
+                                    allocation=alloc))
+        snap = snap.with_placement(spec, node, alloc)
 
     return Plan(placements=tuple(placements), evaluations=evaluations,
-                unplaced=tuple(unplaced), pin_errors=pin_errors)
+                unplaced=tuple(unplaced), pin_errors=pin_errors, strategy=chosen_strategy)
 
 
 def why_not(plan_: Plan, instance_id: str) -> str:

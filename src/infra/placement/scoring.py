@@ -1,15 +1,19 @@
-"""The reference points system: five named scorers, each returning a ``ScorePart``.
+"""Scorers per strategy, each returning a named ``ScorePart``.
 
-RAM efficiency 30/20/10, load balance 0..20, GPU match 15/5/0, affinity 0..25 and
-preferred node 10 -- exactly as reference 003 defines them.
+``score`` (default) is the reference points system: RAM efficiency 30/20/10, load balance
+0..20, GPU match 15/5/0, affinity 0..25 and preferred node 10 -- exactly as reference 003
+defines them. ``binpack`` and ``spread`` are Nomad's fit over CPU and memory normalized to the
+node, after the instance is added: binpack rewards fuller nodes, spread emptier ones. Each
+resource gives 0..32.5 points, plus the same affinity and preferred-node parts: 0..100 in all.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from infra.config.model import ExperimentSpec, NodeConfig
+from infra.config.model import ExperimentSpec, NodeConfig, Strategy
 from infra.placement.snapshot import Snapshot, demand_on
 
 
@@ -73,3 +77,66 @@ def preferred_node(snap: Snapshot, node: NodeConfig, spec: ExperimentSpec) -> Sc
 REFERENCE_SCORERS: tuple[Scorer, ...] = (
     ram_efficiency, load_balance, gpu_match, affinity, preferred_node,
 )
+
+
+FIT_POINTS = 32.5  # per resource: CPU and memory together 65, + affinity 25 + preferred 10
+
+
+def _free_fractions(snap: Snapshot, node: NodeConfig,
+                    spec: ExperimentSpec) -> tuple[float, str, float, str]:
+    """Free CPU and memory fractions of the node once the instance is on it, with details."""
+    load = snap.load(node.name)
+    cpu_used = load.cpu_cores + spec.cpu_cores
+    cpu_free = 1.0 - cpu_used / node.cpu_cores if node.cpu_cores > 0 else 0.0
+    mem_used = load.ram_gb + demand_on(node, spec).ram_gb
+    cap = node.available_ram_gb
+    mem_free = 1.0 - mem_used / cap if cap > 0 else 0.0
+    cpu_free = min(1.0, max(0.0, cpu_free))
+    mem_free = min(1.0, max(0.0, mem_free))
+    cpu_detail = f"{cpu_used:.4g}/{node.cpu_cores} cores used after placement"
+    mem_detail = f"{mem_used:.4g}/{cap:.4g} GB used after placement"
+    return cpu_free, cpu_detail, mem_free, mem_detail
+
+
+def _binpack_points(free: float) -> float:
+    """Nomad's binpack term: 10 - 10^free, 0 (empty) .. 9 (full), scaled to FIT_POINTS."""
+    return (10.0 - math.pow(10.0, free)) / 9.0 * FIT_POINTS
+
+
+def _spread_points(free: float) -> float:
+    """Nomad's spread term: 10^free - 1, 0 (full) .. 9 (empty), scaled to FIT_POINTS."""
+    return (math.pow(10.0, free) - 1.0) / 9.0 * FIT_POINTS
+
+
+def binpack_cpu(snap: Snapshot, node: NodeConfig, spec: ExperimentSpec) -> ScorePart:
+    """More points the fuller the node's CPU would be."""
+    free, detail, _, _ = _free_fractions(snap, node, spec)
+    return ScorePart("binpack_cpu", _binpack_points(free), detail)
+
+
+def binpack_memory(snap: Snapshot, node: NodeConfig, spec: ExperimentSpec) -> ScorePart:
+    """More points the fuller the node's memory would be."""
+    _, _, free, detail = _free_fractions(snap, node, spec)
+    return ScorePart("binpack_memory", _binpack_points(free), detail)
+
+
+def spread_cpu(snap: Snapshot, node: NodeConfig, spec: ExperimentSpec) -> ScorePart:
+    """More points the emptier the node's CPU would stay."""
+    free, detail, _, _ = _free_fractions(snap, node, spec)
+    return ScorePart("spread_cpu", _spread_points(free), detail)
+
+
+def spread_memory(snap: Snapshot, node: NodeConfig, spec: ExperimentSpec) -> ScorePart:
+    """More points the emptier the node's memory would stay."""
+    _, _, free, detail = _free_fractions(snap, node, spec)
+    return ScorePart("spread_memory", _spread_points(free), detail)
+
+
+BINPACK_SCORERS: tuple[Scorer, ...] = (binpack_cpu, binpack_memory, affinity, preferred_node)
+SPREAD_SCORERS: tuple[Scorer, ...] = (spread_cpu, spread_memory, affinity, preferred_node)
+
+STRATEGIES: dict[Strategy, tuple[Scorer, ...]] = {
+    Strategy.SCORE: REFERENCE_SCORERS,
+    Strategy.BINPACK: BINPACK_SCORERS,
+    Strategy.SPREAD: SPREAD_SCORERS,
+}
