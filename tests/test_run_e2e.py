@@ -147,7 +147,9 @@ def test_health_check_refuses_a_changed_host_key(project: Path, ssh_fleet: SSHFl
 
 
 def test_run_end_to_end_with_pins_and_auto_place(project: Path, ssh_fleet: SSHFleet) -> None:
-    a = spec(project, "exp_a")
+    a = spec(project, "exp_a", command='id -un; echo "from $INFRA_NODE" > '
+             '"$INFRA_RESULTS_DIR/note.txt"; python3 workloads/mind.py --duration 2 '
+             '--interval 0.2 --work 100')
     b = spec(project, "exp_b")
     c = spec(project, "exp_c", anti_affinity=["exp_a", "exp_b"])
     proc = cli(project, "--config", str(a), "--config", str(b), "--config", str(c),
@@ -168,6 +170,9 @@ def test_run_end_to_end_with_pins_and_auto_place(project: Path, ssh_fleet: SSHFl
         assert log.splitlines()[0] == expected_user
         summary = project / "logs" / run_id / eid / "out" / eid / "summary.json"
         assert json.loads(summary.read_text())["name"] == eid
+    # what the experiment wrote to $INFRA_RESULTS_DIR came home too
+    note = project / "logs" / run_id / "exp_a" / "results" / "note.txt"
+    assert note.read_text() == "from node1\n"
     # files the node wrote are owned by that node's user
     h1 = ssh_fleet.host("node1")
     deployed = Path(f"{h1.home}/work/{project.parent.name}/workloads/mind.py")

@@ -462,15 +462,18 @@ async def deploy_all(nodes: Sequence[NodeConfig], health: HealthCheckSection, so
                      excludes: Sequence[str], delete: bool = True, dry_run: bool = False,
                      on_progress: ProgressCallback | None = None,
                      last_fingerprints: Mapping[str, str] | None = None,
-                     max_parallel: int = 8) -> dict[str, DeployResult | InfraError]:
+                     max_parallel: int | None = None) -> dict[str, DeployResult | InfraError]:
     """Deploy to every node concurrently: node name -> result or the error for that node.
 
     One failing node never hides the others (Fabric's ``GroupResult``). ``on_progress`` is
     called with (node name, "started" | "done" | "failed") and must not raise.
-    ``max_parallel`` bounds simultaneous rsync/ssh processes.
+    ``max_parallel`` bounds simultaneous rsync/ssh processes (default: one per node, at
+    least 8, at most 32; a lab has few nodes and a second wave costs a full rsync round).
     """
     fingerprint = await asyncio.to_thread(source_fingerprint, source, excludes) \
         if source.is_dir() else None
+    if max_parallel is None:
+        max_parallel = min(32, max(8, len(nodes)))
     limit = asyncio.Semaphore(max(1, max_parallel))
     last = last_fingerprints or {}
 
