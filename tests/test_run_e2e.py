@@ -282,3 +282,34 @@ def test_ssh_drop_mid_run_keeps_experiment_and_resumes_log(project: Path,
 
     asyncio.run(scenario())
     check_log(local_log_path(cluster, run_id, "dropper").read_text(), "dropper")
+
+
+def test_system_job_runs_on_every_node_with_allocation_hints(project: Path,
+                                                              ssh_fleet: SSHFleet) -> None:
+    sysjob = spec(project, "census", job_type="sysbatch", results=[],
+                  command='echo "node=$INFRA_NODE port=$INFRA_PORT_API id=$INFRA_INSTANCE_ID"',
+                  resources={"ports": [{"label": "api", "port": 18088}]})
+    proc = cli(project, "--config", str(sysjob), "--json")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    run_id = doc["run_id"]
+    insts = {i["instance_id"]: i for i in doc["instances"]}
+    assert set(insts) == {"census@node1", "census@node2", "census@node3", "census@local"}
+    for iid, inst in insts.items():
+        node = iid.split("@")[1]
+        assert inst["node"] == node and inst["state"] == "exited", inst
+        log = (project / "logs" / run_id / f"{iid}.log").read_text()
+        assert log.strip() == f"node={node} port=18088 id={iid}"
+    # the port is held per node: a second user of 18088 is refused while one runs
+    hold = spec(project, "holder", command="sleep 30", results=[],
+                resources={"ports": [{"label": "api", "port": 18088}]})
+    proc = cli(project, "--config", str(hold), "--placement", "holder:node1",
+               "--monitor-duration", "0")
+    assert proc.returncode == 0, proc.stderr
+    other = spec(project, "clash", results=[],
+                 resources={"ports": [{"label": "web", "port": 18088}]})
+    proc = cli(project, "--config", str(other), "--placement", "clash:node1", "--dry-run")
+    assert proc.returncode == 3
+    assert "port 18088 held by holder" in proc.stderr
+    holder_run = status_json(project)["run_id"]
+    cli(project, "stop", holder_run, "--grace", "1")

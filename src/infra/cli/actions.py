@@ -26,7 +26,7 @@ from infra.placement import Condition, NodeCondition
 from infra.probe.health import NodeHealth, NodeStatus
 from infra.probe.run import check_health
 from infra.runner.deploy import DeployResult, deploy_all
-from infra.runner.lifecycle import RunSession, local_log_path, spec_from_document
+from infra.runner.lifecycle import RunSession, local_log_path, occupied_by
 from infra.runner.nodeops import admin_conditions, merge_conditions
 from infra.state import InstancePhase, Store
 from infra.state.store import coordinator_id
@@ -70,7 +70,7 @@ async def probe_nodes(cluster: Cluster, pool: ConnectionPool,
 def conditions_from(health: dict[str, NodeHealth]) -> dict[str, NodeCondition]:
     mapping = {NodeStatus.HEALTHY: Condition.HEALTHY, NodeStatus.DEGRADED: Condition.DEGRADED,
                NodeStatus.UNAVAILABLE: Condition.UNAVAILABLE,
-               NodeStatus.MAINTENANCE: Condition.UNAVAILABLE}
+               NodeStatus.MAINTENANCE: Condition.MAINTENANCE}
     return {name: NodeCondition(mapping[h.status], "; ".join(h.reasons) or (h.error or ""))
             for name, h in health.items()}
 
@@ -181,18 +181,19 @@ def do_run(c: Ctx, cluster: Cluster, specs: tuple[ExperimentSpec, ...], *,
             for name, h in health.items():
                 if not h.reachable:
                     session.emit("node", name, f"unavailable: {h.error}")
-            result = make_plan(cluster, specs, placement, auto_place, force,
-                               conditions=merge_conditions(conditions_from(health),
-                                                           admin_conditions(cluster, store)),
-                               occupied=[(spec_from_document(r.spec), r.node)
-                                         for r in store.active_instances()])
+            result, placed = make_plan(
+                cluster, specs, placement, auto_place, force,
+                conditions=merge_conditions(conditions_from(health),
+                                            admin_conditions(cluster, store)),
+                occupied=occupied_by(store.active_instances()),
+                facts={n: h.facts for n, h in health.items() if h.facts is not None})
             if not c.json_out:
                 c.console.print(views.plan_table(result))
                 if explain:
                     c.console.print(views.explain(result))
             if not result.ok:
                 raise plan_failure(result)
-            run_id = session.record_run(specs, result, views.plan_json(result))
+            run_id = session.record_run(placed, result, views.plan_json(result))
             holder["run"] = run_id
             # hold the run's lease while launching: a `watch` elsewhere only reports meanwhile
             store.acquire_lease(run_id, coordinator_id(), 120.0)

@@ -28,9 +28,10 @@ from infra.config import (
     load_spec,
     parse_pins,
 )
-from infra.config.model import Strategy
+from infra.config.model import JobType, Strategy
 from infra.errors import InfraError, PlacementError, UsageError
 from infra.placement import Plan, plan, why_not
+from infra.placement.jobs import expand_system_jobs
 
 DEFAULT_CLUSTER_CONFIG = "cluster_config.yaml"
 SPEC_SUFFIXES = (".json", ".yaml", ".yml")
@@ -90,15 +91,27 @@ def load_specs(cluster: Cluster, paths: Sequence[str]) -> tuple[ExperimentSpec, 
 
 def make_plan(cluster: Cluster, specs: tuple[ExperimentSpec, ...], placement: str | None,
               auto_place: bool, force: bool, conditions: Any = None,
-              occupied: Any = (), facts: Any = None) -> Plan:
-    """Check pins and --auto-place, then run the engine."""
+              occupied: Any = (), facts: Any = None) -> tuple[Plan, tuple[ExperimentSpec, ...]]:
+    """Check pins and --auto-place, expand system/sysbatch jobs, then run the engine.
+
+    Returns the plan and the specs it placed (system jobs replaced by their copies).
+    """
     pins = parse_pins(placement, cluster, specs)
-    unpinned = [s.experiment_id for s in specs if s.experiment_id not in pins]
+    system = [s.experiment_id for s in specs if s.job_type in (JobType.SYSTEM, JobType.SYSBATCH)]
+    pinned_system = sorted(set(system) & set(pins))
+    if pinned_system:
+        raise UsageError(f"--placement: {', '.join(pinned_system)} is a system/sysbatch job: it "
+                         "runs on every eligible node and cannot be pinned")
+    unpinned = [s.experiment_id for s in specs
+                if s.experiment_id not in pins and s.experiment_id not in system]
     if unpinned and not auto_place:
         raise UsageError(f"no placement for {', '.join(unpinned)}: add --auto-place to let the "
                          "scheduler choose, or pin with --placement INSTANCE:NODE,...")
-    return plan(cluster, specs, pins=pins, conditions=conditions, force=force,
-                occupied=occupied, facts=facts)
+    busy = list(occupied)
+    expansion = expand_system_jobs(cluster, specs, conditions, facts=facts, occupied=busy)
+    result = plan(cluster, expansion.specs, pins={**pins, **expansion.pins},
+                  conditions=conditions, force=force, occupied=busy, facts=facts)
+    return result, tuple(expansion.specs)
 
 
 def stored_context(cluster: Cluster) -> dict[str, Any]:
@@ -106,14 +119,13 @@ def stored_context(cluster: Cluster) -> dict[str, Any]:
     db = cluster.log_dir / "state.db"
     if not db.exists():
         return {}
-    from infra.runner.lifecycle import spec_from_document
+    from infra.runner.lifecycle import occupied_by
     from infra.runner.nodeops import admin_conditions
     from infra.state import Store
     store = Store(db)
     try:
         return {"conditions": admin_conditions(cluster, store),
-                "occupied": [(spec_from_document(r.spec), r.node)
-                             for r in store.active_instances()]}
+                "occupied": occupied_by(store.active_instances())}
     finally:
         store.close()
 
@@ -189,8 +201,8 @@ def cli(ctx: click.Context, cluster_config: str | None, validate_config: bool,
                       accept_new=accept_new_host_keys)
     if specs and not validate_config:
         if dry_run:
-            result = make_plan(cluster, specs, placement, auto_place, force,
-                               **stored_context(cluster))
+            result, _placed = make_plan(cluster, specs, placement, auto_place, force,
+                                        **stored_context(cluster))
             show_plan(c, result, explain=explain, dry_run=True)
             if not result.ok:
                 raise plan_failure(result)

@@ -57,7 +57,9 @@ class MonitorOutcome:
 
 _CONDITION_OF = {
     NodeState.HEALTHY: Condition.HEALTHY, NodeState.UNKNOWN: Condition.UNKNOWN,
-    NodeState.DEGRADED: Condition.DEGRADED,
+    NodeState.DEGRADED: Condition.DEGRADED, NodeState.DISCONNECTED: Condition.DISCONNECTED,
+    NodeState.OFFLINE: Condition.OFFLINE, NodeState.MAINTENANCE: Condition.MAINTENANCE,
+    NodeState.DRAINING: Condition.DRAINING,
 }
 
 

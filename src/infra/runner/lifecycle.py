@@ -16,9 +16,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from infra.config.model import Cluster, ExperimentSpec, NodeConfig, RecoverPolicy
+from infra.config.model import (
+    Cluster,
+    Constraint,
+    ExperimentSpec,
+    JobType,
+    NodeConfig,
+    RecoverPolicy,
+    ResourceRequest,
+)
 from infra.errors import InfraError, TransportError, UsageError
 from infra.placement import Condition, NodeCondition, Plan, plan, why_not
+from infra.placement.allocation import Allocation, allocation_env
 from infra.runner.deploy import DeployResult, deploy_all
 from infra.runner.supervisor_client import (
     InstanceState,
@@ -93,7 +102,10 @@ def spec_document(spec: ExperimentSpec) -> dict[str, Any]:
         "preferred_node": spec.preferred_node,
         "affinity": list(spec.affinity),
         "anti_affinity": list(spec.anti_affinity),
-        "job_type": str(getattr(getattr(spec, "job_type", None), "value", "batch")),
+        "job_type": spec.job_type.value,
+        "template_id": spec.template_id,
+        "resources": spec.resources.to_json(),
+        "constraints": [c.to_json() for c in spec.constraints],
     }
 
 
@@ -109,7 +121,26 @@ def spec_from_document(doc: dict[str, Any]) -> ExperimentSpec:
         anti_affinity=tuple(doc.get("anti_affinity") or ()),
         results=tuple(doc.get("results") or ()), recover=RecoverPolicy(doc["recover"]),
         max_retries=doc.get("max_retries"), auto_restart=doc.get("auto_restart"),
-        params=tuple(sorted((doc.get("params") or {}).items())))
+        params=tuple(sorted((doc.get("params") or {}).items())),
+        resources=ResourceRequest.from_json(doc.get("resources")),
+        constraints=tuple(Constraint.from_json(c) for c in doc.get("constraints") or ()),
+        job_type=JobType(doc.get("job_type") or "batch"), template_id=doc.get("template_id"))
+
+
+def allocation_of(rec: InstanceRecord) -> Allocation | None:
+    """The allocation a run recorded for an instance (None for older records)."""
+    if not rec.allocation:
+        return None
+    try:
+        return Allocation.from_json(rec.allocation)
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
+def occupied_by(records: Iterable[InstanceRecord]) -> list[tuple[ExperimentSpec, str,
+                                                                    Allocation | None]]:
+    """Work holding capacity, ports and devices, in the form placement takes."""
+    return [(spec_from_document(r.spec), r.node, allocation_of(r)) for r in records]
 
 
 def instance_cwd(node: NodeConfig, spec_doc: dict[str, Any]) -> str:
@@ -167,6 +198,9 @@ class RunSession:
                 for p in plan.placements]
         self.store.create_run(run_id, str(self.cluster.path), plan_doc, rows)
         for p in plan.placements:
+            if p.allocation is not None:
+                self.store.update_instance(run_id, p.instance_id, allocation_json=json.dumps(
+                    p.allocation.with_run(run_id).to_json()))
             self.store.add_event(run_id, "placed", p.instance_id,
                                  f"placed on {p.node} (score {p.score:g})")
         return run_id
@@ -205,16 +239,23 @@ class RunSession:
         env = dict(spec.get("env") or {})
         if spec.get("params"):
             env["INFRA_PARAMS"] = json.dumps(spec["params"], sort_keys=True)
+        alloc = allocation_of(rec)
+        alloc_doc: dict[str, Any] = {"node": node.name, "ram_gb": spec.get("ram_gb"),
+                                     "gpu_required": spec.get("gpu_required"),
+                                     "gpu_memory_gb": spec.get("gpu_memory_gb"),
+                                     "cpu_cores": spec.get("cpu_cores")}
+        if alloc is not None:
+            alloc_doc = alloc.to_json()
+            hints = allocation_env(alloc)
+            hints.pop("INFRA_ALLOCATION", None)  # the supervisor sets it from ``allocation``
+            env.update(hints)
         request = StartRequest(
             run_id=run_id,
             instance_id=rec.instance_id,
             command=spec["command"],
             cwd=instance_cwd(node, spec),
             env=tuple(sorted(env.items())),
-            allocation={"node": node.name, "ram_gb": spec.get("ram_gb"),
-                        "gpu_required": spec.get("gpu_required"),
-                        "gpu_memory_gb": spec.get("gpu_memory_gb"),
-                        "cpu_cores": spec.get("cpu_cores")},
+            allocation=alloc_doc,
             restart=RestartPolicy.from_config(self.cluster.failover,
                                               auto_restart=spec.get("auto_restart"),
                                               max_retries=spec.get("max_retries"),
@@ -344,12 +385,13 @@ class RunSession:
 
     # ------------------------------------------------------------------ recovery
 
-    def occupied(self, run_id: str, but: str) -> list[tuple[ExperimentSpec, str]]:
+    def occupied(self, run_id: str,
+                 but: str) -> list[tuple[ExperimentSpec, str, Allocation | None]]:
         """Work holding capacity now: this run's other active instances and other runs'."""
         recs = [r for r in self.store.instances(run_id)
                 if r.instance_id != but and r.state.active]
         recs += self.store.active_instances(exclude_run=run_id)
-        return [(spec_from_document(r.spec), r.node) for r in recs]
+        return occupied_by(recs)
 
     async def move_instance(self, run_id: str, rec: InstanceRecord,
                             conditions: dict[str, NodeCondition], why: str, *,
@@ -385,8 +427,11 @@ class RunSession:
         with open(path, "ab") as fh:
             fh.write(f"[orchestrator] moved from {rec.node} to {target}: {why}\n".encode())
             base = fh.tell()
+        new_alloc = result.allocation_of(rec.instance_id)
         self.store.update_instance(
             run_id, rec.instance_id, state=InstancePhase.MOVING, node=target,
+            allocation_json=json.dumps(new_alloc.with_run(run_id).to_json()
+                                       if new_alloc is not None else {}),
             previous_nodes=(*rec.previous_nodes, rec.node),
             moves=rec.moves + (1 if count else 0), pid=None,
             exit_code=None, signal=None, ended_at=None, restarts=0, log_base=base,
