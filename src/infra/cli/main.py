@@ -43,6 +43,7 @@ class Ctx:
 
     cluster_config: str
     json_out: bool = False
+    accept_new: bool = False  # --accept-new-host-keys: record first-contact host keys
     console: Console = field(default_factory=lambda: Console(highlight=False))
     err: Console = field(default_factory=lambda: Console(stderr=True, highlight=False))
     _cluster: Cluster | None = None
@@ -50,7 +51,11 @@ class Ctx:
     @property
     def cluster(self) -> Cluster:
         if self._cluster is None:
-            self._cluster = load_cluster(self.cluster_config)
+            cluster = load_cluster(self.cluster_config)
+            if self.accept_new:
+                from infra.cli.actions import with_accept_new
+                cluster = with_accept_new(cluster, True)
+            self._cluster = cluster
         return self._cluster
 
     def emit_json(self, document: Any) -> None:
@@ -70,13 +75,15 @@ def find_cluster_config(explicit: str | None) -> str:
     return DEFAULT_CLUSTER_CONFIG
 
 
-def expand_spec_paths(paths: Sequence[str]) -> list[Path]:
-    """``--config`` takes files or directories (every *.json / *.yaml inside)."""
+def expand_spec_paths(paths: Sequence[str], skip: Path | None = None) -> list[Path]:
+    """``--config`` takes files or directories (every *.json / *.yaml inside, except the
+    cluster config itself)."""
     out: list[Path] = []
     for raw in paths:
         p = Path(raw)
         if p.is_dir():
-            found = sorted(q for q in p.iterdir() if q.suffix.lower() in SPEC_SUFFIXES)
+            found = sorted(q for q in p.iterdir() if q.suffix.lower() in SPEC_SUFFIXES
+                           and (skip is None or q.resolve() != skip))
             if not found:
                 raise UsageError(f"{p}: --config directory holds no .json/.yaml spec files")
             out.extend(found)
@@ -86,7 +93,8 @@ def expand_spec_paths(paths: Sequence[str]) -> list[Path]:
 
 
 def load_specs(cluster: Cluster, paths: Sequence[str]) -> tuple[ExperimentSpec, ...]:
-    return check_spec_set(load_spec(p, cluster) for p in expand_spec_paths(paths))
+    return check_spec_set(load_spec(p, cluster)
+                          for p in expand_spec_paths(paths, skip=cluster.path))
 
 
 def make_plan(cluster: Cluster, specs: tuple[ExperimentSpec, ...], placement: str | None,
@@ -133,7 +141,8 @@ def stored_context(cluster: Cluster) -> dict[str, Any]:
 def plan_failure(result: Plan) -> PlacementError:
     parts = [f"{i} pinned to {r}" for i, r in result.pin_errors.items()]
     parts += [f"cannot place {i} ({why_not(result, i)})" for i in result.unplaced]
-    hint = " (use --force to override a pin)" if result.pin_errors else ""
+    forceable = [r for r in result.pin_errors.values() if "disabled in the cluster config" not in r]
+    hint = " (use --force to override a pin)" if forceable else ""
     return PlacementError("; ".join(parts) + hint)
 
 
@@ -172,18 +181,20 @@ def cli(ctx: click.Context, cluster_config: str | None, validate_config: bool,
         strategy: str | None = None) -> None:
     """Place, run and watch lab experiments on a small cluster over SSH."""
     if ctx.invoked_subcommand is not None:
-        ctx.obj = Ctx(find_cluster_config(cluster_config), json_out=json_out)
+        ctx.obj = Ctx(find_cluster_config(cluster_config), json_out=json_out,
+                      accept_new=accept_new_host_keys)
         return
+    if (placement or auto_place) and not configs:
+        raise UsageError("--placement/--auto-place need experiment specs: add --config SPEC")
     if not (validate_config or health_check or deploy_all or configs):
         click.echo(ctx.get_help())
         return
-    c = Ctx(find_cluster_config(cluster_config), json_out=json_out)
+    c = Ctx(find_cluster_config(cluster_config), json_out=json_out,
+            accept_new=accept_new_host_keys)
     ctx.obj = c
     cluster = c.cluster
     if strategy is not None:  # the cluster object carries it to every plan() of this command
         cluster = c._cluster = cluster.with_strategy(Strategy(strategy))
-    if (placement or auto_place) and not configs:
-        raise UsageError("--placement/--auto-place need experiment specs: add --config SPEC")
     specs = load_specs(cluster, configs) if configs else ()
     if placement:
         parse_pins(placement, cluster, specs)
