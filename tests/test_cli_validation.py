@@ -319,3 +319,28 @@ def test_real_subprocess_no_traceback(args: list[str]) -> None:
         assert proc.returncode == 2
         assert proc.stderr.strip() == "error: experiments/nope.json: file not found"
     assert "Traceback" not in proc.stderr
+
+
+def test_force_never_uses_a_disabled_node(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cluster = write_cluster(tmp_path, {"nodes": [good_node("on"), good_node("off", enabled=False)]})
+    a = write_spec(tmp_path, "a.json", {"command": "true"})
+    code, _, err = run_cli(capsys, "--cluster-config", str(cluster), "--config", str(a),
+                           "--placement", "a:off", "--force", "--dry-run")
+    assert_one_line_error(code, err, "a pinned to off disabled in the cluster config", exit_code=3)
+    assert "--force" not in err
+
+
+def test_placement_flags_need_specs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cluster = write_cluster(tmp_path, {"nodes": [good_node("n1")]})
+    code, _, err = run_cli(capsys, "--cluster-config", str(cluster), "--auto-place")
+    assert_one_line_error(code, err, "--placement/--auto-place need experiment specs")
+
+
+def test_config_directory_skips_the_cluster_config(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    cluster = write_cluster(tmp_path, {"nodes": [good_node("n1")]})
+    write_spec(tmp_path, "exp.json", {"command": "true"})
+    code, out, err = run_cli(capsys, "--cluster-config", str(cluster), "--validate-config",
+                             "--config", str(tmp_path))
+    assert code == 0, err
+    assert "1 experiment specs" in " ".join(out.split())
