@@ -43,9 +43,9 @@ def ram_efficiency(snap: Snapshot, node: NodeConfig, spec: ExperimentSpec) -> Sc
 
 
 def load_balance(snap: Snapshot, node: NodeConfig, spec: ExperimentSpec) -> ScorePart:
-    """20 * (1 - current/max_instances)."""
+    """20 * (1 - current/max_instances), never below 0 (a forced pin may overfill a node)."""
     count = snap.load(node.name).count
-    points = 20.0 * (1.0 - count / node.max_instances)
+    points = max(0.0, 20.0 * (1.0 - count / node.max_instances))
     return ScorePart("load_balance", points, f"{count}/{node.max_instances} instances")
 
 
