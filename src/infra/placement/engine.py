@@ -21,7 +21,8 @@ from infra.placement.snapshot import NodeCondition, Snapshot
 from infra.probe.facts import NodeFacts
 
 __all__ = ["STRATEGIES", "NodeEvaluation", "Occupied", "Placement", "Plan", "base_key",
-           "evaluate", "normalize_occupied", "placement_order", "plan", "why_not"]
+           "evaluate", "normalize_occupied", "placement_order", "plan", "starting_snapshot",
+           "why_not"]
 
 # Work already running: (spec, node) or (spec, node, allocation-or-None).
 Occupied = tuple[ExperimentSpec, str] | tuple[ExperimentSpec, str, Allocation | None]
@@ -116,6 +117,21 @@ def evaluate(snap: Snapshot, node: NodeConfig, spec: ExperimentSpec,
     return NodeEvaluation(node.name, None, tuple(score(snap, node, spec) for score in scorers))
 
 
+def starting_snapshot(cluster: Cluster, specs: list[ExperimentSpec],
+                      conditions: Mapping[str, NodeCondition] | None,
+                      facts: Mapping[str, NodeFacts] | None,
+                      occupied: Iterable[Occupied]) -> Snapshot:
+    """The snapshot a plan starts from: the cluster with the ``occupied`` work already on it."""
+    busy = normalize_occupied(occupied)
+    snap = Snapshot.build(cluster, [*specs, *(s for s, _, _ in busy)], conditions,
+                          cluster.placement.preferences, facts)
+    by_name = {n.name: n for n in snap.nodes}
+    for spec, node_name, alloc in busy:
+        if node_name in by_name:
+            snap = snap.with_placement(spec, by_name[node_name], alloc, occupied=True)
+    return snap
+
+
 def normalize_occupied(items: Iterable[Occupied]
                        ) -> list[tuple[ExperimentSpec, str, Allocation | None]]:
     """Normalize (spec, node) and (spec, node, allocation) items to triples."""
@@ -145,16 +161,11 @@ def plan(cluster: Cluster, specs: Iterable[ExperimentSpec], *,
     ``strategy`` overrides the config's ``placement.strategy``.
     """
     spec_list = sorted(specs, key=lambda s: s.experiment_id)
-    busy = normalize_occupied(occupied)
     pins = dict(pins or {})
     chosen_strategy = strategy or cluster.placement.strategy
     scorers = STRATEGIES[chosen_strategy]
-    snap = Snapshot.build(cluster, [*spec_list, *(s for s, _, _ in busy)], conditions,
-                          cluster.placement.preferences, facts)
+    snap = starting_snapshot(cluster, spec_list, conditions, facts, occupied)
     node_by_name = {n.name: n for n in snap.nodes}
-    for spec, node_name, alloc in busy:
-        if node_name in node_by_name:
-            snap = snap.with_placement(spec, node_by_name[node_name], alloc, occupied=True)
 
     placements: list[Placement] = []
     evaluations: dict[str, tuple[NodeEvaluation, ...]] = {}

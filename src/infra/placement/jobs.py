@@ -14,8 +14,8 @@ from dataclasses import dataclass, field, replace
 
 from infra.config.model import Cluster, ExperimentSpec, JobType
 from infra.placement.checks import DEFAULT_CHECKS, Check, first_rejection
-from infra.placement.engine import Occupied, normalize_occupied
-from infra.placement.snapshot import NodeCondition, Snapshot
+from infra.placement.engine import Occupied, starting_snapshot
+from infra.placement.snapshot import NodeCondition
 from infra.probe.facts import NodeFacts
 
 SYSTEM_TYPES = (JobType.SYSTEM, JobType.SYSBATCH)
@@ -50,13 +50,8 @@ def expand_system_jobs(cluster: Cluster, specs: Iterable[ExperimentSpec],
     Affinity and anti-affinity lists naming a system spec are rewritten to name its copies.
     """
     spec_list = sorted(specs, key=lambda s: s.experiment_id)
-    busy = normalize_occupied(occupied)
-    snap = Snapshot.build(cluster, [*spec_list, *(s for s, _, _ in busy)], conditions,
-                          cluster.placement.preferences, facts)
+    snap = starting_snapshot(cluster, spec_list, conditions, facts, occupied)
     by_name = {n.name: n for n in snap.nodes}
-    for spec, node_name, alloc in busy:
-        if node_name in by_name:
-            snap = snap.with_placement(spec, by_name[node_name], alloc, occupied=True)
 
     out: list[ExperimentSpec] = []
     pins: dict[str, str] = {}
