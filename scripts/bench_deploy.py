@@ -12,8 +12,8 @@ in the same run:
               CPU-share unit, so on a loaded machine the plain loop (one session for all ten
               rsync) gets less CPU than ten sessions do; this row separates that effect
   ours, all   deploy_all(max_parallel=number of hosts), unchanged and changed cases only
-              (its destinations are a copy of ours'): separates the cost of deploy_all's
-              default bound of 8 simultaneous rsync (a second wave for hosts 9 and 10)
+              (its destinations are a copy of ours'); since deploy_all's default is one
+              rsync per node (up to 32) this row now matches "ours" for 10 hosts
 
 for a cold deploy (empty destination, fresh directories for each method and round), an
 unchanged re-deploy, and a re-deploy after 10 files changed.  The trees are verified on the

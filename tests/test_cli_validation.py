@@ -344,3 +344,14 @@ def test_config_directory_skips_the_cluster_config(tmp_path: Path,
                              "--config", str(tmp_path))
     assert code == 0, err
     assert "1 experiment specs" in " ".join(out.split())
+
+
+def test_system_job_without_an_eligible_node_is_refused(tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    cluster = write_cluster(tmp_path, {"nodes": [good_node("n1"), good_node("n2", enabled=False)]})
+    a = write_spec(tmp_path, "diag.json", {"command": "true", "job_type": "sysbatch",
+                                           "gpu_required": True, "gpu_memory_gb": 1})
+    code, _, err = run_cli(capsys, "--cluster-config", str(cluster), "--config", str(a),
+                           "--dry-run")
+    assert_one_line_error(code, err, "no eligible node for system job(s) diag",
+                          "n1: has no GPU", exit_code=3)

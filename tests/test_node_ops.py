@@ -118,3 +118,27 @@ def test_maintenance_and_resource_list(project: Path, ssh_fleet: SSHFleet) -> No
     assert bad.returncode == 2 and "unknown node 'nope'" in bad.stderr
     bad = cli(project, "node", "drain", "node2", "--deadline", "soon")
     assert bad.returncode == 2 and "--deadline" in bad.stderr
+
+
+def test_drain_wait_reports_a_blocked_move(project: Path, ssh_fleet: SSHFleet) -> None:
+    fast_health(project)
+    svc = spec(project, "stuck", duration=120.0, interval=0.5, job_type="service",
+               recover="cluster")
+    proc = cli(project, "--config", str(svc), "--placement", "stuck:node2",
+               "--monitor-duration", "0")
+    assert proc.returncode == 0, proc.stderr
+    run_id = status_json(project)["run_id"]
+    for other in ("node1", "node3", "local"):
+        cli(project, "node", "maintenance", other, "--enable", "--reason", "busy")
+    try:
+        proc = cli(project, "node", "drain", "node2", "--reason", "swap", "--wait", timeout=120)
+        assert proc.returncode == 1
+        assert "drain blocked: no node can take stuck" in proc.stderr
+        assert nodes(project)["node2"]["admin"] == "draining"
+        inst = status_json(project, run_id)["instances"][0]
+        assert inst["node"] == "node2" and inst["state"] == "running"  # left where it was
+    finally:
+        for other in ("node1", "node3", "local"):
+            cli(project, "node", "maintenance", other, "--disable")
+        cli(project, "node", "undrain", "node2", "--mark-eligible")
+        cli(project, "stop", run_id, "--grace", "1")

@@ -117,6 +117,11 @@ def make_plan(cluster: Cluster, specs: tuple[ExperimentSpec, ...], placement: st
                          "scheduler choose, or pin with --placement INSTANCE:NODE,...")
     busy = list(occupied)
     expansion = expand_system_jobs(cluster, specs, conditions, facts=facts, occupied=busy)
+    empty = [t for t in system if not expansion.copies_of(t)]
+    if empty:
+        why = "; ".join(f"{t}: " + (", ".join(f"{n}: {r}" for n, r in expansion.skipped.get(t, ()))
+                                   or "no nodes") for t in empty)
+        raise PlacementError(f"no eligible node for system job(s) {', '.join(empty)} ({why})")
     result = plan(cluster, expansion.specs, pins={**pins, **expansion.pins},
                   conditions=conditions, force=force, occupied=busy, facts=facts)
     return result, tuple(expansion.specs)

@@ -172,6 +172,9 @@ def drain(c: Ctx, name: str, reason: str, deadline: str, dry_run: bool, wait: bo
                 report = await drain_pass(session, name, conds, dry_run=dry_run, grace=grace)
                 if dry_run or report.done or not wait:
                     return report
+                counts = report.counts()
+                if counts["blocked"] and not counts["wait"]:
+                    return report  # only blocked moves left: waiting would not change that
                 if not c.json_out and not json_out:
                     counts = report.counts()
                     c.err.print(f"{name}: draining ({counts['wait']} waiting, "
@@ -194,8 +197,10 @@ def drain(c: Ctx, name: str, reason: str, deadline: str, dry_run: bool, wait: bo
         elif not dry_run:
             c.console.print(f"{name}: draining; run `cluster-experiment node drain {name} "
                             "--wait` to finish")
-    if any(a.kind is ActionKind.BLOCKED for a in report.actions) and wait:
-        raise InfraError(f"{name}: drain blocked")
+    blocked = [a.instance_id for a in report.actions if a.kind is ActionKind.BLOCKED]
+    if blocked and wait:
+        raise InfraError(f"{name}: drain blocked: no node can take {', '.join(blocked)}; the "
+                         "node stays draining (free capacity, then run the drain again)")
 
 
 @node.command()

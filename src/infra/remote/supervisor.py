@@ -590,7 +590,7 @@ class Supervisor:
                 self.finish("exited", reason)
                 return
             if kind == "ok":  # a service (restart: always): a clean exit is restarted too
-                last_reason = f"{reason} (service: restarted always)"
+                last_reason = f"{reason} (restart: always)"
                 self.save(state="restarting", final_reason=None)
                 resume = time.time() + delay
                 while time.time() < resume and not self.stop_pending():

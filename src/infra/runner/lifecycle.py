@@ -455,7 +455,8 @@ class RunSession:
         if records and all(r.state.finished for r in records):
             run = self.store.run(run_id)
             if run.state not in (RunState.FINISHED, RunState.STOPPED, RunState.FAILED):
-                bad = [r for r in records if r.state in (InstancePhase.FAILED, InstancePhase.LOST)]
+                bad = [r for r in records if r.state in (InstancePhase.FAILED, InstancePhase.LOST,
+                                                         InstancePhase.PAUSED)]
                 final = RunState.FAILED if bad else RunState.FINISHED
                 if all(r.state is InstancePhase.STOPPED for r in records):
                     final = RunState.STOPPED
