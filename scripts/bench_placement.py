@@ -1,0 +1,420 @@
+"""Benchmark the placement engine: speed at scale, and quality against an exact optimum.
+
+Part A plans seeded random workloads (10% GPU nodes, some unified, anti-affinity pairs,
+affinity chains) and prints wall time, CPU time, instances/second and placed count.
+Part B solves many small capacity-tight cases exactly with ``scipy.optimize.milp``
+(maximum number of placeable instances under the same hard constraints) and compares.
+
+    python scripts/bench_placement.py                  # both parts, default sizes
+    python scripts/bench_placement.py --sizes 1000x100 --cases 50
+    python scripts/bench_placement.py --profile 2000x200   # cProfile top 10 of one run
+
+Everything is seeded and deterministic; inputs go through the real parsers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import gc
+import io
+import itertools
+import os
+import pstats
+import random
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy.optimize import Bounds, LinearConstraint, milp
+
+from infra.config.model import Cluster, ExperimentSpec, NodeConfig
+from infra.config.specs import check_spec_set, parse_spec
+from infra.config.topology import parse_cluster
+from infra.placement import Plan, plan
+
+CONFIG_PATH = Path("/tmp/bench-placement/cluster_config.yaml")
+SPEC_DIR = Path("/tmp/bench-placement/experiments")
+
+
+# ---- Part A: scale ------------------------------------------------------------------
+
+def big_cluster(rng: random.Random, count: int) -> Cluster:
+    """A lab-like mix: 10% GPU nodes (40% of those unified Jetsons), Pis and x86 hosts."""
+    nodes: list[dict[str, Any]] = []
+    gpu_nodes = set(rng.sample(range(count), max(1, count // 10)))
+    for i in range(count):
+        doc: dict[str, Any] = {"name": f"node{i:04d}", "host": f"127.0.{i // 250}.{i % 250 + 2}"}
+        if i in gpu_nodes and rng.random() < 0.4:
+            doc.update(type="jetson_orin", gpu=True, ram_gb=rng.choice([32, 64]),
+                       reserved_ram_gb=2.0, cpu_cores=rng.choice([8, 12]),
+                       max_instances=rng.choice([4, 6, 8]))
+        elif i in gpu_nodes:
+            doc.update(type="host", gpu=True, gpu_memory_gb=rng.choice([16, 24, 48, 80]),
+                       ram_gb=rng.choice([64, 128, 256]), reserved_ram_gb=4.0,
+                       cpu_cores=rng.choice([16, 32, 64]), max_instances=rng.choice([8, 16]))
+        elif rng.random() < 0.3:
+            doc.update(type="raspberry_pi", ram_gb=rng.choice([4, 8]), reserved_ram_gb=0.5,
+                       cpu_cores=4, max_instances=rng.choice([2, 3, 4]))
+        else:
+            doc.update(type="host", ram_gb=rng.choice([32, 64, 128, 256]),
+                       reserved_ram_gb=rng.choice([1.0, 2.0, 4.0]),
+                       cpu_cores=rng.choice([16, 32, 64]),
+                       max_instances=rng.choice([12, 16, 24, 32]))
+        if rng.random() < 0.03:
+            doc["enabled"] = False
+        nodes.append(doc)
+    return parse_cluster({"nodes": nodes}, CONFIG_PATH)
+
+
+def big_specs(rng: random.Random, cluster: Cluster, count: int) -> tuple[ExperimentSpec, ...]:
+    """Mostly small CPU jobs, ~8% GPU jobs, ~10% in anti-affinity pairs, ~12% in affinity chains."""
+    ids = [f"exp{i:05d}" for i in range(count)]
+    docs: list[dict[str, Any]] = []
+    for eid in ids:
+        doc: dict[str, Any] = {"experiment_id": eid, "command": ["python3", "run.py"],
+                               "ram_gb": rng.choice([0.25, 0.5, 1, 1, 2, 2, 4, 4, 8, 16])}
+        if rng.random() < 0.08:
+            doc.update(gpu_required=True, gpu_memory_gb=rng.choice([1, 2, 4, 8, 12]))
+        if rng.random() < 0.5:
+            doc["cpu_cores"] = rng.choice([0.5, 1, 2, 4])
+        if rng.random() < 0.05:
+            doc["preferred_node"] = rng.choice(cluster.node_names)
+        docs.append(doc)
+    order = list(range(count))
+    rng.shuffle(order)
+    pairs = order[: count // 10]
+    for a, b in zip(pairs[0::2], pairs[1::2], strict=False):
+        docs[a].setdefault("anti_affinity", []).append(ids[b])
+    chained = order[count // 10: count // 10 + count // 8]
+    pos = 0
+    while pos < len(chained):
+        length = rng.randint(3, 5)
+        chain = chained[pos: pos + length]
+        for prev, cur in itertools.pairwise(chain):
+            docs[cur].setdefault("affinity", []).append(ids[prev])
+        pos += length
+    return check_spec_set(parse_spec(d, SPEC_DIR / f"{d['experiment_id']}.json", cluster)
+                          for d in docs)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    instances, _, nodes = text.partition("x")
+    return int(instances), int(nodes)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def scale_run(instances: int, nodes: int, seed: int) -> dict[str, float]:
+    rng = random.Random(seed)
+    t0 = time.perf_counter()
+    cluster = big_cluster(rng, nodes)
+    specs = big_specs(rng, cluster, instances)
+    build_s = time.perf_counter() - t0
+    gc.collect()
+    w0, c0 = time.perf_counter(), time.process_time()
+    result = plan(cluster, specs)
+    wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+    check_hard_constraints(cluster, specs, result)
+    return {"instances": instances, "nodes": nodes, "build_s": build_s, "wall_s": wall,
+            "cpu_s": cpu, "per_s": instances / wall, "placed": len(result.placements),
+            "unplaced": len(result.unplaced), "rss_mb": peak_rss_mb()}
+
+
+def check_hard_constraints(cluster: Cluster, specs: tuple[ExperimentSpec, ...],
+                           result: Plan) -> None:
+    """Sanity: a fast plan that breaks a constraint is no result at all."""
+    where = result.as_dict()
+    by_id = {s.experiment_id: s for s in specs}
+    usage: dict[str, list[ExperimentSpec]] = {}
+    for eid, node_name in where.items():
+        usage.setdefault(node_name, []).append(by_id[eid])
+    for name, here in usage.items():
+        node = cluster.node(name)
+        assert node.enabled and len(here) <= node.max_instances, name
+        assert sum(ram_on(node, s) for s in here) <= node.available_ram_gb + 1e-6, name
+        if not node.unified_memory:
+            assert sum(s.gpu_memory_gb for s in here if s.gpu_required) \
+                <= node.gpu_memory_gb + 1e-6, name
+        assert sum(s.cpu_cores for s in here) <= node.cpu_cores + 1e-6, name
+    for s in specs:
+        for peer in s.anti_affinity:
+            assert s.experiment_id not in where or peer not in where \
+                or where[s.experiment_id] != where[peer], (s.experiment_id, peer)
+
+
+def part_a(sizes: list[tuple[int, int]], seed: int) -> None:
+    print("Part A: scale (seeded random lab mix; wall and CPU time of plan() alone)")
+    header = (f"{'instances':>9} {'nodes':>6} {'build s':>8} {'plan wall s':>11} "
+              f"{'plan cpu s':>10} {'inst/s':>8} {'placed':>7} {'unplaced':>8} {'peak RSS MB':>11}")
+    print(header)
+    print("-" * len(header))
+    for instances, nodes in sizes:
+        r = scale_run(instances, nodes, seed)
+        print(f"{instances:>9} {nodes:>6} {r['build_s']:>8.2f} {r['wall_s']:>11.2f} "
+              f"{r['cpu_s']:>10.2f} {r['per_s']:>8.0f} {int(r['placed']):>7} "
+              f"{int(r['unplaced']):>8} {r['rss_mb']:>11.0f}", flush=True)
+    print()
+
+
+def profile(size: tuple[int, int], seed: int) -> None:
+    instances, nodes = size
+    rng = random.Random(seed)
+    cluster = big_cluster(rng, nodes)
+    specs = big_specs(rng, cluster, instances)
+    prof = cProfile.Profile()
+    prof.enable()
+    plan(cluster, specs)
+    prof.disable()
+    out = io.StringIO()
+    stats = pstats.Stats(prof, stream=out)
+    stats.sort_stats("tottime").print_stats(10)
+    stats.sort_stats("cumulative").print_stats(12)
+    print(f"cProfile of plan() for {instances} instances x {nodes} nodes, "
+          "top 10 by own time, then top 12 by cumulative time:")
+    print("\n".join(line for line in out.getvalue().splitlines()
+                    if line.strip() and "Ordered by" not in line and "List reduced" not in line))
+    print()
+
+
+# ---- Part B: quality against an exact optimum ---------------------------------------
+
+@dataclass(frozen=True)
+class QualityCase:
+    seed: int
+    cluster: Cluster
+    specs: tuple[ExperimentSpec, ...]
+
+
+def tight_case(seed: int) -> QualityCase:
+    """3-5 nodes, 5-10 instances, total RAM demand about 0.7-1.4x the usable capacity."""
+    rng = random.Random(seed)
+    n_nodes, n_inst = rng.randint(3, 5), rng.randint(5, 10)
+    nodes: list[dict[str, Any]] = []
+    for i in range(n_nodes):
+        node: dict[str, Any] = {"name": f"n{i}", "host": f"127.0.0.{21 + i}",
+                                "ram_gb": float(rng.choice([4, 6, 8, 12, 16])),
+                                "reserved_ram_gb": rng.choice([0.0, 0.5, 1.0]),
+                                "cpu_cores": rng.choice([2, 4, 8]),
+                                "max_instances": rng.randint(1, 4)}
+        kind = rng.random()
+        if kind < 0.25:
+            node.update(gpu=True, unified_memory=True)
+        elif kind < 0.5:
+            node.update(gpu=True, gpu_memory_gb=float(rng.choice([4, 8, 12])))
+        if rng.random() < 0.1:
+            node["enabled"] = False
+        nodes.append(node)
+    cluster = parse_cluster({"nodes": nodes}, CONFIG_PATH)
+    capacity = sum(n.available_ram_gb for n in cluster.nodes if n.enabled)
+    target = capacity * rng.uniform(0.7, 1.4)
+    weights = [rng.uniform(0.3, 1.7) for _ in range(n_inst)]
+    ids = [f"e{i}" for i in range(n_inst)]
+    docs: list[dict[str, Any]] = []
+    for eid, w in zip(ids, weights, strict=True):
+        ram = max(0.25, round(target * w / sum(weights) * 4) / 4)
+        doc: dict[str, Any] = {"experiment_id": eid, "command": "true", "ram_gb": ram}
+        if rng.random() < 0.3:
+            doc.update(gpu_required=True,
+                       gpu_memory_gb=float(rng.choice([0, 1, 2, 4, 6])))
+        if rng.random() < 0.5:
+            doc["cpu_cores"] = float(rng.choice([1, 2, 3]))
+        if rng.random() < 0.2:
+            doc["preferred_node"] = rng.choice(cluster.node_names)
+        docs.append(doc)
+    for _ in range(rng.randint(0, n_inst // 2)):
+        a, b = rng.sample(range(n_inst), 2)
+        docs[a].setdefault("anti_affinity", [])
+        if ids[b] not in docs[a]["anti_affinity"]:
+            docs[a]["anti_affinity"].append(ids[b])
+    for _ in range(rng.randint(0, 2)):
+        a, b = rng.sample(range(n_inst), 2)
+        docs[a].setdefault("affinity", [])
+        if ids[b] not in docs[a]["affinity"]:
+            docs[a]["affinity"].append(ids[b])
+    specs = check_spec_set(parse_spec(d, SPEC_DIR / f"{d['experiment_id']}.json", cluster)
+                           for d in docs)
+    return QualityCase(seed, cluster, specs)
+
+
+def ram_on(node: NodeConfig, spec: ExperimentSpec) -> float:
+    """RAM drawn on this node: a unified pool also pays for the GPU memory."""
+    gpu_mem = spec.gpu_memory_gb if spec.gpu_required else 0.0
+    return spec.ram_gb + (gpu_mem if node.unified_memory else 0.0)
+
+
+@contextlib.contextmanager
+def quiet_stdout() -> Iterator[None]:
+    """Silence file descriptor 1 (C-level prints) for the duration."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+
+
+def optimum(case: QualityCase, by_ram: bool = False) -> float:
+    """Most instances (or, ``by_ram``, most GB of RAM) placeable at once (exact, MILP)."""
+    specs, nodes = case.specs, case.cluster.nodes
+    ni, nn = len(specs), len(nodes)
+
+    def var(i: int, n: int) -> int:
+        return i * nn + n
+
+    upper = np.ones(ni * nn)
+    for i, s in enumerate(specs):
+        for n, node in enumerate(nodes):
+            if not node.enabled or (s.gpu_required and not node.gpu):
+                upper[var(i, n)] = 0.0
+    rows: list[np.ndarray] = []
+    caps: list[float] = []
+
+    def row(coeffs: dict[int, float], cap: float) -> None:
+        r = np.zeros(ni * nn)
+        for k, v in coeffs.items():
+            r[k] = v
+        rows.append(r)
+        caps.append(cap)
+
+    for i in range(ni):  # each instance at most once
+        row({var(i, n): 1.0 for n in range(nn)}, 1.0)
+    for n, node in enumerate(nodes):
+        row({var(i, n): 1.0 for i in range(ni)}, float(node.max_instances))
+        row({var(i, n): ram_on(node, s) for i, s in enumerate(specs)}, node.available_ram_gb)
+        if not node.unified_memory:
+            row({var(i, n): s.gpu_memory_gb for i, s in enumerate(specs) if s.gpu_required},
+                node.gpu_memory_gb)
+        # CPU: the engine checks a request against the cores left by earlier requests.
+        row({var(i, n): s.cpu_cores for i, s in enumerate(specs)}, float(node.cpu_cores))
+    index = {s.experiment_id: i for i, s in enumerate(specs)}
+    pairs = {tuple(sorted((index[s.experiment_id], index[p])))
+             for s in specs for p in s.anti_affinity}
+    for a, b in sorted(pairs):
+        for n in range(nn):
+            row({var(a, n): 1.0, var(b, n): 1.0}, 1.0)
+    weights = np.repeat([s.ram_gb if by_ram else 1.0 for s in specs], nn)
+    with quiet_stdout():  # HiGHS may print a diagnostic line straight to fd 1
+        res = milp(c=-weights, integrality=np.ones(ni * nn),
+                   bounds=Bounds(np.zeros(ni * nn), upper),
+                   constraints=LinearConstraint(np.array(rows), -np.inf, np.array(caps)))
+    if res.status != 0:
+        raise RuntimeError(f"milp failed on case seed {case.seed}: {res.message}")
+    return float(-res.fun)
+
+
+def part_b(count: int, seed: int) -> None:
+    print(f"Part B: quality vs exact optimum (scipy milp), {count} tight cases, "
+          f"3-5 nodes, 5-10 instances")
+    placed: list[int] = []
+    best: list[int] = []
+    sizes: list[int] = []
+    gaps: list[tuple[int, int]] = []
+    ram_got: list[float] = []
+    ram_best: list[float] = []
+    t0 = time.perf_counter()
+    for k in range(count):
+        case = tight_case(seed * 100_000 + k)
+        result = plan(case.cluster, case.specs)
+        check_hard_constraints(case.cluster, case.specs, result)
+        got = len(result.placements)
+        opt = round(optimum(case))
+        by_id = {s.experiment_id: s for s in case.specs}
+        gb = sum(by_id[p.instance_id].ram_gb for p in result.placements)
+        gb_opt = optimum(case, by_ram=True)
+        if got > opt or gb > gb_opt + 1e-6:
+            raise AssertionError(f"engine beat the optimum (seed {case.seed}): "
+                                 "the engine broke a constraint or the MILP is wrong")
+        placed.append(got)
+        best.append(opt)
+        sizes.append(len(case.specs))
+        gaps.append((opt - got, case.seed))
+        ram_got.append(gb)
+        ram_best.append(gb_opt)
+    elapsed = time.perf_counter() - t0
+    mean_got, mean_opt = statistics.fmean(placed), statistics.fmean(best)
+    matches = sum(1 for g, _ in gaps if g == 0)
+    worst_gap, worst_seed = max(gaps)
+    ratios = [g / o if o else 1.0 for g, o in zip(placed, best, strict=True)]
+    opt_all = sum(1 for o, n in zip(best, sizes, strict=True) if o == n)
+    both_all = sum(1 for g, n in zip(placed, sizes, strict=True) if g == n)
+    rows = [
+        ("cases", f"{count}"),
+        ("mean instances placed by engine", f"{mean_got:.3f}"),
+        ("mean optimum (max placeable)", f"{mean_opt:.3f}"),
+        ("engine / optimum (ratio of means)", f"{mean_got / mean_opt:.4f}"),
+        ("mean of per-case ratio", f"{statistics.fmean(ratios):.4f}"),
+        ("cases where engine matches optimum", f"{matches}/{count} = {matches / count:.1%}"),
+        ("cases where everything fits (optimum / engine)", f"{opt_all} / {both_all}"),
+        ("worst gap (instances)", f"{worst_gap} (case seed {worst_seed})"),
+        ("placed RAM: engine / max placeable RAM (sum)",
+         f"{sum(ram_got):.1f} / {sum(ram_best):.1f} GB = {sum(ram_got) / sum(ram_best):.4f}"),
+        ("total time (engine + 2 milp per case)", f"{elapsed:.1f} s"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"  {name:<{width}}  {value}")
+    hist: dict[int, int] = {}
+    for g, _ in gaps:
+        hist[g] = hist.get(g, 0) + 1
+    print("  gap histogram (optimum - engine: cases): "
+          + ", ".join(f"{g}: {c}" for g, c in sorted(hist.items())))
+    if worst_gap > 0:
+        describe(tight_case(worst_seed))
+    print()
+
+
+def describe(case: QualityCase) -> None:
+    """Print the worst case compactly so it can be studied."""
+    print(f"  worst case (seed {case.seed}):")
+    for n in case.cluster.nodes:
+        kind = "unified GPU" if n.gpu and n.unified_memory else \
+            (f"GPU {n.gpu_memory_gb:g} GB" if n.gpu else "CPU")
+        print(f"    node {n.name}: {n.available_ram_gb:g} GB usable, {n.cpu_cores} cores, "
+              f"max {n.max_instances}, {kind}{'' if n.enabled else ', DISABLED'}")
+    for s in case.specs:
+        extra = f" gpu {s.gpu_memory_gb:g} GB" if s.gpu_required else ""
+        anti = f" anti={list(s.anti_affinity)}" if s.anti_affinity else ""
+        aff = f" aff={list(s.affinity)}" if s.affinity else ""
+        print(f"    {s.experiment_id}: ram {s.ram_gb:g} GB, cpu {s.cpu_cores:g}{extra}{anti}{aff}")
+    result = plan(case.cluster, case.specs)
+    print(f"    engine: {result.as_dict()} unplaced={list(result.unplaced)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; prints tables, returns 0."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--sizes", default="1000x100,10000x1000",
+                    help="comma list of INSTANCESxNODES for part A ('' to skip)")
+    ap.add_argument("--cases", type=int, default=200, help="part B cases (0 to skip)")
+    ap.add_argument("--profile", default="", metavar="INSTANCESxNODES",
+                    help="also print a cProfile top 10 of one plan() of this size")
+    args = ap.parse_args(argv)
+    sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
+    print(f"python {sys.version.split()[0]}, seed {args.seed}")
+    print()
+    if sizes:
+        part_a(sizes, args.seed)
+    if args.profile:
+        profile(parse_size(args.profile), args.seed)
+    if args.cases:
+        part_b(args.cases, args.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
