@@ -179,9 +179,9 @@ def anti_affinity(snap: Snapshot, node: NodeConfig, spec: ExperimentSpec) -> str
     for peer in spec.anti_affinity:
         if peer in here:
             return f"anti-affinity: {peer} is already there"
-    for peer_id in sorted(here):
-        other = snap.specs.get(peer_id)
-        if other is not None and spec.experiment_id in other.anti_affinity:
+    against = snap.anti_of.get(spec.experiment_id)
+    if against:
+        for peer_id in sorted(here & against):
             return f"anti-affinity: {peer_id} (already there) must not share a node with it"
     return None
 

@@ -69,33 +69,25 @@ class Demand:
 
 @dataclass(frozen=True)
 class NodeLoad:
-    """What is already committed on a node."""
+    """What is already committed on a node; totals are kept as instances are added."""
 
     instances: tuple[Demand, ...] = ()
+    ram_gb: float = 0.0
+    gpu_memory_gb: float = 0.0
+    cpu_cores: float = 0.0
+    disk_gb: float = 0.0
+    instance_ids: frozenset[str] = frozenset()
 
     @property
     def count(self) -> int:
         return len(self.instances)
 
-    @property
-    def ram_gb(self) -> float:
-        return sum(d.ram_gb for d in self.instances)
-
-    @property
-    def gpu_memory_gb(self) -> float:
-        return sum(d.gpu_memory_gb for d in self.instances)
-
-    @property
-    def cpu_cores(self) -> float:
-        return sum(d.cpu_cores for d in self.instances)
-
-    @property
-    def disk_gb(self) -> float:
-        return sum(d.disk_gb for d in self.instances)
-
-    @property
-    def instance_ids(self) -> frozenset[str]:
-        return frozenset(d.instance_id for d in self.instances)
+    def add(self, d: Demand) -> NodeLoad:
+        """This load with one more instance (running totals: placement asks for them often)."""
+        return NodeLoad(instances=(*self.instances, d), ram_gb=self.ram_gb + d.ram_gb,
+                        gpu_memory_gb=self.gpu_memory_gb + d.gpu_memory_gb,
+                        cpu_cores=self.cpu_cores + d.cpu_cores, disk_gb=self.disk_gb + d.disk_gb,
+                        instance_ids=self.instance_ids | {d.instance_id})
 
 
 def demand_on(node: NodeConfig, spec: ExperimentSpec) -> Demand:
@@ -105,6 +97,14 @@ def demand_on(node: NodeConfig, spec: ExperimentSpec) -> Demand:
     if node.unified_memory:
         return Demand(spec.experiment_id, spec.ram_gb + gpu_mem, 0.0, spec.cpu_cores, disk)
     return Demand(spec.experiment_id, spec.ram_gb, gpu_mem, spec.cpu_cores, disk)
+
+
+def _anti_index(specs: Iterable[ExperimentSpec]) -> Mapping[str, frozenset[str]]:
+    index: dict[str, set[str]] = {}
+    for s in specs:
+        for peer in s.anti_affinity:
+            index.setdefault(peer, set()).add(s.experiment_id)
+    return MappingProxyType({k: frozenset(v) for k, v in index.items()})
 
 
 def _empty() -> Mapping[str, Holder]:
@@ -129,6 +129,8 @@ class Snapshot:
         default_factory=lambda: MappingProxyType({}))
     allocations: Mapping[str, Allocation] = field(default_factory=lambda: MappingProxyType({}))
     occupied_ids: frozenset[str] = frozenset()  # instances of other runs (not this plan)
+    # instance id -> ids of the specs that name it in anti_affinity (the symmetric side)
+    anti_of: Mapping[str, frozenset[str]] = field(default_factory=lambda: MappingProxyType({}))
 
     @classmethod
     def build(cls, cluster: Cluster, specs: Iterable[ExperimentSpec],
@@ -144,10 +146,12 @@ class Snapshot:
         conds = {n.name: (conditions or {}).get(n.name, NodeCondition(Condition.UNKNOWN))
                  for n in nodes}
         probed = facts or {}
+        by_id = {s.experiment_id: s for s in specs}
         return cls(nodes=nodes,
                    conditions=MappingProxyType(conds),
                    loads=MappingProxyType({n.name: NodeLoad() for n in nodes}),
-                   specs=MappingProxyType({s.experiment_id: s for s in specs}),
+                   specs=MappingProxyType(by_id),
+                   anti_of=_anti_index(by_id.values()),
                    inventories=MappingProxyType(
                        {n.name: node_inventory(n, probed.get(n.name)) for n in nodes}),
                    constraints=cluster.placement.constraints)
@@ -214,7 +218,7 @@ class Snapshot:
             allocation, _ = self.allocate(node, spec)
         loads = dict(self.loads)
         old = loads[node.name]
-        loads[node.name] = replace(old, instances=(*old.instances, demand_on(node, spec)))
+        loads[node.name] = old.add(demand_on(node, spec))
         placed = dict(self.placed)
         placed[spec.experiment_id] = node.name
         holder = allocation.holder
@@ -232,11 +236,14 @@ class Snapshot:
         allocations = dict(self.allocations)
         allocations[spec.experiment_id] = allocation
         specs = self.specs
+        anti_of = self.anti_of
         if spec.experiment_id not in specs:
             specs = MappingProxyType({**specs, spec.experiment_id: spec})
+            anti_of = _anti_index(specs.values())
         return replace(self, loads=MappingProxyType(loads), placed=MappingProxyType(placed),
                        devices_held=MappingProxyType(devices),
                        ports_held=MappingProxyType(ports),
                        allocations=MappingProxyType(allocations), specs=specs,
+                       anti_of=anti_of,
                        occupied_ids=(self.occupied_ids | {spec.experiment_id}) if occupied
                        else self.occupied_ids)
