@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from infra.cli.main import main
+from tests.builders import assert_one_line_error, run_cli
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -37,20 +37,6 @@ def write_spec(tmp: Path, name: str, data: Any) -> Path:
     return p
 
 
-def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    code = main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code: int, err: str, *fragments: str, exit_code: int = 2) -> None:
-    assert code == exit_code, err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error: ")
-    assert "Traceback" not in err
-    for frag in fragments:
-        assert frag in lines[0], (frag, lines[0])
 
 
 NODE_ERRORS = [

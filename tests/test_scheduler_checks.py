@@ -11,9 +11,7 @@ import pytest
 import yaml
 
 from infra.cli.main import main
-from infra.config.model import AttrValue, Cluster, Constraint, ExperimentSpec, Operator
-from infra.config.specs import parse_spec
-from infra.config.topology import parse_cluster
+from infra.config.model import AttrValue, Constraint, Operator
 from infra.placement import Allocation, Condition, NodeCondition, Snapshot, plan, why_not
 from infra.placement.checks import (
     DEFAULT_CHECKS,
@@ -29,23 +27,7 @@ from infra.placement.checks import (
 )
 from infra.placement.constraints import holds, rejection, version_matches
 from infra.probe.facts import GpuInfo, NodeFacts
-
-
-def node(name: str, **kw: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {"name": name, "host": f"{name}.lab.invalid", "ram_gb": 16.0,
-                            "max_instances": 4, "cpu_cores": 8}
-    base.update(kw)
-    return base
-
-
-def cluster(*nodes: dict[str, Any], **top: Any) -> Cluster:
-    return parse_cluster({"nodes": list(nodes), **top}, Path("test_cluster.yaml"))
-
-
-def spec(c: Cluster, eid: str = "x", **kw: Any) -> ExperimentSpec:
-    data: dict[str, Any] = {"experiment_id": eid, "command": "true"}
-    data.update(kw)
-    return parse_spec(data, Path(f"{eid}.json"), c)
+from tests.builders import cluster, node, spec
 
 
 def reasons(result: Any, instance: str) -> dict[str, str | None]:

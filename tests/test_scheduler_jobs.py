@@ -10,7 +10,6 @@ import pytest
 
 from infra.config.model import Cluster, ExperimentSpec, JobType
 from infra.config.specs import check_spec_set, parse_spec
-from infra.config.topology import parse_cluster
 from infra.placement import (
     Allocation,
     Condition,
@@ -19,17 +18,7 @@ from infra.placement import (
     plan,
 )
 from infra.placement.jobs import copy_id
-
-
-def node(name: str, **kw: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {"name": name, "host": f"{name}.lab.invalid", "ram_gb": 16.0,
-                            "max_instances": 4, "cpu_cores": 8}
-    base.update(kw)
-    return base
-
-
-def cluster(*nodes: dict[str, Any], **top: Any) -> Cluster:
-    return parse_cluster({"nodes": list(nodes), **top}, Path("test_cluster.yaml"))
+from tests.builders import cluster, node
 
 
 def spec(c: Cluster, eid: str, **kw: Any) -> ExperimentSpec:

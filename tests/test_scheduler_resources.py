@@ -10,12 +10,9 @@ from typing import Any
 import pytest
 import yaml
 
-from infra.cli.main import main
 from infra.config.model import (
-    Cluster,
     Constraint,
     DeviceRequest,
-    ExperimentSpec,
     JobType,
     NodeDevice,
     Operator,
@@ -23,45 +20,16 @@ from infra.config.model import (
     ResourceRequest,
     VolumeMode,
 )
-from infra.config.specs import parse_spec
-from infra.config.topology import parse_cluster
 from infra.placement import Allocation, VolumeAllocation, allocation_env, node_inventory
 from infra.probe.facts import GpuInfo, JetsonInfo, NodeFacts
+from tests.builders import assert_one_line_error, cluster, node, run_cli, spec
 
 # ---------------------------------------------------------------- helpers
 
 
-def node(name: str, **kw: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {"name": name, "host": f"{name}.lab.invalid", "ram_gb": 16.0,
-                            "max_instances": 4, "cpu_cores": 8}
-    base.update(kw)
-    return base
 
 
-def cluster(*nodes: dict[str, Any], **top: Any) -> Cluster:
-    return parse_cluster({"nodes": list(nodes), **top}, Path("test_cluster.yaml"))
 
-
-def spec(c: Cluster, eid: str = "x", **kw: Any) -> ExperimentSpec:
-    data: dict[str, Any] = {"experiment_id": eid, "command": "true"}
-    data.update(kw)
-    return parse_spec(data, Path(f"{eid}.json"), c)
-
-
-def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    code = main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code: int, err: str, *fragments: str, exit_code: int = 2) -> None:
-    assert code == exit_code, err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error: ")
-    assert "Traceback" not in err
-    for frag in fragments:
-        assert frag in lines[0], (frag, lines[0])
 
 
 def good_node(name: str = "n1", **kw: Any) -> dict[str, Any]:

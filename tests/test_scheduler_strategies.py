@@ -26,6 +26,7 @@ from infra.placement.scoring import (
     spread_cpu,
     spread_memory,
 )
+from tests.builders import cluster
 
 REPO = Path(__file__).resolve().parent.parent
 PART_NAMES = {
@@ -41,9 +42,6 @@ def node(name: str, **kw: Any) -> dict[str, Any]:
     base.update(kw)
     return base
 
-
-def cluster(*nodes: dict[str, Any], **top: Any) -> Cluster:
-    return parse_cluster({"nodes": list(nodes), **top}, Path("test_cluster.yaml"))
 
 
 def spec(c: Cluster, eid: str = "x", **kw: Any) -> ExperimentSpec:
