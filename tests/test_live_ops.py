@@ -226,3 +226,30 @@ def _lease(db: Path, run_id: str) -> str | None:
         return row["lease_holder"] if row else None
     finally:
         store.close()
+
+
+def test_watch_finishes_a_launch_a_dead_coordinator_left_half_done(project: Path) -> None:
+    """The run was recorded but the coordinator died before deploying or starting anything:
+    `watch` deploys and starts it, exactly once."""
+    from infra.config import check_spec_set, load_spec
+    from infra.placement import plan
+
+    fast_health(project)
+    s = spec(project, "orphan", duration=2.0, interval=0.2)
+    cluster = load_cluster(project / "cluster_config.yaml")
+    specs = check_spec_set([load_spec(s, cluster)])
+    result = plan(cluster, specs, pins={"orphan": "node3"})
+    store = Store.for_log_dir(cluster.log_dir)
+
+    async def record_only() -> str:
+        async with ConnectionPool(cluster) as pool:
+            return RunSession(cluster, store, pool).record_run(specs, result, {})
+
+    run_id = asyncio.run(record_only())
+    assert store.instance(run_id, "orphan").state is InstancePhase.PLANNED
+    store.close()
+    proc = cli(project, "watch", run_id, "--duration", "60", "--json")
+    assert proc.returncode == 0, proc.stderr
+    inst = json.loads(proc.stdout)["instances"][0]
+    assert inst["node"] == "node3" and inst["state"] == "exited" and inst["exit_code"] == 0
+    check_log((project / "logs" / run_id / "orphan.log").read_text(), "orphan")
