@@ -25,7 +25,15 @@ from infra.runner.lifecycle import RunSession, local_log_path
 from infra.state import InstancePhase, Store
 from infra.transport.pool import ConnectionPool
 from tests.sshfleet import SSHFleet
-from tests.test_run_e2e import check_log, cli, project, spec, status_json, wait_for
+from tests.test_run_e2e import (
+    _instance_state,
+    check_log,
+    cli,
+    project,
+    spec,
+    status_json,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 __all__ = ["project"]  # the fixture, re-used
@@ -180,7 +188,7 @@ def test_watch_reattaches_after_sigkill_and_lease_says_who(project: Path) -> Non
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     db = project / "logs" / "state.db"
     try:
-        wait_for(lambda: db.exists() and _state(db) == "running", timeout=60)
+        wait_for(lambda: db.exists() and _instance_state(db) == "running", timeout=60)
         time.sleep(1.0)
         coord.send_signal(signal.SIGKILL)
         coord.wait(timeout=10)
@@ -206,16 +214,6 @@ def test_watch_reattaches_after_sigkill_and_lease_says_who(project: Path) -> Non
     assert final["state"] == "exited" and final["pid"] == pid  # started once, found again
     check_log((project / "logs" / run_id / "phoenix.log").read_text(), "phoenix")
     assert (project / "logs" / run_id / "phoenix" / "out" / "phoenix" / "summary.json").exists()
-
-
-def _state(db: Path) -> str | None:
-    store = Store(db)
-    try:
-        runs = store.runs(1)
-        recs = store.instances(runs[0].run_id) if runs else []
-        return recs[0].state.value if recs else None
-    finally:
-        store.close()
 
 
 def _lease(db: Path, run_id: str) -> str | None:

@@ -16,7 +16,8 @@ from rich.table import Table
 
 from infra.config import Cluster
 from infra.errors import InfraError, UsageError
-from infra.runner.lifecycle import RunSession
+from infra.placement.snapshot import demand_on
+from infra.runner.lifecycle import RunSession, spec_from_document
 from infra.runner.nodeops import (
     ActionKind,
     DrainReport,
@@ -58,6 +59,19 @@ async def _conditions(cluster: Cluster, store: Store,
     from infra.cli.actions import conditions_from, probe_nodes
     health = await probe_nodes(cluster, pool)
     return merge_conditions(conditions_from(health), admin_conditions(cluster, store))
+
+
+def _set_admin(c: Ctx, name: str, admin: AdminState, eligible: bool, reason: str,
+               what: str) -> None:
+    """Record an operator state for a node, with an event, and say so."""
+    cluster = c.cluster
+    _node(cluster, name)
+    store = _store(cluster)
+    msg = f"{what}: {reason or 'no reason given'}"
+    store.set_node_admin(name, admin, eligible=eligible, reason=reason)
+    store.add_event(None, "node", name, msg)
+    store.close()
+    c.console.print(f"{name}: {msg}")
 
 
 @click.group()
@@ -110,18 +124,10 @@ def node_list(c: Ctx, json_out: bool) -> None:
 @click.pass_obj
 def maintenance(c: Ctx, name: str, enable: bool, reason: str) -> None:
     """Stop (or resume) new placements on a node; its current work stays where it is."""
-    cluster = c.cluster
-    _node(cluster, name)
-    store = _store(cluster)
     if enable:
-        store.set_node_admin(name, AdminState.MAINTENANCE, eligible=False, reason=reason)
-        msg = f"maintenance enabled: {reason or 'no reason given'}"
+        _set_admin(c, name, AdminState.MAINTENANCE, False, reason, "maintenance enabled")
     else:
-        store.set_node_admin(name, AdminState.NONE, eligible=True, reason=reason)
-        msg = f"maintenance disabled: {reason or 'no reason given'}"
-    store.add_event(None, "node", name, msg)
-    store.close()
-    c.console.print(f"{name}: {msg}")
+        _set_admin(c, name, AdminState.NONE, True, reason, "maintenance disabled")
 
 
 def _print_drain(c: Ctx, report: DrainReport, dry_run: bool) -> None:
@@ -210,18 +216,11 @@ def drain(c: Ctx, name: str, reason: str, deadline: str, dry_run: bool, wait: bo
 @click.pass_obj
 def undrain(c: Ctx, name: str, reason: str, mark_eligible: bool) -> None:
     """Cancel a drain (the node stays in maintenance unless --mark-eligible)."""
-    cluster = c.cluster
-    _node(cluster, name)
-    store = _store(cluster)
     if mark_eligible:
-        store.set_node_admin(name, AdminState.NONE, eligible=True, reason=reason)
-        msg = f"undrained and eligible: {reason or 'no reason given'}"
+        _set_admin(c, name, AdminState.NONE, True, reason, "undrained and eligible")
     else:
-        store.set_node_admin(name, AdminState.MAINTENANCE, eligible=False, reason=reason)
-        msg = f"drain cancelled; in maintenance: {reason or 'no reason given'}"
-    store.add_event(None, "node", name, msg)
-    store.close()
-    c.console.print(f"{name}: {msg}")
+        _set_admin(c, name, AdminState.MAINTENANCE, False, reason,
+                   "drain cancelled; in maintenance")
 
 
 @node.command()
@@ -271,13 +270,11 @@ def resource_list(c: Ctx, json_out: bool) -> None:
     for rec in store.active_instances():
         h = held.setdefault(rec.node, {"ram_gb": 0.0, "gpu_memory_gb": 0.0, "cpu_cores": 0.0,
                                        "instances": 0})
-        unified = cluster.node(rec.node).unified_memory if rec.node in cluster.node_names \
-            else False
-        gpu_mem = float(rec.spec.get("gpu_memory_gb") or 0.0) \
-            if rec.spec.get("gpu_required") else 0.0
-        h["ram_gb"] += float(rec.spec.get("ram_gb") or 0.0) + (gpu_mem if unified else 0.0)
-        h["gpu_memory_gb"] += 0.0 if unified else gpu_mem
-        h["cpu_cores"] += float(rec.spec.get("cpu_cores") or 0.0)
+        if rec.node in cluster.node_names:  # the same accounting placement uses
+            demand = demand_on(cluster.node(rec.node), spec_from_document(rec.spec))
+            h["ram_gb"] += demand.ram_gb
+            h["gpu_memory_gb"] += demand.gpu_memory_gb
+            h["cpu_cores"] += demand.cpu_cores
         h["instances"] += 1
         ids = rec.allocation.get("device_ids") or []
         devices.setdefault(rec.node, []).extend(str(i) for i in ids)

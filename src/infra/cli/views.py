@@ -15,6 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from infra.config.model import Cluster, ExperimentSpec
+from infra.dashboard.render import format_duration
 from infra.errors import InfraError
 from infra.placement import NodeEvaluation, Plan, ScorePart, why_not
 from infra.probe.health import NodeHealth
@@ -246,13 +247,6 @@ _PHASE_STYLE = {"running": "green", "exited": "cyan", "failed": "red", "lost": "
                 "stopped": "yellow", "restarting": "yellow", "unknown": "dim"}
 
 
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    s = int(seconds)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
 def _ended(rec: InstanceRecord) -> str:
     if rec.signal:
         return rec.signal
@@ -271,7 +265,7 @@ def instances_table(run: RunRecord, records: list[InstanceRecord]) -> Table:
         style = _PHASE_STYLE.get(r.state.value, "")
         state = f"[{style}]{r.state.value}[/]" if style else r.state.value
         table.add_row(r.instance_id, r.node, state, str(r.pid or "-"), _ended(r),
-                      _duration(r.runtime_seconds), str(r.restarts),
+                      format_duration(r.runtime_seconds), str(r.restarts),
                       Text(r.reason or r.last_line))
     return table
 

@@ -38,6 +38,8 @@ from infra.runner.supervisor_client import (
 )
 from infra.state import InstancePhase, InstanceRecord, RunState, Store, new_run_id
 from infra.transport.base import Transport
+from infra.transport.marker import BEGIN as MARK_BEGIN
+from infra.transport.marker import END as MARK_END
 from infra.transport.marker import extract_json
 from infra.transport.pool import ConnectionPool
 
@@ -57,7 +59,9 @@ _PHASE_OF_STATUS = {
 }
 
 # A small node-side helper: expand result globs under a directory into a file list.
-_RESULTS_LISTER = r"""
+_RESULTS_LISTER = f"""
+BEGIN, END = {MARK_BEGIN!r}, {MARK_END!r}
+""" + r"""
 import glob, json, os, sys
 base = os.path.expanduser(sys.argv[1]); out = []; limit = int(sys.argv[2])
 for pat in sys.argv[3:]:
@@ -74,7 +78,7 @@ for p in out:
     if not r.startswith('..') and r not in seen:
         seen.append(r)
 doc = json.dumps({'base': base, 'files': seen[:limit]})
-print('@@INFRA-JSON-BEGIN@@' + doc + '@@INFRA-JSON-END@@')
+print(BEGIN + doc + END)
 """
 
 
