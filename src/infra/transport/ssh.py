@@ -16,12 +16,17 @@ import os
 import posixpath
 import shlex
 import socket
+import warnings
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-import asyncssh
+with warnings.catch_warnings():
+    # cryptography 4x+ warns at import time that DSA support is deprecated; asyncssh merely
+    # references the DSA types, and the warning would be printed before every CLI error line.
+    warnings.filterwarnings("ignore", message=r".*DSA is deprecated.*")
+    import asyncssh
 
 from infra.config.model import HealthCheckSection, NodeConfig
 from infra.errors import (
