@@ -25,6 +25,19 @@ def skip_or_fail(reason: str) -> None:
     pytest.skip(reason)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def own_claims_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """This session's own claims directory for the local node (fleet nodes have their own
+    users, so their per-account claims are already private to the session)."""
+    before = os.environ.get("INFRA_CLAIMS_DIR")
+    os.environ["INFRA_CLAIMS_DIR"] = str(tmp_path_factory.mktemp("claims"))
+    yield
+    if before is None:
+        os.environ.pop("INFRA_CLAIMS_DIR", None)
+    else:
+        os.environ["INFRA_CLAIMS_DIR"] = before
+
+
 @pytest.fixture(scope="session")
 def ssh_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SSHFleet]:
     """Three real sshd hosts on 127.0.0.21-23, one Unix user each, for the whole session.

@@ -45,7 +45,8 @@ def fast_health(root: Path, **extra: Any) -> None:
     cfg["health_check"].update({"interval_seconds": 1, "timeout_seconds": 3,
                                 "keepalive_seconds": 1, "keepalive_count_max": 2,
                                 "reconnect_attempts": 1, "disconnected_grace_seconds": 1})
-    cfg["failover"] = {"auto_restart": True, "retry_delay_seconds": 0.2}
+    cfg["failover"] = {"auto_restart": True, "retry_delay_seconds": 0.2,
+                       "fence_timeout_seconds": 3}
     cfg.update(extra)
     (root / "cluster_config.yaml").write_text(yaml.safe_dump(cfg))
 
@@ -114,7 +115,10 @@ def test_lost_node_moves_cluster_work_and_pauses_the_rest(project: Path,
 
 
 def test_returning_node_has_its_stale_copy_stopped(project: Path, ssh_fleet: SSHFleet) -> None:
-    fast_health(project)
+    # fencing off (fence_timeout_seconds: 0): the coordinator moves the work while the old
+    # copy still runs behind the partition, and stops that copy when the node is back
+    fast_health(project, failover={"auto_restart": True, "retry_delay_seconds": 0.2,
+                                   "fence_timeout_seconds": 0})
     s = spec(project, "twin", duration=30.0, interval=0.5, recover="cluster")
     proc = cli(project, "--config", str(s), "--placement", "twin:node2",
                "--monitor-duration", "0")
@@ -182,6 +186,10 @@ def test_crash_loop_reasons_reach_status_and_events(project: Path) -> None:
 
 def test_watch_reattaches_after_sigkill_and_lease_says_who(project: Path) -> None:
     fast_health(project)
+    # back within the fence timeout: the node has not fenced the work, the same copy runs
+    cfg = yaml.safe_load((project / "cluster_config.yaml").read_text())
+    cfg["failover"]["fence_timeout_seconds"] = 300
+    (project / "cluster_config.yaml").write_text(yaml.safe_dump(cfg))
     s = spec(project, "phoenix", duration=12.0, interval=0.2)
     coord = subprocess.Popen([sys.executable, "-m", "infra.cli.main", "--config", str(s),
                               "--placement", "phoenix:node2"], cwd=project,

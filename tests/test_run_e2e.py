@@ -58,6 +58,9 @@ def project(ssh_fleet: SSHFleet, tmp_path: Path) -> Iterator[Path]:
         nodes.append({"name": h.name, "host": h.address, "ssh_port": h.port,
                       "ssh_user": h.user, "ssh_key_path": str(ssh_fleet.client_key),
                       "remote_work_dir": f"{h.home}/work/{tmp_path.name}",
+                      # each test's own claims (a real node has one per account): work a
+                      # previous test left stopping cannot take this test's slots
+                      "claims_dir": f"{h.home}/work/{tmp_path.name}.claims",
                       "python_path": "/usr/bin/python3", "ram_gb": 8.0, "max_instances": 2})
     nodes.append({"name": "local", "host": "localhost", "remote_work_dir": ".",
                   "ram_gb": 4.0, "max_instances": 2, "python_path": sys.executable})

@@ -164,4 +164,5 @@ def test_restart_policy_and_request_json() -> None:
         "results_dir": None,
         "restart": {"auto_restart": True, "max_retries": None, "retry_delay_seconds": 5.0,
                     "always": False},
+        "placement": "p0", "fence": False,
     }

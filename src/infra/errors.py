@@ -84,3 +84,11 @@ class CommandFailedError(TransportError):
 
 class DeployError(TransportError):
     """rsync to a node failed."""
+
+
+class CapacityRefusedError(CommandFailedError):
+    """The node's claims say it cannot take the instance now (another coordinator's work)."""
+
+
+class StaleCopyError(CommandFailedError):
+    """An earlier placement of the instance still runs on the node; stop it first."""

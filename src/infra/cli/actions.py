@@ -25,9 +25,11 @@ from infra.monitor.saved import SavedState
 from infra.placement import Condition, NodeCondition
 from infra.probe.health import NodeHealth, NodeStatus
 from infra.probe.run import check_health
+from infra.runner.claims import gather_claims, occupied_work
 from infra.runner.deploy import DeployResult, deploy_all
-from infra.runner.lifecycle import RunSession, local_log_path, occupied_by
+from infra.runner.lifecycle import RunSession, local_log_path
 from infra.runner.nodeops import admin_conditions, merge_conditions
+from infra.runner.supervisor_client import Claim, SupervisorClient
 from infra.state import InstancePhase, Store
 from infra.state.store import coordinator_id
 from infra.transport.pool import ConnectionPool
@@ -141,6 +143,19 @@ def do_deploy_all(c: Ctx, cluster: Cluster, *, dry_run: bool, delete: bool,
 
 # --------------------------------------------------------------------------- run
 
+async def node_claims(session: RunSession, names: list[str]
+                      ) -> dict[str, list[Claim] | InfraError]:
+    """The live claims of the named nodes (any coordinator's work), one call per node."""
+    clients: dict[str, SupervisorClient] = {}
+    failed: dict[str, list[Claim] | InfraError] = {}
+    for name in names:
+        try:
+            clients[name] = await session.client(name)
+        except InfraError as exc:
+            failed[name] = exc
+    return {**failed, **await gather_claims(clients)}
+
+
 def _printer(c: Ctx, saved: SavedState | None = None,
              quiet: bool = False) -> Callable[[str, str, str], None]:
     """Where events go: the orchestrator's log file, and stderr unless a dashboard shows them."""
@@ -181,11 +196,12 @@ def do_run(c: Ctx, cluster: Cluster, specs: tuple[ExperimentSpec, ...], *,
             for name, h in health.items():
                 if not h.reachable:
                     session.emit("node", name, f"unavailable: {h.error}")
+            claims = await node_claims(session, [n for n, h in health.items() if h.reachable])
             result, placed = make_plan(
                 cluster, specs, placement, auto_place, force,
                 conditions=merge_conditions(conditions_from(health),
                                             admin_conditions(cluster, store)),
-                occupied=occupied_by(store.active_instances()),
+                occupied=occupied_work(cluster, claims, store.active_instances()),
                 facts={n: h.facts for n, h in health.items() if h.facts is not None})
             if not c.json_out:
                 c.console.print(views.plan_table(result))
@@ -194,6 +210,7 @@ def do_run(c: Ctx, cluster: Cluster, specs: tuple[ExperimentSpec, ...], *,
             if not result.ok:
                 raise plan_failure(result)
             run_id = session.record_run(placed, result, views.plan_json(result))
+            session.forced = {p.instance_id for p in result.placements if p.forced}
             holder["run"] = run_id
             # hold the run's lease while launching: a `watch` elsewhere only reports meanwhile
             store.acquire_lease(run_id, coordinator_id(), 120.0)

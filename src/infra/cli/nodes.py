@@ -17,7 +17,7 @@ from rich.table import Table
 from infra.config import Cluster
 from infra.errors import InfraError, UsageError
 from infra.placement.snapshot import demand_on
-from infra.runner.lifecycle import RunSession, spec_from_document
+from infra.runner.lifecycle import RunSession
 from infra.runner.nodeops import (
     ActionKind,
     DrainReport,
@@ -271,12 +271,12 @@ def resource_list(c: Ctx, json_out: bool) -> None:
         h = held.setdefault(rec.node, {"ram_gb": 0.0, "gpu_memory_gb": 0.0, "cpu_cores": 0.0,
                                        "instances": 0})
         if rec.node in cluster.node_names:  # the same accounting placement uses
-            demand = demand_on(cluster.node(rec.node), spec_from_document(rec.spec))
+            demand = demand_on(cluster.node(rec.node), rec.spec)
             h["ram_gb"] += demand.ram_gb
             h["gpu_memory_gb"] += demand.gpu_memory_gb
             h["cpu_cores"] += demand.cpu_cores
         h["instances"] += 1
-        ids = rec.allocation.get("device_ids") or []
+        ids = rec.allocation.device_ids if rec.allocation is not None else ()
         devices.setdefault(rec.node, []).extend(str(i) for i in ids)
     admins = {n: store.node_admin(n) for n in cluster.node_names}
     health = store.node_states()

@@ -289,6 +289,7 @@ class NodeConfig:
     host_paths: tuple[str, ...] = ()
     runtime_drivers: tuple[str, ...] = DEFAULT_RUNTIME_DRIVERS
     disk_gb: float | None = None
+    claims_dir: str | None = None  # node path of the claims directory; None: per account
 
     @property
     def is_local(self) -> bool:
@@ -360,6 +361,7 @@ class FailoverSection:
     auto_restart: bool = True
     max_retries: int | None = None
     retry_delay_seconds: float = 5.0
+    fence_timeout_seconds: float = 60.0  # 0: no fencing
 
 
 @dataclass(frozen=True)

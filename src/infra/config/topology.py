@@ -132,6 +132,9 @@ def _node(s: Section, base_dir: Path) -> NodeConfig:
     tags = s.string_list("tags", ())
     drivers = s.string_list("runtime_drivers", DEFAULT_RUNTIME_DRIVERS)
     disk_gb = s.number("disk_gb", None, minimum=0.0)
+    claims = s.string("claims_dir", None)
+    if claims is not None:
+        check_abs_path(s, "claims_dir", claims)
     node = NodeConfig(
         name=name,
         host=host,
@@ -158,6 +161,7 @@ def _node(s: Section, base_dir: Path) -> NodeConfig:
         host_paths=parse_host_paths(s),
         runtime_drivers=tuple(dict.fromkeys(d.strip() for d in drivers)),
         disk_gb=disk_gb,
+        claims_dir=claims,
     )
     s.finish()
     return node
@@ -249,6 +253,7 @@ def _failover(s: Section) -> FailoverSection:
         auto_restart=s.boolean("auto_restart", True),
         max_retries=s.integer("max_retries", None, minimum=0),
         retry_delay_seconds=s.number("retry_delay_seconds", 5.0, minimum=0.0),
+        fence_timeout_seconds=s.number("fence_timeout_seconds", 60.0, minimum=0.0),
     )
     s.finish()
     return out

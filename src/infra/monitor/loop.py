@@ -42,6 +42,10 @@ RESULT_FETCH_ATTEMPTS = 3
 MAX_MOVES = 3
 """An instance is moved at most this many times; after that it is paused with the reason."""
 RECENT_EVENTS = 50
+FENCE_STOP_SECONDS = 8.0
+"""After a fence expires: the supervisor's check interval and its SIGTERM->SIGKILL grace
+(5 s), with a margin: only then is the old copy certainly gone."""
+FENCED = "fenced:"
 
 SnapshotSink = Callable[[RunSnapshot], None]
 
@@ -94,6 +98,8 @@ class Monitor:
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.drained: set[str] = set()
         self.fetch_failures: dict[str, int] = {}
+        self.started = time.monotonic()
+        self.fence_waits: set[str] = set()
 
     # ------------------------------------------------------------------ main loop
 
@@ -105,6 +111,7 @@ class Monitor:
                         f"run is watched by {self.other}; showing status only here "
                         "(that coordinator streams logs and applies the policies)")
         deadline = None if duration is None else time.monotonic() + duration
+        self.started = time.monotonic()  # a fence renewed before now has expired by started+T
         outcome = MonitorOutcome(finished=False, lease_holder=self.other)
         try:
             while True:
@@ -134,9 +141,35 @@ class Monitor:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
             if self.other is None:
+                if not outcome.finished:
+                    await self._clear_fences()
                 self.s.store.release_lease(self.run_id, self.holder)
         outcome.lease_holder = self.other
         return outcome
+
+    @property
+    def fence_seconds(self) -> float | None:
+        """The fence this watcher renews on every sweep (None: fencing is off)."""
+        value = self.s.cluster.failover.fence_timeout_seconds
+        return value if value > 0 else None
+
+    async def _clear_fences(self) -> None:
+        """Detaching: clear the run's fences, so work nobody watches keeps running."""
+        if self.fence_seconds is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(self.s.sweep(self.run_id, fence_clear=True)),
+                                   timeout=self.s.cluster.health_check.timeout_seconds)
+        except (asyncio.TimeoutError, InfraError) as exc:
+            self.s.emit("fence", self.run_id, f"could not clear the fences ({exc!r}); fenced "
+                        "work stops on its node after the fence timeout unless watched again")
+
+    def fence_wait(self, node: str) -> float:
+        """Seconds until ``node`` has certainly stopped its fenced work (0: it has)."""
+        if self.fence_seconds is None:
+            return 0.0
+        heard = max(self.s.renewed.get(node, 0.0), self.started)
+        return max(0.0, heard + self.fence_seconds + FENCE_STOP_SECONDS - time.monotonic())
 
     async def tick_once(self, *, acting: bool) -> dict[str, str]:
         """One sweep + due probes + policies + logs/results. Returns unreachable nodes."""
@@ -144,7 +177,8 @@ class Monitor:
         down = {n for n, t in self.trackers.items()
                 if t.state in (NodeState.RECONNECTING, NodeState.DISCONNECTED,
                                NodeState.OFFLINE)}
-        errors = await self.s.sweep(self.run_id, skip=down)
+        errors = await self.s.sweep(self.run_id, skip=down,
+                                    fence_seconds=self.fence_seconds if acting else None)
         due = [n for n, t in self.trackers.items()
                if n not in errors and t.next_probe_at <= now]
         probes = await asyncio.gather(*(self._probe(n) for n in due))
@@ -198,7 +232,8 @@ class Monitor:
         """Finish a launch a dead coordinator left half done (starts are idempotent)."""
         records = self.s.store.instances(self.run_id)
         pending = [r for r in records if r.pid is None and r.state in (
-            InstancePhase.PLANNED, InstancePhase.DEPLOYING, InstancePhase.STARTING)]
+            InstancePhase.PLANNED, InstancePhase.DEPLOYING, InstancePhase.STARTING,
+            InstancePhase.MOVING)]
         if not pending:
             return
         nodes = {r.node for r in pending if not self._node_down(r.node)}
@@ -213,16 +248,35 @@ class Monitor:
         await self._resume_launch()
         for rec in self.s.store.instances(self.run_id):
             t = self.trackers.get(rec.node)
-            policy = RecoverPolicy(rec.spec.get("recover", "none"))
+            policy = rec.spec.recover
             if t is not None and t.state is NodeState.OFFLINE and rec.state.active:
                 why = f"node {rec.node} offline ({t.reason})"
+                wait = self.fence_wait(rec.node) if self.s.fenced(rec.spec) else 0.0
+                if wait > 0:
+                    if rec.instance_id not in self.fence_waits:
+                        self.fence_waits.add(rec.instance_id)
+                        self.s.event(self.run_id, "fence", rec.instance_id,
+                                     f"{why}; waiting {wait:.0f} s for its fence to stop the "
+                                     "copy there before starting another")
+                    continue
+                self.fence_waits.discard(rec.instance_id)
                 await self._recover_one(rec, policy, why, lost=True)
+            elif rec.state is InstancePhase.LOST and rec.reason.startswith(FENCED) \
+                    and policy is RecoverPolicy.CLUSTER and rec.moves < MAX_MOVES:
+                why = f"fenced on {rec.node} while no coordinator was heard"
+                await self.s.move_instance(self.run_id, rec, self.conditions(), why,
+                                           may_stay=True)
             elif rec.state is InstancePhase.FAILED and policy is RecoverPolicy.CLUSTER \
-                    and rec.spec.get("auto_restart", True) and rec.pid is not None \
+                    and self._auto_restart(rec) and rec.pid is not None \
                     and not rec.reason.startswith(("stop", "start failed", "deploy")) \
                     and rec.moves < MAX_MOVES and "moved" not in rec.reason:
                 why = f"restarts exhausted on {rec.node} ({rec.reason})"
                 await self._recover_one(rec, policy, why, lost=False)
+
+    def _auto_restart(self, rec: InstanceRecord) -> bool:
+        """The spec's ``auto_restart``, else the cluster's ``failover.auto_restart``."""
+        own = rec.spec.auto_restart
+        return self.s.cluster.failover.auto_restart if own is None else own
 
     async def _recover_one(self, rec: InstanceRecord, policy: RecoverPolicy, why: str, *,
                            lost: bool) -> None:

@@ -120,15 +120,24 @@ def evaluate(snap: Snapshot, node: NodeConfig, spec: ExperimentSpec,
 def starting_snapshot(cluster: Cluster, specs: list[ExperimentSpec],
                       conditions: Mapping[str, NodeCondition] | None,
                       facts: Mapping[str, NodeFacts] | None,
-                      occupied: Iterable[Occupied]) -> Snapshot:
-    """The snapshot a plan starts from: the cluster with the ``occupied`` work already on it."""
+                      occupied: Iterable[Occupied],
+                      peers: Iterable[Occupied] = ()) -> Snapshot:
+    """The snapshot a plan starts from: the cluster with the ``occupied`` work already on it.
+
+    ``peers`` are placed work of the same plan (a moved instance's run-mates): they hold
+    capacity like occupied work and also count for ``distinct_hosts``.
+    """
     busy = normalize_occupied(occupied)
-    snap = Snapshot.build(cluster, [*specs, *(s for s, _, _ in busy)], conditions,
+    mates = normalize_occupied(peers)
+    snap = Snapshot.build(cluster, [*specs, *(s for s, _, _ in busy + mates)], conditions,
                           cluster.placement.preferences, facts)
     by_name = {n.name: n for n in snap.nodes}
     for spec, node_name, alloc in busy:
         if node_name in by_name:
             snap = snap.with_placement(spec, by_name[node_name], alloc, occupied=True)
+    for spec, node_name, alloc in mates:
+        if node_name in by_name:
+            snap = snap.with_placement(spec, by_name[node_name], alloc)
     return snap
 
 
@@ -151,20 +160,23 @@ def plan(cluster: Cluster, specs: Iterable[ExperimentSpec], *,
          strategy: Strategy | None = None,
          occupied: Iterable[Occupied] = (),
          checks: tuple[tuple[str, Check], ...] = DEFAULT_CHECKS,
-         facts: Mapping[str, NodeFacts] | None = None) -> Plan:
+         facts: Mapping[str, NodeFacts] | None = None,
+         peers: Iterable[Occupied] = ()) -> Plan:
     """Place every spec. Pins are checked against the hard constraints unless ``force``.
 
     ``occupied`` is work already running, as (spec, node) or (spec, node, allocation): it
     uses capacity, holds its devices and ports (the allocation's, else what the spec asks
     for) and counts for affinity and anti-affinity, but is not placed again. ``facts``
     (probe results by node) refine node inventories: GPU ids, memory, capabilities, arch.
-    ``strategy`` overrides the config's ``placement.strategy``.
+    ``strategy`` overrides the config's ``placement.strategy``. ``peers`` are already placed
+    instances of the same plan (a moved instance's run-mates): every check that relates
+    instances of one plan (``distinct_hosts``, anti-affinity) applies to them as well.
     """
     spec_list = sorted(specs, key=lambda s: s.experiment_id)
     pins = dict(pins or {})
     chosen_strategy = strategy or cluster.placement.strategy
     scorers = STRATEGIES[chosen_strategy]
-    snap = starting_snapshot(cluster, spec_list, conditions, facts, occupied)
+    snap = starting_snapshot(cluster, spec_list, conditions, facts, occupied, peers)
     node_by_name = {n.name: n for n in snap.nodes}
 
     placements: list[Placement] = []

@@ -13,6 +13,20 @@ Layout under ROOT (``<remote_work_dir>/.infra``)::
     runs/RUN/INSTANCE/supervisor.log  the supervisor's own output (tracebacks only)
     runs/RUN/INSTANCE/stop.json       present once a stop was requested
     runs/RUN/INSTANCE/results/        default INFRA_RESULTS_DIR
+    runs/RUN/INSTANCE/fence.json      the watching coordinator's fence (see below)
+    runs/RUN/.previous/INSTANCE.pN.*  an earlier placement's copy, kept after a move back
+
+Claims (``CLAIMS`` = ``~/.lab-orchestrator/claims`` by default, per account, or a shared
+sticky directory named in the request): one JSON file per live instance with what it holds
+(slots, RAM, GPU memory, cores, device ids, ports) and who started it. ``start`` takes the
+node-wide lock ``CLAIMS/.lock`` (flock), drops claims whose instance is over, checks the
+request against the node's capacity and the live claims, and refuses with a reason when it
+no longer fits; so two coordinators can never overcommit a node. ``claims`` lists them.
+
+Fencing: a start request with ``fence: true`` (``recover: cluster`` work) is stopped by its
+supervisor when ``fence.json`` holds a deadline that has passed: the watching coordinator
+renews it with every status sweep and clears it when it detaches, so work nobody watches is
+never fenced, and a partitioned node stops its copy before the coordinator starts another.
 
 Subcommands: ``start`` (idempotent: the instance directory is created with ``os.mkdir``, so
 a retried start never runs a second copy), ``status`` (every instance on the node in one
@@ -75,6 +89,11 @@ LEFTOVER_GRACE_SECONDS = 5.0    # SIGTERM -> SIGKILL for processes left in an en
 KILL_WAIT_SECONDS = 5.0         # how long to wait for a SIGKILLed group to disappear
 DEFAULT_GRACE_SECONDS = 10.0
 LAST_LINE_CHARS = 200
+DEFAULT_CLAIMS_DIR = "~/.lab-orchestrator/claims"
+LOCK_WAIT_SECONDS = 20.0        # how long start waits for the node-wide claims lock
+FENCE_GRACE_SECONDS = 5.0       # SIGTERM -> SIGKILL when a fence expires
+WAIT_POLL_SECONDS = 0.25        # how often the supervisor looks at its fence while waiting
+EPS = 1e-9
 PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -405,6 +424,205 @@ def describe_end(exit_code: int | None, sig: str | None, oom: bool = False) -> s
     return text
 
 
+# --------------------------------------------------------------------------- claims
+
+def claims_dir(req_dir: Any) -> tuple[str, bool]:
+    """(absolute claims directory, shared?) from a request's ``claims_dir`` (None: default)."""
+    if isinstance(req_dir, str) and req_dir.strip():
+        return os.path.abspath(os.path.expanduser(req_dir)), True
+    env_dir = os.environ.get("INFRA_CLAIMS_DIR")  # a test session's own, on the local node
+    if env_dir:
+        return os.path.abspath(os.path.expanduser(env_dir)), False
+    return os.path.abspath(os.path.expanduser(DEFAULT_CLAIMS_DIR)), False
+
+
+def ensure_claims_dir(path: str, shared: bool) -> None:
+    """Create the claims directory: private by default, sticky and world-writable if shared."""
+    if os.path.isdir(path):
+        return
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    if shared:
+        with contextlib.suppress(OSError):
+            os.chmod(path, 0o1777)
+
+
+class NodeLock:
+    """The node-wide lock (flock on CLAIMS/.lock), taken with a deadline, never forever."""
+
+    def __init__(self, directory: str, wait: float = LOCK_WAIT_SECONDS) -> None:
+        self.path = os.path.join(directory, ".lock")
+        self.wait = wait
+        self.fd: int | None = None
+
+    def __enter__(self) -> NodeLock:
+        import fcntl
+        old = os.umask(0)
+        try:
+            try:
+                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            except PermissionError:  # another user's lock file in a shared directory
+                self.fd = os.open(self.path, os.O_RDONLY)
+        finally:
+            os.umask(old)
+        deadline = time.time() + self.wait
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return self
+            except BlockingIOError:
+                if time.time() >= deadline:
+                    os.close(self.fd)
+                    self.fd = None
+                    raise Bad(f"the node-wide lock {self.path} is held by another start for "
+                              f"over {self.wait:g} s") from None
+                time.sleep(0.02)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing releases the flock
+            self.fd = None
+
+
+def claim_name(run_id: str, instance_id: str, placement: str) -> str:
+    return f"{run_id}+{instance_id}+{placement}.json"
+
+
+def claim_is_live(claim: dict[str, Any]) -> bool:
+    """True while the claimed instance may still hold what it claimed."""
+    if claim.get("boot_id") is not None and claim.get("boot_id") != boot_id():
+        return False
+    idir = claim.get("instance_dir")
+    state = read_json(os.path.join(idir, "state.json")) if isinstance(idir, str) else None
+    if state is not None:
+        if state.get("placement", "p0") != claim.get("placement", "p0"):
+            return False  # that directory holds a later placement now
+        return effective_state(idir, state).get("state") not in FINAL_STATES
+    # unreadable (another user's private work dir): judge by the processes it recorded
+    if is_alive(claim.get("supervisor_pid"), claim.get("supervisor_start_ticks")):
+        return True
+    if our_group_members({"pgid": claim.get("pgid"),
+                          "pid_start_ticks": claim.get("pid_start_ticks")}):
+        return True
+    created = claim.get("created_at") or 0.0
+    return claim.get("supervisor_pid") is None and time.time() - created < NEVER_STARTED_SECONDS
+
+
+def live_claims(directory: str, prune: bool) -> list[dict[str, Any]]:
+    """Every live claim in ``directory``; with ``prune``, our own dead claim files go."""
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:
+        return []
+    live = []
+    for name in names:
+        if not name.endswith(".json") or name.startswith("."):
+            continue
+        path = os.path.join(directory, name)
+        claim = read_json(path)
+        if claim is None:
+            continue
+        if claim_is_live(claim):
+            claim["file"] = name
+            live.append(claim)
+        elif prune:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+    return live
+
+
+def _num(doc: Any, key: str) -> float:
+    try:
+        return float((doc or {}).get(key) or 0.0)
+    except (TypeError, ValueError, AttributeError):
+        return 0.0
+
+
+def _holder(claim: dict[str, Any]) -> str:
+    return "run {} ({}) from {}".format(claim.get("run_id"), claim.get("instance_id"),
+                                        claim.get("coordinator") or "?")
+
+
+def claim_refusal(node: str, capacity: dict[str, Any], demand: dict[str, Any],
+                  claims: list[dict[str, Any]]) -> str | None:
+    """Why the node cannot take ``demand`` next to ``claims``, or None when it fits (pure)."""
+    held = {k: sum(_num(c.get("demand"), k) for c in claims)
+            for k in ("slots", "ram_gb", "gpu_memory_gb", "cpu_cores")}
+    slots = int(_num(capacity, "slots"))
+    if slots > 0 and held["slots"] + _num(demand, "slots") > slots + EPS:
+        who = "; ".join(_holder(c) for c in claims[:3])
+        return f"{node} full: {int(held['slots'])}/{slots} held by {who}"
+    names = {"ram_gb": "RAM", "gpu_memory_gb": "GPU memory", "cpu_cores": "CPU cores"}
+    for key, what in names.items():
+        need = _num(demand, key)
+        total = _num(capacity, key)
+        if need > 0 and total > 0 and held[key] + need > total + EPS:
+            return (f"{node}: not enough {what} left: needs {need:g}, {total - held[key]:g} of "
+                    f"{total:g} free (claimed by {len(claims)} live instance(s))")
+    for key, what in (("devices", "device"), ("ports", "port")):
+        wanted = {str(x) for x in (demand or {}).get(key) or ()}
+        for c in claims:
+            taken = wanted & {str(x) for x in (c.get("demand") or {}).get(key) or ()}
+            if taken:
+                return f"{node}: {what} {sorted(taken)[0]} is held by {_holder(c)}"
+    return None
+
+
+def write_claim(directory: str, idir: str, req: dict[str, Any], placement: str) -> str:
+    """Record the new instance's claim (readable by the other users of a shared directory)."""
+    claim = req.get("claim") or {}
+    doc = {"run_id": req["run_id"], "instance_id": req["instance_id"], "placement": placement,
+           "node": req.get("node"), "coordinator": claim.get("coordinator"),
+           "demand": claim.get("demand") or {}, "spec": claim.get("spec"),
+           "allocation": req.get("allocation") or {}, "instance_dir": idir,
+           "uid": os.getuid(), "created_at": time.time(), "boot_id": boot_id(),
+           "supervisor_pid": None, "supervisor_start_ticks": None, "pgid": None,
+           "pid_start_ticks": None}
+    path = os.path.join(directory, claim_name(req["run_id"], req["instance_id"], placement))
+    old = os.umask(0o022)
+    try:
+        write_json_atomic(path, doc)
+    finally:
+        os.umask(old)
+    return path
+
+
+def update_claim(path: Any, **changes: Any) -> None:
+    """Add the supervisor's and the process group's identity to a claim (best effort)."""
+    if not isinstance(path, str):
+        return
+    doc = read_json(path)
+    if doc is None:
+        return
+    doc.update(changes)
+    with contextlib.suppress(OSError):
+        write_json_atomic(path, doc)
+
+
+def release_claim(path: Any) -> None:
+    if isinstance(path, str):
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+# --------------------------------------------------------------------------- fencing
+
+def fence_deadline(idir: str) -> float | None:
+    """The monotonic deadline in fence.json, or None when no coordinator fences this instance."""
+    doc = read_json(os.path.join(idir, "fence.json"))
+    if doc is None or doc.get("boot_id") != boot_id():
+        return None
+    value = doc.get("deadline")
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def set_fence(idir: str, seconds: float | None, holder: str) -> None:
+    """Renew (``seconds``) or clear (None) the fence of one instance."""
+    deadline = None if seconds is None else time.monotonic() + max(0.0, seconds)
+    write_json_atomic(os.path.join(idir, "fence.json"),
+                      {"deadline": deadline, "seconds": seconds, "holder": holder,
+                       "boot_id": boot_id(), "at": time.time()})
+
+
 # --------------------------------------------------------------------------- the supervisor
 
 class Supervisor:
@@ -425,6 +643,9 @@ class Supervisor:
         self.stop_requested = False
         self.grace = DEFAULT_GRACE_SECONDS
         self.kill_deadline: float | None = None
+        self.claim_path = self.state.get("claim_path")
+        self.fence = bool(request.get("fence"))
+        self.fenced = False
 
     # signal handlers: flags and signals only, never state writes
     def on_term(self, signum: int, frame: Any) -> None:
@@ -456,7 +677,25 @@ class Supervisor:
         signal.setitimer(signal.ITIMER_REAL, max(self.grace, 0.001))
 
     def stop_pending(self) -> bool:
+        if self.fence and not self.fenced and self.fence_expired():
+            self.fenced = True
+            self.stop_requested = True
+            self.grace = FENCE_GRACE_SECONDS
         return self.stop_requested or self.read_stop_file()
+
+    def fence_expired(self) -> bool:
+        deadline = fence_deadline(self.idir)
+        return deadline is not None and time.monotonic() > deadline
+
+    def wait_child(self, proc: Any) -> int:
+        """Wait for the attempt to end; a fenced instance looks at its fence meanwhile."""
+        while True:
+            try:
+                return int(proc.wait(timeout=WAIT_POLL_SECONDS if self.fence else None))
+            except subprocess.TimeoutExpired:
+                pass
+            if not self.forwarded and self.stop_pending():
+                self.forward_stop()
 
     def save(self, **changes: Any) -> None:
         self.state.update(changes)
@@ -465,7 +704,11 @@ class Supervisor:
         write_json_atomic(self.state_path, self.state)
 
     def finish(self, state: str, reason: str) -> None:
-        self.save(state=state, final_reason=reason, ended_at=time.time())
+        if self.fenced and state == "stopped":
+            reason = ("fenced: no word from the watching coordinator within its fence timeout; "
+                      f"stopped so that a replacement may start elsewhere ({reason})")
+        self.save(state=state, final_reason=reason, ended_at=time.time(), fenced=self.fenced)
+        release_claim(self.claim_path)
 
     def child_env(self, attempt: int, results_dir: str) -> dict[str, str]:
         req = self.request
@@ -521,6 +764,8 @@ class Supervisor:
         signal.signal(signal.SIGALRM, self.on_alarm)
         make_subreaper()
         self.save(supervisor_pid=os.getpid(), supervisor_start_ticks=start_ticks(os.getpid()))
+        update_claim(self.claim_path, supervisor_pid=os.getpid(),
+                     supervisor_start_ticks=start_ticks(os.getpid()))
 
         with open(self.log_path, "ab") as log:
             self.attempts(log, auto_restart, max_retries, delay, results_dir, cwd)
@@ -565,10 +810,12 @@ class Supervisor:
             self.save(state="running", pid=proc.pid, pid_start_ticks=start_ticks(proc.pid),
                       pgid=proc.pid, started_at=started, exit_code=None, signal=None,
                       restarts=attempt - 1)
+            update_claim(self.claim_path, pgid=proc.pid,
+                         pid_start_ticks=self.state.get("pid_start_ticks"))
             if self.stop_pending():
                 self.forward_stop()
 
-            returncode = proc.wait()
+            returncode = self.wait_child(proc)
             self.child_running = False
             ended = time.time()
             stopping = self.stop_pending()
@@ -584,7 +831,7 @@ class Supervisor:
             self.state.update(exit_code=exit_code, signal=sig)
 
             if stopping:
-                self.finish("stopped", f"stopped on request ({reason})")
+                self.finish("stopped", reason if self.fenced else f"stopped on request ({reason})")
                 return
             if kind == "ok" and not self.always:
                 self.finish("exited", reason)
@@ -751,19 +998,69 @@ def wait_for_start(idir: str, bound: float) -> dict[str, Any]:
         time.sleep(0.01)
 
 
+def archive_previous(idir: str, placement: str) -> None:
+    """Move an earlier placement's finished copy aside: a move back starts a fresh one."""
+    run_dir, name = os.path.split(idir)
+    keep = os.path.join(run_dir, ".previous")
+    os.makedirs(keep, exist_ok=True)
+    os.rename(idir, os.path.join(keep, f"{name}.{placement}.{int(time.time() * 1000)}"))
+
+
 def cmd_start(args: argparse.Namespace) -> int:
     root = norm_root(args.root)
     req = parse_request(sys.stdin.read())
+    placement = check_id(req.get("placement") or "p0", "placement")
     idir = instance_dir(root, req["run_id"], req["instance_id"])
     os.makedirs(os.path.dirname(idir), exist_ok=True)
-    try:
-        os.mkdir(idir)  # the lock: exactly one start call ever creates this directory
-    except FileExistsError:
+    cdir, shared = claims_dir(req.get("claims_dir"))
+    ensure_claims_dir(cdir, shared)
+    with NodeLock(cdir):
+        if os.path.isdir(idir):
+            current = read_json(os.path.join(idir, "state.json")) or {}
+            had = current.get("placement", "p0")
+            if had == placement:
+                existing = True
+            elif effective_state(idir).get("state") not in FINAL_STATES:
+                emit({"ok": False, "stale": True,
+                      "error": f"an earlier copy ({had}) of {req['instance_id']} still runs "
+                               "on this node; stop it first"})
+                return 2
+            else:
+                archive_previous(idir, had)
+                existing = False
+        else:
+            existing = False
+        if not existing:
+            claim = req.get("claim")
+            claim_path = None
+            if isinstance(claim, dict):
+                claims = live_claims(cdir, prune=True)
+                why = None if claim.get("force") else claim_refusal(
+                    str(req.get("node") or "node"), claim.get("capacity") or {},
+                    claim.get("demand") or {}, claims)
+                if why is not None:
+                    emit({"ok": False, "refused": True, "error": why})
+                    return 3
+            os.mkdir(idir)
+            if isinstance(claim, dict):
+                claim_path = write_claim(cdir, idir, req, placement)
+            start_new(idir, req, placement, claim_path)
+    if existing:
         wait_for_start(idir, START_WAIT_SECONDS)
         doc = describe(idir)
         doc["already"] = True
         emit({"ok": True, "instance": doc})
         return 0
+    spawn_supervisor(idir, req)
+    wait_for_start(idir, START_WAIT_SECONDS)
+    doc = describe(idir)
+    doc["already"] = False
+    emit({"ok": True, "instance": doc})
+    return 0
+
+
+def start_new(idir: str, req: dict[str, Any], placement: str, claim_path: str | None) -> None:
+    """Write the request and the first state of a new instance (under the node lock)."""
     cwd = os.path.abspath(os.path.expanduser(req.get("cwd") or "~"))
     results = req.get("results_dir")
     results_dir = (os.path.join(idir, "results") if not results else
@@ -777,9 +1074,15 @@ def cmd_start(args: argparse.Namespace) -> int:
         "supervisor_pid": None, "supervisor_start_ticks": None, "started_at": None,
         "ended_at": None, "exit_code": None, "signal": None, "attempts": [],
         "restarts": 0, "stop_requested": False, "final_reason": None, "boot_id": boot_id(),
+        "placement": placement, "claim_path": claim_path, "fence": bool(req.get("fence")),
+        "fenced": False,
     }
     write_json_atomic(os.path.join(idir, "request.json"), req)
     write_json_atomic(os.path.join(idir, "state.json"), state)
+
+
+def spawn_supervisor(idir: str, req: dict[str, Any]) -> None:
+    """Fork the detached supervisor (double fork, new session) and return at once."""
     sys.stdout.flush()
     sys.stderr.flush()
     child = os.fork()
@@ -794,10 +1097,17 @@ def cmd_start(args: argparse.Namespace) -> int:
             code = 1
         os._exit(code)
     os.waitpid(child, 0)
-    wait_for_start(idir, START_WAIT_SECONDS)
-    doc = describe(idir)
-    doc["already"] = False
-    emit({"ok": True, "instance": doc})
+
+
+def cmd_claims(args: argparse.Namespace) -> int:
+    """Every live claim on this node (any coordinator's), pruning our own dead ones."""
+    cdir, _shared = claims_dir(args.claims_dir)
+    if not os.path.isdir(cdir):
+        emit({"ok": True, "claims": [], "dir": cdir})
+        return 0
+    with NodeLock(cdir):
+        claims = live_claims(cdir, prune=True)
+    emit({"ok": True, "claims": claims, "dir": cdir})
     return 0
 
 
@@ -805,7 +1115,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     root = norm_root(args.root)
     if args.run is not None:
         check_id(args.run, "run id")
-    emit({"ok": True, "instances": [describe(d) for d in list_instances(root, args.run)]})
+    dirs = list_instances(root, args.run)
+    if args.run is not None and (args.fence_seconds is not None or args.fence_clear):
+        seconds = None if args.fence_clear else max(0.0, float(args.fence_seconds))
+        for idir in dirs:
+            state = read_json(os.path.join(idir, "state.json")) or {}
+            if state.get("fence") and state.get("state") not in FINAL_STATES:
+                set_fence(idir, seconds, args.fence_holder or "")
+    emit({"ok": True, "instances": [describe(d) for d in dirs]})
     return 0
 
 
@@ -876,6 +1193,7 @@ def stop_step(idir: str, grace: float, signalled: set[str], direct: dict[str, fl
         raw.update(state="lost", final_reason=doc.get("final_reason"))
     raw.update(stop_requested=True, ended_at=raw.get("ended_at") or time.time())
     write_json_atomic(state_path, raw)
+    release_claim(raw.get("claim_path"))
     return True
 
 
@@ -975,6 +1293,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="every instance on this node, with live checks")
     p.add_argument("--root", required=True)
     p.add_argument("--run")
+    p.add_argument("--fence-seconds", type=float, help="renew the run's fences for this long")
+    p.add_argument("--fence-clear", action="store_true", help="clear the run's fences")
+    p.add_argument("--fence-holder", help="who renews (host:pid of the coordinator)")
+    p = sub.add_parser("claims", help="every live claim on this node")
+    p.add_argument("--claims-dir")
     p = sub.add_parser("stop", help="stop a run or one instance (SIGTERM, then SIGKILL)")
     p.add_argument("--root", required=True)
     p.add_argument("--run", required=True)
@@ -993,7 +1316,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"start": cmd_start, "status": cmd_status, "stop": cmd_stop,
+    handlers = {"start": cmd_start, "status": cmd_status, "stop": cmd_stop, "claims": cmd_claims,
                 "follow": cmd_follow, "read": cmd_read}
     if args.command not in handlers:
         build_parser().print_usage(sys.stderr)

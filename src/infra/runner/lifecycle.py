@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import posixpath
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,16 +19,21 @@ from typing import Any
 
 from infra.config.model import (
     Cluster,
-    Constraint,
     ExperimentSpec,
     JobType,
     NodeConfig,
     RecoverPolicy,
-    ResourceRequest,
 )
-from infra.errors import InfraError, TransportError, UsageError
+from infra.errors import (
+    CapacityRefusedError,
+    InfraError,
+    StaleCopyError,
+    TransportError,
+    UsageError,
+)
 from infra.placement import Condition, NodeCondition, Plan, plan, why_not
 from infra.placement.allocation import Allocation, allocation_env
+from infra.runner.claims import claim_request, gather_claims, occupied_work
 from infra.runner.deploy import DeployResult, deploy_all
 from infra.runner.supervisor_client import (
     InstanceState,
@@ -37,6 +43,7 @@ from infra.runner.supervisor_client import (
     SupervisorClient,
 )
 from infra.state import InstancePhase, InstanceRecord, RunState, Store, new_run_id
+from infra.state.store import coordinator_id
 from infra.transport.base import Transport
 from infra.transport.marker import BEGIN as MARK_BEGIN
 from infra.transport.marker import END as MARK_END
@@ -47,6 +54,8 @@ EventSink = Callable[[str, str, str], None]
 """(kind, subject, message) -> None: where progress lines go (console, dashboard, tests)."""
 
 MAX_RESULT_FILES = 10_000
+MAX_REPLACE_TRIES = 3
+"""How often an instance refused by a node's claims is placed again before it fails."""
 
 _PHASE_OF_STATUS = {
     InstanceStatus.STARTING: InstancePhase.STARTING,
@@ -86,72 +95,16 @@ def _noop(kind: str, subject: str, message: str) -> None:
     return None
 
 
-def spec_document(spec: ExperimentSpec) -> dict[str, Any]:
-    """What the store keeps of a spec: enough to start, restart and fetch results later."""
-    return {
-        "experiment_id": spec.experiment_id,
-        "command": spec.command,
-        "workdir": spec.workdir,
-        "env": dict(spec.env),
-        "ram_gb": spec.ram_gb,
-        "gpu_required": spec.gpu_required,
-        "gpu_memory_gb": spec.gpu_memory_gb,
-        "cpu_cores": spec.cpu_cores,
-        "results": list(spec.results),
-        "recover": spec.recover.value,
-        "max_retries": spec.max_retries,
-        "auto_restart": spec.auto_restart,
-        "params": dict(spec.params),
-        "source": str(spec.source),
-        "preferred_node": spec.preferred_node,
-        "affinity": list(spec.affinity),
-        "anti_affinity": list(spec.anti_affinity),
-        "job_type": spec.job_type.value,
-        "template_id": spec.template_id,
-        "resources": spec.resources.to_json(),
-        "constraints": [c.to_json() for c in spec.constraints],
-    }
-
-
-def spec_from_document(doc: dict[str, Any]) -> ExperimentSpec:
-    """Rebuild the spec a run stored (to re-place an instance after its node was lost)."""
-    return ExperimentSpec(
-        experiment_id=doc["experiment_id"], command=doc["command"],
-        source=Path(doc.get("source") or "."), workdir=doc.get("workdir"),
-        env=tuple(sorted((doc.get("env") or {}).items())), ram_gb=float(doc["ram_gb"]),
-        gpu_required=bool(doc["gpu_required"]), gpu_memory_gb=float(doc["gpu_memory_gb"]),
-        cpu_cores=float(doc.get("cpu_cores") or 0.0), preferred_node=doc.get("preferred_node"),
-        affinity=tuple(doc.get("affinity") or ()),
-        anti_affinity=tuple(doc.get("anti_affinity") or ()),
-        results=tuple(doc.get("results") or ()), recover=RecoverPolicy(doc["recover"]),
-        max_retries=doc.get("max_retries"), auto_restart=doc.get("auto_restart"),
-        params=tuple(sorted((doc.get("params") or {}).items())),
-        resources=ResourceRequest.from_json(doc.get("resources")),
-        constraints=tuple(Constraint.from_json(c) for c in doc.get("constraints") or ()),
-        job_type=JobType(doc.get("job_type") or "batch"), template_id=doc.get("template_id"))
-
-
-def allocation_of(rec: InstanceRecord) -> Allocation | None:
-    """The allocation a run recorded for an instance (None for older records)."""
-    if not rec.allocation:
-        return None
-    try:
-        return Allocation.from_json(rec.allocation)
-    except (KeyError, ValueError, TypeError):
-        return None
-
-
 def occupied_by(records: Iterable[InstanceRecord]) -> list[tuple[ExperimentSpec, str,
                                                                     Allocation | None]]:
     """Work holding capacity, ports and devices, in the form placement takes."""
-    return [(spec_from_document(r.spec), r.node, allocation_of(r)) for r in records]
+    return [(r.spec, r.node, r.allocation) for r in records]
 
 
-def instance_cwd(node: NodeConfig, spec_doc: dict[str, Any]) -> str:
+def instance_cwd(node: NodeConfig, spec: ExperimentSpec) -> str:
     """Where the command runs on the node: the deployed tree, or ``workdir`` inside it."""
     base = node.remote_work_dir.rstrip("/") or "/"
-    workdir = spec_doc.get("workdir")
-    return posixpath.join(base, workdir) if workdir else base
+    return posixpath.join(base, spec.workdir) if spec.workdir else base
 
 
 def local_log_path(cluster: Cluster, run_id: str, instance_id: str) -> Path:
@@ -171,6 +124,8 @@ class RunSession:
     pool: ConnectionPool
     emit: EventSink = _noop
     clients: dict[str, SupervisorClient] = field(default_factory=dict)
+    forced: set[str] = field(default_factory=set)  # instances pinned with --force
+    renewed: dict[str, float] = field(default_factory=dict)  # node -> monotonic last renewal
 
     def event(self, run_id: str | None, kind: str, subject: str, message: str) -> None:
         """Record an event durably, then show it."""
@@ -198,13 +153,11 @@ class RunSession:
         """Write the run and its planned instances before touching any node."""
         run_id = new_run_id()
         by_id = {s.experiment_id: s for s in specs}
-        rows = [(p.instance_id, p.node, spec_document(by_id[p.instance_id]))
+        rows = [(p.instance_id, p.node, by_id[p.instance_id],
+                 p.allocation.with_run(run_id) if p.allocation is not None else None)
                 for p in plan.placements]
         self.store.create_run(run_id, str(self.cluster.path), plan_doc, rows)
         for p in plan.placements:
-            if p.allocation is not None:
-                self.store.update_instance(run_id, p.instance_id, allocation_json=json.dumps(
-                    p.allocation.with_run(run_id).to_json()))
             self.store.add_event(run_id, "placed", p.instance_id,
                                  f"placed on {p.node} (score {p.score:g})")
         return run_id
@@ -235,19 +188,28 @@ class RunSession:
                 self.event(run_id, "deploy", name, f"deploy failed: {why}")
         return failed
 
-    async def start_instance(self, run_id: str, rec: InstanceRecord) -> None:
-        """Start one instance through the node's supervisor (idempotent on the node)."""
+    def fenced(self, spec: ExperimentSpec) -> bool:
+        """Whether the node fences this work while a coordinator watches it."""
+        return spec.recover is RecoverPolicy.CLUSTER and \
+            self.cluster.failover.fence_timeout_seconds > 0
+
+    async def start_instance(self, run_id: str, rec: InstanceRecord, tries: int = 0) -> None:
+        """Start one instance through the node's supervisor (idempotent on the node).
+
+        The node checks the start against its live claims under its node-wide lock; when it
+        refuses (another coordinator's work took the room), the instance is placed again.
+        """
         node = self.cluster.node(rec.node)
         spec = rec.spec
         self.store.update_instance(run_id, rec.instance_id, state=InstancePhase.STARTING)
-        env = dict(spec.get("env") or {})
-        if spec.get("params"):
-            env["INFRA_PARAMS"] = json.dumps(spec["params"], sort_keys=True)
-        alloc = allocation_of(rec)
-        alloc_doc: dict[str, Any] = {"node": node.name, "ram_gb": spec.get("ram_gb"),
-                                     "gpu_required": spec.get("gpu_required"),
-                                     "gpu_memory_gb": spec.get("gpu_memory_gb"),
-                                     "cpu_cores": spec.get("cpu_cores")}
+        env = dict(spec.env)
+        if spec.params:
+            env["INFRA_PARAMS"] = json.dumps(dict(spec.params), sort_keys=True)
+        alloc = rec.allocation
+        alloc_doc: dict[str, Any] = {"node": node.name, "ram_gb": spec.ram_gb,
+                                     "gpu_required": spec.gpu_required,
+                                     "gpu_memory_gb": spec.gpu_memory_gb,
+                                     "cpu_cores": spec.cpu_cores}
         if alloc is not None:
             alloc_doc = alloc.to_json()
             hints = allocation_env(alloc)
@@ -256,19 +218,31 @@ class RunSession:
         request = StartRequest(
             run_id=run_id,
             instance_id=rec.instance_id,
-            command=spec["command"],
+            command=spec.command,
             cwd=instance_cwd(node, spec),
             env=tuple(sorted(env.items())),
             allocation=alloc_doc,
             restart=RestartPolicy.from_config(self.cluster.failover,
-                                              auto_restart=spec.get("auto_restart"),
-                                              max_retries=spec.get("max_retries"),
-                                              always=spec.get("job_type") in ("service",
-                                                                              "system")),
+                                              auto_restart=spec.auto_restart,
+                                              max_retries=spec.max_retries,
+                                              always=spec.job_type in (JobType.SERVICE,
+                                                                       JobType.SYSTEM)),
+            placement=rec.placement_id,
+            claim=claim_request(node, spec, alloc, force=rec.instance_id in self.forced),
+            claims_dir=node.claims_dir,
+            fence=self.fenced(spec),
         )
         try:
             client = await self.client(node.name)
-            state = await client.start(request)
+            try:
+                state = await client.start(request)
+            except StaleCopyError as exc:
+                self.event(run_id, "stale", rec.instance_id, f"{exc.one_line()}: stopping it")
+                await client.stop(run_id, rec.instance_id, grace=10.0)
+                state = await client.start(request)
+        except CapacityRefusedError as exc:
+            await self._place_refused(run_id, rec, exc.reason, tries)
+            return
         except InfraError as exc:
             self.store.update_instance(run_id, rec.instance_id, state=InstancePhase.FAILED,
                                        reason=f"start failed: {exc.one_line()}")
@@ -278,6 +252,50 @@ class RunSession:
         self.apply_state(run_id, rec, state)
         verb = "already started" if state.already else "started"
         self.event(run_id, "start", rec.instance_id, f"{verb} on {node.name} (pid {state.pid})")
+
+    async def _place_refused(self, run_id: str, rec: InstanceRecord, why: str,
+                             tries: int) -> None:
+        """A node refused the start: place the instance again from every node's claims."""
+        self.event(run_id, "refused", rec.instance_id, f"{why}; placing it again")
+        if tries >= MAX_REPLACE_TRIES:
+            self.mark(run_id, rec, InstancePhase.FAILED,
+                      f"no room: {why} (placed again {tries} times)")
+            return
+        enabled = [n.name for n in self.cluster.nodes if n.enabled]
+        clients: dict[str, SupervisorClient] = {}
+        conds: dict[str, NodeCondition] = {}
+        for name in enabled:
+            try:
+                clients[name] = await self.client(name)
+            except InfraError as exc:
+                conds[name] = NodeCondition(Condition.UNAVAILABLE, exc.one_line())
+        claims = await gather_claims(clients)
+        for name, found in claims.items():
+            if isinstance(found, InfraError):
+                conds[name] = NodeCondition(Condition.UNAVAILABLE, found.one_line())
+        from infra.runner.nodeops import admin_conditions, merge_conditions
+        conds = merge_conditions(conds, admin_conditions(self.cluster, self.store))
+        occupied = occupied_work(self.cluster, claims, self.store.active_instances(),
+                                 but=(run_id, rec.instance_id))
+        result = plan(self.cluster, [rec.spec], conditions=conds, occupied=occupied)
+        target = result.node_of(rec.instance_id)
+        if target is None:
+            self.mark(run_id, rec, InstancePhase.FAILED,
+                      f"no room: {why}; no node can take it now: "
+                      f"{why_not(result, rec.instance_id)}")
+            return
+        alloc = result.allocation_of(rec.instance_id)
+        self.store.update_instance(run_id, rec.instance_id, node=target,
+                                   allocation=alloc.with_run(run_id) if alloc else None,
+                                   state=InstancePhase.DEPLOYING,
+                                   reason=f"placed again on {target}: {why}")
+        self.event(run_id, "placed", rec.instance_id, f"placed again on {target}")
+        if target != rec.node and await self.deploy_for_run(run_id, [target],
+                                                            only=rec.instance_id):
+            self.mark(run_id, rec, InstancePhase.FAILED, f"deploy to {target} failed")
+            return
+        await self.start_instance(run_id, self.store.instance(run_id, rec.instance_id),
+                                  tries + 1)
 
     async def launch(self, run_id: str) -> None:
         """Deploy to the run's nodes, then start every planned instance."""
@@ -303,6 +321,8 @@ class RunSession:
         the useful one); it becomes running again only if the node says it still runs.
         """
         phase = _PHASE_OF_STATUS[state.status]
+        if state.fenced and state.is_final:
+            phase = InstancePhase.LOST  # stopped by its node's fence: to be placed again
         reason = state.final_reason or ""
         if not reason and state.attempts and state.attempts[-1].reason:
             reason = state.attempts[-1].reason or ""
@@ -326,12 +346,16 @@ class RunSession:
             self.event(run_id, "state", rec.instance_id, f"{rec.state.value} -> "
                        f"{phase.value}{detail}")
 
-    async def sweep(self, run_id: str, skip: Iterable[str] = ()) -> dict[str, str]:
+    async def sweep(self, run_id: str, skip: Iterable[str] = (), *,
+                    fence_seconds: float | None = None,
+                    fence_clear: bool = False) -> dict[str, str]:
         """One status call per node of the run; returns node -> error for unreachable nodes.
 
         Nodes an instance was moved away from are asked too: a copy still running there
         (the node came back) is stopped, so there are never two. ``skip`` names nodes not
-        to contact this time (known to be down).
+        to contact this time (known to be down). ``fence_seconds`` renews the fences of the
+        run's fenced work on each node (only the acting watcher does); ``fence_clear`` clears
+        them (the watcher detaches: work nobody watches is never fenced).
         """
         records = self.store.instances(run_id)
         skipped = set(skip)
@@ -343,12 +367,18 @@ class RunSession:
                 if old not in skipped and old != rec.node:
                     by_node.setdefault(old, [])
 
+        holder = coordinator_id()
+
         async def one(node_name: str) -> tuple[str, list[InstanceState] | InfraError]:
             try:
                 client = await self.client(node_name)
-                return node_name, await client.status(run_id)
+                states = await client.status(run_id, fence_seconds=fence_seconds,
+                                             fence_clear=fence_clear, holder=holder)
             except InfraError as exc:
                 return node_name, exc
+            if fence_seconds is not None:
+                self.renewed[node_name] = time.monotonic()
+            return node_name, states
 
         errors: dict[str, str] = {}
         for node_name, result in await asyncio.gather(*(one(n) for n in by_node)):
@@ -359,6 +389,8 @@ class RunSession:
             await self._stop_stale_copies(run_id, node_name, records, found)
             for rec in by_node[node_name]:
                 state = found.get(rec.instance_id)
+                if state is not None and state.placement != rec.placement_id:
+                    state = None  # an earlier placement's copy: not this record's
                 if state is not None:
                     self.apply_state(run_id, rec, state)
                 elif rec.state in (InstancePhase.RUNNING, InstancePhase.RESTARTING):
@@ -389,40 +421,53 @@ class RunSession:
 
     # ------------------------------------------------------------------ recovery
 
-    def occupied(self, run_id: str,
-                 but: str) -> list[tuple[ExperimentSpec, str, Allocation | None]]:
-        """Work holding capacity now: this run's other active instances and other runs'."""
-        recs = [r for r in self.store.instances(run_id)
-                if r.instance_id != but and r.state.active]
-        recs += self.store.active_instances(exclude_run=run_id)
-        return occupied_by(recs)
-
     async def move_instance(self, run_id: str, rec: InstanceRecord,
                             conditions: dict[str, NodeCondition], why: str, *,
                             count: bool = True, keep_if_blocked: bool = False,
-                            stop_old: bool = False) -> bool:
+                            stop_old: bool = False, may_stay: bool = False) -> bool:
         """Re-place an instance off its node through the placement engine and start it there.
 
         Returns False when no node can take it: the instance is paused with the reason, or
         left as it is with ``keep_if_blocked`` (a drain retries later). ``count`` adds to the
         failure-move count (drains don't); ``stop_old`` stops the copy on the old node first
-        (a drain: the node is reachable).
+        (a drain: the node is reachable); ``may_stay`` lets the placement pick the same node
+        again (a fenced copy on a node that is back). Every move is a new placement on the
+        node (``placement_seq``), so a move back to an earlier node starts a fresh copy.
+        """
+        target = await self.begin_move(run_id, rec, conditions, why, count=count,
+                                       keep_if_blocked=keep_if_blocked, stop_old=stop_old,
+                                       may_stay=may_stay)
+        if target is None:
+            return False
+        return await self.finish_move(run_id, rec.instance_id, why)
+
+    async def begin_move(self, run_id: str, rec: InstanceRecord,
+                         conditions: dict[str, NodeCondition], why: str, *,
+                         count: bool = True, keep_if_blocked: bool = False,
+                         stop_old: bool = False, may_stay: bool = False) -> str | None:
+        """Choose the new node and record the move (MOVING) before touching it; the target.
+
+        A coordinator killed after this finds the instance MOVING, and the next ``watch``
+        finishes the move (deploy, then the idempotent start of the new placement).
         """
         conds = dict(conditions)
-        conds[rec.node] = NodeCondition(Condition.UNAVAILABLE, why)
-        spec = spec_from_document(rec.spec)
-        result = plan(self.cluster, [spec], conditions=conds,
-                      occupied=self.occupied(run_id, rec.instance_id))
+        if not may_stay:
+            conds[rec.node] = NodeCondition(Condition.UNAVAILABLE, why)
+        spec = rec.spec
+        peers = [(r.spec, r.node, r.allocation) for r in self.store.instances(run_id)
+                 if r.instance_id != rec.instance_id and r.state.active]
+        result = plan(self.cluster, [spec], conditions=conds, peers=peers,
+                      occupied=occupied_by(self.store.active_instances(exclude_run=run_id)))
         target = result.node_of(rec.instance_id)
         if target is None:
             reason = f"{why}; no node can take it: {why_not(result, rec.instance_id)}"
             if keep_if_blocked:
                 self.event(run_id, "blocked", rec.instance_id, reason)
-                return False
+                return None
             self.store.update_instance(run_id, rec.instance_id, state=InstancePhase.PAUSED,
                                        reason=reason)
             self.event(run_id, "paused", rec.instance_id, reason)
-            return False
+            return None
         if stop_old:
             await (await self.client(rec.node)).stop(run_id, rec.instance_id, grace=10.0)
             await self.sync_log(run_id, rec, follow=False)  # drain the old copy's last lines
@@ -434,18 +479,23 @@ class RunSession:
         new_alloc = result.allocation_of(rec.instance_id)
         self.store.update_instance(
             run_id, rec.instance_id, state=InstancePhase.MOVING, node=target,
-            allocation_json=json.dumps(new_alloc.with_run(run_id).to_json()
-                                       if new_alloc is not None else {}),
+            allocation=new_alloc.with_run(run_id) if new_alloc is not None else None,
             previous_nodes=(*rec.previous_nodes, rec.node),
+            placement_seq=rec.placement_seq + 1,
             moves=rec.moves + (1 if count else 0), pid=None,
             exit_code=None, signal=None, ended_at=None, restarts=0, log_base=base,
             log_offset=base, results_fetched=0, reason=f"moving from {rec.node}: {why}")
         self.event(run_id, "move", rec.instance_id, f"moving from {rec.node} to {target}: {why}")
-        failed = await self.deploy_for_run(run_id, [target], only=rec.instance_id)
-        moved = self.store.instance(run_id, rec.instance_id)
-        if target in failed:
-            self.store.update_instance(run_id, rec.instance_id, state=InstancePhase.PAUSED,
-                                       reason=f"{why}; deploy to {target} failed")
+        self.store.set_run_state(run_id, RunState.RUNNING)
+        return target
+
+    async def finish_move(self, run_id: str, instance_id: str, why: str) -> bool:
+        """Deploy to the node a move chose and start the new placement there."""
+        moved = self.store.instance(run_id, instance_id)
+        failed = await self.deploy_for_run(run_id, [moved.node], only=instance_id)
+        if moved.node in failed:
+            self.store.update_instance(run_id, instance_id, state=InstancePhase.PAUSED,
+                                       reason=f"{why}; deploy to {moved.node} failed")
             return False
         await self.start_instance(run_id, moved)
         return True
@@ -547,7 +597,7 @@ class RunSession:
         """Copy results home into logs/<run>/<id>/: the spec's ``results`` globs (relative to
         the instance's cwd) and everything the experiment wrote to ``$INFRA_RESULTS_DIR``
         (into ``results/``)."""
-        patterns = list(rec.spec.get("results") or [])
+        patterns = list(rec.spec.results)
         node = self.cluster.node(rec.node)
         transport = await self.transport(rec.node)
         sources: list[tuple[str, list[str], str]] = []

@@ -85,8 +85,8 @@ class DrainReport:
 
 def drain_decision(rec: InstanceRecord, now: float, deadline: float | None) -> ActionKind:
     """What a drain does with one instance (pure)."""
-    job = rec.spec.get("job_type") or "batch"
-    recover = RecoverPolicy(rec.spec.get("recover", "none"))
+    job = rec.spec.job_type.value
+    recover = rec.spec.recover
     if job in SYSTEM_JOB_TYPES:
         return ActionKind.SKIP
     if job == "service":
@@ -127,12 +127,12 @@ async def drain_pass(session: RunSession, node: str, conditions: dict[str, NodeC
                                                   ActionKind.BLOCKED, exc.one_line()))
                 continue
             session.mark(rec.run_id, rec, InstancePhase.PAUSED,
-                         f"{why}; cannot move (recover: {rec.spec.get('recover')}, "
-                         f"job_type: {rec.spec.get('job_type') or 'batch'})")
+                         f"{why}; cannot move (recover: {rec.spec.recover.value}, "
+                         f"job_type: {rec.spec.job_type.value})")
         detail = {ActionKind.MOVE: "moved to another node" if not dry_run else "would move",
                   ActionKind.WAIT: "batch: allowed to finish before the deadline",
                   ActionKind.PAUSE: "cannot move: paused",
-                  ActionKind.SKIP: f"{rec.spec.get('job_type')}: left alone",
+                  ActionKind.SKIP: f"{rec.spec.job_type.value}: left alone",
                   ActionKind.BLOCKED: "no node can take it now: retried later"}[kind]
         report.actions.append(DrainAction(rec.run_id, rec.instance_id, kind, detail))
     pending = [a for a in report.actions
@@ -181,8 +181,8 @@ async def reconcile_node(session: RunSession, node: str, reachable: bool,
         return report
     for rec in records:
         report.checked += 1
-        job = rec.spec.get("job_type") or "batch"
-        policy = RecoverPolicy(rec.spec.get("recover", "none"))
+        job = rec.spec.job_type.value
+        policy = rec.spec.recover
         name = f"{rec.run_id}/{rec.instance_id}"
         if job in SYSTEM_JOB_TYPES:
             report.skipped += 1

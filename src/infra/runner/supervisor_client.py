@@ -23,8 +23,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from infra.config.model import FailoverSection, NodeConfig
-from infra.errors import CommandFailedError, UsageError
+from infra.config.model import ExperimentSpec, FailoverSection, NodeConfig
+from infra.errors import (
+    CapacityRefusedError,
+    CommandFailedError,
+    StaleCopyError,
+    StateError,
+    UsageError,
+)
+from infra.placement.allocation import Allocation
+from infra.state.codec import decode_allocation, spec_from_document
 from infra.transport.base import CommandResult, Transport
 from infra.transport.marker import extract_json
 
@@ -144,6 +152,8 @@ class InstanceState:
     cwd: str | None = None
     command: str | None = None
     already: bool = False
+    placement: str = "p0"     # which placement of the instance this copy is
+    fenced: bool = False      # stopped by its own supervisor: the coordinator went silent
 
     @property
     def is_final(self) -> bool:
@@ -174,6 +184,7 @@ class InstanceState:
             last_line=str(doc.get("last_line") or ""), log_path=_opt_str(doc.get("log_path")),
             results_dir=_opt_str(doc.get("results_dir")), cwd=_opt_str(doc.get("cwd")),
             command=_opt_str(doc.get("command")), already=bool(doc.get("already")),
+            placement=str(doc.get("placement") or "p0"), fenced=bool(doc.get("fenced")),
         )
 
 
@@ -224,15 +235,55 @@ class StartRequest:
     gpu_ids: tuple[str, ...] = ()
     results_dir: str | None = None
     restart: RestartPolicy = RestartPolicy()
+    placement: str = "p0"
+    claim: Mapping[str, Any] | None = field(default=None, hash=False)
+    claims_dir: str | None = None
+    fence: bool = False
 
     def to_json(self, node: str) -> dict[str, Any]:
         """The JSON request the script reads on stdin."""
-        return {
+        doc = {
             "run_id": self.run_id, "instance_id": self.instance_id, "node": node,
             "command": self.command, "cwd": self.cwd, "env": dict(self.env),
             "allocation": dict(self.allocation), "gpu_ids": [str(g) for g in self.gpu_ids],
             "results_dir": self.results_dir, "restart": self.restart.to_json(),
+            "placement": self.placement, "fence": self.fence,
         }
+        if self.claim is not None:
+            doc["claim"] = dict(self.claim)
+        if self.claims_dir:
+            doc["claims_dir"] = self.claims_dir
+        return doc
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One live instance on a node as its claim file records it (from any coordinator)."""
+
+    node: str
+    run_id: str
+    instance_id: str
+    placement: str
+    coordinator: str
+    spec: ExperimentSpec | None
+    allocation: Allocation | None
+
+    @classmethod
+    def from_json(cls, node: str, doc: Mapping[str, Any]) -> Claim:
+        spec_doc = doc.get("spec")
+        spec = None
+        if isinstance(spec_doc, dict):
+            try:
+                spec = spec_from_document(spec_doc)
+            except StateError:
+                spec = None
+        alloc_doc = doc.get("allocation")
+        return cls(node=node, run_id=str(doc.get("run_id", "")),
+                   instance_id=str(doc.get("instance_id", "")),
+                   placement=str(doc.get("placement") or "p0"),
+                   coordinator=str(doc.get("coordinator") or ""), spec=spec,
+                   allocation=decode_allocation(json.dumps(alloc_doc))
+                   if isinstance(alloc_doc, dict) else None)
 
 
 @dataclass(frozen=True)
@@ -302,13 +353,31 @@ class SupervisorClient:
                                input=_json(request.to_json(self.node.name)))
         return InstanceState.from_json(self.node.name, doc["instance"])
 
-    async def status(self, run_id: str | None = None) -> list[InstanceState]:
-        """Every instance on the node (or of one run), with live checks, in one call."""
+    async def status(self, run_id: str | None = None, *, fence_seconds: float | None = None,
+                     fence_clear: bool = False, holder: str = "") -> list[InstanceState]:
+        """Every instance on the node (or of one run), with live checks, in one call.
+
+        With ``fence_seconds`` the run's fenced instances get their fence renewed for that
+        long (the watching coordinator's heartbeat); ``fence_clear`` clears them (detach).
+        """
         args = ["status", "--root", self.root]
         if run_id is not None:
             args += ["--run", check_id(run_id, "run id")]
+            if fence_clear:
+                args += ["--fence-clear", "--fence-holder", holder]
+            elif fence_seconds is not None:
+                args += ["--fence-seconds", repr(float(fence_seconds)), "--fence-holder", holder]
         doc = await self._call(args)
         return [InstanceState.from_json(self.node.name, d) for d in doc["instances"]]
+
+    async def claims(self) -> list[Claim]:
+        """The node's live claims: every coordinator's work that holds capacity there."""
+        args = ["claims"]
+        if self.node.claims_dir:
+            args += ["--claims-dir", self.node.claims_dir]
+        doc = await self._call(args)
+        return [Claim.from_json(self.node.name, d) for d in doc["claims"]
+                if isinstance(d, dict)]
 
     async def stop(self, run_id: str, instance_id: str | None = None,
                    grace: float = 10.0) -> list[InstanceState]:
@@ -367,6 +436,12 @@ class SupervisorClient:
             raise CommandFailedError(
                 self.node.name, f"supervisor {args[0]} printed no result: {_tail(result)}",
                 exit_status=result.exit_status, stderr=result.stderr) from None
+        if isinstance(doc, dict) and not doc.get("ok") and doc.get("refused"):
+            raise CapacityRefusedError(self.node.name, str(doc.get("error")),
+                                       exit_status=result.exit_status)
+        if isinstance(doc, dict) and not doc.get("ok") and doc.get("stale"):
+            raise StaleCopyError(self.node.name, str(doc.get("error")),
+                                 exit_status=result.exit_status)
         if not isinstance(doc, dict) or not doc.get("ok"):
             error = doc.get("error") if isinstance(doc, dict) else doc
             raise CommandFailedError(self.node.name, f"supervisor {args[0]}: {error}",

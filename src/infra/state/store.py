@@ -15,11 +15,14 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from infra.config.model import ExperimentSpec
 from infra.errors import StateError, UsageError
+from infra.placement.allocation import Allocation
+from infra.state.codec import decode_allocation, decode_spec, encode_allocation, encode_spec
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -52,6 +55,7 @@ CREATE TABLE IF NOT EXISTS instances (
     results_fetched INTEGER NOT NULL DEFAULT 0,
     moves INTEGER NOT NULL DEFAULT 0,
     previous_nodes TEXT NOT NULL DEFAULT '[]',
+    placement_seq INTEGER NOT NULL DEFAULT 0,
     updated_at REAL NOT NULL,
     PRIMARY KEY (run_id, instance_id)
 );
@@ -89,6 +93,7 @@ ADDED_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
         ("previous_nodes", "TEXT NOT NULL DEFAULT '[]'"),
         ("log_base", "INTEGER NOT NULL DEFAULT 0"),
         ("allocation_json", "TEXT NOT NULL DEFAULT '{}'"),
+        ("placement_seq", "INTEGER NOT NULL DEFAULT 0"),
     ),
 }
 
@@ -161,11 +166,13 @@ class RunRecord:
 
 @dataclass(frozen=True)
 class InstanceRecord:
+    """One instance as the store holds it, decoded into its types once, here."""
+
     run_id: str
     instance_id: str
     node: str
     state: InstancePhase
-    spec: dict[str, Any]
+    spec: ExperimentSpec
     pid: int | None
     exit_code: int | None
     signal: str | None
@@ -180,7 +187,13 @@ class InstanceRecord:
     moves: int = 0
     previous_nodes: tuple[str, ...] = ()
     log_base: int = 0  # local log size when the current node's log began (after a move)
-    allocation: dict[str, Any] = field(default_factory=dict)
+    allocation: Allocation | None = None
+    placement_seq: int = 0  # which placement of the instance this is: +1 on every move
+
+    @property
+    def placement_id(self) -> str:
+        """The node-side identity of this placement: a move back to a node is a new copy."""
+        return f"p{self.placement_seq}"
 
     @property
     def runtime_seconds(self) -> float | None:
@@ -275,19 +288,19 @@ class Store:
     # ------------------------------------------------------------------ runs
 
     def create_run(self, run_id: str, cluster_config: str, plan: dict[str, Any],
-                   instances: list[tuple[str, str, dict[str, Any]]]) -> None:
-        """Record a run and its planned instances (instance_id, node, spec) in one go."""
+                   instances: list[tuple[str, str, ExperimentSpec, Allocation | None]]) -> None:
+        """Record a run and its planned instances (id, node, spec, allocation) in one go."""
         now = time.time()
         with self.tx() as db:
             db.execute("INSERT INTO runs(run_id, created_at, cluster_config, state, plan_json,"
                        " coordinator) VALUES (?,?,?,?,?,?)",
                        (run_id, now, cluster_config, RunState.PLANNED.value,
                         json.dumps(plan), coordinator_id()))
-            for instance_id, node, spec in instances:
+            for instance_id, node, spec, alloc in instances:
                 db.execute("INSERT INTO instances(run_id, instance_id, node, state, spec_json,"
-                           " updated_at) VALUES (?,?,?,?,?,?)",
+                           " allocation_json, updated_at) VALUES (?,?,?,?,?,?,?)",
                            (run_id, instance_id, node, InstancePhase.PLANNED.value,
-                            json.dumps(spec), now))
+                            encode_spec(spec), encode_allocation(alloc), now))
             db.execute("INSERT INTO events(run_id, at, kind, subject, message) VALUES "
                        "(?,?,?,?,?)", (run_id, now, "run", run_id,
                                        f"run created with {len(instances)} instances"))
@@ -374,12 +387,14 @@ class Store:
     def update_instance(self, run_id: str, instance_id: str, **fields: Any) -> None:
         allowed = {"node", "state", "pid", "exit_code", "signal", "started_at", "ended_at",
                    "restarts", "reason", "last_line", "log_offset", "results_fetched", "moves",
-                   "previous_nodes", "log_base", "allocation_json"}
+                   "previous_nodes", "log_base", "allocation", "placement_seq"}
         bad = set(fields) - allowed
         if bad:
             raise ValueError(f"unknown instance fields {bad}")
         if not fields:
             return
+        if "allocation" in fields:
+            fields["allocation_json"] = encode_allocation(fields.pop("allocation"))
         values = [v.value if isinstance(v, enum.Enum) else
                   json.dumps(list(v)) if isinstance(v, (tuple, list)) else v
                   for v in fields.values()]
@@ -392,13 +407,14 @@ class Store:
     def _instance(row: sqlite3.Row) -> InstanceRecord:
         return InstanceRecord(
             run_id=row["run_id"], instance_id=row["instance_id"], node=row["node"],
-            state=InstancePhase(row["state"]), spec=json.loads(row["spec_json"]),
+            state=InstancePhase(row["state"]), spec=decode_spec(row["spec_json"]),
             pid=row["pid"], exit_code=row["exit_code"], signal=row["signal"],
             started_at=row["started_at"], ended_at=row["ended_at"], restarts=row["restarts"],
             reason=row["reason"], last_line=row["last_line"], log_offset=row["log_offset"],
             results_fetched=bool(row["results_fetched"]), updated_at=row["updated_at"],
             moves=row["moves"], previous_nodes=tuple(json.loads(row["previous_nodes"])),
-            log_base=row["log_base"], allocation=json.loads(row["allocation_json"] or "{}"))
+            log_base=row["log_base"], allocation=decode_allocation(row["allocation_json"]),
+            placement_seq=row["placement_seq"])
 
     def active_instances(self, exclude_run: str | None = None) -> list[InstanceRecord]:
         """Instances of every run that hold resources on their nodes right now."""
