@@ -152,6 +152,14 @@ def test_work_that_ended_unwatched_frees_its_slot(project: Path, ssh_fleet: SSHF
     run_id = store.latest_run().run_id
     assert store.instance(run_id, "first").state is InstancePhase.RUNNING
     store.close()
+    # node list / resource list count what the node holds, not the stale cache
+    listed = json.loads(cli(project, "node", "list", "--json").stdout)
+    row = next(n for n in listed["nodes"] if n["name"] == "node1")
+    assert row["active_instances"] == 0 and row["work_from"] == "node", row
+    cached = json.loads(cli(project, "node", "list", "--json", "--no-refresh").stdout)
+    assert next(n for n in cached["nodes"] if n["name"] == "node1")["active_instances"] == 1
+    res = json.loads(cli(project, "resource", "list", "--json").stdout)
+    assert next(n for n in res["nodes"] if n["name"] == "node1")["free_slots"] == 1
     second = spec(project, "second", duration=1.0, interval=0.2)
     proc = cli(project, "--config", str(second), "--auto-place", "--monitor-duration", "30")
     assert proc.returncode == 0, proc.stderr  # placed on node1: the node said it is free

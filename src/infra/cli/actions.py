@@ -25,11 +25,10 @@ from infra.monitor.saved import SavedState
 from infra.placement import Condition, NodeCondition
 from infra.probe.health import NodeHealth, NodeStatus
 from infra.probe.run import check_health
-from infra.runner.claims import gather_claims, occupied_work
+from infra.runner.claims import claims_of, occupied_work
 from infra.runner.deploy import DeployResult, deploy_all
 from infra.runner.lifecycle import RunSession, local_log_path
 from infra.runner.nodeops import admin_conditions, merge_conditions
-from infra.runner.supervisor_client import Claim, SupervisorClient
 from infra.state import InstancePhase, Store
 from infra.state.store import coordinator_id
 from infra.transport.pool import ConnectionPool
@@ -143,19 +142,6 @@ def do_deploy_all(c: Ctx, cluster: Cluster, *, dry_run: bool, delete: bool,
 
 # --------------------------------------------------------------------------- run
 
-async def node_claims(session: RunSession, names: list[str]
-                      ) -> dict[str, list[Claim] | InfraError]:
-    """The live claims of the named nodes (any coordinator's work), one call per node."""
-    clients: dict[str, SupervisorClient] = {}
-    failed: dict[str, list[Claim] | InfraError] = {}
-    for name in names:
-        try:
-            clients[name] = await session.client(name)
-        except InfraError as exc:
-            failed[name] = exc
-    return {**failed, **await gather_claims(clients)}
-
-
 def _printer(c: Ctx, saved: SavedState | None = None,
              quiet: bool = False) -> Callable[[str, str, str], None]:
     """Where events go: the orchestrator's log file, and stderr unless a dashboard shows them."""
@@ -196,7 +182,7 @@ def do_run(c: Ctx, cluster: Cluster, specs: tuple[ExperimentSpec, ...], *,
             for name, h in health.items():
                 if not h.reachable:
                     session.emit("node", name, f"unavailable: {h.error}")
-            claims = await node_claims(session, [n for n, h in health.items() if h.reachable])
+            claims = await claims_of([n for n, h in health.items() if h.reachable], session.client)
             result, placed = make_plan(
                 cluster, specs, placement, auto_place, force,
                 conditions=merge_conditions(conditions_from(health),

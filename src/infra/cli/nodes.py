@@ -17,6 +17,7 @@ from rich.table import Table
 from infra.config import Cluster
 from infra.errors import InfraError, UsageError
 from infra.placement.snapshot import demand_on
+from infra.runner.claims import OccupiedWork, claims_of, occupied_work
 from infra.runner.lifecycle import RunSession
 from infra.runner.nodeops import (
     ActionKind,
@@ -27,6 +28,7 @@ from infra.runner.nodeops import (
     merge_conditions,
     reconcile_node,
 )
+from infra.runner.supervisor_client import Claim
 from infra.state import Store
 from infra.state.store import AdminState
 from infra.transport.pool import ConnectionPool
@@ -54,6 +56,30 @@ def _node(cluster: Cluster, name: str) -> None:
         raise UsageError(f"unknown node {name!r}; nodes: {', '.join(cluster.node_names)}")
 
 
+def _held_work(cluster: Cluster, store: Store,
+               refresh: bool) -> tuple[list[OccupiedWork], dict[str, str]]:
+    """Work holding capacity per node: the enabled nodes' own claims (any coordinator's),
+    this store's records for nodes that could not be asked; and those nodes' errors."""
+    stored = store.active_instances()
+    if not refresh:
+        return occupied_work(cluster, {}, stored), {}
+
+    async def go() -> dict[str, list[Claim] | InfraError]:
+        async with ConnectionPool(cluster) as pool:
+            session = RunSession(cluster, store, pool)
+            return await claims_of([n.name for n in cluster.nodes if n.enabled],
+                                   session.client)
+
+    claims = asyncio.run(go())
+    unreachable = {n: c.one_line() for n, c in claims.items() if isinstance(c, InfraError)}
+    return occupied_work(cluster, claims, stored), unreachable
+
+
+def _source(name: str, enabled: bool, refresh: bool, unreachable: dict[str, str]) -> str:
+    """Where a node's held work was read: ``node`` (its claims) or ``store`` (our cache)."""
+    return "node" if refresh and enabled and name not in unreachable else "store"
+
+
 async def _conditions(cluster: Cluster, store: Store,
                       pool: ConnectionPool) -> dict[str, Any]:
     from infra.cli.actions import conditions_from, probe_nodes
@@ -79,18 +105,25 @@ def node() -> None:
     """Node operations: list, maintenance, drain, undrain, reconcile."""
 
 
+REFRESH = click.option("--refresh/--no-refresh", default=True, show_default=True,
+                       help="Count the work each enabled node holds from its own claims "
+                            "(every coordinator's); --no-refresh reads the local store only.")
+
+
 @node.command("list")
 @click.option("--json", "json_out", is_flag=True, help="Machine-readable output.")
+@REFRESH
 @click.pass_obj
-def node_list(c: Ctx, json_out: bool) -> None:
+def node_list(c: Ctx, json_out: bool, refresh: bool) -> None:
     """Every node: health state, operator state, eligibility, active work."""
     cluster = c.cluster
     store = _store(cluster)
     health = store.node_states()
     admins = {n: store.node_admin(n) for n in cluster.node_names}
+    work, unreachable = _held_work(cluster, store, refresh)
     active: dict[str, int] = {}
-    for rec in store.active_instances():
-        active[rec.node] = active.get(rec.node, 0) + 1
+    for _spec, node_name, _alloc in work:
+        active[node_name] = active.get(node_name, 0) + 1
     rows: list[dict[str, Any]] = []
     for n in cluster.nodes:
         state, reason, _ = health.get(n.name, ("unknown", "", 0.0))
@@ -101,10 +134,11 @@ def node_list(c: Ctx, json_out: bool) -> None:
                      and n.enabled and getattr(n, "scheduling_eligible", True),
                      "admin_reason": admin.reason, "deadline": admin.deadline,
                      "active_instances": active.get(n.name, 0),
-                     "max_instances": n.max_instances})
+                     "max_instances": n.max_instances,
+                     "work_from": _source(n.name, n.enabled, refresh, unreachable)})
     store.close()
     if c.json_out or json_out:
-        c.emit_json({"nodes": rows})
+        c.emit_json({"nodes": rows, "unreachable": unreachable})
         return
     table = Table(title="Nodes", title_justify="left")
     for col in ("node", "enabled", "health", "operator", "eligible", "work", "reason"):
@@ -115,6 +149,9 @@ def node_list(c: Ctx, json_out: bool) -> None:
                       f"{r['active_instances']}/{r['max_instances']}",
                       r["admin_reason"] or r["health_reason"])
     c.console.print(table)
+    for name, why in unreachable.items():
+        c.err.print(f"[yellow]{name}: could not read its claims ({why}); its work is "
+                    "counted from the local store[/]")
 
 
 @node.command()
@@ -260,24 +297,26 @@ def resource() -> None:
 
 @resource.command("list")
 @click.option("--json", "json_out", is_flag=True, help="Machine-readable output.")
+@REFRESH
 @click.pass_obj
-def resource_list(c: Ctx, json_out: bool) -> None:
-    """Per node and in total: capacity, what active runs hold, what is free, eligibility."""
+def resource_list(c: Ctx, json_out: bool, refresh: bool) -> None:
+    """Per node and in total: capacity, what active work holds, what is free, eligibility."""
     cluster = c.cluster
     store = _store(cluster)
     held: dict[str, dict[str, float]] = {}
     devices: dict[str, list[str]] = {}
-    for rec in store.active_instances():
-        h = held.setdefault(rec.node, {"ram_gb": 0.0, "gpu_memory_gb": 0.0, "cpu_cores": 0.0,
-                                       "instances": 0})
-        if rec.node in cluster.node_names:  # the same accounting placement uses
-            demand = demand_on(cluster.node(rec.node), rec.spec)
+    work, unreachable = _held_work(cluster, store, refresh)
+    for spec, node_name, alloc in work:
+        h = held.setdefault(node_name, {"ram_gb": 0.0, "gpu_memory_gb": 0.0, "cpu_cores": 0.0,
+                                        "instances": 0})
+        if node_name in cluster.node_names:  # the same accounting placement uses
+            demand = demand_on(cluster.node(node_name), spec)
             h["ram_gb"] += demand.ram_gb
             h["gpu_memory_gb"] += demand.gpu_memory_gb
             h["cpu_cores"] += demand.cpu_cores
         h["instances"] += 1
-        ids = rec.allocation.device_ids if rec.allocation is not None else ()
-        devices.setdefault(rec.node, []).extend(str(i) for i in ids)
+        ids = alloc.device_ids if alloc is not None else ()
+        devices.setdefault(node_name, []).extend(str(i) for i in ids)
     admins = {n: store.node_admin(n) for n in cluster.node_names}
     health = store.node_states()
     store.close()
@@ -295,7 +334,8 @@ def resource_list(c: Ctx, json_out: bool) -> None:
                "unified_memory": n.unified_memory, "max_instances": n.max_instances,
                "held": h, "devices_held": devices.get(n.name, []),
                "free_ram_gb": n.available_ram_gb - h["ram_gb"],
-               "free_slots": n.max_instances - int(h["instances"])}
+               "free_slots": n.max_instances - int(h["instances"]),
+               "work_from": _source(n.name, n.enabled, refresh, unreachable)}
         rows.append(row)
         if n.enabled:
             total["cpu_cores"] += n.cpu_cores
@@ -306,9 +346,10 @@ def resource_list(c: Ctx, json_out: bool) -> None:
             total["held_cpu_cores"] += h["cpu_cores"]
             total["held_gpu_memory_gb"] += h["gpu_memory_gb"]
     if c.json_out or json_out:
-        c.emit_json({"nodes": rows, "total": total})
+        c.emit_json({"nodes": rows, "total": total, "unreachable": unreachable})
         return
-    table = Table(title="Resources (held = active instances of every run)",
+    table = Table(title="Resources (held = live work on each node, from any coordinator)"
+                  if refresh else "Resources (held = active instances in the local store)",
                   title_justify="left")
     for col in ("node", "state", "operator", "cores held/total", "RAM GB held/avail",
                 "GPU", "slots free", "devices held"):
@@ -327,3 +368,6 @@ def resource_list(c: Ctx, json_out: bool) -> None:
                   f"{total['held_ram_gb']:g}/{total['ram_gb']:g}",
                   f"{total['held_gpu_memory_gb']:g}/{total['gpu_memory_gb']:g} GB", "", "")
     c.console.print(table)
+    for name, why in unreachable.items():
+        c.err.print(f"[yellow]{name}: could not read its claims ({why}); its work is "
+                    "counted from the local store[/]")

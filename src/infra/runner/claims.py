@@ -9,7 +9,7 @@ coordinator's store only for nodes it could not ask.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from infra.config.model import Cluster, ExperimentSpec, NodeConfig
@@ -47,20 +47,20 @@ def claim_request(node: NodeConfig, spec: ExperimentSpec, alloc: Allocation | No
     }
 
 
-async def gather_claims(clients: Mapping[str, SupervisorClient]
-                        ) -> dict[str, list[Claim] | InfraError]:
-    """Each node's live claims, one call per node at once; a failing node is its error."""
-    async def one(name: str, client: SupervisorClient) -> tuple[str, list[Claim] | InfraError]:
+async def claims_of(names: Iterable[str],
+                    client_for: Callable[[str], Awaitable[SupervisorClient]]
+                    ) -> dict[str, list[Claim] | InfraError]:
+    """Each named node's live claims, all nodes at once; a failing node gives its error."""
+    async def one(name: str) -> tuple[str, list[Claim] | InfraError]:
         try:
-            return name, await client.claims()
+            return name, await (await client_for(name)).claims()
         except InfraError as exc:
             return name, exc
 
-    pairs = await asyncio.gather(*(one(n, c) for n, c in clients.items()))
-    return dict(pairs)
+    return dict(await asyncio.gather(*(one(n) for n in names)))
 
 
-def occupied_work(cluster: Cluster, claims: Mapping[str, list[Claim] | InfraError],
+def occupied_work(cluster: Cluster, claims: dict[str, list[Claim] | InfraError],
                   stored: Iterable[InstanceRecord], *,
                   but: tuple[str, str] | None = None) -> list[OccupiedWork]:
     """Work that holds capacity now: the claims of the nodes that answered, plus this store's

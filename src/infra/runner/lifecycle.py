@@ -33,7 +33,7 @@ from infra.errors import (
 )
 from infra.placement import Condition, NodeCondition, Plan, plan, why_not
 from infra.placement.allocation import Allocation, allocation_env
-from infra.runner.claims import claim_request, gather_claims, occupied_work
+from infra.runner.claims import claim_request, claims_of, occupied_work
 from infra.runner.deploy import DeployResult, deploy_all
 from infra.runner.supervisor_client import (
     InstanceState,
@@ -261,15 +261,8 @@ class RunSession:
             self.mark(run_id, rec, InstancePhase.FAILED,
                       f"no room: {why} (placed again {tries} times)")
             return
-        enabled = [n.name for n in self.cluster.nodes if n.enabled]
-        clients: dict[str, SupervisorClient] = {}
+        claims = await claims_of([n.name for n in self.cluster.nodes if n.enabled], self.client)
         conds: dict[str, NodeCondition] = {}
-        for name in enabled:
-            try:
-                clients[name] = await self.client(name)
-            except InfraError as exc:
-                conds[name] = NodeCondition(Condition.UNAVAILABLE, exc.one_line())
-        claims = await gather_claims(clients)
         for name, found in claims.items():
             if isinstance(found, InfraError):
                 conds[name] = NodeCondition(Condition.UNAVAILABLE, found.one_line())
