@@ -134,3 +134,25 @@ def test_complete_results_still_exit_zero(project: Path) -> None:
     proc = e2e.cli(project, "results", run_id, "--json")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["missing"] == {}
+
+
+def test_fetching_while_running_does_not_stop_the_final_fetch(project: Path,
+                                                              ssh_fleet: SSHFleet) -> None:
+    (project / "workloads" / "late.sh").write_text(
+        "mkdir -p out && echo early > out/early.txt\n"
+        "while [ ! -f go ]; do sleep 0.1; done\n"
+        "echo late > out/late.txt\n")
+    s = e2e.spec(project, "late", command="sh workloads/late.sh", results=["out"])
+    proc = e2e.cli(project, "--config", str(s), "--placement", "late:node1",
+                   "--monitor-duration", "0")
+    assert proc.returncode == 0, proc.stderr
+    run_id = e2e.status_json(project)["run_id"]
+    proc = e2e.cli(project, "results", run_id)
+    assert proc.returncode == 0, proc.stderr
+    home = project / "logs" / run_id / "late" / "out"
+    assert (home / "early.txt").exists() and not (home / "late.txt").exists()
+    work = Path(f"{ssh_fleet.host('node1').home}/work/{project.parent.name}")
+    (work / "go").write_text("")  # let the experiment finish
+    proc = e2e.cli(project, "watch", run_id, "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert (home / "late.txt").read_text() == "late\n"

@@ -206,7 +206,9 @@ async def fetch_results(session: RunSession, rec: InstanceRecord, patterns: list
         sources.append((listing, ""))
         issues += listing.issues("", declared=True)
     states = await (await session.client(rec.node)).status(run_id)
-    mine = [s for s in states if s.instance_id == rec.instance_id and s.results_dir]
+    mine = [s for s in states if s.instance_id == rec.instance_id]
+    # only a fetch after the end counts: one taken while it runs must not stop the final one
+    final = rec.state.finished or bool(mine and mine[0].is_final)
     if mine and mine[0].results_dir:
         listing = await list_results(transport, node, mine[0].results_dir, ["*"], timeout)
         sources.append((listing, "results"))
@@ -218,7 +220,8 @@ async def fetch_results(session: RunSession, rec: InstanceRecord, patterns: list
                                       dest_root / prefix if prefix else dest_root, timeout)
         fetched += got
         issues += [ResultIssue(_under(prefix, f.path), f.reason) for f in failed]
-    session.store.update_instance(run_id, rec.instance_id, results_fetched=1,
+    session.store.update_instance(run_id, rec.instance_id,
+                                  results_fetched=int(final or rec.results_fetched),
                                   results_missing=issues_json(issues))
     if fetched or patterns or issues:
         missing = f"; {len(issues)} not fetched" if issues else ""
