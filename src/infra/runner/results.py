@@ -220,13 +220,21 @@ async def fetch_results(session: RunSession, rec: InstanceRecord, patterns: list
                                       dest_root / prefix if prefix else dest_root, timeout)
         fetched += got
         issues += [ResultIssue(_under(prefix, f.path), f.reason) for f in failed]
-    session.store.update_instance(run_id, rec.instance_id,
+    outcome = ResultsFetch(dest_root, tuple(fetched), tuple(issues))
+    _record(session, rec, outcome, final=final, declared=bool(patterns))
+    return outcome
+
+
+def _record(session: RunSession, rec: InstanceRecord, outcome: ResultsFetch, *, final: bool,
+            declared: bool) -> None:
+    """Store what did not come on the instance, and say it: one event each, bounded."""
+    session.store.update_instance(rec.run_id, rec.instance_id,
                                   results_fetched=int(final or rec.results_fetched),
-                                  results_missing=issues_json(issues))
-    if fetched or patterns or issues:
-        missing = f"; {len(issues)} not fetched" if issues else ""
-        session.event(run_id, "results", rec.instance_id,
-                      f"fetched {len(fetched)} result file(s) into {dest_root}{missing}")
-    for line in summarise(issues):
-        session.event(run_id, "results", rec.instance_id, line)
-    return ResultsFetch(dest_root, tuple(fetched), tuple(issues))
+                                  results_missing=issues_json(outcome.issues))
+    if outcome.files or declared or outcome.issues:
+        missing = f"; {len(outcome.issues)} not fetched" if outcome.issues else ""
+        session.event(rec.run_id, "results", rec.instance_id,
+                      f"fetched {len(outcome.files)} result file(s) into {outcome.dest}"
+                      f"{missing}")
+    for line in summarise(outcome.issues):
+        session.event(rec.run_id, "results", rec.instance_id, line)
