@@ -11,8 +11,7 @@ import dataclasses
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -29,6 +28,7 @@ from infra.runner.claims import claims_of, occupied_work
 from infra.runner.deploy import DeployResult, deploy_all
 from infra.runner.lifecycle import RunSession, local_log_path
 from infra.runner.nodeops import admin_conditions, merge_conditions
+from infra.runner.results import ResultsFetch
 from infra.state import InstancePhase, Store
 from infra.state.store import coordinator_id
 from infra.transport.pool import ConnectionPool
@@ -243,6 +243,11 @@ def _report(c: Ctx, cluster: Cluster, store: Store, run_id: str, finished: bool)
     if failed and finished:
         raise InfraError(f"{len(failed)} instance(s) did not finish: " + ", ".join(
             f"{r.instance_id} {r.state.value} ({r.reason or r.state.value})" for r in failed))
+    short = [r for r in records if r.results_missing]
+    if short and finished:
+        raise InfraError(f"results incomplete for {len(short)} instance(s): " + "; ".join(
+            f"{r.instance_id}: {len(r.results_missing)} not fetched "
+            f"({r.results_missing[0].one_line()})" for r in short))
 
 
 def do_watch(c: Ctx, run_id: str | None, duration: float | None) -> None:
@@ -366,33 +371,33 @@ def do_stop(c: Ctx, run_id: str, instance_id: str | None, grace: float) -> None:
 
 
 def do_results(c: Ctx, run_id: str) -> None:
+    """Fetch every instance's results; fails (exit 1) when anything declared did not come."""
     cluster = c.cluster
     store = open_store(cluster)
     run = store.resolve_run(run_id)
 
-    async def go() -> dict[str, Any]:
-        out: dict[str, Any] = {}
+    async def go() -> dict[str, ResultsFetch | InfraError]:
+        out: dict[str, ResultsFetch | InfraError] = {}
         async with ConnectionPool(cluster) as pool:
             session = RunSession(cluster, store, pool, emit=_printer(c))
             for rec in store.instances(run.run_id):
                 try:
-                    files = await session.fetch_results(run.run_id, rec)
-                    out[rec.instance_id] = [str(f) for f in files]
+                    out[rec.instance_id] = await session.fetch_results(run.run_id, rec)
                 except InfraError as exc:
-                    out[rec.instance_id] = {"error": exc.one_line()}
+                    out[rec.instance_id] = exc
         return out
 
     fetched = run_async(go)
-    if c.json_out:
-        c.emit_json({"run_id": run.run_id, "results": fetched})
-    else:
-        for instance, files in fetched.items():
-            if isinstance(files, dict):
-                c.console.print(f"{instance}: [red]{files['error']}[/]")
-            else:
-                c.console.print(f"{instance}: {len(files)} file(s)")
-                for f in files:
-                    c.console.print(f"  {Path(f).relative_to(cluster.log_dir)}")
     store.close()
-    if any(isinstance(v, dict) for v in fetched.values()):
-        raise InfraError("some results could not be fetched")
+    if c.json_out:
+        c.emit_json({"run_id": run.run_id,
+                     "results": {i: views.fetch_json(f) for i, f in fetched.items()},
+                     "missing": {i: [x.to_json() for x in f.issues]
+                                 for i, f in fetched.items()
+                                 if isinstance(f, ResultsFetch) and f.issues}})
+    else:
+        for instance, outcome in fetched.items():
+            c.console.print(views.fetch_lines(instance, outcome, cluster.log_dir))
+    problems = [p for p in (views.fetch_problem(i, f) for i, f in fetched.items()) if p]
+    if problems:
+        raise InfraError("results incomplete: " + "; ".join(problems))

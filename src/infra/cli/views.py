@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from rich.console import Group, RenderableType
@@ -20,6 +21,7 @@ from infra.errors import InfraError
 from infra.placement import NodeEvaluation, Plan, ScorePart, why_not
 from infra.probe.health import NodeHealth
 from infra.runner.deploy import DeployResult
+from infra.runner.results import ResultsFetch
 from infra.state import InstanceRecord, RunRecord
 
 
@@ -265,9 +267,56 @@ def instances_table(run: RunRecord, records: list[InstanceRecord]) -> Table:
         style = _PHASE_STYLE.get(r.state.value, "")
         state = f"[{style}]{r.state.value}[/]" if style else r.state.value
         table.add_row(r.instance_id, r.node, state, str(r.pid or "-"), _ended(r),
-                      format_duration(r.runtime_seconds), str(r.restarts),
-                      Text(r.reason or r.last_line))
+                      format_duration(r.runtime_seconds), str(r.restarts), _instance_detail(r))
     return table
+
+
+def _instance_detail(r: InstanceRecord) -> Text:
+    """The reason or last line, then what the last results fetch could not bring home."""
+    text = Text(r.reason or r.last_line)
+    if r.results_missing:
+        first = r.results_missing[0].one_line()
+        more = f" (+{len(r.results_missing) - 1} more)" if len(r.results_missing) > 1 else ""
+        text.append(("\n" if text.plain else "") + f"results missing: {first}{more}",
+                    style="yellow")
+    return text
+
+
+def fetch_json(outcome: ResultsFetch | InfraError) -> list[str] | dict[str, str]:
+    """One instance's entry in ``results --json``: the files fetched, or the error."""
+    if isinstance(outcome, InfraError):
+        return {"error": outcome.one_line()}
+    return [str(f) for f in outcome.files]
+
+
+def fetch_lines(instance: str, outcome: ResultsFetch | InfraError,
+                log_dir: Path) -> RenderableType:
+    """One instance's block in ``results``: its files (relative to the log dir) and what
+    did not come home, each with its reason."""
+    if isinstance(outcome, InfraError):
+        return Text(f"{instance}: {outcome.one_line()}", style="red")
+    lines = [Text(f"{instance}: {len(outcome.files)} file(s)")]
+    lines += [Text(f"  {_relative(f, log_dir)}") for f in outcome.files]
+    lines += [Text(f"  not fetched: {i.one_line()}", style="yellow") for i in outcome.issues]
+    return Group(*lines)
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return str(path.relative_to(root.resolve()))
+    except ValueError:
+        return str(path)
+
+
+def fetch_problem(instance: str, outcome: ResultsFetch | InfraError) -> str | None:
+    """The one-line summary of what went wrong for one instance, or None."""
+    if isinstance(outcome, InfraError):
+        return f"{instance}: {outcome.one_line()}"
+    if not outcome.issues:
+        return None
+    more = ", ..." if len(outcome.issues) > 1 else ""
+    return (f"{instance}: {len(outcome.issues)} not fetched "
+            f"({outcome.issues[0].one_line()}{more})")
 
 
 def status_json(run: RunRecord, records: list[InstanceRecord]) -> dict[str, Any]:
@@ -284,5 +333,6 @@ def status_json(run: RunRecord, records: list[InstanceRecord]) -> dict[str, Any]
             "runtime_seconds": r.runtime_seconds, "restarts": r.restarts,
             "reason": r.reason, "last_line": r.last_line, "log_bytes": r.log_offset,
             "results_fetched": r.results_fetched,
+            "results_missing": [i.to_json() for i in r.results_missing],
         } for r in records],
     }

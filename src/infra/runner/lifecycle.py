@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import posixpath
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -33,8 +32,10 @@ from infra.errors import (
 )
 from infra.placement import Condition, NodeCondition, Plan, plan, why_not
 from infra.placement.allocation import Allocation, allocation_env
+from infra.runner import results
 from infra.runner.claims import claim_request, claims_of, occupied_work
 from infra.runner.deploy import DeployResult, deploy_all
+from infra.runner.results import ResultsFetch
 from infra.runner.supervisor_client import (
     InstanceState,
     InstanceStatus,
@@ -45,15 +46,11 @@ from infra.runner.supervisor_client import (
 from infra.state import InstancePhase, InstanceRecord, RunState, Store, new_run_id
 from infra.state.store import coordinator_id
 from infra.transport.base import Transport
-from infra.transport.marker import BEGIN as MARK_BEGIN
-from infra.transport.marker import END as MARK_END
-from infra.transport.marker import extract_json
 from infra.transport.pool import ConnectionPool
 
 EventSink = Callable[[str, str, str], None]
 """(kind, subject, message) -> None: where progress lines go (console, dashboard, tests)."""
 
-MAX_RESULT_FILES = 10_000
 MAX_REPLACE_TRIES = 3
 """How often an instance refused by a node's claims is placed again before it fails."""
 
@@ -66,30 +63,6 @@ _PHASE_OF_STATUS = {
     InstanceStatus.STOPPED: InstancePhase.STOPPED,
     InstanceStatus.LOST: InstancePhase.LOST,
 }
-
-# A small node-side helper: expand result globs under a directory into a file list.
-_RESULTS_LISTER = f"""
-BEGIN, END = {MARK_BEGIN!r}, {MARK_END!r}
-""" + r"""
-import glob, json, os, sys
-base = os.path.expanduser(sys.argv[1]); out = []; limit = int(sys.argv[2])
-for pat in sys.argv[3:]:
-    for hit in sorted(glob.glob(os.path.join(base, pat))):
-        if os.path.isdir(hit):
-            for root, dirs, files in os.walk(hit):
-                dirs.sort()
-                out.extend(os.path.join(root, f) for f in sorted(files))
-        elif os.path.isfile(hit):
-            out.append(hit)
-seen = []
-for p in out:
-    r = os.path.relpath(p, base)
-    if not r.startswith('..') and r not in seen:
-        seen.append(r)
-doc = json.dumps({'base': base, 'files': seen[:limit]})
-print(BEGIN + doc + END)
-"""
-
 
 def _noop(kind: str, subject: str, message: str) -> None:
     return None
@@ -109,10 +82,6 @@ def instance_cwd(node: NodeConfig, spec: ExperimentSpec) -> str:
 
 def local_log_path(cluster: Cluster, run_id: str, instance_id: str) -> Path:
     return cluster.log_dir / run_id / f"{instance_id}.log"
-
-
-def local_results_dir(cluster: Cluster, run_id: str, instance_id: str) -> Path:
-    return cluster.log_dir / run_id / instance_id
 
 
 @dataclass
@@ -477,7 +446,8 @@ class RunSession:
             placement_seq=rec.placement_seq + 1,
             moves=rec.moves + (1 if count else 0), pid=None,
             exit_code=None, signal=None, ended_at=None, restarts=0, log_base=base,
-            log_offset=base, results_fetched=0, reason=f"moving from {rec.node}: {why}")
+            log_offset=base, results_fetched=0, results_missing="[]",
+            reason=f"moving from {rec.node}: {why}")
         self.event(run_id, "move", rec.instance_id, f"moving from {rec.node} to {target}: {why}")
         self.store.set_run_state(run_id, RunState.RUNNING)
         return target
@@ -573,57 +543,11 @@ class RunSession:
 
     # ------------------------------------------------------------------ results
 
-    async def _list_results(self, node: NodeConfig, base: str,
-                            patterns: list[str]) -> tuple[str, list[str]]:
-        transport = await self.transport(node.name)
-        result = await transport.run([node.python_path, "-c", _RESULTS_LISTER, base,
-                                      str(MAX_RESULT_FILES), *patterns],
-                                     timeout=self.cluster.health_check.timeout_seconds * 3)
-        try:
-            listing = extract_json(result.stdout)
-        except ValueError:
-            raise TransportError(node.name, "could not list results: "
-                                 f"{(result.stderr or result.stdout).strip()[-200:]}") from None
-        return str(listing["base"]), list(listing["files"])
-
-    async def fetch_results(self, run_id: str, rec: InstanceRecord) -> list[Path]:
-        """Copy results home into logs/<run>/<id>/: the spec's ``results`` globs (relative to
-        the instance's cwd) and everything the experiment wrote to ``$INFRA_RESULTS_DIR``
-        (into ``results/``)."""
-        patterns = list(rec.spec.results)
+    async def fetch_results(self, run_id: str, rec: InstanceRecord) -> ResultsFetch:
+        """Copy results home and record what did not come (see ``infra.runner.results``)."""
         node = self.cluster.node(rec.node)
-        transport = await self.transport(rec.node)
-        sources: list[tuple[str, list[str], str]] = []
-        if patterns:
-            base, files = await self._list_results(node, instance_cwd(node, rec.spec), patterns)
-            sources.append((base, files, ""))
-        states = await (await self.client(rec.node)).status(run_id)
-        mine = [s for s in states if s.instance_id == rec.instance_id and s.results_dir]
-        if mine and mine[0].results_dir:
-            base, files = await self._list_results(node, mine[0].results_dir, ["*"])
-            sources.append((base, files, "results"))
-        dest_root = local_results_dir(self.cluster, run_id, rec.instance_id)
-        fetched: list[Path] = []
-        for base, files, prefix in sources:
-            fetched += await self._copy_home(transport, base, files,
-                                             dest_root / prefix if prefix else dest_root)
-        self.store.update_instance(run_id, rec.instance_id, results_fetched=1)
-        if fetched or patterns:
-            self.event(run_id, "results", rec.instance_id,
-                       f"fetched {len(fetched)} result file(s) into {dest_root}")
-        return fetched
-
-    async def _copy_home(self, transport: Transport, base: str, files: list[str],
-                         dest_root: Path) -> list[Path]:
-        fetched: list[Path] = []
-        for rel in files:
-            dest = (dest_root / rel).resolve()
-            if not str(dest).startswith(str(dest_root.resolve()) + os.sep):
-                continue  # never write outside the results directory
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            await transport.get(posixpath.join(base, rel), str(dest))
-            fetched.append(dest)
-        return fetched
+        return await results.fetch_results(self, rec, list(rec.spec.results),
+                                           instance_cwd(node, rec.spec))
 
     # ------------------------------------------------------------------ stop
 

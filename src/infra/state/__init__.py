@@ -4,9 +4,11 @@ from infra.state.store import (
     Event,
     InstancePhase,
     InstanceRecord,
+    ResultIssue,
     RunRecord,
     RunState,
     Store,
+    issues_json,
     new_run_id,
 )
 
@@ -14,8 +16,10 @@ __all__ = [
     "Event",
     "InstancePhase",
     "InstanceRecord",
+    "ResultIssue",
     "RunRecord",
     "RunState",
     "Store",
+    "issues_json",
     "new_run_id",
 ]

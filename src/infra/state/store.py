@@ -94,6 +94,7 @@ ADDED_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
         ("log_base", "INTEGER NOT NULL DEFAULT 0"),
         ("allocation_json", "TEXT NOT NULL DEFAULT '{}'"),
         ("placement_seq", "INTEGER NOT NULL DEFAULT 0"),
+        ("results_missing", "TEXT NOT NULL DEFAULT '[]'"),
     ),
 }
 
@@ -165,6 +166,30 @@ class RunRecord:
 
 
 @dataclass(frozen=True)
+class ResultIssue:
+    """A declared or produced result that did not come home: a pattern that matched nothing,
+    a file skipped on the node, or a copy that failed; ``path`` is relative to its base."""
+
+    path: str
+    reason: str
+
+    def one_line(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+    def to_json(self) -> dict[str, str]:
+        return {"path": self.path, "reason": self.reason}
+
+
+def issues_json(issues: tuple[ResultIssue, ...] | list[ResultIssue]) -> str:
+    """How the store keeps an instance's result issues."""
+    return json.dumps([i.to_json() for i in issues])
+
+
+def _issues(text: str | None) -> tuple[ResultIssue, ...]:
+    return tuple(ResultIssue(str(d["path"]), str(d["reason"])) for d in json.loads(text or "[]"))
+
+
+@dataclass(frozen=True)
 class InstanceRecord:
     """One instance as the store holds it, decoded into its types once, here."""
 
@@ -189,6 +214,7 @@ class InstanceRecord:
     log_base: int = 0  # local log size when the current node's log began (after a move)
     allocation: Allocation | None = None
     placement_seq: int = 0  # which placement of the instance this is: +1 on every move
+    results_missing: tuple[ResultIssue, ...] = ()  # what the last fetch could not bring home
 
     @property
     def placement_id(self) -> str:
@@ -387,7 +413,8 @@ class Store:
     def update_instance(self, run_id: str, instance_id: str, **fields: Any) -> None:
         allowed = {"node", "state", "pid", "exit_code", "signal", "started_at", "ended_at",
                    "restarts", "reason", "last_line", "log_offset", "results_fetched", "moves",
-                   "previous_nodes", "log_base", "allocation", "placement_seq"}
+                   "previous_nodes", "log_base", "allocation", "placement_seq",
+                   "results_missing"}
         bad = set(fields) - allowed
         if bad:
             raise ValueError(f"unknown instance fields {bad}")
@@ -414,7 +441,8 @@ class Store:
             results_fetched=bool(row["results_fetched"]), updated_at=row["updated_at"],
             moves=row["moves"], previous_nodes=tuple(json.loads(row["previous_nodes"])),
             log_base=row["log_base"], allocation=decode_allocation(row["allocation_json"]),
-            placement_seq=row["placement_seq"])
+            placement_seq=row["placement_seq"],
+            results_missing=_issues(row["results_missing"]))
 
     def active_instances(self, exclude_run: str | None = None) -> list[InstanceRecord]:
         """Instances of every run that hold resources on their nodes right now."""
