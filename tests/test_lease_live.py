@@ -6,6 +6,7 @@ notices the failed renewal once resumed and stops acting; reading (`logs`, `logs
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -19,7 +20,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from infra.config import load_cluster
+from infra.monitor.loop import Monitor, MonitorOutcome
+from infra.monitor.snapshot import RunSnapshot
+from infra.runner.lifecycle import RunSession, local_log_path
 from infra.state import Store
+from infra.transport.pool import ConnectionPool
 from tests.test_live_ops import _lease
 from tests.test_run_e2e import check_log, cli, project, spec, status_json, wait_for
 
@@ -183,3 +189,49 @@ def test_watcher_frozen_past_its_lease_stops_acting_when_resumed(project: Path) 
     assert final["state"] == "exited" and final["exit_code"] == 0
     check_log(log.read_text(), "frost")  # the resumed one appended nothing twice
     assert (project / "logs" / run_id / "frost" / "out" / "frost" / "summary.json").exists()
+
+
+def test_monitor_stops_acting_the_tick_its_lease_is_taken_and_takes_it_back(
+        project: Path) -> None:
+    """Through the library: another holder takes the lease (steal) mid-run; the monitor says
+    so, cancels its stream and writes nothing more into the copy; when the lease frees it
+    acts again and the copy ends complete, every line once."""
+    run_id = launch(project, "steady", "node1", duration=12.0)
+    cluster = load_cluster(project / "cluster_config.yaml")
+    store = Store.for_log_dir(cluster.log_dir)
+    other_store = Store.for_log_dir(cluster.log_dir)  # the other coordinator's connection
+    log = local_log_path(cluster, run_id, "steady")
+    intruder = "other-host.invalid:7"
+    seen: list[tuple[str, str, str]] = []
+    sizes: dict[str, int] = {}
+    reported: list[RunSnapshot] = []  # snapshots taken while the intruder held the lease
+
+    def on_snapshot(snap: RunSnapshot) -> None:
+        """Called after every tick: steal the lease once lines stream, free it 4 ticks on."""
+        if "stolen" not in sizes:
+            if log_steps(log) >= 3:
+                assert other_store.acquire_lease(run_id, intruder, 600, steal=True) is None
+                sizes["stolen"] = log.stat().st_size
+        elif "freed" not in sizes and snap.watcher == intruder:
+            reported.append(snap)
+            if len(reported) >= 4:
+                sizes["freed"] = log.stat().st_size
+                assert other_store.release_lease(run_id, intruder)
+
+    async def go() -> MonitorOutcome:
+        async with ConnectionPool(cluster) as pool:
+            session = RunSession(cluster, store, pool,
+                                 emit=lambda k, s, m: seen.append((k, s, m)))
+            return await Monitor(session, run_id, tick=0.5, on_snapshot=on_snapshot,
+                                 lease_ttl=600).run(120)
+
+    outcome = asyncio.run(go())
+    lease_msgs = [m for k, _, m in seen if k == "lease"]
+    assert lease_msgs == [f"lease lost to {intruder}; now only reporting",
+                          "lease taken over: acting now"], lease_msgs
+    assert sizes["freed"] == sizes["stolen"]  # nothing written while another held the lease
+    assert outcome.finished and outcome.lease_holder is None
+    check_log(log.read_text(), "steady")
+    assert store.lease(run_id) is None
+    store.close()
+    other_store.close()
