@@ -95,6 +95,8 @@ def test_duplicate_node_names(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ({"health_check": {"interval_seconds": 0}}, "health_check.interval_seconds", "greater than 0"),
     ({"health_check": {"checks": ["ssh", "cpu_magic"]}}, "health_check.checks[1]", "unknown check"),
     ({"health_check": {"known_hosts": "kh"}}, "health_check.known_hosts", "absolute path"),
+    ({"health_check": {"lease_seconds": 1}}, "health_check.lease_seconds", "at least 2"),
+    ({"health_check": {"lease_seconds": "long"}}, "health_check.lease_seconds", "a number"),
     ({"failover": {"max_retries": -1}}, "failover.max_retries", "at least 0"),
     ({"failover": {"auto_restart": "sometimes"}}, "failover.auto_restart", "true or false"),
     ({"network": {"peer_port_range": {"start": 9100, "end": 9000}}},

@@ -134,6 +134,11 @@ def test_returning_node_has_its_stale_copy_stopped(project: Path, ssh_fleet: SSH
         assert psutil.pid_exists(old_pid)  # the first copy still runs behind the partition
     finally:
         host.start()
+    # `status` is a reader: it records what node2 says but stops nothing (no lease, no policy)
+    status = cli(project, "status", run_id, "--json")
+    assert status.returncode == 0, status.stderr
+    assert psutil.pid_exists(old_pid) and psutil.Process(old_pid).status() != \
+        psutil.STATUS_ZOMBIE
     events, store = monitor(project, run_id, duration=5)
     assert any(k == "stale" and "stopped a stale copy on node2" in m for k, _, m in events)
     wait_for(lambda: not psutil.pid_exists(old_pid) or

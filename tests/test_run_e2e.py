@@ -233,10 +233,15 @@ def test_coordinator_killed_mid_run_is_found_again(project: Path) -> None:
     assert done
     final = status_json(project, run_id)["instances"][0]
     assert final["exit_code"] == 0 and final["pid"] == pid  # never started twice
+    local = project / "logs" / run_id / "survivor.log"
+    before = local.read_bytes() if local.exists() else b""
     proc = cli(project, "logs", run_id, "survivor")
     assert proc.returncode == 0, proc.stderr
-    check_log(proc.stdout, "survivor")
-    check_log((project / "logs" / run_id / "survivor.log").read_text(), "survivor")
+    check_log(proc.stdout, "survivor")  # the local copy, then the node's log beyond it
+    assert (local.read_bytes() if local.exists() else b"") == before  # reading writes nothing
+    proc = cli(project, "watch", run_id, "--json")  # the watcher brings the copy home
+    assert proc.returncode == 0, proc.stderr
+    check_log(local.read_text(), "survivor")
     proc = cli(project, "results", run_id, "--json")
     assert proc.returncode == 0, proc.stderr
     assert any(f.endswith("summary.json")

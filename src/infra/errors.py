@@ -47,6 +47,10 @@ class StateError(InfraError):
     """The durable store is missing, locked by another coordinator, or inconsistent."""
 
 
+class LeaseLostError(StateError):
+    """Another coordinator holds the run's lease now: this one must stop acting on it."""
+
+
 class TransportError(InfraError):
     """Talking to a node failed; carries the node name."""
 

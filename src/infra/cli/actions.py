@@ -26,7 +26,8 @@ from infra.probe.health import NodeHealth, NodeStatus
 from infra.probe.run import check_health
 from infra.runner.claims import claims_of, occupied_work
 from infra.runner.deploy import DeployResult, deploy_all
-from infra.runner.lifecycle import RunSession, local_log_path
+from infra.runner.lifecycle import RunSession
+from infra.runner.logread import show_log
 from infra.runner.nodeops import admin_conditions, merge_conditions
 from infra.runner.results import ResultsFetch
 from infra.state import InstancePhase, Store
@@ -291,7 +292,9 @@ def do_status(c: Ctx, run_id: str | None, refresh: bool) -> None:
     if refresh:
         async def go() -> dict[str, str]:
             async with ConnectionPool(cluster) as pool:
-                return await RunSession(cluster, store, pool).sweep(run.run_id)
+                # a reader: records what the nodes say, acts on nothing (no lease)
+                return await RunSession(cluster, store, pool).sweep(run.run_id,
+                                                                    stop_stale=False)
         errors = run_async(go)
         run = store.run(run.run_id)
     records = store.instances(run.run_id)
@@ -308,14 +311,15 @@ def do_status(c: Ctx, run_id: str | None, refresh: bool) -> None:
 
 
 def do_logs(c: Ctx, run_id: str, instance_id: str, follow: bool) -> None:
+    """Print an instance's log: the local copy, then the node's log beyond it.
+
+    Reading needs no lease and writes nothing (``runner.logread``): it works the same while
+    another coordinator watches the run.
+    """
     cluster = c.cluster
     store = open_store(cluster)
     run = store.resolve_run(run_id)
-    rec = store.instance(run.run_id, instance_id)
-    path = local_log_path(cluster, run.run_id, instance_id)
-    already = path.read_bytes() if path.exists() else b""
-    sys.stdout.buffer.write(already)
-    sys.stdout.buffer.flush()
+    store.instance(run.run_id, instance_id)  # an unknown instance is a usage error
 
     def out(data: bytes) -> None:
         sys.stdout.buffer.write(data)
@@ -323,20 +327,8 @@ def do_logs(c: Ctx, run_id: str, instance_id: str, follow: bool) -> None:
 
     async def go() -> None:
         async with ConnectionPool(cluster) as pool:
-            session = RunSession(cluster, store, pool)
-            holder = coordinator_id()
-            other = store.acquire_lease(run.run_id, holder, 60.0)
-            if other is not None:
-                raise UsageError(f"run {run.run_id} is being watched by {other}; its log copy "
-                                 f"is {path}")
-            try:
-                if follow:
-                    await session.sweep(run.run_id)
-                    await session.stream_log_until_done(run.run_id, instance_id, on_bytes=out)
-                else:
-                    await session.sync_log(run.run_id, rec, follow=False, on_bytes=out)
-            finally:
-                store.release_lease(run.run_id, holder)
+            session = RunSession(cluster, store, pool, emit=_printer(c))
+            await show_log(session, run.run_id, instance_id, out, follow=follow)
 
     try:
         run_async(go)
@@ -344,7 +336,8 @@ def do_logs(c: Ctx, run_id: str, instance_id: str, follow: bool) -> None:
         if follow:
             raise
         c.err.print(f"[yellow]showing the local copy only: {exc.one_line()}[/]")
-    store.close()
+    finally:
+        store.close()
 
 
 def do_stop(c: Ctx, run_id: str, instance_id: str | None, grace: float) -> None:

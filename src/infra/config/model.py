@@ -353,6 +353,7 @@ class HealthCheckSection:
     accept_new_host_keys: bool = False
     reconnect_attempts: int = 3
     disconnected_grace_seconds: float = 60.0
+    lease_seconds: float = 30.0  # a watcher's hold on its run without renewal (live loop)
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,8 @@ from infra.errors import ConfigError
 NODE_TYPES = [t.value for t in NodeType]
 LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 HEALTH_CHECK_NAMES = ["ssh", "memory", "disk", "temperature", "process"]
+LEASE_MIN_SECONDS = 2.0
+"""The live loop renews its lease every 1 s tick; a shorter lease would lapse between ticks."""
 
 
 def load_cluster(path: str | Path) -> Cluster:
@@ -241,6 +243,7 @@ def _health(s: Section) -> HealthCheckSection:
         accept_new_host_keys=s.boolean("accept_new_host_keys", False),
         reconnect_attempts=s.integer("reconnect_attempts", 3, minimum=0),
         disconnected_grace_seconds=s.number("disconnected_grace_seconds", 60.0, minimum=0.0),
+        lease_seconds=s.number("lease_seconds", 30.0, minimum=LEASE_MIN_SECONDS),
     )
     s.used.add("checks")
     s.finish()

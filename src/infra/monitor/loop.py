@@ -4,20 +4,27 @@ Each tick: one status sweep per reachable node of the run; a probe per node when
 health interval (or reconnect backoff) is due; node-loss transitions recorded as events;
 recovery by policy (move, pause, lose) for work on offline nodes and for instances whose
 restarts are exhausted; log streams home; results fetched when instances end; a snapshot
-for the dashboard and the saved-state file. The run's lease keeps a second coordinator
-from acting at the same time.
+for the dashboard and the saved-state file.
+
+The run's lease (in the store) decides which coordinator *acts*: streams logs home,
+applies the policies, fetches results. The holder renews it every tick and checks it again
+right before acting; a renewal that fails (another coordinator took the lease over, e.g.
+after this process was frozen past the lease) ends the acting role at once: streams are
+cancelled and this loop goes on as a reporter, like any second watcher, which takes the
+lease over when it frees or expires.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from infra.config.model import RecoverPolicy
-from infra.errors import InfraError
+from infra.errors import InfraError, StateError
 from infra.monitor import tracker as trk
 from infra.monitor.saved import SavedState
 from infra.monitor.snapshot import (
@@ -55,7 +62,7 @@ class MonitorOutcome:
     """How watching ended."""
 
     finished: bool            # every instance is over, logs drained, results fetched
-    lease_holder: str | None  # another coordinator held the lease (we only reported)
+    lease_holder: str | None  # another coordinator held the lease at the end (we reported)
     unreachable: dict[str, str] = field(default_factory=dict)
 
 
@@ -72,15 +79,20 @@ class Monitor:
 
     def __init__(self, session: RunSession, run_id: str, *, tick: float = 1.0,
                  on_snapshot: SnapshotSink | None = None, holder: str | None = None,
-                 saved: SavedState | None = None) -> None:
+                 saved: SavedState | None = None, lease_ttl: float | None = None) -> None:
         self.s = session
         self.run_id = run_id
         self.tick = tick
         self.on_snapshot = on_snapshot
         self.holder = holder or coordinator_id()
         self.saved = saved
-        self.other: str | None = None
         cfg = session.cluster.health_check
+        # renewed every tick: a lease shorter than two ticks would lapse between renewals
+        self.lease_ttl = max(lease_ttl if lease_ttl is not None else cfg.lease_seconds,
+                             2 * tick)
+        self.acting = False          # we hold the lease: we stream, apply policies, fetch
+        self.other: str | None = None  # who holds it when we don't ("" unknown)
+        self.announced = False       # the first lease decision was said
         stored = session.store.node_states()
         self.trackers: dict[str, trk.Tracker] = {}
         for node in session.cluster.nodes:
@@ -104,29 +116,16 @@ class Monitor:
     # ------------------------------------------------------------------ main loop
 
     async def run(self, duration: float | None) -> MonitorOutcome:
-        ttl = max(30.0, self.tick * 10)
-        self.other = self.s.store.acquire_lease(self.run_id, self.holder, ttl)
-        if self.other is not None:
-            self.s.emit("lease", self.run_id,
-                        f"run is watched by {self.other}; showing status only here "
-                        "(that coordinator streams logs and applies the policies)")
         deadline = None if duration is None else time.monotonic() + duration
         self.started = time.monotonic()  # a fence renewed before now has expired by started+T
-        outcome = MonitorOutcome(finished=False, lease_holder=self.other)
+        outcome = MonitorOutcome(finished=False, lease_holder=None)
         try:
             while True:
-                acting = self.other is None
-                if not acting:
-                    self.other = self.s.store.acquire_lease(self.run_id, self.holder, ttl)
-                    if self.other is None:
-                        self.s.emit("lease", self.run_id, "lease taken over: acting now")
-                        acting = True
-                else:
-                    self.s.store.acquire_lease(self.run_id, self.holder, ttl)
-                outcome.unreachable = await self.tick_once(acting=acting)
+                await self.hold_lease()
+                outcome.unreachable = await self.tick_once(acting=self.acting)
                 records = {r.instance_id: r for r in self.s.store.instances(self.run_id)}
                 self.publish(records)
-                if self._all_done(records, acting=acting):
+                if self._all_done(records, acting=self.acting):
                     outcome.finished = True
                     break
                 if deadline is not None and time.monotonic() >= deadline:
@@ -135,16 +134,13 @@ class Monitor:
                     max(0.0, min(self.tick, deadline - time.monotonic()))
                 await asyncio.sleep(wait)
         finally:
-            for task in self.tasks.values():
-                task.cancel()
-            for task in self.tasks.values():
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-            if self.other is None:
+            await self._cancel_streams()
+            if self.acting:
                 if not outcome.finished:
                     await self._clear_fences()
-                self.s.store.release_lease(self.run_id, self.holder)
-        outcome.lease_holder = self.other
+                with contextlib.suppress(StateError):
+                    self.s.store.release_lease(self.run_id, self.holder)
+        outcome.lease_holder = None if self.acting else self.other
         return outcome
 
     @property
@@ -171,13 +167,78 @@ class Monitor:
         heard = max(self.s.renewed.get(node, 0.0), self.started)
         return max(0.0, heard + self.fence_seconds + FENCE_STOP_SECONDS - time.monotonic())
 
+    # ------------------------------------------------------------------ lease
+
+    async def hold_lease(self) -> bool:
+        """Renew the lease (acting) or try to take it (reporting); switch roles on change.
+
+        Returns whether this loop acts now. A failed renewal -- another holder, or the store
+        failing -- stops the acting role before anything else is done.
+        """
+        why = ""
+        try:
+            other = self.s.store.acquire_lease(self.run_id, self.holder, self.lease_ttl)
+        except StateError as exc:
+            other, why = self.other or "", exc.one_line()
+        first = not self.announced
+        self.announced = True
+        if other is None:
+            if not self.acting and not first:
+                self._say("lease taken over: acting now")
+            if not self.acting:  # fences the last holder renewed may run until now + T
+                self.started = time.monotonic()
+            self.acting, self.other = True, None
+            return True
+        if self.acting:
+            await self._stop_acting(f"lease renewal failed ({why})" if why
+                                    else f"lease lost to {other}")
+        elif first:
+            self._say(f"cannot take the lease ({why}); showing status only here" if why else
+                      f"run is watched by {other}; showing status only here "
+                      "(that coordinator streams logs and applies the policies)")
+        self.other = other
+        return False
+
+    def holding(self) -> bool:
+        """Cheap check before each action and each log write: the store still names us."""
+        if not self.acting:
+            return False
+        try:
+            lease = self.s.store.lease(self.run_id)
+        except StateError:
+            return False
+        return lease is not None and lease.holder == self.holder
+
+    async def _stop_acting(self, why: str) -> None:
+        """Give up the acting role at once: cancel the log streams, say so, report on."""
+        self.acting = False
+        await self._cancel_streams()
+        self.drained.clear()  # the new holder owns the copies now; re-check them if we return
+        self._say(f"{why}; now only reporting")
+
+    async def _cancel_streams(self) -> None:
+        tasks = list(self.tasks.values())
+        self.tasks.clear()
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    def _say(self, message: str) -> None:
+        """A lease event: recorded with the run's events when the store allows, always shown."""
+        try:
+            self.s.event(self.run_id, "lease", self.run_id, message)
+        except (InfraError, sqlite3.Error):
+            self.s.emit("lease", self.run_id, message)
+
     async def tick_once(self, *, acting: bool) -> dict[str, str]:
         """One sweep + due probes + policies + logs/results. Returns unreachable nodes."""
         now = time.monotonic()
         down = {n for n, t in self.trackers.items()
                 if t.state in (NodeState.RECONNECTING, NodeState.DISCONNECTED,
                                NodeState.OFFLINE)}
-        errors = await self.s.sweep(self.run_id, skip=down,
+        errors = await self.s.sweep(self.run_id, skip=down, stop_stale=acting,
                                     fence_seconds=self.fence_seconds if acting else None)
         due = [n for n, t in self.trackers.items()
                if n not in errors and t.next_probe_at <= now]
@@ -197,7 +258,8 @@ class Monitor:
                 degraded = "; ".join(health.reasons) if health.status is NodeStatus.DEGRADED \
                     else None
                 self._apply(*trk.on_success(t, now, degraded, self.s.cluster.health_check))
-        if acting:
+        # the sweep and probes may have taken a while: renew right before acting
+        if acting and await self.hold_lease():
             await self._recover()
             records = {r.instance_id: r for r in self.s.store.instances(self.run_id)}
             await self._service_logs_and_results(records)
@@ -239,7 +301,7 @@ class Monitor:
         nodes = {r.node for r in pending if not self._node_down(r.node)}
         failed = await self.s.deploy_for_run(self.run_id, nodes, only="resume")
         for rec in pending:
-            if rec.node in nodes and rec.node not in failed:
+            if rec.node in nodes and rec.node not in failed and self.holding():
                 self.s.emit("start", rec.instance_id, "resuming an unfinished launch")
                 await self.s.start_instance(self.run_id, rec)
 
@@ -247,6 +309,8 @@ class Monitor:
         """Apply each instance's ``recover`` policy to lost nodes and exhausted restarts."""
         await self._resume_launch()
         for rec in self.s.store.instances(self.run_id):
+            if not self.holding():
+                return
             t = self.trackers.get(rec.node)
             policy = rec.spec.recover
             if t is not None and t.state is NodeState.OFFLINE and rec.state.active:
@@ -298,6 +362,8 @@ class Monitor:
 
     async def _service_logs_and_results(self, records: dict[str, InstanceRecord]) -> None:
         for instance_id, rec in sorted(records.items()):
+            if not self.holding():
+                return
             task = self.tasks.get(instance_id)
             if task is not None and task.done():
                 if not task.cancelled() and task.exception() is None:
@@ -318,11 +384,13 @@ class Monitor:
                 if task is None and not rec.state.finished and \
                         self._per_node(rec.node, records) < FOLLOW_STREAMS_PER_NODE:
                     self.tasks[instance_id] = asyncio.create_task(
-                        self.s.stream_log_until_done(self.run_id, instance_id))
+                        self.s.stream_log_until_done(self.run_id, instance_id,
+                                                     guard=self.holding))
                     continue
                 if task is None:
                     try:
-                        await self.s.sync_log(self.run_id, rec, follow=False)
+                        await self.s.sync_log(self.run_id, rec, follow=False,
+                                              guard=self.holding)
                         if rec.state.finished:
                             self.drained.add(instance_id)
                     except InfraError as exc:
@@ -401,5 +469,5 @@ class Monitor:
         snap = self.snapshot(records)
         if self.on_snapshot is not None:
             self.on_snapshot(snap)
-        if self.saved is not None and self.other is None:
+        if self.saved is not None and self.acting:
             self.saved.write(snap, records)

@@ -26,6 +26,7 @@ from infra.config.model import (
 from infra.errors import (
     CapacityRefusedError,
     InfraError,
+    LeaseLostError,
     StaleCopyError,
     TransportError,
     UsageError,
@@ -309,15 +310,17 @@ class RunSession:
                        f"{phase.value}{detail}")
 
     async def sweep(self, run_id: str, skip: Iterable[str] = (), *,
-                    fence_seconds: float | None = None,
-                    fence_clear: bool = False) -> dict[str, str]:
+                    fence_seconds: float | None = None, fence_clear: bool = False,
+                    stop_stale: bool = True) -> dict[str, str]:
         """One status call per node of the run; returns node -> error for unreachable nodes.
 
         Nodes an instance was moved away from are asked too: a copy still running there
-        (the node came back) is stopped, so there are never two. ``skip`` names nodes not
-        to contact this time (known to be down). ``fence_seconds`` renews the fences of the
-        run's fenced work on each node (only the acting watcher does); ``fence_clear`` clears
-        them (the watcher detaches: work nobody watches is never fenced).
+        (the node came back) is stopped, so there are never two -- only with ``stop_stale``,
+        which only the coordinator acting on the run (the lease holder) sets; a reporter
+        (``status``, a second ``watch``) just records. ``skip`` names nodes not to contact
+        this time (known to be down). ``fence_seconds`` renews the fences of the run's fenced
+        work on each node (only the acting watcher does); ``fence_clear`` clears them (the
+        watcher detaches: work nobody watches is never fenced).
         """
         records = self.store.instances(run_id)
         skipped = set(skip)
@@ -348,7 +351,8 @@ class RunSession:
                 errors[node_name] = result.one_line()
                 continue
             found = {s.instance_id: s for s in result}
-            await self._stop_stale_copies(run_id, node_name, records, found)
+            if stop_stale:
+                await self._stop_stale_copies(run_id, node_name, records, found)
             for rec in by_node[node_name]:
                 state = found.get(rec.instance_id)
                 if state is not None and state.placement != rec.placement_id:
@@ -483,33 +487,41 @@ class RunSession:
     # ------------------------------------------------------------------ logs
 
     async def sync_log(self, run_id: str, rec: InstanceRecord, *, follow: bool,
-                       on_bytes: Callable[[bytes], None] | None = None) -> int:
+                       on_bytes: Callable[[bytes], None] | None = None,
+                       guard: Callable[[], bool] | None = None) -> int:
         """Append the node's log bytes to the local copy from where the copy ends.
 
         The local file's size is the offset, so after any interruption the stream resumes
-        with no byte lost and none written twice. Returns the new size.
+        with no byte lost and none written twice. ``guard`` is asked before every write: the
+        copy has one writer, the lease holder, and a coordinator that lost the lease (it was
+        frozen past its lease) must not append bytes its successor appends too; it raises
+        ``LeaseLostError`` then. Returns the new size.
         """
         path = local_log_path(self.cluster, run_id, rec.instance_id)
         path.parent.mkdir(parents=True, exist_ok=True)
         client = await self.client(rec.node)
         with open(path, "ab") as fh:
+
+            def write(data: bytes) -> None:
+                if guard is not None and not guard():
+                    raise LeaseLostError(f"{run_id}: the run's lease was lost; not writing "
+                                         f"{rec.instance_id}'s log copy")
+                fh.write(data)
+                fh.flush()
+                if on_bytes:
+                    on_bytes(data)
+
             offset = fh.tell() - rec.log_base  # where the current node's log continues
             if offset < 0:
                 offset = 0
             if follow:
                 async for chunk in client.follow(run_id, rec.instance_id, offset):
-                    fh.write(chunk)
-                    fh.flush()
-                    if on_bytes:
-                        on_bytes(chunk)
+                    write(chunk)
             else:
                 while True:
                     piece = await client.read(run_id, rec.instance_id, offset)
                     if piece.data:
-                        fh.write(piece.data)
-                        fh.flush()
-                        if on_bytes:
-                            on_bytes(piece.data)
+                        write(piece.data)
                     offset = fh.tell() - rec.log_base
                     if piece.eof or not piece.data:
                         break
@@ -519,22 +531,25 @@ class RunSession:
 
     async def stream_log_until_done(self, run_id: str, instance_id: str, *,
                                     retry_delay: float = 1.0,
-                                    on_bytes: Callable[[bytes], None] | None = None) -> None:
+                                    on_bytes: Callable[[bytes], None] | None = None,
+                                    guard: Callable[[], bool] | None = None) -> None:
         """Follow one instance's log until it ended and is drained, reconnecting on drops."""
         while True:
             rec = self.store.instance(run_id, instance_id)
             try:
-                await self.sync_log(run_id, rec, follow=True, on_bytes=on_bytes)
+                await self.sync_log(run_id, rec, follow=True, on_bytes=on_bytes, guard=guard)
                 rec = self.store.instance(run_id, instance_id)
                 if rec.state.finished:
                     # drained after the end: one last non-following read closes any gap
-                    await self.sync_log(run_id, rec, follow=False, on_bytes=on_bytes)
+                    await self.sync_log(run_id, rec, follow=False, on_bytes=on_bytes,
+                                        guard=guard)
                     return
                 # follow ended: the instance ended on the node; the sweep will record it
                 state = await (await self.client(rec.node)).status(run_id)
                 mine = [s for s in state if s.instance_id == instance_id]
                 if not mine or mine[0].is_final:
-                    await self.sync_log(run_id, rec, follow=False, on_bytes=on_bytes)
+                    await self.sync_log(run_id, rec, follow=False, on_bytes=on_bytes,
+                                        guard=guard)
                     return
             except TransportError as exc:
                 self.emit("log", instance_id, f"log stream interrupted ({exc.reason}); "

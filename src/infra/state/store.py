@@ -13,7 +13,7 @@ import secrets
 import socket
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -263,6 +263,26 @@ def holder_is_dead(holder: str) -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class Lease:
+    """Who acts on a run (``host:pid``) and until when (``time.time()`` seconds)."""
+
+    holder: str
+    expires: float
+
+    def live(self, now: float, holder_dead: Callable[[str], bool] = holder_is_dead) -> bool:
+        """Still binding: not expired, and the holder is not a known-dead local process."""
+        return self.expires > now and not holder_dead(self.holder)
+
+
+def may_take(current: Lease | None, claimant: str, now: float, *, steal: bool = False,
+             holder_dead: Callable[[str], bool] = holder_is_dead) -> bool:
+    """The lease rules: free, ours (renewal), stolen, expired, or its holder died here."""
+    if current is None or current.holder == claimant or steal:
+        return True
+    return not current.live(now, holder_dead)
+
+
 class Store:
     """One SQLite file (``<log_dir>/state.db``); every write is its own transaction."""
 
@@ -352,11 +372,11 @@ class Store:
         return runs[0]
 
     def resolve_run(self, run_id: str | None) -> RunRecord:
-        """A run by id, unique prefix, or the latest when None."""
+        """A run by exact id, unique prefix (literal, case-sensitive), or the latest when None."""
         if run_id is None:
             return self.latest_run()
-        rows = self.db.execute("SELECT * FROM runs WHERE run_id=? OR run_id LIKE ? "
-                               "ORDER BY run_id", (run_id, run_id + "%")).fetchall()
+        rows = self.db.execute("SELECT * FROM runs WHERE substr(run_id, 1, ?) = ? "
+                               "ORDER BY run_id", (len(run_id), run_id)).fetchall()
         exact = [r for r in rows if r["run_id"] == run_id]
         if exact:
             return self._run(exact[0])
@@ -364,8 +384,10 @@ class Store:
             return self._run(rows[0])
         if not rows:
             raise UsageError(f"no run {run_id!r} in {self.path}")
-        raise UsageError(f"run id {run_id!r} is ambiguous: "
-                         + ", ".join(r["run_id"] for r in rows[:5]))
+        shown = ", ".join(r["run_id"] for r in rows[:5])
+        more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
+        raise UsageError(f"run id {run_id!r} is ambiguous ({len(rows)} runs match): "
+                         f"{shown}{more}")
 
     @staticmethod
     def _run(row: sqlite3.Row) -> RunRecord:
@@ -375,26 +397,53 @@ class Store:
 
     # ------------------------------------------------------------------ lease
 
-    def acquire_lease(self, run_id: str, holder: str, ttl: float, *,
-                      steal: bool = False) -> str | None:
-        """Take the run's lease; returns None on success, else the current holder."""
-        now = time.time()
-        with self.tx() as db:
+    def lease(self, run_id: str) -> Lease | None:
+        """The run's lease as recorded (possibly expired), or None when nobody holds it."""
+        row = self._lease_row(self.db, run_id)
+        if row["lease_holder"] is None:
+            return None
+        return Lease(str(row["lease_holder"]), float(row["lease_expires"] or 0.0))
+
+    def _lease_row(self, db: sqlite3.Connection, run_id: str) -> sqlite3.Row:
+        try:
             row = db.execute("SELECT lease_holder, lease_expires FROM runs WHERE run_id=?",
                              (run_id,)).fetchone()
-            if row is None:
-                raise StateError(f"no run {run_id!r} in {self.path}")
-            current, expires = row["lease_holder"], row["lease_expires"]
-            live = expires is not None and expires > now and not holder_is_dead(str(current))
-            if current and current != holder and live and not steal:
-                return str(current)
-            db.execute("UPDATE runs SET lease_holder=?, lease_expires=? WHERE run_id=?",
-                       (holder, now + ttl, run_id))
+        except sqlite3.Error as exc:
+            raise StateError(f"{self.path}: cannot read the lease of {run_id}: {exc}") from None
+        if row is None:
+            raise StateError(f"no run {run_id!r} in {self.path}")
+        return row  # type: ignore[no-any-return]
+
+    def acquire_lease(self, run_id: str, holder: str, ttl: float, *, steal: bool = False,
+                      now: float | None = None) -> str | None:
+        """Take or renew the run's lease; returns None on success, else the live holder.
+
+        The rules are ``may_take``'s. A renewal is the same call by the holder: it fails
+        (returns the new holder) once another coordinator took an expired lease over.
+        """
+        at = time.time() if now is None else now
+        try:
+            with self.tx() as db:
+                row = self._lease_row(db, run_id)
+                current = None if row["lease_holder"] is None else \
+                    Lease(str(row["lease_holder"]), float(row["lease_expires"] or 0.0))
+                if current is not None and not may_take(current, holder, at, steal=steal):
+                    return current.holder
+                db.execute("UPDATE runs SET lease_holder=?, lease_expires=? WHERE run_id=?",
+                           (holder, at + ttl, run_id))
+        except sqlite3.Error as exc:
+            raise StateError(f"{self.path}: cannot take the lease of {run_id}: {exc}") from None
         return None
 
-    def release_lease(self, run_id: str, holder: str) -> None:
-        self.db.execute("UPDATE runs SET lease_holder=NULL, lease_expires=NULL "
-                        "WHERE run_id=? AND lease_holder=?", (run_id, holder))
+    def release_lease(self, run_id: str, holder: str) -> bool:
+        """Give the lease up; only its holder can. Returns True when it was ours."""
+        try:
+            cur = self.db.execute("UPDATE runs SET lease_holder=NULL, lease_expires=NULL "
+                                  "WHERE run_id=? AND lease_holder=?", (run_id, holder))
+        except sqlite3.Error as exc:
+            raise StateError(f"{self.path}: cannot release the lease of {run_id}: "
+                             f"{exc}") from None
+        return cur.rowcount > 0
 
     # ------------------------------------------------------------------ instances
 
