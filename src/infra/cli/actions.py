@@ -19,7 +19,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 
 from infra.cli import views
 from infra.config import Cluster, ExperimentSpec
-from infra.errors import DeployRefused, InfraError, UsageError
+from infra.errors import DeployRefused, InfraError, TransportError, UsageError
 from infra.monitor.loop import Monitor, MonitorOutcome
 from infra.monitor.saved import SavedState
 from infra.placement import Condition, NodeCondition
@@ -124,6 +124,13 @@ def known_specs(cluster: Cluster) -> list[ExperimentSpec]:
         store.close()
 
 
+def _reason(result: object) -> str:
+    """An error's reason without the node name its message starts with."""
+    if isinstance(result, TransportError):
+        return result.reason
+    return result.one_line() if isinstance(result, InfraError) else str(result)
+
+
 def refused_error(what: str, refused: Mapping[str, DeployRefused], limit: int) -> InfraError:
     """One line naming each refused node and its deletion count, and how to go on."""
     return InfraError(f"{what} on " + "; ".join(
@@ -170,8 +177,8 @@ def do_deploy_all(c: Ctx, cluster: Cluster, *, dry_run: bool, delete: bool,
         raise refused_error("deploy refused", refused, cluster.deploy.max_deletes)
     failed = [n for n, r in results.items() if not isinstance(r, DeployResult)]
     if failed:
-        raise InfraError(f"deploy failed on {', '.join(failed)}: "
-                         + "; ".join(f"{n}: {results[n]}" for n in failed))
+        raise InfraError(f"deploy failed on {', '.join(failed)}: " + "; ".join(
+            f"{n}: {_reason(results[n])}" for n in failed))
 
 
 # --------------------------------------------------------------------------- run

@@ -152,9 +152,18 @@ STORED_RUNS_PROTECTED = 200
 
 
 def stored_specs(store: Store, runs: int = STORED_RUNS_PROTECTED) -> list[ExperimentSpec]:
-    """The specs of the store's recent runs: their outputs may still sit on the nodes."""
-    return [spec_from_document(r.spec) for run in store.runs(runs)
-            for r in store.instances(run.run_id)]
+    """The specs of the store's recent runs: their outputs may still sit on the nodes.
+
+    (A record whose spec cannot be decoded is left out rather than stopping every deploy.)
+    """
+    specs: list[ExperimentSpec] = []
+    for run in store.runs(runs):
+        for rec in store.instances(run.run_id):
+            try:
+                specs.append(spec_from_document(rec.spec))
+            except (KeyError, ValueError, TypeError):
+                continue
+    return specs
 
 
 def deploy_protect(cluster: Cluster, specs: Iterable[ExperimentSpec]) -> tuple[str, ...]:
