@@ -173,12 +173,15 @@ def do_deploy_all(c: Ctx, cluster: Cluster, *, dry_run: bool, delete: bool,
         if dry_run:
             c.console.print(views.deletions_text(results, max_deletes), end="", soft_wrap=True)
     refused = {n: r for n, r in results.items() if isinstance(r, DeployRefused)}
+    failed = [n for n, r in results.items()
+              if not isinstance(r, DeployResult) and n not in refused]
+    problems = [f"deploy failed on {', '.join(failed)}: " + "; ".join(
+        f"{n}: {_reason(results[n])}" for n in failed)] if failed else []
     if refused:
-        raise refused_error("deploy refused", refused, cluster.deploy.max_deletes)
-    failed = [n for n, r in results.items() if not isinstance(r, DeployResult)]
-    if failed:
-        raise InfraError(f"deploy failed on {', '.join(failed)}: " + "; ".join(
-            f"{n}: {_reason(results[n])}" for n in failed))
+        problems.append(str(refused_error("deploy refused", refused,
+                                          cluster.deploy.max_deletes)))
+    if problems:
+        raise InfraError("; ".join(problems))
 
 
 # --------------------------------------------------------------------------- run
