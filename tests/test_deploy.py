@@ -19,6 +19,7 @@ import pytest
 from infra.config.model import HealthCheckSection, NodeConfig
 from infra.errors import DeployError, InfraError
 from infra.runner.deploy import (
+    BUILTIN_PROTECT,
     DEFAULT_EXCLUDES,
     DeployResult,
     build_rsync_command,
@@ -102,7 +103,9 @@ def test_excludes_order_and_flags() -> None:
     assert argv[:4] == ["rsync", "-az", "--stats", "--itemize-changes"]
     assert "--delete" in argv and "--dry-run" in argv
     rules = [a for a in argv if a.startswith(("--exclude=", "--filter="))]
-    assert rules == [*(f"--exclude={p}" for p in DEFAULT_EXCLUDES),
+    # Protect rules come first: rsync takes the first rule that matches.
+    assert rules == [*(f"--filter=P {p}" for p in BUILTIN_PROTECT),
+                     *(f"--exclude={p}" for p in DEFAULT_EXCLUDES),
                      "--exclude=data/", "--exclude=*.ckpt", "--filter=:- .gitignore"]
     assert argv[-2:] == ["/src/tree/", "lab@127.0.0.21:lab-orchestrator/"]
     assert "--mkpath" in argv

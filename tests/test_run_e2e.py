@@ -68,7 +68,9 @@ def project(ssh_fleet: SSHFleet, tmp_path: Path) -> Iterator[Path]:
               "health_check": {"known_hosts": str(ssh_fleet.known_hosts),
                                "timeout_seconds": 10, "keepalive_seconds": 2,
                                "keepalive_count_max": 2},
-              "failover": {"auto_restart": False}}
+              "failover": {"auto_restart": False},
+              # explicit: in-process sessions (cwd: the repo) deploy this tree, not the repo
+              "deploy": {"source": "."}}
     (root / "cluster_config.yaml").write_text(yaml.safe_dump(config))
     yield root
     for h in ssh_fleet.hosts:  # stop anything a failed test left running

@@ -96,3 +96,18 @@ class CapacityRefusedError(CommandFailedError):
 
 class StaleCopyError(CommandFailedError):
     """An earlier placement of the instance still runs on the node; stop it first."""
+
+
+class DeployRefused(DeployError):
+    """A ``--delete`` deploy would remove more files on a node than ``deploy.max_deletes``.
+
+    Raised before anything on the node changed; ``paths`` are the first paths it would delete.
+    """
+
+    def __init__(self, node: str, count: int, limit: int, paths: tuple[str, ...] = ()) -> None:
+        self.count = count
+        self.limit = limit
+        self.paths = paths
+        super().__init__(node, f"deploy would delete {count} files or directories (more than "
+                               f"deploy.max_deletes {limit}); nothing was changed: list them with "
+                               "--deploy-all --dry-run, then rerun with --yes to allow it")

@@ -10,7 +10,7 @@ import asyncio
 import dataclasses
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, TypeVar
 
 from rich.markup import escape
@@ -18,7 +18,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 
 from infra.cli import views
 from infra.config import Cluster, ExperimentSpec
-from infra.errors import InfraError, UsageError
+from infra.errors import DeployRefused, InfraError, TransportError, UsageError
 from infra.monitor.loop import Monitor, MonitorOutcome
 from infra.monitor.saved import SavedState
 from infra.placement import Condition, NodeCondition
@@ -26,7 +26,11 @@ from infra.probe.health import NodeHealth, NodeStatus
 from infra.probe.run import check_health
 from infra.runner.claims import claims_of, occupied_work
 from infra.runner.deploy import DeployResult, deploy_all
-from infra.runner.lifecycle import RunSession
+from infra.runner.lifecycle import (
+    RunSession,
+    deploy_protect,
+    stored_specs,
+)
 from infra.runner.logread import show_log
 from infra.runner.nodeops import admin_conditions, merge_conditions
 from infra.runner.results import ResultsFetch
@@ -108,12 +112,42 @@ def do_health_check(c: Ctx, cluster: Cluster, accept_new: bool) -> None:
 
 # --------------------------------------------------------------------------- deploy
 
+def known_specs(cluster: Cluster) -> list[ExperimentSpec]:
+    """Specs of the runs in the state store, if it exists: their outputs stay on nodes."""
+    db = cluster.log_dir / "state.db"
+    if not db.exists():
+        return []
+    store = Store(db)
+    try:
+        return stored_specs(store)
+    finally:
+        store.close()
+
+
+def _reason(result: object) -> str:
+    """An error's reason without the node name its message starts with."""
+    if isinstance(result, TransportError):
+        return result.reason
+    return result.one_line() if isinstance(result, InfraError) else str(result)
+
+
+def refused_error(what: str, refused: Mapping[str, DeployRefused], limit: int) -> InfraError:
+    """One line naming each refused node and its deletion count, and how to go on."""
+    return InfraError(f"{what} on " + "; ".join(
+        f"{n}: would delete {r.count} files or directories" for n, r in sorted(refused.items()))
+        + f" (more than deploy.max_deletes {limit}); nothing was changed there: list them with "
+        "--deploy-all --dry-run, then rerun with --yes")
+
+
 def do_deploy_all(c: Ctx, cluster: Cluster, *, dry_run: bool, delete: bool,
-                  accept_new: bool) -> None:
+                  accept_new: bool, specs: tuple[ExperimentSpec, ...] = ()) -> None:
     cluster = with_accept_new(cluster, accept_new)
     nodes = [n for n in cluster.nodes if n.enabled]
     if not nodes:
         raise UsageError(f"{cluster.path}: no node is enabled")
+    source = cluster.deploy_source  # checked before any node is touched
+    protect = deploy_protect(cluster, [*specs, *known_specs(cluster)])
+    max_deletes = None if c.yes else cluster.deploy.max_deletes
     progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                         TimeElapsedColumn(), console=c.err, transient=True,
                         disable=c.json_out)
@@ -124,21 +158,30 @@ def do_deploy_all(c: Ctx, cluster: Cluster, *, dry_run: bool, delete: bool,
                         completed=1 if what in ("done", "failed") else 0)
 
     async def go() -> dict[str, DeployResult | InfraError]:
-        return await deploy_all(nodes, cluster.health_check, cluster.deploy_source,
+        return await deploy_all(nodes, cluster.health_check, source,
                                 excludes=cluster.deploy.exclude, delete=delete,
-                                dry_run=dry_run, on_progress=on_progress)
+                                dry_run=dry_run, on_progress=on_progress, protect=protect,
+                                max_deletes=max_deletes)
 
     with progress:
         results = run_async(go)
     if c.json_out:
-        c.emit_json({"source": str(cluster.deploy_source), "dry_run": dry_run,
-                     "nodes": {n: views.deploy_json(r) for n, r in results.items()}})
+        c.emit_json({"source": str(source), "dry_run": dry_run, "max_deletes": max_deletes,
+                     "nodes": {n: views.deploy_json(r, max_deletes) for n, r in results.items()}})
     else:
-        c.console.print(views.deploy_table(results, dry_run=dry_run))
-    failed = [n for n, r in results.items() if not isinstance(r, DeployResult)]
-    if failed:
-        raise InfraError(f"deploy failed on {', '.join(failed)}: "
-                         + "; ".join(f"{n}: {results[n]}" for n in failed))
+        c.console.print(views.deploy_table(results, dry_run=dry_run, max_deletes=max_deletes))
+        if dry_run:
+            c.console.print(views.deletions_text(results, max_deletes), end="", soft_wrap=True)
+    refused = {n: r for n, r in results.items() if isinstance(r, DeployRefused)}
+    failed = [n for n, r in results.items()
+              if not isinstance(r, DeployResult) and n not in refused]
+    problems = [f"deploy failed on {', '.join(failed)}: " + "; ".join(
+        f"{n}: {_reason(results[n])}" for n in failed)] if failed else []
+    if refused:
+        problems.append(str(refused_error("deploy refused", refused,
+                                          cluster.deploy.max_deletes)))
+    if problems:
+        raise InfraError("; ".join(problems))
 
 
 # --------------------------------------------------------------------------- run
@@ -172,13 +215,15 @@ def do_run(c: Ctx, cluster: Cluster, specs: tuple[ExperimentSpec, ...], *,
     from infra.cli.main import make_plan, plan_failure
 
     cluster = with_accept_new(cluster, accept_new)
+    _ = cluster.deploy_source  # a bad deploy source fails here, before any node is touched
     store = Store.for_log_dir(cluster.log_dir)
     saved = SavedState(cluster.log_dir)
     holder: dict[str, str] = {}
 
     async def go() -> bool:
         async with ConnectionPool(cluster) as pool:
-            session = RunSession(cluster, store, pool, emit=_printer(c, saved))
+            session = RunSession(cluster, store, pool, emit=_printer(c, saved),
+                                 confirm_deletes=c.yes)
             health = await probe_nodes(cluster, pool)
             for name, h in health.items():
                 if not h.reachable:
@@ -203,6 +248,10 @@ def do_run(c: Ctx, cluster: Cluster, specs: tuple[ExperimentSpec, ...], *,
             store.acquire_lease(run_id, coordinator_id(), 120.0)
             session.emit("run", run_id, f"run {run_id}: {len(result.placements)} instance(s)")
             await session.launch(run_id)
+            if session.refusals:
+                store.release_lease(run_id, coordinator_id())
+                raise refused_error(f"run {run_id} not started: deploy refused",
+                                    session.refusals, cluster.deploy.max_deletes)
             if monitor_duration is not None and monitor_duration <= 0:
                 store.release_lease(run_id, coordinator_id())
                 return False
@@ -261,7 +310,8 @@ def do_watch(c: Ctx, run_id: str | None, duration: float | None) -> None:
     async def go() -> bool:
         async with ConnectionPool(cluster) as pool:
             session = RunSession(cluster, store, pool,
-                                 emit=_printer(c, saved, quiet=not c.json_out))
+                                 emit=_printer(c, saved, quiet=not c.json_out),
+                                 confirm_deletes=c.yes)
             outcome = await _watch(c, session, run.run_id, duration, saved)
             return outcome.finished
 

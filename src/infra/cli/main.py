@@ -44,6 +44,7 @@ class Ctx:
     cluster_config: str
     json_out: bool = False
     accept_new: bool = False  # --accept-new-host-keys: record first-contact host keys
+    yes: bool = False  # --yes: deploys may delete more than deploy.max_deletes files
     console: Console = field(default_factory=lambda: Console(highlight=False))
     err: Console = field(default_factory=lambda: Console(stderr=True, highlight=False))
     _cluster: Cluster | None = None
@@ -177,17 +178,19 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 
               help="Deploy: remove files on nodes that are gone locally.")
 @click.option("--accept-new-host-keys", is_flag=True,
               help="Trust and record host keys of nodes seen for the first time.")
+@click.option("--yes", is_flag=True,
+              help="Deploy even when it deletes more than deploy.max_deletes files on a node.")
 @click.version_option(package_name="lab-orchestrator", prog_name="cluster-experiment")
 @click.pass_context
 def cli(ctx: click.Context, cluster_config: str | None, validate_config: bool,
         health_check: bool, deploy_all: bool, configs: tuple[str, ...], placement: str | None,
         auto_place: bool, force: bool, dry_run: bool, explain: bool, json_out: bool,
         monitor_duration: float | None, delete: bool, accept_new_host_keys: bool,
-        strategy: str | None = None) -> None:
+        yes: bool = False, strategy: str | None = None) -> None:
     """Place, run and watch lab experiments on a small cluster over SSH."""
     if ctx.invoked_subcommand is not None:
         ctx.obj = Ctx(find_cluster_config(cluster_config), json_out=json_out,
-                      accept_new=accept_new_host_keys)
+                      accept_new=accept_new_host_keys, yes=yes)
         return
     if (placement or auto_place) and not configs:
         raise UsageError("--placement/--auto-place need experiment specs: add --config SPEC")
@@ -195,7 +198,7 @@ def cli(ctx: click.Context, cluster_config: str | None, validate_config: bool,
         click.echo(ctx.get_help())
         return
     c = Ctx(find_cluster_config(cluster_config), json_out=json_out,
-            accept_new=accept_new_host_keys)
+            accept_new=accept_new_host_keys, yes=yes)
     ctx.obj = c
     cluster = c.cluster
     if strategy is not None:  # the cluster object carries it to every plan() of this command
@@ -214,7 +217,7 @@ def cli(ctx: click.Context, cluster_config: str | None, validate_config: bool,
     if deploy_all:
         from infra.cli.actions import do_deploy_all
         do_deploy_all(c, cluster, dry_run=dry_run, delete=delete,
-                      accept_new=accept_new_host_keys)
+                      accept_new=accept_new_host_keys, specs=specs)
     if specs and not validate_config:
         if dry_run:
             result, _placed = make_plan(cluster, specs, placement, auto_place, force,

@@ -17,7 +17,7 @@ from rich.text import Text
 
 from infra.config.model import Cluster, ExperimentSpec
 from infra.dashboard.render import format_duration
-from infra.errors import InfraError
+from infra.errors import DeployRefused, InfraError
 from infra.placement import NodeEvaluation, Plan, ScorePart, why_not
 from infra.probe.health import NodeHealth
 from infra.runner.deploy import DeployResult
@@ -213,13 +213,18 @@ def health_json(h: NodeHealth) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- deploy
 
-def deploy_table(results: Mapping[str, DeployResult | InfraError], *, dry_run: bool) -> Table:
+def deploy_table(results: Mapping[str, DeployResult | InfraError], *, dry_run: bool,
+                 max_deletes: int | None = None) -> Table:
     table = Table(title="Deploy" + (" (dry run: nothing changed)" if dry_run else ""),
                   title_justify="left")
     for col in ("node", "result", "files sent", "bytes sent", "files in tree", "detail"):
         table.add_column(col)
     for node, r in results.items():
-        if isinstance(r, InfraError):
+        if isinstance(r, DeployRefused):
+            table.add_row(node, "[red]refused[/]", "", "", "",
+                          f"would delete {r.count} (> deploy.max_deletes {r.limit}); "
+                          "nothing changed")
+        elif isinstance(r, InfraError):
             table.add_row(node, "[red]failed[/]", "", "", "", r.one_line())
         elif r.skipped or r.stats is None:
             table.add_row(node, "skipped", "", "", "", r.reason)
@@ -227,19 +232,47 @@ def deploy_table(results: Mapping[str, DeployResult | InfraError], *, dry_run: b
             s = r.stats
             changed = ", ".join(list(s.changed[:5]) + ([f"+{len(s.changed) - 5} more"]
                                                       if len(s.changed) > 5 else []))
-            deleted = f"; deleted {len(s.deleted)}" if s.deleted else ""
+            deleted = f"; {'would delete' if dry_run else 'deleted'} {len(s.deleted)}" \
+                if s.deleted else ""
+            if dry_run and over_limit(r, max_deletes):
+                deleted += f" (> deploy.max_deletes {max_deletes}: needs --yes)"
             table.add_row(node, "[green]would change[/]" if dry_run else "[green]ok[/]",
                           str(s.files_transferred), str(s.bytes_sent), str(s.total_files),
                           (changed or "no changes") + deleted)
     return table
 
 
-def deploy_json(r: DeployResult | InfraError) -> dict[str, Any]:
+def over_limit(r: DeployResult, max_deletes: int | None) -> bool:
+    """A dry run's deletions that a real deploy would refuse without --yes."""
+    return (max_deletes is not None and r.stats is not None
+            and len(r.stats.deleted) > max_deletes)
+
+
+def deletions_text(results: Mapping[str, DeployResult | InfraError],
+                   max_deletes: int | None) -> Text:
+    """A dry run's full list of what ``--delete`` would remove, per node (plain text)."""
+    text = Text()
+    for node, r in results.items():
+        if isinstance(r, DeployResult) and r.stats is not None and r.stats.deleted:
+            note = " (over deploy.max_deletes: a deploy needs --yes)" \
+                if over_limit(r, max_deletes) else ""
+            text.append(f"{node}: would delete {len(r.stats.deleted)}{note}:\n")
+            for path in r.stats.deleted:
+                text.append(f"  {path}\n")
+    return text
+
+
+def deploy_json(r: DeployResult | InfraError, max_deletes: int | None = None) -> dict[str, Any]:
+    if isinstance(r, DeployRefused):
+        return {"ok": False, "error": r.one_line(), "refused": True,
+                "would_delete": r.count, "deleted": list(r.paths)}
     if isinstance(r, InfraError):
         return {"ok": False, "error": r.one_line()}
     doc: dict[str, Any] = {"ok": True, "skipped": r.skipped, "reason": r.reason}
     if r.stats is not None:
         doc.update(dataclasses.asdict(r.stats))
+        if r.reason == "dry run":
+            doc["needs_yes"] = over_limit(r, max_deletes)
     return doc
 
 

@@ -12,9 +12,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from infra.config.project import resolve_deploy_source
+
 LOCAL_HOSTS = frozenset({"localhost", "local"})
 # What every node runs unless it says otherwise: processes started on the host by the supervisor.
 DEFAULT_RUNTIME_DRIVERS = ("host_local",)
+DEFAULT_MAX_DELETES = 50
+"""A ``--delete`` deploy removing more files or directories than this on a node needs --yes."""
 
 
 class NodeType(str, enum.Enum):
@@ -382,10 +386,16 @@ class PlacementSection:
 
 @dataclass(frozen=True)
 class DeploySection:
-    """What ``--deploy-all`` copies: the source tree and extra exclude rules."""
+    """What deploys copy (source, excludes) and what they must never delete on a node.
+
+    ``protect`` are rsync patterns kept from ``--delete``; a ``--delete`` deploy that would
+    remove more than ``max_deletes`` files or directories on a node is refused unless confirmed.
+    """
 
     source: str | None = None
     exclude: tuple[str, ...] = ()
+    protect: tuple[str, ...] = ()
+    max_deletes: int = DEFAULT_MAX_DELETES
 
 
 @dataclass(frozen=True)
@@ -419,15 +429,16 @@ class Cluster:
 
     @property
     def root(self) -> Path:
-        """Directory holding the config: the project tree that gets deployed."""
+        """Directory holding the config: relative paths in it are relative to this."""
         return self.path.parent
 
     @property
     def deploy_source(self) -> Path:
-        if self.deploy.source is None:
-            return self.root
-        src = Path(self.deploy.source).expanduser()
-        return src if src.is_absolute() else (self.root / src)
+        """The project tree deploys copy: ``deploy.source``, else the current directory
+        (its git top-level inside a git work tree); raises ``ConfigError`` for a source that
+        is missing, too broad (home, root) or, by default, not a project
+        (``infra.config.project``)."""
+        return resolve_deploy_source(self.path, self.deploy.source, Path.cwd())
 
     @property
     def log_dir(self) -> Path:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from infra.config.model import (
+    DEFAULT_MAX_DELETES,
     DEFAULT_RUNTIME_DRIVERS,
     LOCAL_HOSTS,
     Cluster,
@@ -285,6 +286,13 @@ def _placement(s: Section, nodes: tuple[NodeConfig, ...]) -> PlacementSection:
 
 
 def _deploy(s: Section) -> DeploySection:
-    out = DeploySection(source=s.string("source", None), exclude=s.string_list("exclude", ()))
+    protect = s.string_list("protect", ())
+    for i, pattern in enumerate(protect):
+        if any(ch in pattern for ch in "\n\r\0"):
+            raise ConfigError(s.file, f"{s.key('protect')}[{i}]",
+                              "an rsync pattern must be on one line")
+    out = DeploySection(source=s.string("source", None), exclude=s.string_list("exclude", ()),
+                        protect=protect,
+                        max_deletes=s.integer("max_deletes", DEFAULT_MAX_DELETES, minimum=0))
     s.finish()
     return out

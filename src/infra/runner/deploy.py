@@ -5,6 +5,13 @@ its command line from the same ``NodeConfig``/``HealthCheckSection`` settings th
 transport uses, runs it without a shell, parses ``--stats``/``--itemize-changes`` into a
 ``DeployStats`` and turns rsync/ssh failures into ``DeployError`` with a readable reason.
 
+Never destroying outputs: with ``--delete``, rsync protect rules (``--filter=P PATTERN``,
+first in the rule list) keep ``BUILTIN_PROTECT`` paths, the caller's ``protect`` patterns
+(``deploy.protect`` and the specs' ``results`` globs, see ``results_protect_patterns``) on
+the node. With ``max_deletes`` set, a dry-run check pass counts what ``--delete`` would remove
+first: more than the limit raises ``DeployRefused`` with the node untouched; nothing to send
+or delete skips the real pass; otherwise the real pass runs under ``--max-delete``.
+
 Skipping unchanged deploys: ``source_fingerprint`` is a cheap hash of the tree's paths, sizes
 and mtimes. The caller keeps the fingerprint of the last successful deploy per node (it is
 returned in ``DeployResult.fingerprint``) and passes it back as ``last_fingerprint``; when the
@@ -30,12 +37,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from infra.config.model import HealthCheckSection, NodeConfig
-from infra.errors import DeployError, InfraError
+from infra.errors import DeployError, DeployRefused, InfraError
 
 DEFAULT_EXCLUDES: tuple[str, ...] = (
     ".git/", "__pycache__/", "*.pyc", "/logs/", ".infra/", ".venv/",
 )
 """Never deployed: VCS data, bytecode, the coordinator's logs and state, virtualenvs."""
+
+BUILTIN_PROTECT: tuple[str, ...] = ("logs/", ".infra/")
+"""Never deleted on a node, at any depth: experiment logs and the supervisor's files
+(which hold the default ``$INFRA_RESULTS_DIR`` of every instance)."""
 
 GITIGNORE_FILTER = "--filter=:- .gitignore"
 """Per-directory merge of ``.gitignore`` files as exclude rules (``!`` negations unsupported)."""
@@ -170,20 +181,52 @@ def local_work_dir(node: NodeConfig) -> Path:
     return path.resolve()
 
 
+def protect_filter(node: str, pattern: str) -> str:
+    """One rsync protect rule as a single argv word: matches are never deleted by --delete.
+
+    (``P`` rules act on the receiving side only, so they never change what is sent.) The
+    argv reaches rsync without a shell; rsync reads the rest of the word as the pattern.
+    """
+    if not pattern.strip() or any(ch in pattern for ch in "\n\r\0"):
+        raise DeployError(node, f"invalid protect pattern {pattern!r}")
+    return f"--filter=P {pattern}"
+
+
+def results_protect_patterns(workdir: str | None, results: Sequence[str]) -> tuple[str, ...]:
+    """Protect patterns for a spec's ``results`` globs, anchored at the work dir.
+
+    Each glob is relative to the instance's cwd (``workdir`` inside the work dir); the second
+    pattern keeps everything inside a matching directory too.
+    """
+    out: list[str] = []
+    for glob in results:
+        rel = posixpath.normpath(posixpath.join(workdir or "", glob.strip("/")))
+        if rel in (".", "") or rel.startswith("../"):
+            continue
+        out += [f"/{rel}", f"/{rel}/**"]
+    return tuple(out)
+
+
 def build_rsync_command(node: NodeConfig, health: HealthCheckSection, source: Path, *,
                         excludes: Sequence[str], delete: bool = True, dry_run: bool = False,
-                        rsync_version: tuple[int, ...] | None = None) -> list[str]:
+                        rsync_version: tuple[int, ...] | None = None,
+                        protect: Sequence[str] = (), max_delete: int | None = None) -> list[str]:
     """The rsync argv that copies ``source``'s contents into the node's work dir (pure).
 
     ``rsync_version`` is the local rsync's version (None: assume a current one); it decides
     between ``--mkpath`` and a ``mkdir -p`` prefix on the remote rsync command, and whether
     paths need ``--protect-args``. Local nodes get a plain local rsync (the caller creates the
-    target dir). Raises ``DeployError`` for a work dir that is the home or root directory.
+    target dir). With ``delete``, ``BUILTIN_PROTECT`` and ``protect`` patterns come first
+    (rsync takes the first matching rule) and ``max_delete`` caps deletions. Raises
+    ``DeployError`` for a work dir that is the home or root directory.
     """
     version = rsync_version or (99,)
     cmd = ["rsync", "-az", "--stats", "--itemize-changes"]
     if delete:
         cmd.append("--delete")
+        if max_delete is not None:
+            cmd.append(f"--max-delete={max_delete}")
+        cmd += [protect_filter(node.name, p) for p in (*BUILTIN_PROTECT, *protect)]
     if dry_run:
         cmd.append("--dry-run")
     for pattern in (*DEFAULT_EXCLUDES, *excludes):
@@ -214,6 +257,7 @@ _STAT_PATTERNS = {
 }
 _ITEM = re.compile(r"^([<>ch.])([fdLDS])([^ ]{7,9}) (.+)$")
 _DELETING = re.compile(r"^\*deleting +(.+)$")
+_NOT_EMPTY = re.compile(r"^cannot delete non-empty directory: (.+)$", re.M)
 
 
 def _number(text: str) -> int:
@@ -228,10 +272,13 @@ def parse_rsync_stats(output: str) -> DeployStats:
         values[key] = _number(match.group(1)) if match else 0
     changed: list[str] = []
     deleted: list[str] = []
+    # A directory kept for its protected contents: a dry run still lists it as deleted.
+    kept = {m.rstrip("/") + "/" for m in _NOT_EMPTY.findall(output)}
     for line in output.splitlines():
         gone = _DELETING.match(line)
         if gone:
-            deleted.append(gone.group(1))
+            if gone.group(1) not in kept:
+                deleted.append(gone.group(1))
             continue
         item = _ITEM.match(line)
         if not item:
@@ -408,9 +455,54 @@ def _local_target(node: NodeConfig, source: Path) -> tuple[Path, str | None]:
     return target, None
 
 
-async def _deploy(node: NodeConfig, health: HealthCheckSection, source: Path, *,
-                  excludes: Sequence[str], delete: bool, dry_run: bool,
-                  fingerprint: str | None, last_fingerprint: str | None) -> DeployResult:
+@dataclass(frozen=True)
+class _Options:
+    """What one deploy asks of rsync, shared by its check pass and its real pass."""
+
+    excludes: tuple[str, ...]
+    protect: tuple[str, ...]
+    delete: bool
+    max_deletes: int | None
+
+
+async def _rsync_pass(node: NodeConfig, health: HealthCheckSection, source: Path,
+                      opts: _Options, *, dry_run: bool) -> str:
+    """Run one rsync pass and return its stdout; rsync failures become ``DeployError``."""
+    try:
+        version = await local_rsync_version()
+    except FileNotFoundError:
+        raise DeployError(node.name, "rsync is not installed on the coordinator") from None
+
+    def argv(rsync_version: tuple[int, ...]) -> list[str]:
+        return build_rsync_command(node, health, source, excludes=opts.excludes,
+                                   delete=opts.delete, dry_run=dry_run,
+                                   rsync_version=rsync_version, protect=opts.protect,
+                                   max_delete=None if dry_run else opts.max_deletes)
+
+    rc, out, err = await _run_rsync(node, argv(version))
+    if rc != 0 and not node.is_local and _MKPATH_UNKNOWN.search(err):
+        # Our rsync has --mkpath, the node's does not: create the dir with a mkdir prefix.
+        rc, out, err = await _run_rsync(node, argv((3, 2, 2)))
+    if rc == 25:  # --max-delete reached: deletions appeared after the check pass
+        raise DeployError(node.name, f"stopped deleting at deploy.max_deletes "
+                                     f"({opts.max_deletes}): more files to delete appeared "
+                                     "since the check; rerun to see them")
+    if rc not in (0, 24):  # 24: some source files vanished mid-transfer; the rest arrived
+        raise DeployError(node.name, rsync_failure_reason(err, rc))
+    return out
+
+
+def nothing_to_change(stats: DeployStats) -> bool:
+    """True when a dry run found nothing to send and nothing to delete.
+
+    (Directories whose only change is a timestamp do not count, as in ``DeployStats``.)
+    """
+    return not stats.changed and not stats.deleted and stats.files_transferred == 0
+
+
+async def _deploy(node: NodeConfig, health: HealthCheckSection, source: Path, opts: _Options,
+                  *, dry_run: bool, fingerprint: str | None,
+                  last_fingerprint: str | None) -> DeployResult:
     if not source.is_dir():
         raise DeployError(node.name, f"source {source} is not a directory")
     if node.is_local:
@@ -424,37 +516,37 @@ async def _deploy(node: NodeConfig, health: HealthCheckSection, source: Path, *,
         return DeployResult(node.name, None, skipped=True,
                             reason="source unchanged since the last deploy",
                             fingerprint=fingerprint)
-    try:
-        version = await local_rsync_version()
-    except FileNotFoundError:
-        raise DeployError(node.name, "rsync is not installed on the coordinator") from None
-    argv = build_rsync_command(node, health, source, excludes=excludes, delete=delete,
-                               dry_run=dry_run, rsync_version=version)
-    rc, out, err = await _run_rsync(node, argv)
-    if rc != 0 and not node.is_local and _MKPATH_UNKNOWN.search(err):
-        # Our rsync has --mkpath, the node's does not: create the dir with a mkdir prefix.
-        argv = build_rsync_command(node, health, source, excludes=excludes, delete=delete,
-                                   dry_run=dry_run, rsync_version=(3, 2, 2))
-        rc, out, err = await _run_rsync(node, argv)
-    if rc not in (0, 24):  # 24: some source files vanished mid-transfer; the rest arrived
-        raise DeployError(node.name, rsync_failure_reason(err, rc))
-    return DeployResult(node.name, parse_rsync_stats(out), skipped=False,
-                        reason="dry run" if dry_run else "",
-                        fingerprint=None if dry_run else fingerprint)
+    if dry_run:
+        stats = parse_rsync_stats(await _rsync_pass(node, health, source, opts, dry_run=True))
+        return DeployResult(node.name, stats, reason="dry run")
+    if opts.delete and opts.max_deletes is not None:
+        # Check pass: count what --delete would remove before anything changes on the node.
+        check = parse_rsync_stats(await _rsync_pass(node, health, source, opts, dry_run=True))
+        if len(check.deleted) > opts.max_deletes:
+            raise DeployRefused(node.name, len(check.deleted), opts.max_deletes,
+                                check.deleted[:20])
+        if nothing_to_change(check):  # the real pass would be a no-op: spare the round
+            return DeployResult(node.name, check, fingerprint=fingerprint)
+    stats = parse_rsync_stats(await _rsync_pass(node, health, source, opts, dry_run=False))
+    return DeployResult(node.name, stats, fingerprint=fingerprint)
 
 
 async def deploy_node(node: NodeConfig, health: HealthCheckSection, source: Path, *,
                       excludes: Sequence[str], delete: bool = True, dry_run: bool = False,
-                      last_fingerprint: str | None = None) -> DeployResult:
+                      last_fingerprint: str | None = None, protect: Sequence[str] = (),
+                      max_deletes: int | None = None) -> DeployResult:
     """rsync ``source`` into one node's work dir; raises ``DeployError`` with a clear reason.
 
     A local node whose work dir is the source tree is skipped; with ``last_fingerprint``
     equal to the tree's current fingerprint the deploy is skipped without contacting the node.
+    ``protect`` patterns (besides ``BUILTIN_PROTECT``) are never deleted; with ``delete`` and
+    ``max_deletes`` set, a dry run first counts the deletions and more than ``max_deletes``
+    raise ``DeployRefused`` with the node untouched (None: no limit, one rsync pass).
     """
     fingerprint = await asyncio.to_thread(source_fingerprint, source, excludes) \
         if source.is_dir() else None
-    return await _deploy(node, health, source, excludes=excludes, delete=delete,
-                         dry_run=dry_run, fingerprint=fingerprint,
+    opts = _Options(tuple(excludes), tuple(protect), delete, max_deletes)
+    return await _deploy(node, health, source, opts, dry_run=dry_run, fingerprint=fingerprint,
                          last_fingerprint=last_fingerprint)
 
 
@@ -462,13 +554,15 @@ async def deploy_all(nodes: Sequence[NodeConfig], health: HealthCheckSection, so
                      excludes: Sequence[str], delete: bool = True, dry_run: bool = False,
                      on_progress: ProgressCallback | None = None,
                      last_fingerprints: Mapping[str, str] | None = None,
-                     max_parallel: int | None = None) -> dict[str, DeployResult | InfraError]:
+                     max_parallel: int | None = None, protect: Sequence[str] = (),
+                     max_deletes: int | None = None) -> dict[str, DeployResult | InfraError]:
     """Deploy to every node concurrently: node name -> result or the error for that node.
 
     One failing node never hides the others (Fabric's ``GroupResult``). ``on_progress`` is
     called with (node name, "started" | "done" | "failed") and must not raise.
     ``max_parallel`` bounds simultaneous rsync/ssh processes (default: one per node, at
     least 8, at most 32; a lab has few nodes and a second wave costs a full rsync round).
+    ``protect`` and ``max_deletes`` as for ``deploy_node``, per node.
     """
     fingerprint = await asyncio.to_thread(source_fingerprint, source, excludes) \
         if source.is_dir() else None
@@ -476,14 +570,15 @@ async def deploy_all(nodes: Sequence[NodeConfig], health: HealthCheckSection, so
         max_parallel = min(32, max(8, len(nodes)))
     limit = asyncio.Semaphore(max(1, max_parallel))
     last = last_fingerprints or {}
+    opts = _Options(tuple(excludes), tuple(protect), delete, max_deletes)
 
     async def one(node: NodeConfig) -> DeployResult | InfraError:
         async with limit:
             if on_progress:
                 on_progress(node.name, "started")
             try:
-                result = await _deploy(node, health, source, excludes=excludes, delete=delete,
-                                       dry_run=dry_run, fingerprint=fingerprint,
+                result = await _deploy(node, health, source, opts, dry_run=dry_run,
+                                       fingerprint=fingerprint,
                                        last_fingerprint=last.get(node.name))
             except InfraError as exc:
                 if on_progress:

@@ -25,9 +25,11 @@ from infra.config.model import (
 )
 from infra.errors import (
     CapacityRefusedError,
+    DeployRefused,
     InfraError,
     LeaseLostError,
     StaleCopyError,
+    StateError,
     TransportError,
     UsageError,
 )
@@ -35,7 +37,7 @@ from infra.placement import Condition, NodeCondition, Plan, plan, why_not
 from infra.placement.allocation import Allocation, allocation_env
 from infra.runner import results
 from infra.runner.claims import claim_request, claims_of, occupied_work
-from infra.runner.deploy import DeployResult, deploy_all
+from infra.runner.deploy import DeployResult, deploy_all, results_protect_patterns
 from infra.runner.results import ResultsFetch
 from infra.runner.supervisor_client import (
     InstanceState,
@@ -75,6 +77,32 @@ def occupied_by(records: Iterable[InstanceRecord]) -> list[tuple[ExperimentSpec,
     return [(r.spec, r.node, r.allocation) for r in records]
 
 
+STORED_RUNS_PROTECTED = 200
+"""How many recent runs of the store have their results globs protected from deploys."""
+
+
+def stored_specs(store: Store, runs: int = STORED_RUNS_PROTECTED) -> list[ExperimentSpec]:
+    """The specs of the store's recent runs: their outputs may still sit on the nodes.
+
+    (A run whose records cannot be decoded is left out rather than stopping every deploy.)
+    """
+    specs: list[ExperimentSpec] = []
+    for run in store.runs(runs):
+        try:
+            specs.extend(rec.spec for rec in store.instances(run.run_id))
+        except StateError:
+            continue
+    return specs
+
+
+def deploy_protect(cluster: Cluster, specs: Iterable[ExperimentSpec]) -> tuple[str, ...]:
+    """What a deploy must never delete: ``deploy.protect`` and the specs' ``results`` globs."""
+    patterns = list(cluster.deploy.protect)
+    for spec in specs:
+        patterns += results_protect_patterns(spec.workdir, spec.results)
+    return tuple(dict.fromkeys(patterns))
+
+
 def instance_cwd(node: NodeConfig, spec: ExperimentSpec) -> str:
     """Where the command runs on the node: the deployed tree, or ``workdir`` inside it."""
     base = node.remote_work_dir.rstrip("/") or "/"
@@ -96,6 +124,8 @@ class RunSession:
     clients: dict[str, SupervisorClient] = field(default_factory=dict)
     forced: set[str] = field(default_factory=set)  # instances pinned with --force
     renewed: dict[str, float] = field(default_factory=dict)  # node -> monotonic last renewal
+    confirm_deletes: bool = False  # --yes: deploys may delete past deploy.max_deletes
+    refusals: dict[str, DeployRefused] = field(default_factory=dict)
 
     def event(self, run_id: str | None, kind: str, subject: str, message: str) -> None:
         """Record an event durably, then show it."""
@@ -133,16 +163,31 @@ class RunSession:
         return run_id
 
     async def deploy_for_run(self, run_id: str, node_names: Iterable[str],
-                             only: str | None = None) -> set[str]:
-        """Deploy the tree to the nodes of a run; returns the nodes that failed."""
+                             only: str | None = None) -> dict[str, str]:
+        """Deploy the tree to the nodes of a run; returns why each failed node failed.
+
+        Results globs of every stored run are protected; a node where the deploy would
+        delete more than ``deploy.max_deletes`` is refused (kept in ``refusals``) unless
+        ``confirm_deletes``.
+        """
         nodes = [self.cluster.node(n) for n in sorted(set(node_names))]
         for rec in self.store.instances(run_id):
             if only is None and rec.state is InstancePhase.PLANNED:
                 self.store.update_instance(run_id, rec.instance_id,
                                            state=InstancePhase.DEPLOYING)
-        results = await deploy_all(nodes, self.cluster.health_check, self.cluster.deploy_source,
-                                   excludes=self.cluster.deploy.exclude, delete=True)
-        failed: set[str] = set()
+        try:
+            source = self.cluster.deploy_source
+        except InfraError as exc:
+            for node in nodes:
+                self.event(run_id, "deploy", node.name, f"deploy failed: {exc.one_line()}")
+            return {node.name: exc.one_line() for node in nodes}
+        deploy = self.cluster.deploy
+        results = await deploy_all(nodes, self.cluster.health_check, source,
+                                   excludes=deploy.exclude, delete=True,
+                                   protect=deploy_protect(self.cluster, stored_specs(self.store)),
+                                   max_deletes=None if self.confirm_deletes
+                                   else deploy.max_deletes)
+        failed: dict[str, str] = {}
         for name, res in results.items():
             if isinstance(res, DeployResult):
                 if res.skipped:
@@ -153,9 +198,12 @@ class RunSession:
                         if stats else "done"
                     self.event(run_id, "deploy", name, f"deployed ({sent})")
             else:
-                failed.add(name)
                 why = res.reason if isinstance(res, TransportError) else res.one_line()
-                self.event(run_id, "deploy", name, f"deploy failed: {why}")
+                failed[name] = why
+                if isinstance(res, DeployRefused):
+                    self.refusals[name] = res
+                self.event(run_id, "deploy", name, f"deploy "
+                           f"{'refused' if isinstance(res, DeployRefused) else 'failed'}: {why}")
         return failed
 
     def fenced(self, spec: ExperimentSpec) -> bool:
@@ -265,11 +313,22 @@ class RunSession:
         self.store.set_run_state(run_id, RunState.STARTING)
         records = self.store.instances(run_id)
         failed_nodes = await self.deploy_for_run(run_id, (r.node for r in records))
+        refused = sorted(n for n in failed_nodes if n in self.refusals)
+        if refused:  # the run refuses as a whole: nothing starts until deletions are confirmed
+            for rec in records:
+                why = (f"deploy to {rec.node} refused: {failed_nodes[rec.node]}"
+                       if rec.node in failed_nodes else
+                       f"not started: deploy refused on {', '.join(refused)}")
+                self.store.update_instance(run_id, rec.instance_id, state=InstancePhase.FAILED,
+                                           reason=why)
+            self.store.set_run_state(run_id, RunState.FAILED)
+            return
         starts = []
         for rec in records:
             if rec.node in failed_nodes:
                 self.store.update_instance(run_id, rec.instance_id, state=InstancePhase.FAILED,
-                                           reason=f"deploy to {rec.node} failed")
+                                           reason=f"deploy to {rec.node} failed: "
+                                                  f"{failed_nodes[rec.node]}")
                 continue
             starts.append(self.start_instance(run_id, rec))
         await asyncio.gather(*starts)
@@ -462,7 +521,8 @@ class RunSession:
         failed = await self.deploy_for_run(run_id, [moved.node], only=instance_id)
         if moved.node in failed:
             self.store.update_instance(run_id, instance_id, state=InstancePhase.PAUSED,
-                                       reason=f"{why}; deploy to {moved.node} failed")
+                                       reason=f"{why}; deploy to {moved.node} failed: "
+                                              f"{failed[moved.node]}")
             return False
         await self.start_instance(run_id, moved)
         return True
