@@ -114,7 +114,9 @@ class InstanceState:
     ``pid``/``started_at``/``exit_code``/``signal`` describe the latest attempt; ``alive``
     means that pid still runs with the start time we recorded (a reused pid is not ours);
     ``detached`` means the process runs but its supervisor is gone. ``already`` is set on
-    the result of a start that found the instance there before.
+    the result of a start that found the instance there before. ``disk_full`` is the
+    supervisor's "no space left on device (PATH: N bytes free)" while the disk the instance
+    writes to is full (None otherwise).
     """
 
     node: str
@@ -144,6 +146,7 @@ class InstanceState:
     cwd: str | None = None
     command: str | None = None
     already: bool = False
+    disk_full: str | None = None
 
     @property
     def is_final(self) -> bool:
@@ -174,6 +177,7 @@ class InstanceState:
             last_line=str(doc.get("last_line") or ""), log_path=_opt_str(doc.get("log_path")),
             results_dir=_opt_str(doc.get("results_dir")), cwd=_opt_str(doc.get("cwd")),
             command=_opt_str(doc.get("command")), already=bool(doc.get("already")),
+            disk_full=_opt_str(doc.get("disk_full")) or None,
         )
 
 
