@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from infra.config.model import NodeConfig
+from infra.errors import CommandFailedError
 from infra.remote import supervisor as script
 from infra.runner.supervisor_client import InstanceStatus, SupervisorClient
 from infra.state import Store
@@ -87,6 +88,20 @@ def test_state_stays_writable_on_a_full_disk(disk: Path) -> None:
     assert json.loads(state.read_text()) == doc
     assert not (idir / "reserve").exists()
     assert sorted(p.name for p in idir.iterdir()) == ["state.json"]  # no temp file left
+
+
+def test_a_read_only_filesystem_is_never_full(disk: Path) -> None:
+    fill_up(disk / "hog.bin")
+    assert (script.full_disk([str(disk)]) or "").startswith(f"{NO_SPACE} ({disk}: ")
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+    assert script.full_disk([str(disk)]) is None  # e.g. a read-only working directory
+
+
+def test_start_on_a_full_disk_says_so(client: SupervisorClient, disk: Path) -> None:
+    asyncio.run(client.ensure_installed())
+    fill_up(disk / "hog.bin")
+    with pytest.raises(CommandFailedError, match=f"supervisor start: {NO_SPACE} \\(.*bytes free"):
+        asyncio.run(client.start(request("df", "late", "true")))
 
 
 def test_experiment_dying_of_a_full_disk_is_recorded_not_lost(client: SupervisorClient,

@@ -163,7 +163,11 @@ def no_space(exc: BaseException) -> bool:
 
 
 def free_bytes(path: str) -> int | None:
-    """Bytes the node user may still write on the filesystem holding ``path`` (or its parent)."""
+    """Bytes the node user may still write on the filesystem holding ``path`` (or its parent).
+
+    None when unknown, and for read-only or size-less filesystems (nobody writes there, so
+    they are never "full").
+    """
     probe = os.path.abspath(path)
     while True:
         try:
@@ -174,6 +178,8 @@ def free_bytes(path: str) -> int | None:
                 return None
             probe = parent
             continue
+        if st.f_blocks == 0 or st.f_flag & os.ST_RDONLY:
+            return None
         return st.f_bavail * st.f_frsize
 
 
@@ -278,6 +284,14 @@ def write_state(path: str, document: dict[str, Any]) -> bool:
             if not no_space(exc):
                 raise
     return False
+
+
+def error_text(exc: BaseException, root: str) -> str:
+    """What a failed subcommand reports: a full disk by name, anything else as it is."""
+    if not isinstance(exc, OSError) or not no_space(exc):
+        return f"internal error: {exc!r}"
+    folder = os.path.dirname(str(exc.filename)) if exc.filename else norm_root(root)
+    return no_space_text(folder, free_bytes(folder), exc.errno == errno.EDQUOT)
 
 
 def read_state(path: str) -> dict[str, Any] | None:
@@ -1263,7 +1277,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         traceback.print_exc()
         if args.command != "follow":
-            emit({"ok": False, "error": f"internal error: {exc!r}"})
+            emit({"ok": False, "error": error_text(exc, args.root)})
         return 1
 
 
