@@ -86,6 +86,7 @@ _FINISHED = frozenset({"exited", "stopped"})
 
 _EVENT_STYLE_WORDS: tuple[tuple[str, str], ...] = (
     ("fail", "red"), ("lost", "red"), ("error", "red"), ("offline", "red"),
+    ("disk full", "red"),
     ("restart", "yellow"), ("reconnect", "yellow"), ("degrad", "yellow"),
 )
 

@@ -12,6 +12,7 @@ Layout under ROOT (``<remote_work_dir>/.infra``)::
     runs/RUN/INSTANCE/output.log      the program's stdout + stderr (append only)
     runs/RUN/INSTANCE/supervisor.log  the supervisor's own output (tracebacks only)
     runs/RUN/INSTANCE/stop.json       present once a stop was requested
+    runs/RUN/INSTANCE/reserve         64 KiB given back when the disk is full (see below)
     runs/RUN/INSTANCE/results/        default INFRA_RESULTS_DIR
     runs/RUN/INSTANCE/fence.json      the watching coordinator's fence (see below)
     runs/RUN/.previous/INSTANCE.pN.*  an earlier placement's copy, kept after a move back
@@ -53,6 +54,14 @@ failure limits above still stop a crash loop.
 
 The instance is its process group: when an attempt ends, processes left in its group get
 SIGTERM and, after a short grace, SIGKILL, so a restart never competes with leftovers.
+
+Disk full. The supervisor keeps its own record writable: state.json is replaced atomically
+while there is room; when that fails with ENOSPC/EDQUOT it is rewritten in place (its blocks
+are already allocated), and if that does not fit, the instance's ``reserve`` file is deleted
+to make room. It notices a full disk on its own writes, every DISK_CHECK_SECONDS while the
+instance is active (os.statvfs of the log, results and working directories) and when an
+attempt ends; it records ``disk_full`` ("no space left on device (PATH: N bytes free)") in
+state.json and adds it to the attempt's end reason.
 """
 
 from __future__ import annotations
@@ -60,6 +69,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import errno
 import json
 import os
 import re
@@ -67,6 +77,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from typing import Any
@@ -132,12 +143,17 @@ def read_json(path: str) -> dict[str, Any] | None:
 
 def write_json_atomic(path: str, document: dict[str, Any]) -> None:
     """Write temp + fsync + os.replace, so a reader never sees half a document."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(document, f, sort_keys=True, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(document, f, sort_keys=True, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):  # a failed write must not leave its blocks behind
+            os.unlink(tmp)
+        raise
     try:
         dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
     except OSError:
@@ -148,6 +164,164 @@ def write_json_atomic(path: str, document: dict[str, Any]) -> None:
         pass
     finally:
         os.close(dir_fd)
+
+
+# --------------------------------------------------------------------------- disk full
+
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+RESERVE_BYTES = 64 * 1024       # per active instance: given back so its state stays writable
+DISK_LOW_BYTES = 256 * 1024     # less free space than this (for the node user) counts as full
+DISK_CHECK_SECONDS = 2.0        # how often an active instance's filesystems are looked at
+FINAL_WRITE_SECONDS = 30.0      # how long the supervisor keeps trying to record the end
+STATE_READ_TRIES = 3            # an in-place rewrite may be read half done: read again
+
+
+def no_space(exc: BaseException) -> bool:
+    """True for the errors of a full disk or an exhausted quota."""
+    return isinstance(exc, OSError) and exc.errno in NO_SPACE_ERRNOS
+
+
+def free_bytes(path: str) -> int | None:
+    """Bytes the node user may still write on the filesystem holding ``path`` (or its parent).
+
+    None when unknown, and for read-only or size-less filesystems (nobody writes there, so
+    they are never "full").
+    """
+    probe = os.path.abspath(path)
+    while True:
+        try:
+            st = os.statvfs(probe)
+        except OSError:
+            parent = os.path.dirname(probe)
+            if parent == probe:
+                return None
+            probe = parent
+            continue
+        if st.f_blocks == 0 or st.f_flag & os.ST_RDONLY:
+            return None
+        return st.f_bavail * st.f_frsize
+
+
+def no_space_text(path: str, free: int | None, quota: bool = False) -> str:
+    """The reason recorded for a full disk: what, where and how much is left."""
+    left = "unknown" if free is None else str(free)
+    extra = ", disk quota exceeded" if quota else ""
+    return f"no space left on device ({path}: {left} bytes free{extra})"
+
+
+def full_disk(paths: list[str]) -> str | None:
+    """The no-space reason for the first of ``paths`` whose filesystem is (nearly) full."""
+    for path in paths:
+        free = free_bytes(path)
+        if free is not None and free < DISK_LOW_BYTES:
+            return no_space_text(path, free)
+    return None
+
+
+def make_reserve(path: str) -> None:
+    """Best effort: RESERVE_BYTES of real (incompressible) blocks to give back when full."""
+    try:
+        with open(path, "wb") as f:
+            f.write(os.urandom(RESERVE_BYTES))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+def release_reserve(path: str) -> bool:
+    """Delete the reserve file, freeing its blocks; True when there was one."""
+    try:
+        os.unlink(path)
+    except OSError:
+        return False
+    return True
+
+
+def rewrite_in_place(path: str, document: dict[str, Any]) -> bool:
+    """Overwrite ``path`` with compact JSON in the blocks it has; False when it is missing.
+
+    Used only when the atomic write found no room. A document longer than the blocks the
+    file already holds first gets them with posix_fallocate, which fails (ENOSPC) without
+    touching the file; shorter text is padded with spaces, so one write leaves valid JSON.
+    """
+    data = json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
+    try:
+        fd = os.open(path, os.O_WRONLY)
+    except OSError as exc:
+        if no_space(exc):
+            raise
+        return False
+    try:
+        st = os.fstat(fd)
+        if len(data) > max(st.st_size, st.st_blocks * 512):
+            try:
+                os.posix_fallocate(fd, 0, len(data))
+            except OSError as exc:
+                if no_space(exc):
+                    raise  # nothing written: the old record is still whole
+        data += b" " * max(0, st.st_size - len(data))
+        if os.pwrite(fd, data, 0) != len(data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return True
+
+
+def write_state(path: str, document: dict[str, Any]) -> bool:
+    """Write an instance's state.json even on a full disk; False when nothing worked.
+
+    Atomic replace while there is room. On ENOSPC/EDQUOT: record ``disk_full`` in the
+    document and rewrite the file in place; if that needs room too, free the instance's
+    reserve and try both ways again. Other errors are raised.
+    """
+    try:
+        write_json_atomic(path, document)
+        return True
+    except OSError as exc:
+        if not no_space(exc):
+            raise
+        folder = os.path.dirname(path)
+        document["disk_full"] = (full_disk([folder]) or
+                                 no_space_text(folder, free_bytes(folder),
+                                               exc.errno == errno.EDQUOT))
+    for attempt in range(2):
+        if attempt == 1:
+            release_reserve(os.path.join(os.path.dirname(path), "reserve"))
+            try:
+                write_json_atomic(path, document)
+                return True
+            except OSError as exc:
+                if not no_space(exc):
+                    raise
+        try:
+            if rewrite_in_place(path, document):
+                return True
+        except OSError as exc:
+            if not no_space(exc):
+                raise
+    return False
+
+
+def error_text(exc: BaseException, root: str) -> str:
+    """What a failed subcommand reports: a full disk by name, anything else as it is."""
+    if not isinstance(exc, OSError) or not no_space(exc):
+        return f"internal error: {exc!r}"
+    folder = os.path.dirname(str(exc.filename)) if exc.filename else norm_root(root)
+    return no_space_text(folder, free_bytes(folder), exc.errno == errno.EDQUOT)
+
+
+def read_state(path: str) -> dict[str, Any] | None:
+    """state.json, read again when it exists but does not parse (an in-place rewrite)."""
+    for attempt in range(STATE_READ_TRIES):
+        doc = read_json(path)
+        if doc is not None or not os.path.exists(path):
+            return doc
+        if attempt + 1 < STATE_READ_TRIES:
+            time.sleep(0.01)
+    return None
 
 
 def proc_stat(pid: int) -> tuple[str, int, int] | None:
@@ -636,7 +810,13 @@ class Supervisor:
         self.state_path = os.path.join(idir, "state.json")
         self.stop_path = os.path.join(idir, "stop.json")
         self.log_path = os.path.join(idir, "output.log")
+        self.reserve_path = os.path.join(idir, "reserve")
         self.state = read_json(self.state_path) or {}
+        self.state.setdefault("disk_full", None)
+        self.lock = threading.Lock()          # state writes: the main thread and the watcher
+        self.watch_done = threading.Event()
+        self.watcher: threading.Thread | None = None
+        self.disk_seen: str | None = None     # the disk was full during the current attempt
         self.pgid: int | None = None
         self.child_running = False
         self.forwarded = False
@@ -697,18 +877,98 @@ class Supervisor:
             if not self.forwarded and self.stop_pending():
                 self.forward_stop()
 
-    def save(self, **changes: Any) -> None:
-        self.state.update(changes)
-        self.state["stop_requested"] = self.stop_requested
-        self.state["updated_at"] = time.time()
-        write_json_atomic(self.state_path, self.state)
+    def save(self, **changes: Any) -> bool:
+        """Apply ``changes`` and write state.json; False when even a full-disk write failed.
+
+        A full disk never kills the supervisor: the state stays in memory and the next save
+        writes it (see ``write_state``).
+        """
+        with self.lock:
+            self.state.update(changes)
+            self.state["stop_requested"] = self.stop_requested
+            self.state["updated_at"] = time.time()
+            written = write_state(self.state_path, self.state)
+            if self.state.get("disk_full"):
+                self.disk_seen = self.disk_seen or self.state["disk_full"]
+            if not written:
+                with contextlib.suppress(OSError, ValueError):
+                    print(f"cannot write {self.state_path}: no space left", file=sys.stderr,
+                          flush=True)
+            return written
 
     def finish(self, state: str, reason: str) -> None:
+        """Record the instance's end (retrying for a while when the disk is full), then end
+        its claim."""
         if self.fenced and state == "stopped":
             reason = ("fenced: no word from the watching coordinator within its fence timeout; "
                       f"stopped so that a replacement may start elsewhere ({reason})")
-        self.save(state=state, final_reason=reason, ended_at=time.time(), fenced=self.fenced)
+        self.stop_watching()
+        deadline = time.time() + FINAL_WRITE_SECONDS
+        ended = time.time()
+        while not self.save(state=state, final_reason=reason, ended_at=ended,
+                            fenced=self.fenced):
+            if time.time() >= deadline:
+                break
+            time.sleep(1.0)
+        release_reserve(self.reserve_path)
         release_claim(self.claim_path)
+
+    # disk space: a watcher thread while the instance is active, a note when an attempt ends
+    def disk_paths(self) -> list[str]:
+        """Where the instance writes: its log (and state), its results, its working directory."""
+        paths = [self.log_path]
+        for key in ("results_dir", "cwd"):
+            if isinstance(self.state.get(key), str):
+                paths.append(self.state[key])
+        return paths
+
+    def start_watching(self) -> None:
+        """Make the reserve and start the thread that looks at free space periodically."""
+        make_reserve(self.reserve_path)
+        self.watcher = threading.Thread(target=self.watch_disk, name="disk", daemon=True)
+        self.watcher.start()
+
+    def stop_watching(self) -> None:
+        self.watch_done.set()
+        if self.watcher is not None and self.watcher is not threading.current_thread():
+            self.watcher.join(timeout=DISK_CHECK_SECONDS + 5.0)
+
+    def watch_disk(self) -> None:
+        """Record ``disk_full`` when the instance's disk fills up, clear it when space is back."""
+        while not self.watch_done.wait(DISK_CHECK_SECONDS):
+            try:
+                reason = full_disk(self.disk_paths())
+                if reason is not None:
+                    self.disk_seen = self.disk_seen or reason
+                elif (not os.path.exists(self.reserve_path) and  # space is back: re-arm
+                      (free_bytes(self.idir) or 0) > DISK_LOW_BYTES + 2 * RESERVE_BYTES):
+                    make_reserve(self.reserve_path)
+                recorded = self.state.get("disk_full") is not None
+                if (reason is not None) != recorded and not self.watch_done.is_set():
+                    self.save(disk_full=reason)
+            except Exception:
+                traceback.print_exc()
+
+    def disk_note(self, reason: str, stopping: bool) -> str:
+        """An attempt's end reason, with the disk-full reason when its disk filled up."""
+        seen, self.disk_seen = self.disk_seen, None
+        now = full_disk(self.disk_paths())
+        with self.lock:
+            self.state["disk_full"] = now
+        found = now or seen
+        if found is None or stopping:
+            return reason
+        return f"{reason}; {found}"
+
+    def log_note(self, log: Any, text: str) -> None:
+        """Best effort: a supervisor line in the output log (not possible on a full disk)."""
+        try:
+            os.write(log.fileno(), text.encode())
+        except OSError as exc:
+            if not no_space(exc):
+                raise
+            self.disk_seen = self.disk_seen or full_disk([self.log_path]) or no_space_text(
+                self.log_path, free_bytes(self.log_path))
 
     def child_env(self, attempt: int, results_dir: str) -> dict[str, str]:
         req = self.request
@@ -766,9 +1026,11 @@ class Supervisor:
         self.save(supervisor_pid=os.getpid(), supervisor_start_ticks=start_ticks(os.getpid()))
         update_claim(self.claim_path, supervisor_pid=os.getpid(),
                      supervisor_start_ticks=start_ticks(os.getpid()))
+        self.start_watching()
 
         with open(self.log_path, "ab") as log:
             self.attempts(log, auto_restart, max_retries, delay, results_dir, cwd)
+        self.stop_watching()
 
     def attempts(self, log: Any, auto_restart: bool, max_retries: int | None, delay: float,
                  results_dir: str, cwd: str) -> None:
@@ -783,8 +1045,7 @@ class Supervisor:
                 return
             attempt += 1
             if attempt > 1:
-                log.write(f"[supervisor] attempt {attempt} after {last_reason}\n".encode())
-                log.flush()
+                self.log_note(log, f"[supervisor] attempt {attempt} after {last_reason}\n")
             before = oom_counters()
             started = time.time()
             try:
@@ -821,7 +1082,7 @@ class Supervisor:
             stopping = self.stop_pending()
             kind, exit_code, sig = classify(returncode)
             oom = sig == "SIGKILL" and not stopping and oom_evidence(before, proc.pid)
-            reason = describe_end(exit_code, sig, oom)
+            reason = self.disk_note(describe_end(exit_code, sig, oom), stopping)
             self.end_group(proc.pid, stopping)
             signal.setitimer(signal.ITIMER_REAL, 0)
             self.pgid = None
@@ -897,7 +1158,7 @@ def daemon_main(idir: str, request: dict[str, Any]) -> None:
 
 def effective_state(idir: str, state: dict[str, Any] | None = None) -> dict[str, Any]:
     """state.json plus live checks; an active state with nothing alive becomes "lost"."""
-    doc = dict(state if state is not None else (read_json(os.path.join(idir, "state.json"))
+    doc = dict(state if state is not None else (read_state(os.path.join(idir, "state.json"))
                                                  or {}))
     if not doc:
         parts = idir.rstrip("/").split("/")
@@ -928,6 +1189,11 @@ def effective_state(idir: str, state: dict[str, Any] | None = None) -> dict[str,
                 "the supervisor (pid {}) and the process (pid {}) are gone without a "
                 "recorded exit (supervisor killed?)"
             ).format(doc.get("supervisor_pid"), doc.get("pid"))
+        if doc.get("state") == "lost" and not rebooted:  # turned lost just now
+            full = full_disk([idir])  # a supervisor that could not write is the likely cause
+            if full is not None:
+                doc["disk_full"] = full
+                doc["final_reason"] = f"{doc['final_reason']}; {full}"
     return doc
 
 
@@ -1140,8 +1406,12 @@ def cmd_stop(args: argparse.Namespace) -> int:
     grace = max(0.0, float(args.grace))
     for idir in dirs:
         if effective_state(idir).get("state") not in FINAL_STATES:
-            write_json_atomic(os.path.join(idir, "stop.json"),
-                              {"requested_at": time.time(), "grace": grace})
+            try:
+                write_json_atomic(os.path.join(idir, "stop.json"),
+                                  {"requested_at": time.time(), "grace": grace})
+            except OSError as exc:  # a full disk: the supervisor still gets SIGTERM below
+                if not no_space(exc):
+                    raise
     deadline = time.time() + grace + 5.0
     pending = list(dirs)
     signalled: set[str] = set()
@@ -1192,7 +1462,7 @@ def stop_step(idir: str, grace: float, signalled: set[str], direct: dict[str, fl
     else:
         raw.update(state="lost", final_reason=doc.get("final_reason"))
     raw.update(stop_requested=True, ended_at=raw.get("ended_at") or time.time())
-    write_json_atomic(state_path, raw)
+    write_state(state_path, raw)
     release_claim(raw.get("claim_path"))
     return True
 
@@ -1332,7 +1602,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         traceback.print_exc()
         if args.command != "follow":
-            emit({"ok": False, "error": f"internal error: {exc!r}"})
+            emit({"ok": False, "error": error_text(exc, args.root)})
         return 1
 
 

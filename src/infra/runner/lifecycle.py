@@ -57,6 +57,8 @@ EventSink = Callable[[str, str, str], None]
 MAX_REPLACE_TRIES = 3
 """How often an instance refused by a node's claims is placed again before it fails."""
 
+_NO_SPACE = "no space left on device"  # in the supervisor's disk-full reasons
+
 _PHASE_OF_STATUS = {
     InstanceStatus.STARTING: InstancePhase.STARTING,
     InstanceStatus.RUNNING: InstancePhase.RUNNING,
@@ -340,7 +342,8 @@ class RunSession:
         """Fold the supervisor's view of an instance into the store; events on changes.
 
         A paused instance stays paused when its node reports it over (the pause reason is
-        the useful one); it becomes running again only if the node says it still runs.
+        the useful one); it becomes running again only if the node says it still runs. A
+        full disk on an active instance becomes its reason and a "disk" event.
         """
         phase = _PHASE_OF_STATUS[state.status]
         if state.fenced and state.is_final:
@@ -348,6 +351,9 @@ class RunSession:
         reason = state.final_reason or ""
         if not reason and state.attempts and state.attempts[-1].reason:
             reason = state.attempts[-1].reason or ""
+        disk_full = None if state.is_final else state.disk_full
+        if disk_full is not None and _NO_SPACE not in reason:
+            reason = f"{reason}; {disk_full}" if reason else disk_full
         if rec.state is InstancePhase.PAUSED and state.is_final:
             return
         self.store.update_instance(
@@ -355,6 +361,9 @@ class RunSession:
             signal=state.signal, started_at=state.created_at or state.started_at,
             ended_at=state.ended_at if state.is_final else None, restarts=state.restarts,
             reason=reason, last_line=state.last_line[:200])
+        if disk_full is not None and _NO_SPACE not in (rec.reason or ""):
+            self.event(run_id, "disk", rec.instance_id, f"disk full on {rec.node}: "
+                       f"{disk_full}; output and results written now are lost")
         if state.restarts > rec.restarts:
             ended = [a for a in state.attempts if a.ended_at is not None]
             why = ended[-1].reason if ended and ended[-1].reason else reason

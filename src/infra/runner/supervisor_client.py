@@ -122,7 +122,9 @@ class InstanceState:
     ``pid``/``started_at``/``exit_code``/``signal`` describe the latest attempt; ``alive``
     means that pid still runs with the start time we recorded (a reused pid is not ours);
     ``detached`` means the process runs but its supervisor is gone. ``already`` is set on
-    the result of a start that found the instance there before.
+    the result of a start that found the instance there before. ``disk_full`` is the
+    supervisor's "no space left on device (PATH: N bytes free)" while the disk the instance
+    writes to is full (None otherwise).
     """
 
     node: str
@@ -154,6 +156,7 @@ class InstanceState:
     already: bool = False
     placement: str = "p0"     # which placement of the instance this copy is
     fenced: bool = False      # stopped by its own supervisor: the coordinator went silent
+    disk_full: str | None = None
 
     @property
     def is_final(self) -> bool:
@@ -185,6 +188,7 @@ class InstanceState:
             results_dir=_opt_str(doc.get("results_dir")), cwd=_opt_str(doc.get("cwd")),
             command=_opt_str(doc.get("command")), already=bool(doc.get("already")),
             placement=str(doc.get("placement") or "p0"), fenced=bool(doc.get("fenced")),
+            disk_full=_opt_str(doc.get("disk_full")) or None,
         )
 
 
