@@ -383,3 +383,25 @@ def test_run_outputs_are_protected_and_run_refuses_like_deploy(
     assert code == 0, err
     assert not (remote / "leftover").exists()
     assert summary.exists()
+
+
+def test_a_log_dir_inside_the_project_is_never_sent(ssh_fleet: SSHFleet, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """The coordinator's own files (state store, log copies) stay home whatever log_dir is."""
+    host = ssh_fleet.host("node1")
+    proj = make_project(tmp_path / "proj")
+    workdir = f"logdir-{uuid.uuid4().hex[:8]}"
+    config = write_config(proj / "cluster_config.yaml", ssh_fleet, [host], workdir)
+    doc = yaml.safe_load(config.read_text())
+    doc["logging"] = {"log_dir": "records/coordinator"}
+    config.write_text(yaml.safe_dump(doc))
+    (proj / "records" / "coordinator").mkdir(parents=True)
+    (proj / "records" / "coordinator" / "run.log").write_text("private\n")
+    (proj / "records" / "notes.txt").write_text("project file\n")
+    monkeypatch.chdir(proj)
+    code, _, err = run_cli(capsys, "--deploy-all")
+    assert code == 0, err
+    sent = files_under(host.home / workdir)
+    assert "records/notes.txt" in sent and "main.py" in sent
+    assert not any(p.startswith("records/coordinator") for p in sent), sent

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from infra.config.model import ExperimentSpec
 from infra.errors import StateError, UsageError
 from infra.state import Store
 from infra.state.store import Lease, holder_is_dead, may_take
@@ -33,7 +34,8 @@ def store(tmp_path: Path) -> Iterator[Store]:
 
 
 def add_run(store: Store, run_id: str) -> str:
-    store.create_run(run_id, "cluster_config.yaml", {}, [("a", "node1", {"experiment_id": "a"})])
+    spec = ExperimentSpec(experiment_id="a", command="true", source=Path("."))
+    store.create_run(run_id, "cluster_config.yaml", {}, [("a", "node1", spec, None)])
     return run_id
 
 
@@ -210,3 +212,11 @@ def test_no_runs_is_a_usage_error(store: Store) -> None:
         store.resolve_run(None)
     with pytest.raises(UsageError, match="no run 'r-1'"):
         store.resolve_run("r-1")
+
+
+def test_a_file_that_is_not_a_store_is_one_clear_error(tmp_path: Path) -> None:
+    bad = tmp_path / "state.db"
+    bad.write_text("this is not SQLite\n")
+    with pytest.raises(StateError) as err:
+        Store(bad)
+    assert str(bad) in err.value.one_line() and "not a usable state store" in str(err.value)

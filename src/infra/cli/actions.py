@@ -28,6 +28,7 @@ from infra.runner.claims import claims_of, occupied_work
 from infra.runner.deploy import DeployResult, deploy_all
 from infra.runner.lifecycle import (
     RunSession,
+    deploy_excludes,
     deploy_protect,
     stored_specs,
 )
@@ -159,7 +160,7 @@ def do_deploy_all(c: Ctx, cluster: Cluster, *, dry_run: bool, delete: bool,
 
     async def go() -> dict[str, DeployResult | InfraError]:
         return await deploy_all(nodes, cluster.health_check, source,
-                                excludes=cluster.deploy.exclude, delete=delete,
+                                excludes=deploy_excludes(cluster, source), delete=delete,
                                 dry_run=dry_run, on_progress=on_progress, protect=protect,
                                 max_deletes=max_deletes)
 

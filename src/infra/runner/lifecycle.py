@@ -97,6 +97,18 @@ def stored_specs(store: Store, runs: int = STORED_RUNS_PROTECTED) -> list[Experi
     return specs
 
 
+def deploy_excludes(cluster: Cluster, source: Path) -> tuple[str, ...]:
+    """``deploy.exclude``, plus the log directory when it lies inside the source: the state
+    store and the local copies of logs are the coordinator's, never sent to the nodes."""
+    try:
+        rel = cluster.log_dir.resolve().relative_to(source.resolve())
+    except ValueError:
+        return tuple(cluster.deploy.exclude)
+    if not rel.parts:
+        return tuple(cluster.deploy.exclude)
+    return (*cluster.deploy.exclude, f"/{rel.as_posix()}/")
+
+
 def deploy_protect(cluster: Cluster, specs: Iterable[ExperimentSpec]) -> tuple[str, ...]:
     """What a deploy must never delete: ``deploy.protect`` and the specs' ``results`` globs."""
     patterns = list(cluster.deploy.protect)
@@ -185,7 +197,7 @@ class RunSession:
             return {node.name: exc.one_line() for node in nodes}
         deploy = self.cluster.deploy
         results = await deploy_all(nodes, self.cluster.health_check, source,
-                                   excludes=deploy.exclude, delete=True,
+                                   excludes=deploy_excludes(self.cluster, source), delete=True,
                                    protect=deploy_protect(self.cluster, stored_specs(self.store)),
                                    max_deletes=None if self.confirm_deletes
                                    else deploy.max_deletes)

@@ -298,10 +298,15 @@ class Store:
         except (OSError, sqlite3.Error) as exc:
             raise StateError(f"{path}: cannot open the state store: {exc}") from None
         self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(SCHEMA)
-        self._migrate()
+        try:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.executescript(SCHEMA)
+            self._migrate()
+        except sqlite3.Error as exc:  # not a database, or a damaged one: say which file
+            self.db.close()
+            raise StateError(f"{path}: not a usable state store ({exc}); move it aside to "
+                             "start a new one") from None
         for suffix in ("-wal", "-shm"):
             side = Path(str(path) + suffix)
             if side.exists():
