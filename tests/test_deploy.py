@@ -630,9 +630,8 @@ def test_frozen_node_times_out_and_cancelling_kills_rsync(
             asyncio.run(deploy_node(node, ssh_fleet.health_section(timeout_seconds=1), src,
                                     excludes=[]))
         asyncio.run(asyncio.wait_for(cancel_midway(), 30))
-        for _ in range(250):  # up to ~5 s; a leaked ssh would linger for its 60 s timeout
-            if all(gone(p) for p in started):
-                break
+        deadline = time.monotonic() + 20  # a leaked ssh would linger for its 60 s timeout
+        while not all(gone(p) for p in started) and time.monotonic() < deadline:
             time.sleep(0.02)
         assert all(gone(p) for p in started), [p.pid for p in started if not gone(p)]
     finally:

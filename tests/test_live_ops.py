@@ -79,8 +79,9 @@ def node_path(events: list[tuple[str, str, str]], node: str) -> list[str]:
 def test_lost_node_moves_cluster_work_and_pauses_the_rest(project: Path,
                                                           ssh_fleet: SSHFleet) -> None:
     fast_health(project)
-    mover = spec(project, "mover", duration=4.0, interval=0.2, recover="cluster")
-    waiter = spec(project, "waiter", duration=4.0, interval=0.2, recover="pause")
+    # long enough to be still running when the node dies, even on a loaded machine
+    mover = spec(project, "mover", duration=15.0, interval=0.2, recover="cluster")
+    waiter = spec(project, "waiter", duration=15.0, interval=0.2, recover="pause")
     proc = cli(project, "--config", str(mover), "--config", str(waiter),
                "--placement", "mover:node1,waiter:node1", "--monitor-duration", "0")
     assert proc.returncode == 0, proc.stderr
@@ -88,7 +89,7 @@ def test_lost_node_moves_cluster_work_and_pauses_the_rest(project: Path,
     host = ssh_fleet.host("node1")
     host.stop(kill_user_processes=True)  # the node dies with its experiments
     try:
-        events, store = monitor(project, run_id, duration=60)
+        events, store = monitor(project, run_id, duration=120)
     finally:
         host.start()
     path = node_path(events, "node1")
