@@ -82,5 +82,27 @@ class CommandFailedError(TransportError):
         self.stderr = stderr
 
 
+class OutputTooLargeError(CommandFailedError):
+    """A node printed more than the coordinator reads from one call; the command was killed."""
+
+    def __init__(self, node: str, limit: int, command: str) -> None:
+        super().__init__(node, f"node printed more than {limit} bytes (command killed): "
+                               f"{command[:200]}")
+        self.limit = limit
+
+
+class NodeDocumentError(TransportError):
+    """A node answered with a document of the wrong shape (a broken or foreign supervisor).
+
+    ``field`` names the offending key path (``instances[0].pid``); the node is marked broken
+    while the others go on.
+    """
+
+    def __init__(self, node: str, what: str, field: str, reason: str) -> None:
+        super().__init__(node, f"malformed {what} document: {field}: {reason}")
+        self.what = what
+        self.field = field
+
+
 class DeployError(TransportError):
     """rsync to a node failed."""

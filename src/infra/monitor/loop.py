@@ -11,13 +11,12 @@ from acting at the same time.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from infra.config.model import RecoverPolicy
-from infra.errors import InfraError
+from infra.errors import CommandFailedError, InfraError, NodeDocumentError
 from infra.monitor import tracker as trk
 from infra.monitor.saved import SavedState
 from infra.monitor.snapshot import (
@@ -31,7 +30,7 @@ from infra.monitor.snapshot import (
 from infra.placement import Condition, NodeCondition
 from infra.probe.health import NodeHealth, NodeStatus
 from infra.probe.run import check_health
-from infra.runner.lifecycle import RunSession
+from infra.runner.lifecycle import LOG_SYNC_ATTEMPTS, RunSession
 from infra.state import InstancePhase, InstanceRecord
 from infra.state.store import coordinator_id
 
@@ -42,6 +41,8 @@ RESULT_FETCH_ATTEMPTS = 3
 MAX_MOVES = 3
 """An instance is moved at most this many times; after that it is paused with the reason."""
 RECENT_EVENTS = 50
+CANCEL_GRACE_SECONDS = 5.0
+"""How long a cancelled tick or log task may take to wind down (its commands are killed)."""
 
 SnapshotSink = Callable[[RunSnapshot], None]
 
@@ -53,6 +54,11 @@ class MonitorOutcome:
     finished: bool            # every instance is over, logs drained, results fetched
     lease_holder: str | None  # another coordinator held the lease (we only reported)
     unreachable: dict[str, str] = field(default_factory=dict)
+
+
+def _never_started(rec: InstanceRecord) -> bool:
+    """Over before any process ran (deploy or start failed): nothing of it is on the node."""
+    return rec.pid is None and rec.state.finished
 
 
 _CONDITION_OF = {
@@ -94,6 +100,8 @@ class Monitor:
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.drained: set[str] = set()
         self.fetch_failures: dict[str, int] = {}
+        self.log_failures: dict[str, int] = {}
+        self.log_gave_up: dict[str, str] = {}  # instance -> the node its log was given up on
 
     # ------------------------------------------------------------------ main loop
 
@@ -116,9 +124,14 @@ class Monitor:
                         acting = True
                 else:
                     self.s.store.acquire_lease(self.run_id, self.holder, ttl)
-                outcome.unreachable = await self.tick_once(acting=acting)
+                unreachable = await self._bounded_tick(acting, deadline)
+                cut = unreachable is None
+                if unreachable is not None:
+                    outcome.unreachable = unreachable
                 records = {r.instance_id: r for r in self.s.store.instances(self.run_id)}
                 self.publish(records)
+                if cut:
+                    break
                 if self._all_done(records, acting=acting):
                     outcome.finished = True
                     break
@@ -130,13 +143,38 @@ class Monitor:
         finally:
             for task in self.tasks.values():
                 task.cancel()
+            if self.tasks:  # a cancelled follow kills its command at once; bounded anyway
+                await asyncio.wait(list(self.tasks.values()), timeout=CANCEL_GRACE_SECONDS)
             for task in self.tasks.values():
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+                if task.done() and not task.cancelled():
+                    task.exception()  # seen: the loop is over, its log copy resumes next time
             if self.other is None:
                 self.s.store.release_lease(self.run_id, self.holder)
         outcome.lease_holder = self.other
         return outcome
+
+    async def _bounded_tick(self, acting: bool,
+                            deadline: float | None) -> dict[str, str] | None:
+        """One tick; with a deadline, cut short when it ends (None: the tick was cut).
+
+        Each remote call has its own timeout, but several in a row (a frozen node: a sweep,
+        then a probe) could outlast ``--duration`` by far; the remaining time bounds them all.
+        A tick always gets at least one tick interval, so a short duration still sweeps.
+        """
+        if deadline is None:
+            return await self.tick_once(acting=acting)
+        budget = max(deadline - time.monotonic(), self.tick)
+        task = asyncio.ensure_future(self.tick_once(acting=acting))
+        done, _ = await asyncio.wait({task}, timeout=budget)
+        if done:
+            return task.result()
+        task.cancel()  # remote commands of a cancelled call are killed on their node
+        await asyncio.wait({task}, timeout=CANCEL_GRACE_SECONDS)
+        if task.done() and not task.cancelled():
+            return task.result()  # it finished (or failed) just as it was cancelled
+        self.s.emit("watch", self.run_id, f"duration over; the last tick was cut short after "
+                                          f"{budget:.1f} s (a node is slow to answer)")
+        return None
 
     async def tick_once(self, *, acting: bool) -> dict[str, str]:
         """One sweep + due probes + policies + logs/results. Returns unreachable nodes."""
@@ -145,13 +183,18 @@ class Monitor:
                 if t.state in (NodeState.RECONNECTING, NodeState.DISCONNECTED,
                                NodeState.OFFLINE)}
         errors = await self.s.sweep(self.run_id, skip=down)
+        # a broken node that answered cleanly this time is probed at once to clear it
         due = [n for n, t in self.trackers.items()
-               if n not in errors and t.next_probe_at <= now]
+               if n not in errors and (t.next_probe_at <= now or t.state is NodeState.BROKEN)]
         probes = await asyncio.gather(*(self._probe(n) for n in due))
         now = time.monotonic()
-        for name, why in errors.items():
-            if name in self.trackers:
-                self._apply(*trk.on_failure(self.trackers[name], now, why,
+        for name, exc in errors.items():
+            if name not in self.trackers:
+                continue
+            if isinstance(exc, NodeDocumentError):  # reachable, but its answers are unusable
+                self._apply(*trk.on_broken(self.trackers[name], exc.one_line()))
+            else:
+                self._apply(*trk.on_failure(self.trackers[name], now, exc.one_line(),
                                             self.s.cluster.health_check))
         for health in probes:
             t = self.trackers[health.node]
@@ -204,7 +247,9 @@ class Monitor:
         nodes = {r.node for r in pending if not self._node_down(r.node)}
         failed = await self.s.deploy_for_run(self.run_id, nodes, only="resume")
         for rec in pending:
-            if rec.node in nodes and rec.node not in failed:
+            if rec.node in failed:  # failed with the reason, not retried every tick
+                self.s.deploy_failed(self.run_id, rec, failed[rec.node])
+            elif rec.node in nodes:
                 self.s.emit("start", rec.instance_id, "resuming an unfinished launch")
                 await self.s.start_instance(self.run_id, rec)
 
@@ -246,8 +291,11 @@ class Monitor:
         for instance_id, rec in sorted(records.items()):
             task = self.tasks.get(instance_id)
             if task is not None and task.done():
-                if not task.cancelled() and task.exception() is None:
+                failure = None if task.cancelled() else task.exception()
+                if not task.cancelled() and failure is None:
                     self.drained.add(instance_id)
+                elif isinstance(failure, InfraError):
+                    self._log_failed(rec, failure)
                 del self.tasks[instance_id]
                 task = None
             if rec.state is InstancePhase.MOVING or self._node_down(rec.node):
@@ -256,9 +304,13 @@ class Monitor:
                     self.tasks.pop(instance_id, None)
                 self.drained.discard(instance_id)
                 continue
+            if _never_started(rec):
+                continue  # nothing of it on the node: no log to copy, no results to fetch
+            if self.log_gave_up.get(instance_id, rec.node) != rec.node:
+                del self.log_gave_up[instance_id]  # moved since: its new node is asked
             if instance_id in self.drained and rec.state.active:
                 self.drained.discard(instance_id)  # moved and running again elsewhere
-            if instance_id not in self.drained:
+            if instance_id not in self.drained and instance_id not in self.log_gave_up:
                 if rec.pid is None and not rec.state.finished:
                     continue  # not started yet
                 if task is None and not rec.state.finished and \
@@ -269,13 +321,15 @@ class Monitor:
                 if task is None:
                     try:
                         await self.s.sync_log(self.run_id, rec, follow=False)
+                        self.log_failures.pop(instance_id, None)
                         if rec.state.finished:
                             self.drained.add(instance_id)
                     except InfraError as exc:
-                        self.s.emit("log", instance_id, f"log sync failed: {exc.one_line()}")
+                        self._log_failed(rec, exc)
             fetchable = rec.state in (InstancePhase.EXITED, InstancePhase.FAILED,
                                       InstancePhase.STOPPED)
-            if fetchable and instance_id in self.drained and not rec.results_fetched \
+            copied = instance_id in self.drained or instance_id in self.log_gave_up
+            if fetchable and copied and not rec.results_fetched \
                     and self.fetch_failures.get(instance_id, 0) < RESULT_FETCH_ATTEMPTS:
                 try:
                     await self.s.fetch_results(self.run_id, rec)
@@ -283,6 +337,37 @@ class Monitor:
                     self.fetch_failures[instance_id] = self.fetch_failures.get(instance_id, 0) + 1
                     self.s.event(self.run_id, "results", instance_id,
                                  f"fetching results failed: {exc.one_line()}")
+
+    def _log_failed(self, rec: InstanceRecord, exc: InfraError) -> None:
+        """Count a failed log copy; past the limit, stop asking and say why (and mark lost).
+
+        A finished instance is given up on after any ``LOG_SYNC_ATTEMPTS`` failures in a row;
+        a live one only when its node keeps refusing (a dropped link is the node tracker's to
+        judge). When the node's supervisor refuses outright (no record of the instance),
+        the instance is lost.
+        """
+        iid = rec.instance_id
+        refused = isinstance(exc, (CommandFailedError, NodeDocumentError))
+        if not refused and not rec.state.finished:
+            self.log_failures.pop(iid, None)
+            self.s.emit("log", iid, f"log sync failed: {exc.one_line()}")
+            return
+        count = self.log_failures.get(iid, 0) + 1
+        self.log_failures[iid] = count
+        if count < LOG_SYNC_ATTEMPTS:
+            self.s.emit("log", iid, f"log sync failed ({count}/{LOG_SYNC_ATTEMPTS}): "
+                                    f"{exc.one_line()}")
+            return
+        del self.log_failures[iid]
+        self.log_gave_up[iid] = rec.node
+        why = f"its log cannot be copied from {rec.node} ({count} failures): {exc.one_line()}"
+        if rec.state.finished:
+            self.s.event(self.run_id, "log", iid, f"gave up: {why}; the local copy may be "
+                                                  "incomplete")
+        elif isinstance(exc, CommandFailedError):
+            self.s.mark(self.run_id, rec, InstancePhase.LOST, why)
+        else:
+            self.s.event(self.run_id, "log", iid, f"gave up: {why}")
 
     def _node_down(self, node: str) -> bool:
         t = self.trackers.get(node)
@@ -295,9 +380,11 @@ class Monitor:
         for rec in records.values():
             if not rec.state.finished:
                 return False
-            if not acting or rec.state in (InstancePhase.PAUSED, InstancePhase.LOST):
+            if not acting or rec.state in (InstancePhase.PAUSED, InstancePhase.LOST) \
+                    or _never_started(rec):
                 continue
-            pending = rec.instance_id not in self.drained or not rec.results_fetched
+            copied = rec.instance_id in self.drained or rec.instance_id in self.log_gave_up
+            pending = not copied or not rec.results_fetched
             retry_left = self.fetch_failures.get(rec.instance_id, 0) < RESULT_FETCH_ATTEMPTS
             if pending and retry_left and not self._node_down(rec.node):
                 return False

@@ -25,7 +25,13 @@ from infra.config.model import (
     RecoverPolicy,
     ResourceRequest,
 )
-from infra.errors import InfraError, TransportError, UsageError
+from infra.errors import (
+    CommandFailedError,
+    InfraError,
+    NodeDocumentError,
+    TransportError,
+    UsageError,
+)
 from infra.placement import Condition, NodeCondition, Plan, plan, why_not
 from infra.placement.allocation import Allocation, allocation_env
 from infra.runner.deploy import DeployResult, deploy_all
@@ -47,6 +53,9 @@ EventSink = Callable[[str, str, str], None]
 """(kind, subject, message) -> None: where progress lines go (console, dashboard, tests)."""
 
 MAX_RESULT_FILES = 10_000
+LOG_SYNC_ATTEMPTS = 3
+"""Times in a row a node may refuse an instance's log (no record, broken answer) before the
+coordinator stops asking and says so."""
 
 _PHASE_OF_STATUS = {
     InstanceStatus.STARTING: InstancePhase.STARTING,
@@ -210,8 +219,8 @@ class RunSession:
         return run_id
 
     async def deploy_for_run(self, run_id: str, node_names: Iterable[str],
-                             only: str | None = None) -> set[str]:
-        """Deploy the tree to the nodes of a run; returns the nodes that failed."""
+                             only: str | None = None) -> dict[str, str]:
+        """Deploy the tree to the nodes of a run; returns the nodes that failed, with why."""
         nodes = [self.cluster.node(n) for n in sorted(set(node_names))]
         for rec in self.store.instances(run_id):
             if only is None and rec.state is InstancePhase.PLANNED:
@@ -219,7 +228,7 @@ class RunSession:
                                            state=InstancePhase.DEPLOYING)
         results = await deploy_all(nodes, self.cluster.health_check, self.cluster.deploy_source,
                                    excludes=self.cluster.deploy.exclude, delete=True)
-        failed: set[str] = set()
+        failed: dict[str, str] = {}
         for name, res in results.items():
             if isinstance(res, DeployResult):
                 if res.skipped:
@@ -230,8 +239,8 @@ class RunSession:
                         if stats else "done"
                     self.event(run_id, "deploy", name, f"deployed ({sent})")
             else:
-                failed.add(name)
                 why = res.reason if isinstance(res, TransportError) else res.one_line()
+                failed[name] = why
                 self.event(run_id, "deploy", name, f"deploy failed: {why}")
         return failed
 
@@ -279,6 +288,10 @@ class RunSession:
         verb = "already started" if state.already else "started"
         self.event(run_id, "start", rec.instance_id, f"{verb} on {node.name} (pid {state.pid})")
 
+    def deploy_failed(self, run_id: str, rec: InstanceRecord, why: str) -> None:
+        """The instance cannot start: its node did not take the tree. Failed, with why."""
+        self.mark(run_id, rec, InstancePhase.FAILED, f"deploy to {rec.node} failed: {why}")
+
     async def launch(self, run_id: str) -> None:
         """Deploy to the run's nodes, then start every planned instance."""
         self.store.set_run_state(run_id, RunState.STARTING)
@@ -287,8 +300,7 @@ class RunSession:
         starts = []
         for rec in records:
             if rec.node in failed_nodes:
-                self.store.update_instance(run_id, rec.instance_id, state=InstancePhase.FAILED,
-                                           reason=f"deploy to {rec.node} failed")
+                self.deploy_failed(run_id, rec, failed_nodes[rec.node])
                 continue
             starts.append(self.start_instance(run_id, rec))
         await asyncio.gather(*starts)
@@ -326,8 +338,12 @@ class RunSession:
             self.event(run_id, "state", rec.instance_id, f"{rec.state.value} -> "
                        f"{phase.value}{detail}")
 
-    async def sweep(self, run_id: str, skip: Iterable[str] = ()) -> dict[str, str]:
-        """One status call per node of the run; returns node -> error for unreachable nodes.
+    async def sweep(self, run_id: str, skip: Iterable[str] = ()) -> dict[str, InfraError]:
+        """One status call per node of the run; returns node -> error for nodes that failed.
+
+        An unreachable node gives a ``TransportError``; a node that answered with a malformed
+        document a ``NodeDocumentError`` (the node is broken). Either way the other nodes'
+        answers are applied.
 
         Nodes an instance was moved away from are asked too: a copy still running there
         (the node came back) is stopped, so there are never two. ``skip`` names nodes not
@@ -350,10 +366,10 @@ class RunSession:
             except InfraError as exc:
                 return node_name, exc
 
-        errors: dict[str, str] = {}
+        errors: dict[str, InfraError] = {}
         for node_name, result in await asyncio.gather(*(one(n) for n in by_node)):
             if isinstance(result, InfraError):
-                errors[node_name] = result.one_line()
+                errors[node_name] = result
                 continue
             found = {s.instance_id: s for s in result}
             await self._stop_stale_copies(run_id, node_name, records, found)
@@ -445,7 +461,8 @@ class RunSession:
         moved = self.store.instance(run_id, rec.instance_id)
         if target in failed:
             self.store.update_instance(run_id, rec.instance_id, state=InstancePhase.PAUSED,
-                                       reason=f"{why}; deploy to {target} failed")
+                                       reason=f"{why}; deploy to {target} failed: "
+                                              f"{failed[target]}")
             return False
         await self.start_instance(run_id, moved)
         return True
@@ -505,9 +522,15 @@ class RunSession:
         return size
 
     async def stream_log_until_done(self, run_id: str, instance_id: str, *,
-                                    retry_delay: float = 1.0,
+                                    retry_delay: float = 1.0, attempts: int = LOG_SYNC_ATTEMPTS,
                                     on_bytes: Callable[[bytes], None] | None = None) -> None:
-        """Follow one instance's log until it ended and is drained, reconnecting on drops."""
+        """Follow one instance's log until it ended and is drained, reconnecting on drops.
+
+        A dropped link is retried for as long as it takes (the node tracker decides when a
+        node is gone); a node that answers but refuses (no record of the instance, a broken
+        supervisor) is retried ``attempts`` times in a row, then its error is raised.
+        """
+        refused = 0
         while True:
             rec = self.store.instance(run_id, instance_id)
             try:
@@ -523,6 +546,13 @@ class RunSession:
                 if not mine or mine[0].is_final:
                     await self.sync_log(run_id, rec, follow=False, on_bytes=on_bytes)
                     return
+                refused = 0
+            except (CommandFailedError, NodeDocumentError) as exc:
+                refused += 1
+                if refused >= attempts:
+                    raise
+                self.emit("log", instance_id, f"log sync refused ({exc.reason}); "
+                          f"retry {refused}/{attempts - 1}")
             except TransportError as exc:
                 self.emit("log", instance_id, f"log stream interrupted ({exc.reason}); "
                           "resuming")
