@@ -208,3 +208,4 @@ def test_malformed_answers_from_a_replaced_script_are_typed_errors(tmp_path: Pat
         asyncio.run(client.start(StartRequest(run_id="r", instance_id="i", command="true")))
     with pytest.raises(NodeDocumentError, match="data_b64: not base64"):
         asyncio.run(client.read("r", "i"))
+
