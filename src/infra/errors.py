@@ -82,7 +82,15 @@ class CommandFailedError(TransportError):
         self.stderr = stderr
 
 
-class OutputTooLargeError(CommandFailedError):
+class BadAnswerError(TransportError):
+    """The node answered, but unusably (malformed, or far too long): the node is broken.
+
+    Not a sign that the node is unreachable: the live loop marks it broken, moves nothing
+    off it, and goes on with the other nodes.
+    """
+
+
+class OutputTooLargeError(BadAnswerError):
     """A node printed more than the coordinator reads from one call; the command was killed."""
 
     def __init__(self, node: str, limit: int, command: str) -> None:
@@ -91,11 +99,10 @@ class OutputTooLargeError(CommandFailedError):
         self.limit = limit
 
 
-class NodeDocumentError(TransportError):
+class NodeDocumentError(BadAnswerError):
     """A node answered with a document of the wrong shape (a broken or foreign supervisor).
 
-    ``field`` names the offending key path (``instances[0].pid``); the node is marked broken
-    while the others go on.
+    ``field`` names the offending key path (``instances[0].pid``).
     """
 
     def __init__(self, node: str, what: str, field: str, reason: str) -> None:

@@ -19,7 +19,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 
 from infra.cli import views
 from infra.config import Cluster, ExperimentSpec
-from infra.errors import InfraError, NodeDocumentError, TransportError, UsageError
+from infra.errors import BadAnswerError, InfraError, TransportError, UsageError
 from infra.monitor.loop import Monitor, MonitorOutcome
 from infra.monitor.saved import SavedState
 from infra.placement import Condition, NodeCondition
@@ -287,7 +287,7 @@ def do_status(c: Ctx, run_id: str | None, refresh: bool) -> None:
         errors = run_async(go)
         run = store.run(run.run_id)
     records = store.instances(run.run_id)
-    broken = {n: e for n, e in errors.items() if isinstance(e, NodeDocumentError)}
+    broken = {n: e for n, e in errors.items() if isinstance(e, BadAnswerError)}
     if c.json_out:
         doc = views.status_json(run, records)
         doc["unreachable"] = {n: e.one_line() for n, e in errors.items() if n not in broken}

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from infra.config.model import RecoverPolicy
-from infra.errors import CommandFailedError, InfraError, NodeDocumentError
+from infra.errors import BadAnswerError, CommandFailedError, InfraError
 from infra.monitor import tracker as trk
 from infra.monitor.saved import SavedState
 from infra.monitor.snapshot import (
@@ -191,7 +191,7 @@ class Monitor:
         for name, exc in errors.items():
             if name not in self.trackers:
                 continue
-            if isinstance(exc, NodeDocumentError):  # reachable, but its answers are unusable
+            if isinstance(exc, BadAnswerError):  # reachable, but its answers are unusable
                 self._apply(*trk.on_broken(self.trackers[name], exc.one_line()))
             else:
                 self._apply(*trk.on_failure(self.trackers[name], now, exc.one_line(),
@@ -347,7 +347,7 @@ class Monitor:
         the instance is lost.
         """
         iid = rec.instance_id
-        refused = isinstance(exc, (CommandFailedError, NodeDocumentError))
+        refused = isinstance(exc, (CommandFailedError, BadAnswerError))
         if not refused and not rec.state.finished:
             self.log_failures.pop(iid, None)
             self.s.emit("log", iid, f"log sync failed: {exc.one_line()}")

@@ -26,9 +26,9 @@ from infra.config.model import (
     ResourceRequest,
 )
 from infra.errors import (
+    BadAnswerError,
     CommandFailedError,
     InfraError,
-    NodeDocumentError,
     TransportError,
     UsageError,
 )
@@ -341,8 +341,8 @@ class RunSession:
     async def sweep(self, run_id: str, skip: Iterable[str] = ()) -> dict[str, InfraError]:
         """One status call per node of the run; returns node -> error for nodes that failed.
 
-        An unreachable node gives a ``TransportError``; a node that answered with a malformed
-        document a ``NodeDocumentError`` (the node is broken). Either way the other nodes'
+        An unreachable node gives a ``TransportError``; a node whose answer is malformed or
+        far too long a ``BadAnswerError`` (the node is broken). Either way the other nodes'
         answers are applied.
 
         Nodes an instance was moved away from are asked too: a copy still running there
@@ -547,7 +547,7 @@ class RunSession:
                     await self.sync_log(run_id, rec, follow=False, on_bytes=on_bytes)
                     return
                 refused = 0
-            except (CommandFailedError, NodeDocumentError) as exc:
+            except (CommandFailedError, BadAnswerError) as exc:
                 refused += 1
                 if refused >= attempts:
                     raise
