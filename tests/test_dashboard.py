@@ -329,3 +329,19 @@ def test_frame_never_exceeds_the_screen(width: int, height: int, n_nodes: int,
     found = re.search(r"\+(\d+) more instances", text)
     if found and n_instances:
         assert shown + int(found.group(1)) == n_instances
+
+
+def test_broken_node_is_shown_first_with_its_reason() -> None:
+    """A node whose supervisor answers with a malformed document is flagged, not hidden."""
+    snap = small()
+    broken = NodeView("pi4", NodeState.BROKEN, instances=1, max_instances=1,
+                      reason="malformed supervisor document: instances[0].pid: expected an "
+                             "integer, got 'abc'")
+    snap = RunSnapshot(snap.run_id, snap.run_state, snap.taken_at, (*snap.nodes, broken),
+                       snap.instances, snap.events)
+    lines = text_of(snap, width=200)
+    rows = [line for line in lines if line.split()[:1] and line.split()[0] in
+            ("jetson", "x86-a", "pi5", "pi4")]
+    assert rows[0].split()[0] == "pi4"
+    assert "broken" in rows[0] and "instances[0].pid" in rows[0]
+    assert "Nodes 4 · 2 not healthy" in "\n".join(lines)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from infra.config.model import FailoverSection, NodeConfig
-from infra.errors import CommandFailedError, UsageError
+from infra.errors import CommandFailedError, NodeDocumentError, UsageError
 from infra.runner.supervisor_client import (
     SUPERVISOR_SOURCE,
     AttemptRecord,
@@ -27,7 +27,7 @@ from infra.runner.supervisor_client import (
     shell_path,
     supervisor_filename,
 )
-from infra.transport.base import CommandResult
+from infra.transport.base import DEFAULT_MAX_OUTPUT, CommandResult
 from infra.transport.local import LocalTransport
 
 
@@ -40,13 +40,16 @@ class CountingTransport(LocalTransport):
         self.puts: list[str] = []
 
     async def run(self, command: str | Sequence[str], *, input: str | None = None,
-                  timeout: float | None = None, check: bool = False) -> CommandResult:
+                  timeout: float | None = None, check: bool = False,
+                  max_output: int = DEFAULT_MAX_OUTPUT) -> CommandResult:
         self.commands.append(command if isinstance(command, str) else " ".join(command))
-        return await super().run(command, input=input, timeout=timeout, check=check)
+        return await super().run(command, input=input, timeout=timeout, check=check,
+                                 max_output=max_output)
 
-    async def put(self, local_path: str, remote_path: str) -> None:
+    async def put(self, local_path: str, remote_path: str, *,
+                  timeout: float | None = None) -> None:
         self.puts.append(remote_path)
-        await super().put(local_path, remote_path)
+        await super().put(local_path, remote_path, timeout=timeout)
 
 
 def make_node(work: str, python: str = sys.executable) -> NodeConfig:
@@ -166,3 +169,44 @@ def test_restart_policy_and_request_json() -> None:
                     "always": False},
         "placement": "p0", "fence": False,
     }
+
+
+@pytest.mark.parametrize(("change", "field", "reason"), [
+    ({"pid": "abc"}, "instances[0].pid", "expected an integer, got 'abc'"),
+    ({"attempts": {"1": {}}}, "instances[0].attempts", "expected a list, got a mapping"),
+    ({"attempts": [{"pid": 1.5}]}, "instances[0].attempts[0].pid", "expected an integer"),
+    ({"attempts": ["x"]}, "instances[0].attempts[0]", "expected a mapping, got 'x'"),
+    ({"restarts": None, "alive": "yes"}, "instances[0].alive", "expected true or false"),
+    ({"state": 3}, "instances[0].state", "expected a string, got 3"),
+    ({"created_at": [1]}, "instances[0].created_at", "expected a number, got a list"),
+])
+def test_malformed_instance_document_is_a_node_document_error(
+        change: dict[str, object], field: str, reason: str) -> None:
+    doc = {"run_id": "r", "instance_id": "i", "state": "running", "pid": 10, **change}
+    with pytest.raises(NodeDocumentError) as caught:
+        InstanceState.from_json("n1", doc, where="instances[0]")
+    assert caught.value.node == "n1" and caught.value.field == field
+    assert reason in str(caught.value) and str(caught.value).startswith("n1: malformed")
+
+
+def test_malformed_answers_from_a_replaced_script_are_typed_errors(tmp_path: Path) -> None:
+    """The node's installed script is swapped for one printing wrong shapes: every client
+    call fails with a NodeDocumentError naming the field, never a TypeError."""
+    from infra.transport.marker import wrap
+
+    transport = CountingTransport("n1")
+    client = SupervisorClient(transport, make_node(str(tmp_path)))
+    script = asyncio.run(client.ensure_installed())
+    answers = {"status": {"ok": True, "instances": {}},
+               "start": {"ok": True, "instance": ["not", "a", "mapping"]},
+               "read": {"ok": True, "data_b64": "!!", "offset": 0, "size": 0, "eof": True,
+                        "ended": True}}
+    Path(script).write_text("import sys\nanswers = " + repr(
+        {k: wrap(v) for k, v in answers.items()}) + "\nprint(answers[sys.argv[1]])\n")
+    with pytest.raises(NodeDocumentError, match="instances: expected a list, got a mapping"):
+        asyncio.run(client.status("r"))
+    with pytest.raises(NodeDocumentError, match="instance: expected a mapping"):
+        asyncio.run(client.start(StartRequest(run_id="r", instance_id="i", command="true")))
+    with pytest.raises(NodeDocumentError, match="data_b64: not base64"):
+        asyncio.run(client.read("r", "i"))
+

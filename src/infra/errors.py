@@ -86,6 +86,35 @@ class CommandFailedError(TransportError):
         self.stderr = stderr
 
 
+class BadAnswerError(TransportError):
+    """The node answered, but unusably (malformed, or far too long): the node is broken.
+
+    Not a sign that the node is unreachable: the live loop marks it broken, moves nothing
+    off it, and goes on with the other nodes.
+    """
+
+
+class OutputTooLargeError(BadAnswerError):
+    """A node printed more than the coordinator reads from one call; the command was killed."""
+
+    def __init__(self, node: str, limit: int, command: str) -> None:
+        super().__init__(node, f"node printed more than {limit} bytes (command killed): "
+                               f"{command[:200]}")
+        self.limit = limit
+
+
+class NodeDocumentError(BadAnswerError):
+    """A node answered with a document of the wrong shape (a broken or foreign supervisor).
+
+    ``field`` names the offending key path (``instances[0].pid``).
+    """
+
+    def __init__(self, node: str, what: str, field: str, reason: str) -> None:
+        super().__init__(node, f"malformed {what} document: {field}: {reason}")
+        self.what = what
+        self.field = field
+
+
 class DeployError(TransportError):
     """rsync to a node failed."""
 

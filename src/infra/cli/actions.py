@@ -18,7 +18,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 
 from infra.cli import views
 from infra.config import Cluster, ExperimentSpec
-from infra.errors import DeployRefused, InfraError, TransportError, UsageError
+from infra.errors import BadAnswerError, DeployRefused, InfraError, TransportError, UsageError
 from infra.monitor.loop import Monitor, MonitorOutcome
 from infra.monitor.saved import SavedState
 from infra.placement import Condition, NodeCondition
@@ -339,9 +339,9 @@ def do_status(c: Ctx, run_id: str | None, refresh: bool) -> None:
     cluster = c.cluster
     store = open_store(cluster)
     run = store.resolve_run(run_id)
-    errors: dict[str, str] = {}
+    errors: dict[str, InfraError] = {}
     if refresh:
-        async def go() -> dict[str, str]:
+        async def go() -> dict[str, InfraError]:
             async with ConnectionPool(cluster) as pool:
                 # a reader: records what the nodes say, acts on nothing (no lease)
                 return await RunSession(cluster, store, pool).sweep(run.run_id,
@@ -349,15 +349,21 @@ def do_status(c: Ctx, run_id: str | None, refresh: bool) -> None:
         errors = run_async(go)
         run = store.run(run.run_id)
     records = store.instances(run.run_id)
+    broken = {n: e for n, e in errors.items() if isinstance(e, BadAnswerError)}
     if c.json_out:
         doc = views.status_json(run, records)
-        doc["unreachable"] = errors
+        doc["unreachable"] = {n: e.one_line() for n, e in errors.items() if n not in broken}
+        doc["broken"] = {n: e.one_line() for n, e in broken.items()}
         doc["runs"] = [r.run_id for r in store.runs(20)]
         c.emit_json(doc)
     else:
         c.console.print(views.instances_table(run, records))
-        for node, why in errors.items():
-            c.err.print(f"[yellow]{node}: unreachable ({why}); showing its last known state[/]")
+        for node, exc in errors.items():
+            what = "broken" if node in broken else "unreachable"
+            why = " ".join(exc.reason.split()) if isinstance(exc, TransportError) \
+                else exc.one_line()
+            c.err.print(f"[yellow]{node}: {what} ({escape(why)}); showing its last known "
+                        "state[/]", soft_wrap=True)
     store.close()
 
 

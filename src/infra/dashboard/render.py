@@ -42,6 +42,7 @@ NODE_STYLE: dict[NodeState, str] = {
     NodeState.RECONNECTING: "yellow",
     NodeState.DISCONNECTED: "red",
     NodeState.OFFLINE: "bold red",
+    NodeState.BROKEN: "bold magenta",
     NodeState.UNKNOWN: "dim",
     NodeState.DISABLED: "dim",
     NodeState.MAINTENANCE: "blue",
@@ -51,6 +52,7 @@ NODE_STYLE: dict[NodeState, str] = {
 # Lower rank is shown first: nodes that need attention before healthy and disabled ones.
 _NODE_RANK: dict[NodeState, int] = {
     NodeState.OFFLINE: 0,
+    NodeState.BROKEN: 1,
     NodeState.DISCONNECTED: 1,
     NodeState.RECONNECTING: 2,
     NodeState.DEGRADED: 3,

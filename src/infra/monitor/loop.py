@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from infra.config.model import RecoverPolicy
-from infra.errors import InfraError, StateError
+from infra.errors import BadAnswerError, CommandFailedError, InfraError, StateError
 from infra.monitor import tracker as trk
 from infra.monitor.saved import SavedState
 from infra.monitor.snapshot import (
@@ -38,7 +38,7 @@ from infra.monitor.snapshot import (
 from infra.placement import Condition, NodeCondition
 from infra.probe.health import NodeHealth, NodeStatus
 from infra.probe.run import check_health
-from infra.runner.lifecycle import RunSession
+from infra.runner.lifecycle import LOG_SYNC_ATTEMPTS, RunSession
 from infra.state import InstancePhase, InstanceRecord
 from infra.state.store import coordinator_id
 
@@ -53,6 +53,8 @@ FENCE_STOP_SECONDS = 8.0
 """After a fence expires: the supervisor's check interval and its SIGTERM->SIGKILL grace
 (5 s), with a margin: only then is the old copy certainly gone."""
 FENCED = "fenced:"
+CANCEL_GRACE_SECONDS = 5.0
+"""How long a cancelled tick or log task may take to wind down (its commands are killed)."""
 
 SnapshotSink = Callable[[RunSnapshot], None]
 
@@ -64,6 +66,11 @@ class MonitorOutcome:
     finished: bool            # every instance is over, logs drained, results fetched
     lease_holder: str | None  # another coordinator held the lease at the end (we reported)
     unreachable: dict[str, str] = field(default_factory=dict)
+
+
+def _never_started(rec: InstanceRecord) -> bool:
+    """Over before any process ran (deploy or start failed): nothing of it is on the node."""
+    return rec.pid is None and rec.state.finished
 
 
 _CONDITION_OF = {
@@ -112,6 +119,8 @@ class Monitor:
         self.fetch_failures: dict[str, int] = {}
         self.started = time.monotonic()
         self.fence_waits: set[str] = set()
+        self.log_failures: dict[str, int] = {}
+        self.log_gave_up: dict[str, str] = {}  # instance -> the node its log was given up on
 
     # ------------------------------------------------------------------ main loop
 
@@ -122,9 +131,14 @@ class Monitor:
         try:
             while True:
                 await self.hold_lease()
-                outcome.unreachable = await self.tick_once(acting=self.acting)
+                unreachable = await self._bounded_tick(self.acting, deadline)
+                cut = unreachable is None
+                if unreachable is not None:
+                    outcome.unreachable = unreachable
                 records = {r.instance_id: r for r in self.s.store.instances(self.run_id)}
                 self.publish(records)
+                if cut:
+                    break
                 if self._all_done(records, acting=self.acting):
                     outcome.finished = True
                     break
@@ -166,6 +180,29 @@ class Monitor:
             return 0.0
         heard = max(self.s.renewed.get(node, 0.0), self.started)
         return max(0.0, heard + self.fence_seconds + FENCE_STOP_SECONDS - time.monotonic())
+
+    async def _bounded_tick(self, acting: bool,
+                            deadline: float | None) -> dict[str, str] | None:
+        """One tick; with a deadline, cut short when it ends (None: the tick was cut).
+
+        Each remote call has its own timeout, but several in a row (a frozen node: a sweep,
+        then a probe) could outlast ``--duration`` by far; the remaining time bounds them all.
+        A tick always gets at least one tick interval, so a short duration still sweeps.
+        """
+        if deadline is None:
+            return await self.tick_once(acting=acting)
+        budget = max(deadline - time.monotonic(), self.tick)
+        task = asyncio.ensure_future(self.tick_once(acting=acting))
+        done, _ = await asyncio.wait({task}, timeout=budget)
+        if done:
+            return task.result()
+        task.cancel()  # remote commands of a cancelled call are killed on their node
+        await asyncio.wait({task}, timeout=CANCEL_GRACE_SECONDS)
+        if task.done() and not task.cancelled():
+            return task.result()  # it finished (or failed) just as it was cancelled
+        self.s.emit("watch", self.run_id, f"duration over; the last tick was cut short after "
+                                          f"{budget:.1f} s (a node is slow to answer)")
+        return None
 
     # ------------------------------------------------------------------ lease
 
@@ -217,13 +254,16 @@ class Monitor:
         self._say(f"{why}; now only reporting")
 
     async def _cancel_streams(self) -> None:
+        """Cancel the log streams; a cancelled follow kills its command at once (bounded)."""
         tasks = list(self.tasks.values())
         self.tasks.clear()
         for task in tasks:
             task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=CANCEL_GRACE_SECONDS)
         for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            if task.done() and not task.cancelled():
+                task.exception()  # seen: its log copy resumes next time
 
     def _say(self, message: str) -> None:
         """A lease event: recorded with the run's events when the store allows, always shown."""
@@ -240,13 +280,18 @@ class Monitor:
                                NodeState.OFFLINE)}
         errors = await self.s.sweep(self.run_id, skip=down, stop_stale=acting,
                                     fence_seconds=self.fence_seconds if acting else None)
+        # a broken node that answered cleanly this time is probed at once to clear it
         due = [n for n, t in self.trackers.items()
-               if n not in errors and t.next_probe_at <= now]
+               if n not in errors and (t.next_probe_at <= now or t.state is NodeState.BROKEN)]
         probes = await asyncio.gather(*(self._probe(n) for n in due))
         now = time.monotonic()
-        for name, why in errors.items():
-            if name in self.trackers:
-                self._apply(*trk.on_failure(self.trackers[name], now, why,
+        for name, exc in errors.items():
+            if name not in self.trackers:
+                continue
+            if isinstance(exc, BadAnswerError):  # reachable, but its answers are unusable
+                self._apply(*trk.on_broken(self.trackers[name], exc.one_line()))
+            else:
+                self._apply(*trk.on_failure(self.trackers[name], now, exc.one_line(),
                                             self.s.cluster.health_check))
         for health in probes:
             t = self.trackers[health.node]
@@ -301,7 +346,9 @@ class Monitor:
         nodes = {r.node for r in pending if not self._node_down(r.node)}
         failed = await self.s.deploy_for_run(self.run_id, nodes, only="resume")
         for rec in pending:
-            if rec.node in nodes and rec.node not in failed and self.holding():
+            if rec.node in failed:  # failed with the reason, not retried every tick
+                self.s.deploy_failed(self.run_id, rec, failed[rec.node])
+            elif rec.node in nodes and self.holding():
                 self.s.emit("start", rec.instance_id, "resuming an unfinished launch")
                 await self.s.start_instance(self.run_id, rec)
 
@@ -366,8 +413,11 @@ class Monitor:
                 return
             task = self.tasks.get(instance_id)
             if task is not None and task.done():
-                if not task.cancelled() and task.exception() is None:
+                failure = None if task.cancelled() else task.exception()
+                if not task.cancelled() and failure is None:
                     self.drained.add(instance_id)
+                elif isinstance(failure, InfraError):
+                    self._log_failed(rec, failure)
                 del self.tasks[instance_id]
                 task = None
             if rec.state is InstancePhase.MOVING or self._node_down(rec.node):
@@ -376,9 +426,13 @@ class Monitor:
                     self.tasks.pop(instance_id, None)
                 self.drained.discard(instance_id)
                 continue
+            if _never_started(rec):
+                continue  # nothing of it on the node: no log to copy, no results to fetch
+            if self.log_gave_up.get(instance_id, rec.node) != rec.node:
+                del self.log_gave_up[instance_id]  # moved since: its new node is asked
             if instance_id in self.drained and rec.state.active:
                 self.drained.discard(instance_id)  # moved and running again elsewhere
-            if instance_id not in self.drained:
+            if instance_id not in self.drained and instance_id not in self.log_gave_up:
                 if rec.pid is None and not rec.state.finished:
                     continue  # not started yet
                 if task is None and not rec.state.finished and \
@@ -391,13 +445,15 @@ class Monitor:
                     try:
                         await self.s.sync_log(self.run_id, rec, follow=False,
                                               guard=self.holding)
+                        self.log_failures.pop(instance_id, None)
                         if rec.state.finished:
                             self.drained.add(instance_id)
                     except InfraError as exc:
-                        self.s.emit("log", instance_id, f"log sync failed: {exc.one_line()}")
+                        self._log_failed(rec, exc)
             fetchable = rec.state in (InstancePhase.EXITED, InstancePhase.FAILED,
                                       InstancePhase.STOPPED)
-            if fetchable and instance_id in self.drained and not rec.results_fetched \
+            copied = instance_id in self.drained or instance_id in self.log_gave_up
+            if fetchable and copied and not rec.results_fetched \
                     and self.fetch_failures.get(instance_id, 0) < RESULT_FETCH_ATTEMPTS:
                 try:
                     await self.s.fetch_results(self.run_id, rec)
@@ -405,6 +461,37 @@ class Monitor:
                     self.fetch_failures[instance_id] = self.fetch_failures.get(instance_id, 0) + 1
                     self.s.event(self.run_id, "results", instance_id,
                                  f"fetching results failed: {exc.one_line()}")
+
+    def _log_failed(self, rec: InstanceRecord, exc: InfraError) -> None:
+        """Count a failed log copy; past the limit, stop asking and say why (and mark lost).
+
+        A finished instance is given up on after any ``LOG_SYNC_ATTEMPTS`` failures in a row;
+        a live one only when its node keeps refusing (a dropped link is the node tracker's to
+        judge). When the node's supervisor refuses outright (no record of the instance),
+        the instance is lost.
+        """
+        iid = rec.instance_id
+        refused = isinstance(exc, (CommandFailedError, BadAnswerError))
+        if not refused and not rec.state.finished:
+            self.log_failures.pop(iid, None)
+            self.s.emit("log", iid, f"log sync failed: {exc.one_line()}")
+            return
+        count = self.log_failures.get(iid, 0) + 1
+        self.log_failures[iid] = count
+        if count < LOG_SYNC_ATTEMPTS:
+            self.s.emit("log", iid, f"log sync failed ({count}/{LOG_SYNC_ATTEMPTS}): "
+                                    f"{exc.one_line()}")
+            return
+        del self.log_failures[iid]
+        self.log_gave_up[iid] = rec.node
+        why = f"its log cannot be copied from {rec.node} ({count} failures): {exc.one_line()}"
+        if rec.state.finished:
+            self.s.event(self.run_id, "log", iid, f"gave up: {why}; the local copy may be "
+                                                  "incomplete")
+        elif isinstance(exc, CommandFailedError):
+            self.s.mark(self.run_id, rec, InstancePhase.LOST, why)
+        else:
+            self.s.event(self.run_id, "log", iid, f"gave up: {why}")
 
     def _node_down(self, node: str) -> bool:
         t = self.trackers.get(node)
@@ -417,9 +504,11 @@ class Monitor:
         for rec in records.values():
             if not rec.state.finished:
                 return False
-            if not acting or rec.state in (InstancePhase.PAUSED, InstancePhase.LOST):
+            if not acting or rec.state in (InstancePhase.PAUSED, InstancePhase.LOST) \
+                    or _never_started(rec):
                 continue
-            pending = rec.instance_id not in self.drained or not rec.results_fetched
+            copied = rec.instance_id in self.drained or rec.instance_id in self.log_gave_up
+            pending = not copied or not rec.results_fetched
             retry_left = self.fetch_failures.get(rec.instance_id, 0) < RESULT_FETCH_ATTEMPTS
             if pending and retry_left and not self._node_down(rec.node):
                 return False

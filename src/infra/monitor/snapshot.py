@@ -18,6 +18,7 @@ class NodeState(str, enum.Enum):
     RECONNECTING = "reconnecting"   # probe failed: retrying with exponential backoff
     DISCONNECTED = "disconnected"   # retries exhausted: grace window before offline
     OFFLINE = "offline"             # lost: its work is recovered by policy
+    BROKEN = "broken"               # answers, but with malformed documents: no new work
     UNKNOWN = "unknown"             # not probed yet
     DISABLED = "disabled"           # enabled: false in the topology
     MAINTENANCE = "maintenance"     # operator: no new work (scheduler issue)

@@ -2,7 +2,8 @@
 
 A failed probe or sweep moves a node to RECONNECTING, retried with exponential backoff;
 after ``reconnect_attempts`` failures it is DISCONNECTED for a grace window, then OFFLINE
-(its work is recovered by policy). Any success brings it straight back.
+(its work is recovered by policy). Any success brings it straight back. A node that answers
+with a malformed document is BROKEN (shown with the reason, given no new work, not moved).
 """
 
 from __future__ import annotations
@@ -50,6 +51,18 @@ def on_success(t: Tracker, now: float, degraded_reason: str | None,
     if new is t.state and reason == t.reason:
         return nt, None
     return nt, Transition(t.node, t.state, new, reason or "probe answered")
+
+
+def on_broken(t: Tracker, reason: str) -> tuple[Tracker, Transition | None]:
+    """The node answered with a malformed document: BROKEN with the reason.
+
+    Not a step towards OFFLINE (the node is reachable, its work is not moved); the next
+    sweep that reads cleanly, or a probe, brings it back.
+    """
+    nt = replace(t, state=NodeState.BROKEN, reason=reason, failures=0, disconnected_at=None)
+    if t.state is NodeState.BROKEN and t.reason == reason:
+        return nt, None
+    return nt, Transition(t.node, t.state, NodeState.BROKEN, reason)
 
 
 def on_failure(t: Tracker, now: float, reason: str,

@@ -12,7 +12,12 @@ import functools
 from importlib import resources
 
 from infra.config.model import HealthChecks, NodeConfig
-from infra.errors import CommandFailedError, TransportError, TransportTimeoutError
+from infra.errors import (
+    CommandFailedError,
+    NodeDocumentError,
+    TransportError,
+    TransportTimeoutError,
+)
 from infra.probe.facts import NodeFacts
 from infra.probe.health import NodeHealth, evaluate, unavailable
 from infra.transport.base import CommandResult, Transport
@@ -59,7 +64,10 @@ async def probe_node(transport: Transport, node: NodeConfig, timeout: float) -> 
         doc = extract_json(result.stdout)
     except ValueError:
         raise _failure(node, result) from None
-    return NodeFacts.from_json(node.name, doc)
+    try:
+        return NodeFacts.from_json(node.name, doc)
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
+        raise NodeDocumentError(node.name, "probe", "facts", str(exc)) from None
 
 
 async def check_health(transport: Transport, node: NodeConfig, checks: HealthChecks,

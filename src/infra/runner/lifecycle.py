@@ -24,7 +24,9 @@ from infra.config.model import (
     RecoverPolicy,
 )
 from infra.errors import (
+    BadAnswerError,
     CapacityRefusedError,
+    CommandFailedError,
     DeployRefused,
     InfraError,
     LeaseLostError,
@@ -56,6 +58,9 @@ EventSink = Callable[[str, str, str], None]
 
 MAX_REPLACE_TRIES = 3
 """How often an instance refused by a node's claims is placed again before it fails."""
+LOG_SYNC_ATTEMPTS = 3
+"""Times in a row a node may refuse an instance's log (no record, broken answer) before the
+coordinator stops asking and says so."""
 
 _NO_SPACE = "no space left on device"  # in the supervisor's disk-full reasons
 
@@ -285,6 +290,10 @@ class RunSession:
         verb = "already started" if state.already else "started"
         self.event(run_id, "start", rec.instance_id, f"{verb} on {node.name} (pid {state.pid})")
 
+    def deploy_failed(self, run_id: str, rec: InstanceRecord, why: str) -> None:
+        """The instance cannot start: its node did not take the tree. Failed, with why."""
+        self.mark(run_id, rec, InstancePhase.FAILED, f"deploy to {rec.node} failed: {why}")
+
     async def _place_refused(self, run_id: str, rec: InstanceRecord, why: str,
                              tries: int) -> None:
         """A node refused the start: place the instance again from every node's claims."""
@@ -340,9 +349,7 @@ class RunSession:
         starts = []
         for rec in records:
             if rec.node in failed_nodes:
-                self.store.update_instance(run_id, rec.instance_id, state=InstancePhase.FAILED,
-                                           reason=f"deploy to {rec.node} failed: "
-                                                  f"{failed_nodes[rec.node]}")
+                self.deploy_failed(run_id, rec, failed_nodes[rec.node])
                 continue
             starts.append(self.start_instance(run_id, rec))
         await asyncio.gather(*starts)
@@ -391,8 +398,12 @@ class RunSession:
 
     async def sweep(self, run_id: str, skip: Iterable[str] = (), *,
                     fence_seconds: float | None = None, fence_clear: bool = False,
-                    stop_stale: bool = True) -> dict[str, str]:
-        """One status call per node of the run; returns node -> error for unreachable nodes.
+                    stop_stale: bool = True) -> dict[str, InfraError]:
+        """One status call per node of the run; returns node -> error for nodes that failed.
+
+        An unreachable node gives a ``TransportError``; a node whose answer is malformed or
+        far too long a ``BadAnswerError`` (the node is broken). Either way the other nodes'
+        answers are applied.
 
         Nodes an instance was moved away from are asked too: a copy still running there
         (the node came back) is stopped, so there are never two -- only with ``stop_stale``,
@@ -425,10 +436,10 @@ class RunSession:
                 self.renewed[node_name] = time.monotonic()
             return node_name, states
 
-        errors: dict[str, str] = {}
+        errors: dict[str, InfraError] = {}
         for node_name, result in await asyncio.gather(*(one(n) for n in by_node)):
             if isinstance(result, InfraError):
-                errors[node_name] = result.one_line()
+                errors[node_name] = result
                 continue
             found = {s.instance_id: s for s in result}
             if stop_stale:
@@ -611,10 +622,16 @@ class RunSession:
         return size
 
     async def stream_log_until_done(self, run_id: str, instance_id: str, *,
-                                    retry_delay: float = 1.0,
+                                    retry_delay: float = 1.0, attempts: int = LOG_SYNC_ATTEMPTS,
                                     on_bytes: Callable[[bytes], None] | None = None,
                                     guard: Callable[[], bool] | None = None) -> None:
-        """Follow one instance's log until it ended and is drained, reconnecting on drops."""
+        """Follow one instance's log until it ended and is drained, reconnecting on drops.
+
+        A dropped link is retried for as long as it takes (the node tracker decides when a
+        node is gone); a node that answers but refuses (no record of the instance, a broken
+        supervisor) is retried ``attempts`` times in a row, then its error is raised.
+        """
+        refused = 0
         while True:
             rec = self.store.instance(run_id, instance_id)
             try:
@@ -632,6 +649,13 @@ class RunSession:
                     await self.sync_log(run_id, rec, follow=False, on_bytes=on_bytes,
                                         guard=guard)
                     return
+                refused = 0
+            except (CommandFailedError, BadAnswerError) as exc:
+                refused += 1
+                if refused >= attempts:
+                    raise
+                self.emit("log", instance_id, f"log sync refused ({exc.reason}); "
+                          f"retry {refused}/{attempts - 1}")
             except TransportError as exc:
                 self.emit("log", instance_id, f"log stream interrupted ({exc.reason}); "
                           "resuming")

@@ -27,6 +27,7 @@ from infra.config.model import ExperimentSpec, FailoverSection, NodeConfig
 from infra.errors import (
     CapacityRefusedError,
     CommandFailedError,
+    NodeDocumentError,
     StaleCopyError,
     StateError,
     UsageError,
@@ -106,13 +107,14 @@ class AttemptRecord:
     reason: str | None
 
     @classmethod
-    def from_json(cls, doc: Mapping[str, Any]) -> AttemptRecord:
-        """Build from one entry of the supervisor's ``attempts`` list."""
-        return cls(attempt=int(doc.get("attempt") or 0), pid=_opt_int(doc.get("pid")),
-                   started_at=_opt_float(doc.get("started_at")),
-                   ended_at=_opt_float(doc.get("ended_at")),
-                   exit_code=_opt_int(doc.get("exit_code")), signal=_opt_str(doc.get("signal")),
-                   reason=_opt_str(doc.get("reason")))
+    def from_json(cls, doc: Any, *, node: str = "",
+                  where: str = "attempts[]") -> AttemptRecord:
+        """Build from one entry of the supervisor's ``attempts`` list (types checked)."""
+        f = _Fields(node, where, _mapping(node, where, doc))
+        return cls(attempt=f.count("attempt"), pid=f.opt_int("pid"),
+                   started_at=f.opt_float("started_at"), ended_at=f.opt_float("ended_at"),
+                   exit_code=f.opt_int("exit_code"), signal=f.opt_text("signal"),
+                   reason=f.opt_text("reason"))
 
 
 @dataclass(frozen=True)
@@ -164,31 +166,36 @@ class InstanceState:
         return self.status.is_final
 
     @classmethod
-    def from_json(cls, node: str, doc: Mapping[str, Any]) -> InstanceState:
-        """Build from one instance document printed by the node-side script."""
+    def from_json(cls, node: str, doc: Any, *, where: str = "instance") -> InstanceState:
+        """Build from one instance document printed by the node-side script.
+
+        Every field's type is checked: a wrong one raises ``NodeDocumentError`` naming the
+        node and the field (``instances[0].pid``), never a bare TypeError/ValueError.
+        """
+        f = _Fields(node, where, _mapping(node, where, doc))
+        state = f.opt_text("state") or "lost"
         try:
-            status = InstanceStatus(doc.get("state", "lost"))
+            status = InstanceStatus(state)
         except ValueError:
             status = InstanceStatus.LOST
-        attempts = doc.get("attempts") or []
+        attempts = f.items("attempts")
         return cls(
-            node=node, run_id=str(doc.get("run_id", "")),
-            instance_id=str(doc.get("instance_id", "")), status=status,
-            pid=_opt_int(doc.get("pid")), pid_start_ticks=_opt_int(doc.get("pid_start_ticks")),
-            pgid=_opt_int(doc.get("pgid")), supervisor_pid=_opt_int(doc.get("supervisor_pid")),
-            alive=bool(doc.get("alive")), supervisor_alive=bool(doc.get("supervisor_alive")),
-            detached=bool(doc.get("detached")), created_at=_opt_float(doc.get("created_at")),
-            started_at=_opt_float(doc.get("started_at")),
-            ended_at=_opt_float(doc.get("ended_at")), exit_code=_opt_int(doc.get("exit_code")),
-            signal=_opt_str(doc.get("signal")),
-            attempts=tuple(AttemptRecord.from_json(a) for a in attempts if isinstance(a, dict)),
-            restarts=int(doc.get("restarts") or 0), stop_requested=bool(doc.get("stop_requested")),
-            final_reason=_opt_str(doc.get("final_reason")), log_size=int(doc.get("log_size") or 0),
-            last_line=str(doc.get("last_line") or ""), log_path=_opt_str(doc.get("log_path")),
-            results_dir=_opt_str(doc.get("results_dir")), cwd=_opt_str(doc.get("cwd")),
-            command=_opt_str(doc.get("command")), already=bool(doc.get("already")),
-            placement=str(doc.get("placement") or "p0"), fenced=bool(doc.get("fenced")),
-            disk_full=_opt_str(doc.get("disk_full")) or None,
+            node=node, run_id=f.text("run_id"), instance_id=f.text("instance_id"),
+            status=status, pid=f.opt_int("pid"), pid_start_ticks=f.opt_int("pid_start_ticks"),
+            pgid=f.opt_int("pgid"), supervisor_pid=f.opt_int("supervisor_pid"),
+            alive=f.flag("alive"), supervisor_alive=f.flag("supervisor_alive"),
+            detached=f.flag("detached"), created_at=f.opt_float("created_at"),
+            started_at=f.opt_float("started_at"), ended_at=f.opt_float("ended_at"),
+            exit_code=f.opt_int("exit_code"), signal=f.opt_text("signal"),
+            attempts=tuple(AttemptRecord.from_json(a, node=node, where=f"{where}.attempts[{i}]")
+                           for i, a in enumerate(attempts)),
+            restarts=f.count("restarts"), stop_requested=f.flag("stop_requested"),
+            final_reason=f.opt_text("final_reason"), log_size=f.count("log_size"),
+            last_line=f.text("last_line"), log_path=f.opt_text("log_path"),
+            results_dir=f.opt_text("results_dir"), cwd=f.opt_text("cwd"),
+            command=f.opt_text("command"), already=f.flag("already"),
+            placement=f.text("placement") or "p0", fenced=f.flag("fenced"),
+            disk_full=f.opt_text("disk_full") or None,
         )
 
 
@@ -343,7 +350,7 @@ class SupervisorClient:
             script = f"{root}/{name}"
             if present != "present":
                 tmp = f"{root}/.{name}.{uuid.uuid4().hex}.tmp"
-                await self.transport.put(str(SUPERVISOR_SOURCE), tmp)
+                await self.transport.put(str(SUPERVISOR_SOURCE), tmp, timeout=self.command_timeout)
                 await self.transport.run(f"mv -f {shlex.quote(tmp)} {shlex.quote(script)}",
                                          timeout=self.command_timeout, check=True)
             self._script = script
@@ -355,7 +362,7 @@ class SupervisorClient:
         check_id(request.instance_id, "instance id")
         doc = await self._call(["start", "--root", self.root],
                                input=_json(request.to_json(self.node.name)))
-        return InstanceState.from_json(self.node.name, doc["instance"])
+        return InstanceState.from_json(self.node.name, doc.get("instance"))
 
     async def status(self, run_id: str | None = None, *, fence_seconds: float | None = None,
                      fence_clear: bool = False, holder: str = "") -> list[InstanceState]:
@@ -371,8 +378,7 @@ class SupervisorClient:
                 args += ["--fence-clear", "--fence-holder", holder]
             elif fence_seconds is not None:
                 args += ["--fence-seconds", repr(float(fence_seconds)), "--fence-holder", holder]
-        doc = await self._call(args)
-        return [InstanceState.from_json(self.node.name, d) for d in doc["instances"]]
+        return self._instances(await self._call(args))
 
     async def claims(self) -> list[Claim]:
         """The node's live claims: every coordinator's work that holds capacity there."""
@@ -390,8 +396,7 @@ class SupervisorClient:
                 "--grace", repr(float(grace))]
         if instance_id is not None:
             args += ["--instance", check_id(instance_id, "instance id")]
-        doc = await self._call(args, timeout=grace + self.command_timeout)
-        return [InstanceState.from_json(self.node.name, d) for d in doc["instances"]]
+        return self._instances(await self._call(args, timeout=grace + self.command_timeout))
 
     async def follow(self, run_id: str, instance_id: str, offset: int = 0,
                      ) -> AsyncIterator[bytes]:
@@ -412,9 +417,21 @@ class SupervisorClient:
         args = ["read", "--root", self.root, "--run", check_id(run_id, "run id"),
                 "--instance", check_id(instance_id, "instance id"), "--offset", str(offset),
                 "--max-bytes", str(max_bytes)]
-        doc = await self._call(args)
-        return LogChunk(data=base64.b64decode(doc["data_b64"]), offset=int(doc["offset"]),
-                        size=int(doc["size"]), eof=bool(doc["eof"]), ended=bool(doc["ended"]))
+        f = _Fields(self.node.name, "read", await self._call(args))
+        encoded = f.text("data_b64")
+        try:
+            data = base64.b64decode(encoded, validate=True)
+        except ValueError:
+            raise NodeDocumentError(self.node.name, "supervisor", "read.data_b64",
+                                    "not base64") from None
+        return LogChunk(data=data, offset=f.count("offset"), size=f.count("size"),
+                        eof=f.flag("eof"), ended=f.flag("ended"))
+
+    def _instances(self, doc: Mapping[str, Any]) -> list[InstanceState]:
+        """The ``instances`` list of a status/stop answer, each entry type-checked."""
+        f = _Fields(self.node.name, "answer", doc)
+        return [InstanceState.from_json(self.node.name, d, where=f"instances[{i}]")
+                for i, d in enumerate(f.items("instances", required=True))]
 
     async def _command(self, args: Sequence[str]) -> str:
         # -S -E: the script is stdlib only, so skip site-packages (.pth files can cost 100+ ms
@@ -471,13 +488,71 @@ def _tail(result: CommandResult) -> str:
     return f"exit {status}: {text}" if text else f"exit {status}"
 
 
-def _opt_int(value: Any) -> int | None:
-    return None if value is None else int(value)
+def _shown(value: Any) -> str:
+    """A wrong value as an error message shows it: short, containers by type."""
+    if isinstance(value, (dict, list)):
+        return f"a {'mapping' if isinstance(value, dict) else 'list'}"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _opt_float(value: Any) -> float | None:
-    return None if value is None else float(value)
+def _mapping(node: str, where: str, doc: Any) -> Mapping[str, Any]:
+    if not isinstance(doc, Mapping):
+        raise NodeDocumentError(node, "supervisor", where,
+                                f"expected a mapping, got {_shown(doc)}")
+    return doc
 
 
-def _opt_str(value: Any) -> str | None:
-    return None if value is None else str(value)
+@dataclass(frozen=True)
+class _Fields:
+    """Reads a node document's fields with their types checked; errors name the field."""
+
+    node: str
+    where: str
+    doc: Mapping[str, Any]
+
+    def _bad(self, key: str, expected: str, value: Any) -> NodeDocumentError:
+        return NodeDocumentError(self.node, "supervisor", f"{self.where}.{key}",
+                                 f"expected {expected}, got {_shown(value)}")
+
+    def opt_int(self, key: str) -> int | None:
+        value = self.doc.get(key)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self._bad(key, "an integer", value)
+        return value
+
+    def count(self, key: str) -> int:
+        return self.opt_int(key) or 0
+
+    def opt_float(self, key: str) -> float | None:
+        value = self.doc.get(key)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self._bad(key, "a number", value)
+        return float(value)
+
+    def opt_text(self, key: str) -> str | None:
+        value = self.doc.get(key)
+        if value is None or isinstance(value, str):
+            return value
+        raise self._bad(key, "a string", value)
+
+    def text(self, key: str) -> str:
+        return self.opt_text(key) or ""
+
+    def flag(self, key: str) -> bool:
+        value = self.doc.get(key)
+        if value is None or isinstance(value, bool):
+            return bool(value)
+        raise self._bad(key, "true or false", value)
+
+    def items(self, key: str, *, required: bool = False) -> list[Any]:
+        value = self.doc.get(key)
+        if value is None and not required:
+            return []
+        if not isinstance(value, list):
+            raise self._bad(key, "a list", value)
+        return value

@@ -10,6 +10,12 @@ import abc
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
+DEFAULT_CALL_TIMEOUT_S = 300.0
+"""Bound on a ``run``/``put``/``get`` whose caller names none: no remote call is unbounded."""
+
+DEFAULT_MAX_OUTPUT = 16 * 1024 * 1024
+"""Bytes of stdout (and, apart, of stderr) one ``run`` reads before it kills the command."""
+
 
 @dataclass(frozen=True)
 class CommandResult:
@@ -33,27 +39,37 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     async def run(self, command: str | Sequence[str], *, input: str | None = None,
-                  timeout: float | None = None, check: bool = False) -> CommandResult:
+                  timeout: float | None = None, check: bool = False,
+                  max_output: int = DEFAULT_MAX_OUTPUT) -> CommandResult:
         """Run a command through the node's shell.
 
         A sequence is quoted with ``shlex.join``; a string is passed as is (the caller quoted
-        it). ``check`` raises ``CommandFailedError`` on a non-zero exit.
+        it). ``check`` raises ``CommandFailedError`` on a non-zero exit. ``timeout`` (None:
+        ``DEFAULT_CALL_TIMEOUT_S``) and ``max_output`` bound the call: past either, the
+        command and everything it started in its process group are killed on the node and
+        ``TransportTimeoutError`` / ``OutputTooLargeError`` is raised.
         """
 
     @abc.abstractmethod
-    async def put(self, local_path: str, remote_path: str) -> None:
-        """Copy one local file to the node."""
+    async def put(self, local_path: str, remote_path: str, *,
+                  timeout: float | None = None) -> None:
+        """Copy one local file to the node (``timeout`` None: ``DEFAULT_CALL_TIMEOUT_S``)."""
 
     @abc.abstractmethod
-    async def get(self, remote_path: str, local_path: str) -> None:
-        """Copy one file from the node to the coordinator."""
+    async def get(self, remote_path: str, local_path: str, *,
+                  timeout: float | None = None) -> None:
+        """Copy one file from the node (``timeout`` None: ``DEFAULT_CALL_TIMEOUT_S``)."""
 
     @abc.abstractmethod
-    def stream(self, command: str | Sequence[str]) -> AsyncIterator[bytes]:
+    def stream(self, command: str | Sequence[str], *,
+               timeout: float | None = None) -> AsyncIterator[bytes]:
         """Run a command and yield its raw stdout bytes as they arrive.
 
         Bytes, not lines, so a caller can count exact offsets (resumable log streams).
         The iterator ends when the command exits; a lost connection raises TransportError.
+        A follow may rightly stay quiet for hours, so a stream is bounded only when
+        ``timeout`` is given (a frozen node is caught by the connection's keepalive); the
+        command is killed whenever the stream ends early (timeout, error, caller gone).
         """
 
     @abc.abstractmethod

@@ -1,4 +1,8 @@
-"""Local transport: the node is this machine; commands run through ``/bin/sh -c``."""
+"""Local transport: the node is this machine; commands run through ``/bin/sh -c``.
+
+Bounded like the SSH transport: a timeout (default ``DEFAULT_CALL_TIMEOUT_S``) and an output
+cap on every command, whose whole process group is killed when either is passed.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +14,20 @@ import shutil
 import signal
 from collections.abc import AsyncIterator, Sequence
 
-from infra.errors import CommandFailedError, TransportTimeoutError
-from infra.transport.base import CommandResult, Transport
+from infra.errors import CommandFailedError, OutputTooLargeError, TransportTimeoutError
+from infra.transport.base import (
+    DEFAULT_CALL_TIMEOUT_S,
+    DEFAULT_MAX_OUTPUT,
+    CommandResult,
+    Transport,
+)
+
+_CHUNK = 65536
+_REAP_DRAIN_S = 5.0
+
+
+class _OutputCapped(Exception):
+    """A command printed more than the caller reads."""
 
 
 def _as_shell(command: str | Sequence[str]) -> str:
@@ -32,15 +48,55 @@ def _kill_group(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
 
 
+async def _read_capped(stream: asyncio.StreamReader, cap: int) -> bytes:
+    """Everything until EOF, or ``_OutputCapped`` past ``cap`` bytes."""
+    buf = bytearray()
+    while True:
+        chunk = await stream.read(_CHUNK)
+        if not chunk:
+            return bytes(buf)
+        buf += chunk
+        if len(buf) > cap:
+            raise _OutputCapped
+
+
+async def _communicate(proc: asyncio.subprocess.Process, input: str | None,
+                       cap: int) -> tuple[bytes, bytes]:
+    """Feed ``input``, read stdout and stderr (each capped), wait for the exit."""
+    assert proc.stdout is not None and proc.stderr is not None
+    if input is not None and proc.stdin is not None:
+        proc.stdin.write(input.encode())
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            await proc.stdin.drain()
+        proc.stdin.close()
+    readers = [asyncio.ensure_future(_read_capped(proc.stdout, cap)),
+               asyncio.ensure_future(_read_capped(proc.stderr, cap))]
+    try:
+        done, _ = await asyncio.wait(readers, return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            task.result()
+        out, err = (await readers[0], await readers[1])
+    finally:
+        for task in readers:
+            if not task.done():
+                task.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+    await proc.wait()
+    return out, err
+
+
 class LocalTransport(Transport):
     """Runs commands as the coordinator's own user, on the coordinator's machine."""
 
-    def __init__(self, node: str) -> None:
+    def __init__(self, node: str, *, call_timeout: float = DEFAULT_CALL_TIMEOUT_S) -> None:
         self.node = node
+        self.call_timeout = call_timeout
 
     async def run(self, command: str | Sequence[str], *, input: str | None = None,
-                  timeout: float | None = None, check: bool = False) -> CommandResult:
+                  timeout: float | None = None, check: bool = False,
+                  max_output: int = DEFAULT_MAX_OUTPUT) -> CommandResult:
         cmd = _as_shell(command)
+        limit = self.call_timeout if timeout is None else timeout
         proc = await asyncio.create_subprocess_exec(
             "/bin/sh", "-c", cmd,
             stdin=asyncio.subprocess.PIPE if input is not None else asyncio.subprocess.DEVNULL,
@@ -48,13 +104,17 @@ class LocalTransport(Transport):
             start_new_session=True,  # so a timeout can kill the shell and its children
         )
         try:
-            out, err = await asyncio.wait_for(
-                proc.communicate(input.encode() if input is not None else None), timeout)
+            out, err = await asyncio.wait_for(_communicate(proc, input, max_output), limit)
         except asyncio.TimeoutError:
-            _kill_group(proc.pid)
-            await proc.wait()
+            await _reap(proc)
             raise TransportTimeoutError(self.node,
-                                        f"timed out after {timeout:g} s: {cmd}") from None
+                                        f"timed out after {limit:g} s: {cmd}") from None
+        except _OutputCapped:
+            await _reap(proc)
+            raise OutputTooLargeError(self.node, max_output, cmd) from None
+        except BaseException:
+            _kill_group(proc.pid)
+            raise
         rc = proc.returncode if proc.returncode is not None else -1
         result = CommandResult(
             command=cmd,
@@ -68,25 +128,46 @@ class LocalTransport(Transport):
                                      exit_status=result.exit_status, stderr=result.stderr)
         return result
 
-    async def put(self, local_path: str, remote_path: str) -> None:
+    async def put(self, local_path: str, remote_path: str, *,
+                  timeout: float | None = None) -> None:
         dest = os.path.expanduser(remote_path)
         os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
-        await asyncio.to_thread(shutil.copyfile, local_path, dest)
+        await self._copy(local_path, dest, timeout)
 
-    async def get(self, remote_path: str, local_path: str) -> None:
+    async def get(self, remote_path: str, local_path: str, *,
+                  timeout: float | None = None) -> None:
         os.makedirs(os.path.dirname(local_path) or ".", exist_ok=True)
-        await asyncio.to_thread(shutil.copyfile, os.path.expanduser(remote_path), local_path)
+        await self._copy(os.path.expanduser(remote_path), local_path, timeout)
 
-    async def stream(self, command: str | Sequence[str]) -> AsyncIterator[bytes]:
+    async def _copy(self, src: str, dest: str, timeout: float | None) -> None:
+        """Copy in a thread, bounded (a stuck file system does not hang the caller)."""
+        limit = self.call_timeout if timeout is None else timeout
+        try:
+            await asyncio.wait_for(asyncio.to_thread(shutil.copyfile, src, dest), limit)
+        except asyncio.TimeoutError:
+            raise TransportTimeoutError(
+                self.node, f"copy {src} -> {dest}: timed out after {limit:g} s") from None
+
+    async def stream(self, command: str | Sequence[str], *,
+                     timeout: float | None = None) -> AsyncIterator[bytes]:
+        cmd = _as_shell(command)
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
         proc = await asyncio.create_subprocess_exec(
-            "/bin/sh", "-c", _as_shell(command),
+            "/bin/sh", "-c", cmd,
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.DEVNULL, start_new_session=True,
         )
         assert proc.stdout is not None
         try:
             while True:
-                chunk = await proc.stdout.read(65536)
+                read = proc.stdout.read(_CHUNK)
+                try:
+                    chunk = await (read if deadline is None else
+                                   asyncio.wait_for(read, max(0.0, deadline - loop.time())))
+                except asyncio.TimeoutError:
+                    raise TransportTimeoutError(
+                        self.node, f"stream timed out after {timeout:g} s: {cmd}") from None
                 if not chunk:
                     break
                 yield chunk
@@ -97,3 +178,17 @@ class LocalTransport(Transport):
 
     async def close(self) -> None:
         return None
+
+
+async def _reap(proc: asyncio.subprocess.Process) -> None:
+    """Kill the command's process group, drop what is left in its pipes, collect its exit."""
+    _kill_group(proc.pid)
+
+    async def drain() -> None:
+        for pipe in (proc.stdout, proc.stderr):
+            while pipe is not None and await pipe.read(_CHUNK):
+                pass
+
+    with contextlib.suppress(asyncio.TimeoutError):  # a detached child may hold a pipe
+        await asyncio.wait_for(drain(), _REAP_DRAIN_S)
+    await proc.wait()

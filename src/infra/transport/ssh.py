@@ -6,12 +6,19 @@ first contact (OpenSSH's ``StrictHostKeyChecking=accept-new``); a changed key is
 every mode.  Keys and known_hosts files are parsed once per process and re-read only when the
 file changes.  Every asyncssh/OS failure becomes a typed ``TransportError`` carrying the node
 name and a short reason.
+
+Every call is bounded (connect, channel wait and open, command, transfer; a stream when asked)
+and a command that is given up on is killed on the node, not merely detached from: see
+``node_command`` and ``_kill``. Output is read up to a cap, so a node printing without end
+costs the coordinator at most that much memory.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
+import math
 import os
 import posixpath
 import shlex
@@ -33,11 +40,17 @@ from infra.errors import (
     AuthFailedError,
     CommandFailedError,
     HostKeyError,
+    OutputTooLargeError,
     TransportError,
     TransportTimeoutError,
     UnreachableError,
 )
-from infra.transport.base import CommandResult, Transport
+from infra.transport.base import (
+    DEFAULT_CALL_TIMEOUT_S,
+    DEFAULT_MAX_OUTPUT,
+    CommandResult,
+    Transport,
+)
 
 DEFAULT_MAX_CHANNELS = 8
 """Concurrent channels per connection: below OpenSSH's default ``MaxSessions 10``."""
@@ -47,6 +60,11 @@ DEFAULT_SSH_CONFIG = "~/.ssh/config"
 """Host aliases, User, Port, IdentityFile, ProxyJump... apply where the node leaves them."""
 SSH_PORT = 22
 _CHUNK = 65536
+
+CLOSE_WAIT_S = 2.0
+"""The most ``close`` waits for the node to acknowledge before it aborts the connection."""
+KILL_AFTER_S = 5
+"""The node-side ``timeout`` fires this long after the coordinator's own deadline."""
 
 _OPEN_RETRIES = 8  # about 0.9 s of waiting in all before a refused channel is an error
 _OPEN_RETRY_FIRST_S = 0.01
@@ -250,6 +268,66 @@ def _os_reason(exc: OSError) -> str:
     return exc.strerror or text or type(exc).__name__
 
 
+class _OutputCapped(Exception):
+    """A command printed more than the caller reads (internal: becomes OutputTooLargeError)."""
+
+
+def node_command(cmd: str, timeout: float) -> str:
+    """``cmd`` wrapped so the node bounds it too, not only the coordinator.
+
+    The login shell execs coreutils ``timeout`` (when the node has it) in its own place, so
+    the command runs in the session's process group, which sshd kills on the channel's
+    signal request (see ``_kill``); should that request be refused or never arrive (a link
+    that died), ``timeout`` kills the group ``KILL_AFTER_S`` after the coordinator's own
+    deadline. Processes that start their own session (the supervisor daemon) are not hit.
+    """
+    limit = math.ceil(timeout) + KILL_AFTER_S
+    return (f"set -- timeout -k 2 {limit}; command -v timeout >/dev/null 2>&1 || set --; "
+            f'exec "$@" "${{SHELL:-/bin/sh}}" -c {shlex.quote(cmd)}')
+
+
+def _kill(proc: asyncssh.SSHClientProcess[Any]) -> None:
+    """Kill a command's process group on the node (sshd's ``killpg``), then close it."""
+    if proc.exit_status is None and proc.exit_signal is None:
+        with contextlib.suppress(OSError, asyncssh.Error):
+            proc.kill()
+    proc.close()
+
+
+async def _read_capped(stream: asyncssh.SSHReader[bytes], cap: int) -> bytes:
+    """Everything until EOF, or ``_OutputCapped`` past ``cap`` bytes (memory stays bounded)."""
+    buf = bytearray()
+    while True:
+        chunk = await stream.read(_CHUNK)
+        if not chunk:
+            return bytes(buf)
+        buf += chunk
+        if len(buf) > cap:
+            raise _OutputCapped
+
+
+async def _communicate(proc: asyncssh.SSHClientProcess[bytes], input: str | None,
+                       cap: int) -> tuple[bytes, bytes]:
+    """Send ``input``, read stdout and stderr (each capped) and wait for the exit."""
+    if input:
+        proc.stdin.write(input.encode())
+    proc.stdin.write_eof()
+    readers = [asyncio.ensure_future(_read_capped(proc.stdout, cap)),
+               asyncio.ensure_future(_read_capped(proc.stderr, cap))]
+    try:
+        done, _ = await asyncio.wait(readers, return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            task.result()  # raise the first failure
+        out, err = (await readers[0], await readers[1])
+    finally:
+        for task in readers:
+            if not task.done():
+                task.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+    await proc.wait_closed()
+    return out, err
+
+
 class SSHTransport(Transport):
     """Talks to one node over a single reused asyncssh connection.
 
@@ -262,8 +340,10 @@ class SSHTransport(Transport):
 
     def __init__(self, node: NodeConfig, health: HealthCheckSection | None = None, *,
                  max_channels: int = DEFAULT_MAX_CHANNELS,
-                 ssh_config: str | None = DEFAULT_SSH_CONFIG) -> None:
+                 ssh_config: str | None = DEFAULT_SSH_CONFIG,
+                 call_timeout: float = DEFAULT_CALL_TIMEOUT_S) -> None:
         self.node = node.name
+        self.call_timeout = call_timeout
         self.config = node
         self.health = health if health is not None else HealthCheckSection()
         self.known_hosts = Path(self.health.known_hosts or DEFAULT_KNOWN_HOSTS).expanduser()
@@ -428,30 +508,24 @@ class SSHTransport(Transport):
     # -- Transport ---------------------------------------------------------------------
 
     async def run(self, command: str | Sequence[str], *, input: str | None = None,
-                  timeout: float | None = None, check: bool = False) -> CommandResult:
-        """Run a command through the login shell of ``ssh_user`` on the node."""
+                  timeout: float | None = None, check: bool = False,
+                  max_output: int = DEFAULT_MAX_OUTPUT) -> CommandResult:
+        """Run a command through the login shell of ``ssh_user`` on the node.
+
+        The whole call (waiting for a channel, opening it, the command) is bounded by
+        ``timeout``; on timeout, on more than ``max_output`` bytes of output and when the
+        caller is cancelled, the command's process group is killed on the node.
+        """
         cmd = _as_shell(command)
-        async with self._channels:
-            conn, proc = await self._open(
-                lambda c: c.create_process(cmd, encoding="utf-8", errors="replace"))
-            try:
-                if input:
-                    proc.stdin.write(input)
-                proc.stdin.write_eof()
-                out, err = await asyncio.wait_for(proc.communicate(), timeout)
-            except asyncio.TimeoutError:
-                proc.close()
-                raise TransportTimeoutError(
-                    self.node, f"timed out after {timeout:g} s: {cmd}") from None
-            except _LINK_ERRORS as exc:
-                proc.close()
-                raise self._failed(conn, exc) from None
-            except asyncio.CancelledError:
-                proc.close()  # do not leave the remote command attached to a dead caller
-                raise
-            if proc.exit_status is None and proc.exit_signal is None:
-                # The channel closed with no exit report: the connection went away.
-                raise self._failed(conn, asyncssh.ConnectionLost("closed while running"))
+        limit = self.call_timeout if timeout is None else timeout
+        try:
+            proc, out, err = await asyncio.wait_for(
+                self._run(cmd, input, limit, max_output), limit)
+        except TransportError:
+            raise
+        except asyncio.TimeoutError:
+            raise TransportTimeoutError(
+                self.node, f"timed out after {limit:g} s: {cmd}") from None
         signal_info = proc.exit_signal
         signal = None
         if signal_info is not None:
@@ -459,7 +533,8 @@ class SSHTransport(Transport):
             signal = name if name.startswith("SIG") else f"SIG{name}"
         status = proc.exit_status if signal is None else None
         result = CommandResult(command=cmd, exit_status=status, signal=signal,
-                               stdout=str(out), stderr=str(err))
+                               stdout=out.decode("utf-8", "replace"),
+                               stderr=err.decode("utf-8", "replace"))
         if check and not result.ok:
             what = f"signal {signal}" if signal else f"exit {status}"
             raise CommandFailedError(self.node, f"command failed ({what}): "
@@ -467,54 +542,116 @@ class SSHTransport(Transport):
                                      exit_status=status, stderr=result.stderr)
         return result
 
-    async def put(self, local_path: str, remote_path: str) -> None:
+    async def _run(self, cmd: str, input: str | None, limit: float, max_output: int,
+                   ) -> tuple[asyncssh.SSHClientProcess[bytes], bytes, bytes]:
+        """Open a channel, run ``cmd`` under the node-side bound, read capped output."""
+        wrapped = node_command(cmd, limit)
+        async with self._channels:
+            conn, proc = await self._open(
+                lambda c: c.create_process(wrapped, encoding=None))
+            try:
+                out, err = await _communicate(proc, input, max_output)
+            except _OutputCapped:
+                _kill(proc)
+                raise OutputTooLargeError(self.node, max_output, cmd) from None
+            except _LINK_ERRORS as exc:
+                _kill(proc)
+                raise self._failed(conn, exc) from None
+            except BaseException:  # timed out or the caller went away: not left running
+                _kill(proc)
+                raise
+            if proc.exit_status is None and proc.exit_signal is None:
+                # The channel closed with no exit report: the connection went away.
+                raise self._failed(conn, asyncssh.ConnectionLost("closed while running"))
+        return proc, out, err
+
+    async def put(self, local_path: str, remote_path: str, *,
+                  timeout: float | None = None) -> None:
         """Copy a local file to the node over SFTP (parent directories are created)."""
         if not os.path.isfile(local_path):
             raise FileNotFoundError(local_path)
         target = _sftp_path(remote_path)
-        async with self._channels:
-            conn, sftp = await self._open(lambda c: c.start_sftp_client())
-            try:
-                parent = posixpath.dirname(target)
-                if parent:
-                    await sftp.makedirs(parent, exist_ok=True)
-                await sftp.put(local_path, target)
-            except asyncssh.SFTPError as exc:
-                raise TransportError(
-                    self.node, f"put {local_path} -> {remote_path}: {exc.reason}") from None
-            except _LINK_ERRORS as exc:
-                raise self._failed(conn, exc) from None
-            finally:
-                sftp.exit()
 
-    async def get(self, remote_path: str, local_path: str) -> None:
+        async def transfer(sftp: asyncssh.SFTPClient) -> None:
+            parent = posixpath.dirname(target)
+            if parent:
+                await sftp.makedirs(parent, exist_ok=True)
+            await sftp.put(local_path, target)
+
+        await self._sftp(transfer, f"put {local_path} -> {remote_path}", timeout)
+
+    async def get(self, remote_path: str, local_path: str, *,
+                  timeout: float | None = None) -> None:
         """Copy a file from the node over SFTP (local parent directories are created)."""
         os.makedirs(os.path.dirname(local_path) or ".", exist_ok=True)
-        async with self._channels:
-            conn, sftp = await self._open(lambda c: c.start_sftp_client())
-            try:
-                await sftp.get(_sftp_path(remote_path), local_path)
-            except asyncssh.SFTPError as exc:
-                raise TransportError(
-                    self.node, f"get {remote_path} -> {local_path}: {exc.reason}") from None
-            except _LINK_ERRORS as exc:
-                raise self._failed(conn, exc) from None
-            finally:
-                sftp.exit()
 
-    async def stream(self, command: str | Sequence[str]) -> AsyncIterator[bytes]:
-        """Yield the command's raw stdout bytes as they arrive, until it exits."""
+        async def transfer(sftp: asyncssh.SFTPClient) -> None:
+            await sftp.get(_sftp_path(remote_path), local_path)
+
+        await self._sftp(transfer, f"get {remote_path} -> {local_path}", timeout)
+
+    async def _sftp(self, transfer: Callable[[asyncssh.SFTPClient], Awaitable[None]],
+                    what: str, timeout: float | None) -> None:
+        """One SFTP session doing ``transfer``, bounded by ``timeout`` as a whole."""
+        limit = self.call_timeout if timeout is None else timeout
+
+        async def session() -> None:
+            async with self._channels:
+                conn, sftp = await self._open(lambda c: c.start_sftp_client())
+                try:
+                    await transfer(sftp)
+                except asyncssh.SFTPError as exc:
+                    raise TransportError(self.node, f"{what}: {exc.reason}") from None
+                except _LINK_ERRORS as exc:
+                    raise self._failed(conn, exc) from None
+                finally:
+                    sftp.exit()
+
+        try:
+            await asyncio.wait_for(session(), limit)
+        except TransportError:
+            raise
+        except asyncio.TimeoutError:
+            raise TransportTimeoutError(self.node, f"{what}: timed out after {limit:g} s") \
+                from None
+
+    async def stream(self, command: str | Sequence[str], *,
+                     timeout: float | None = None) -> AsyncIterator[bytes]:
+        """Yield the command's raw stdout bytes as they arrive, until it exits.
+
+        Opening the channel is bounded by the call timeout; the stream as a whole only by
+        ``timeout`` when given. However it ends early, the command is killed on the node.
+        """
         cmd = _as_shell(command)
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        wrapped = cmd if timeout is None else node_command(cmd, timeout)
+
+        def left() -> float:
+            return self.call_timeout if deadline is None else max(0.0, deadline - loop.time())
+
+        def expired() -> TransportTimeoutError:
+            return TransportTimeoutError(self.node, f"stream timed out after "
+                                                    f"{timeout or self.call_timeout:g} s: {cmd}")
+
         async with self._channels:
-            conn, proc = await self._open(
-                lambda c: c.create_process(cmd, encoding=None, stdin=asyncssh.DEVNULL,
-                                           stderr=asyncssh.DEVNULL))
+            try:
+                conn, proc = await asyncio.wait_for(self._open(
+                    lambda c: c.create_process(wrapped, encoding=None, stdin=asyncssh.DEVNULL,
+                                               stderr=asyncssh.DEVNULL)), left())
+            except TransportError:
+                raise
+            except asyncio.TimeoutError:
+                raise expired() from None
             try:
                 while True:
                     try:
-                        chunk = await proc.stdout.read(_CHUNK)
+                        chunk = await (proc.stdout.read(_CHUNK) if deadline is None else
+                                       asyncio.wait_for(proc.stdout.read(_CHUNK), left()))
                     except _LINK_ERRORS as exc:
                         raise self._failed(conn, exc) from None
+                    except asyncio.TimeoutError:
+                        raise expired() from None
                     if not chunk:
                         break
                     yield chunk
@@ -522,15 +659,20 @@ class SSHTransport(Transport):
                 if proc.exit_status is None and proc.exit_signal is None:
                     raise self._failed(conn, asyncssh.ConnectionLost("closed while streaming"))
             finally:
-                proc.close()
+                _kill(proc)
 
     async def close(self) -> None:
-        """Close the connection (waiting at most the connect timeout); safe to call twice."""
+        """Close the connection (waiting a moment at most, then abort); safe to call twice.
+
+        A healthy node closes in milliseconds; a frozen one never answers, and waiting the
+        full connect timeout for it would hold up the end of every command.
+        """
         conn, self._conn = self._conn, None
         if conn is None:
             return
         conn.close()
         try:
-            await asyncio.wait_for(conn.wait_closed(), self.health.timeout_seconds or None)
+            await asyncio.wait_for(conn.wait_closed(),
+                                   min(self.health.timeout_seconds or CLOSE_WAIT_S, CLOSE_WAIT_S))
         except (asyncio.TimeoutError, *_LINK_ERRORS):
             conn.abort()
