@@ -53,6 +53,8 @@ FENCE_STOP_SECONDS = 8.0
 """After a fence expires: the supervisor's check interval and its SIGTERM->SIGKILL grace
 (5 s), with a margin: only then is the old copy certainly gone."""
 FENCED = "fenced:"
+FENCE_CLEAR_SECONDS = 5.0
+"""At most this long for clearing the fences when a watcher detaches."""
 CANCEL_GRACE_SECONDS = 5.0
 """How long a cancelled tick or log task may take to wind down (its commands are killed)."""
 
@@ -164,15 +166,28 @@ class Monitor:
         return value if value > 0 else None
 
     async def _clear_fences(self) -> None:
-        """Detaching: clear the run's fences, so work nobody watches keeps running."""
+        """Detaching: clear the run's fences, so work nobody watches keeps running.
+
+        Only nodes that answer get cleared; this never holds up the detach for long: a node
+        that cannot be told fences its work after the timeout (the next ``watch`` restarts it).
+        """
         if self.fence_seconds is None:
             return
+        fenced = {r.node for r in self.s.store.instances(self.run_id)
+                  if r.state.active and self.s.fenced(r.spec)}
+        down = {n for n in fenced if self._node_down(n)}
+        if not fenced - down:
+            return
+        bound = min(self.s.cluster.health_check.timeout_seconds, FENCE_CLEAR_SECONDS)
         try:
-            await asyncio.wait_for(asyncio.shield(self.s.sweep(self.run_id, fence_clear=True)),
-                                   timeout=self.s.cluster.health_check.timeout_seconds)
-        except (asyncio.TimeoutError, InfraError) as exc:
-            self.s.emit("fence", self.run_id, f"could not clear the fences ({exc!r}); fenced "
-                        "work stops on its node after the fence timeout unless watched again")
+            failed = set(await asyncio.wait_for(
+                self.s.sweep(self.run_id, skip=down, fence_clear=True, stop_stale=False),
+                timeout=bound))
+        except (asyncio.TimeoutError, InfraError):
+            failed = fenced - down
+        for node in sorted((fenced & failed) | down):
+            self.s.emit("fence", node, "could not clear the fences there; its watched work "
+                        "stops after the fence timeout unless the run is watched again")
 
     def fence_wait(self, node: str) -> float:
         """Seconds until ``node`` has certainly stopped its fenced work (0: it has)."""
