@@ -7,14 +7,58 @@ asyncssh or local implementation in one place (pyinfra's connector idea).
 from __future__ import annotations
 
 import abc
+import asyncio
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 DEFAULT_CALL_TIMEOUT_S = 300.0
 """Bound on a ``run``/``put``/``get`` whose caller names none: no remote call is unbounded."""
 
 DEFAULT_MAX_OUTPUT = 16 * 1024 * 1024
 """Bytes of stdout (and, apart, of stderr) one ``run`` reads before it kills the command."""
+
+
+READ_CHUNK = 65536
+
+
+class OutputCapped(Exception):
+    """A command printed more than the caller reads (the transport turns it into an
+    ``OutputTooLargeError`` after killing the command)."""
+
+
+class ByteStream(Protocol):
+    """What ``read_capped`` needs: asyncio's and asyncssh's stream readers both fit."""
+
+    async def read(self, n: int = -1) -> bytes: ...
+
+
+async def read_capped(stream: ByteStream, cap: int) -> bytes:
+    """Everything until EOF, or ``OutputCapped`` past ``cap`` bytes (memory stays bounded)."""
+    buf = bytearray()
+    while True:
+        chunk = await stream.read(READ_CHUNK)
+        if not chunk:
+            return bytes(buf)
+        buf += chunk
+        if len(buf) > cap:
+            raise OutputCapped
+
+
+async def read_both(stdout: ByteStream, stderr: ByteStream, cap: int) -> tuple[bytes, bytes]:
+    """stdout and stderr read at once, each capped; the first failure is raised at once."""
+    readers = [asyncio.ensure_future(read_capped(stdout, cap)),
+               asyncio.ensure_future(read_capped(stderr, cap))]
+    try:
+        done, _ = await asyncio.wait(readers, return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            task.result()  # raise the first failure
+        return await readers[0], await readers[1]
+    finally:
+        for task in readers:
+            if not task.done():
+                task.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
 
 
 @dataclass(frozen=True)

@@ -18,16 +18,14 @@ from infra.errors import CommandFailedError, OutputTooLargeError, TransportTimeo
 from infra.transport.base import (
     DEFAULT_CALL_TIMEOUT_S,
     DEFAULT_MAX_OUTPUT,
+    READ_CHUNK,
     CommandResult,
+    OutputCapped,
     Transport,
+    read_both,
 )
 
-_CHUNK = 65536
 _REAP_DRAIN_S = 5.0
-
-
-class _OutputCapped(Exception):
-    """A command printed more than the caller reads."""
 
 
 def _as_shell(command: str | Sequence[str]) -> str:
@@ -48,18 +46,6 @@ def _kill_group(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
 
 
-async def _read_capped(stream: asyncio.StreamReader, cap: int) -> bytes:
-    """Everything until EOF, or ``_OutputCapped`` past ``cap`` bytes."""
-    buf = bytearray()
-    while True:
-        chunk = await stream.read(_CHUNK)
-        if not chunk:
-            return bytes(buf)
-        buf += chunk
-        if len(buf) > cap:
-            raise _OutputCapped
-
-
 async def _communicate(proc: asyncio.subprocess.Process, input: str | None,
                        cap: int) -> tuple[bytes, bytes]:
     """Feed ``input``, read stdout and stderr (each capped), wait for the exit."""
@@ -69,18 +55,7 @@ async def _communicate(proc: asyncio.subprocess.Process, input: str | None,
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             await proc.stdin.drain()
         proc.stdin.close()
-    readers = [asyncio.ensure_future(_read_capped(proc.stdout, cap)),
-               asyncio.ensure_future(_read_capped(proc.stderr, cap))]
-    try:
-        done, _ = await asyncio.wait(readers, return_when=asyncio.FIRST_EXCEPTION)
-        for task in done:
-            task.result()
-        out, err = (await readers[0], await readers[1])
-    finally:
-        for task in readers:
-            if not task.done():
-                task.cancel()
-        await asyncio.gather(*readers, return_exceptions=True)
+    out, err = await read_both(proc.stdout, proc.stderr, cap)
     await proc.wait()
     return out, err
 
@@ -109,7 +84,7 @@ class LocalTransport(Transport):
             await _reap(proc)
             raise TransportTimeoutError(self.node,
                                         f"timed out after {limit:g} s: {cmd}") from None
-        except _OutputCapped:
+        except OutputCapped:
             await _reap(proc)
             raise OutputTooLargeError(self.node, max_output, cmd) from None
         except BaseException:
@@ -161,7 +136,7 @@ class LocalTransport(Transport):
         assert proc.stdout is not None
         try:
             while True:
-                read = proc.stdout.read(_CHUNK)
+                read = proc.stdout.read(READ_CHUNK)
                 try:
                     chunk = await (read if deadline is None else
                                    asyncio.wait_for(read, max(0.0, deadline - loop.time())))
@@ -186,7 +161,7 @@ async def _reap(proc: asyncio.subprocess.Process) -> None:
 
     async def drain() -> None:
         for pipe in (proc.stdout, proc.stderr):
-            while pipe is not None and await pipe.read(_CHUNK):
+            while pipe is not None and await pipe.read(READ_CHUNK):
                 pass
 
     with contextlib.suppress(asyncio.TimeoutError):  # a detached child may hold a pipe

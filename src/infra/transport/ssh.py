@@ -48,8 +48,11 @@ from infra.errors import (
 from infra.transport.base import (
     DEFAULT_CALL_TIMEOUT_S,
     DEFAULT_MAX_OUTPUT,
+    READ_CHUNK,
     CommandResult,
+    OutputCapped,
     Transport,
+    read_both,
 )
 
 DEFAULT_MAX_CHANNELS = 8
@@ -59,7 +62,6 @@ DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
 DEFAULT_SSH_CONFIG = "~/.ssh/config"
 """Host aliases, User, Port, IdentityFile, ProxyJump... apply where the node leaves them."""
 SSH_PORT = 22
-_CHUNK = 65536
 
 CLOSE_WAIT_S = 2.0
 """The most ``close`` waits for the node to acknowledge before it aborts the connection."""
@@ -268,10 +270,6 @@ def _os_reason(exc: OSError) -> str:
     return exc.strerror or text or type(exc).__name__
 
 
-class _OutputCapped(Exception):
-    """A command printed more than the caller reads (internal: becomes OutputTooLargeError)."""
-
-
 def node_command(cmd: str, timeout: float) -> str:
     """``cmd`` wrapped so the node bounds it too, not only the coordinator.
 
@@ -294,36 +292,13 @@ def _kill(proc: asyncssh.SSHClientProcess[Any]) -> None:
     proc.close()
 
 
-async def _read_capped(stream: asyncssh.SSHReader[bytes], cap: int) -> bytes:
-    """Everything until EOF, or ``_OutputCapped`` past ``cap`` bytes (memory stays bounded)."""
-    buf = bytearray()
-    while True:
-        chunk = await stream.read(_CHUNK)
-        if not chunk:
-            return bytes(buf)
-        buf += chunk
-        if len(buf) > cap:
-            raise _OutputCapped
-
-
 async def _communicate(proc: asyncssh.SSHClientProcess[bytes], input: str | None,
                        cap: int) -> tuple[bytes, bytes]:
     """Send ``input``, read stdout and stderr (each capped) and wait for the exit."""
     if input:
         proc.stdin.write(input.encode())
     proc.stdin.write_eof()
-    readers = [asyncio.ensure_future(_read_capped(proc.stdout, cap)),
-               asyncio.ensure_future(_read_capped(proc.stderr, cap))]
-    try:
-        done, _ = await asyncio.wait(readers, return_when=asyncio.FIRST_EXCEPTION)
-        for task in done:
-            task.result()  # raise the first failure
-        out, err = (await readers[0], await readers[1])
-    finally:
-        for task in readers:
-            if not task.done():
-                task.cancel()
-        await asyncio.gather(*readers, return_exceptions=True)
+    out, err = await read_both(proc.stdout, proc.stderr, cap)
     await proc.wait_closed()
     return out, err
 
@@ -551,7 +526,7 @@ class SSHTransport(Transport):
                 lambda c: c.create_process(wrapped, encoding=None))
             try:
                 out, err = await _communicate(proc, input, max_output)
-            except _OutputCapped:
+            except OutputCapped:
                 _kill(proc)
                 raise OutputTooLargeError(self.node, max_output, cmd) from None
             except _LINK_ERRORS as exc:
@@ -646,8 +621,8 @@ class SSHTransport(Transport):
             try:
                 while True:
                     try:
-                        chunk = await (proc.stdout.read(_CHUNK) if deadline is None else
-                                       asyncio.wait_for(proc.stdout.read(_CHUNK), left()))
+                        chunk = await (proc.stdout.read(READ_CHUNK) if deadline is None else
+                                       asyncio.wait_for(proc.stdout.read(READ_CHUNK), left()))
                     except _LINK_ERRORS as exc:
                         raise self._failed(conn, exc) from None
                     except asyncio.TimeoutError:
