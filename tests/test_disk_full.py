@@ -102,6 +102,11 @@ def test_start_on_a_full_disk_says_so(client: SupervisorClient, disk: Path) -> N
     fill_up(disk / "hog.bin")
     with pytest.raises(CommandFailedError, match=f"supervisor start: {NO_SPACE} \\(.*bytes free"):
         asyncio.run(client.start(request("df", "late", "true")))
+    # nothing half made is left: once there is room, the same start really starts
+    assert not (disk / "work" / ".infra" / "runs" / "df" / "late").exists()
+    (disk / "hog.bin").unlink()
+    state = asyncio.run(client.start(request("df", "late", "true")))
+    assert not state.already and state.pid is not None
 
 
 def test_experiment_dying_of_a_full_disk_is_recorded_not_lost(client: SupervisorClient,

@@ -74,6 +74,7 @@ import json
 import os
 import re
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -1308,9 +1309,15 @@ def cmd_start(args: argparse.Namespace) -> int:
                     emit({"ok": False, "refused": True, "error": why})
                     return 3
             os.mkdir(idir)
-            if isinstance(claim, dict):
-                claim_path = write_claim(cdir, idir, req, placement)
-            start_new(idir, req, placement, claim_path)
+            try:
+                if isinstance(claim, dict):
+                    claim_path = write_claim(cdir, idir, req, placement)
+                start_new(idir, req, placement, claim_path)
+            except OSError:
+                # e.g. a full disk: leave nothing half made, so a retried start starts afresh
+                release_claim(claim_path)
+                shutil.rmtree(idir, ignore_errors=True)
+                raise
     if existing:
         wait_for_start(idir, START_WAIT_SECONDS)
         doc = describe(idir)
