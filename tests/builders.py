@@ -3,6 +3,7 @@ and the in-process CLI runner with its one-line-error assertion."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -48,3 +49,15 @@ def assert_one_line_error(code: int, err: str, *fragments: str, exit_code: int =
     assert "Traceback" not in err
     for frag in fragments:
         assert frag in lines[0], (frag, lines[0])
+
+
+def wait_for(predicate: Any, timeout: float = 30.0, interval: float = 0.1) -> Any:
+    """Poll until ``predicate()`` is truthy and return it (a bound, not a timing assertion)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(interval)

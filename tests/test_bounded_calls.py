@@ -14,7 +14,6 @@ import secrets
 import shutil
 import time
 from pathlib import Path
-from typing import Any
 
 import psutil
 import pytest
@@ -23,24 +22,13 @@ import yaml
 from infra.errors import OutputTooLargeError, TransportError, TransportTimeoutError
 from infra.state import Store
 from infra.transport import LocalTransport, SSHTransport
+from tests.builders import wait_for
 from tests.sshfleet import FleetHost, SSHFleet
 from tests.test_live_ops import fast_health
 from tests.test_run_e2e import check_log, cli, project, spec, status_json
 
 pytestmark = pytest.mark.integration
 __all__ = ["project"]  # the fixture, re-used
-
-
-def wait_for(predicate: Any, timeout: float = 30.0, interval: float = 0.1) -> Any:
-    """Poll until ``predicate()`` is truthy (a bound, not a timing assertion)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(interval)
 
 
 def processes_with(uid: int, marker: str) -> list[str]:

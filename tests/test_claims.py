@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,20 +23,10 @@ from infra.runner.supervisor_client import (
     SupervisorClient,
 )
 from infra.transport.local import LocalTransport
-from tests.test_supervisor import BOUND, NODE_PYTHON, prog
+from tests.builders import wait_for
+from tests.test_supervisor import NODE_PYTHON, prog
 
 SLEEPER = "sleep 60"
-
-
-def wait_until(predicate: Any, timeout: float = BOUND) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(0.05)
 
 
 # --------------------------------------------------------------------------- pure rules
@@ -144,7 +133,7 @@ def test_an_ended_instance_frees_its_slot_without_anyone_watching(
         node: NodeConfig, client: SupervisorClient) -> None:
     asyncio.run(client.start(start_req(node, "r-one", "quick", "true")))
     # nobody asks for its status: the supervisor itself drops the claim when it ends
-    wait_until(lambda: not list(Path(node.claims_dir or "").glob("*.json")))
+    wait_for(lambda: not list(Path(node.claims_dir or "").glob("*.json")))
     second = asyncio.run(client.start(start_req(node, "r-two", "b")))
     assert second.status is InstanceStatus.RUNNING
 
@@ -192,7 +181,7 @@ def test_a_repeated_start_of_the_same_placement_is_the_same_copy(
 def test_a_later_placement_starts_a_fresh_copy_and_keeps_the_old(
         node: NodeConfig, client: SupervisorClient) -> None:
     first = asyncio.run(client.start(start_req(node, "r-one", "a", "echo first")))
-    wait_until(lambda: asyncio.run(client.status("r-one"))[0].is_final)
+    wait_for(lambda: asyncio.run(client.status("r-one"))[0].is_final)
     back = asyncio.run(client.start(start_req(node, "r-one", "a", SLEEPER, placement="p2")))
     assert not back.already and back.status is InstanceStatus.RUNNING
     assert back.placement == "p2" and back.pid != first.pid
@@ -213,7 +202,7 @@ def test_an_expired_fence_stops_the_work_and_says_why(node: NodeConfig,
                                                       client: SupervisorClient) -> None:
     state = asyncio.run(client.start(start_req(node, "r-one", "a", fence=True)))
     asyncio.run(client.status("r-one", fence_seconds=0.5, holder="ws:1"))
-    done = wait_until(lambda: [s for s in asyncio.run(client.status("r-one")) if s.is_final])
+    done = wait_for(lambda: [s for s in asyncio.run(client.status("r-one")) if s.is_final])
     assert done[0].fenced and done[0].status is InstanceStatus.STOPPED
     assert done[0].final_reason and done[0].final_reason.startswith("fenced:")
     assert done[0].pid == state.pid
@@ -231,7 +220,7 @@ def test_a_cleared_fence_never_stops_the_work(node: NodeConfig, client: Supervis
                         "fence.json").read_text())
     assert fence["deadline"] is None
     # the program writes for ~8 s; well past the old deadline it still runs, unfenced
-    wait_until(lambda: marker.exists() and len(marker.read_text().splitlines()) > 100)
+    wait_for(lambda: marker.exists() and len(marker.read_text().splitlines()) > 100)
     state = asyncio.run(client.status("r-one"))[0]
     assert state.status is InstanceStatus.RUNNING and not state.fenced
 

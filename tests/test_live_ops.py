@@ -51,9 +51,13 @@ def fast_health(root: Path, **extra: Any) -> None:
     (root / "cluster_config.yaml").write_text(yaml.safe_dump(cfg))
 
 
-def monitor(root: Path, run_id: str, duration: float,
-            before: Any = None) -> tuple[list[tuple[str, str, str]], Store]:
-    """Run the live loop in-process for at most ``duration`` s; returns the events seen."""
+def monitor(root: Path, run_id: str, duration: float, *,
+            during: Any = None, once: Any = None) -> tuple[list[tuple[str, str, str]], Store]:
+    """Run the live loop in-process for at most ``duration`` s; returns the events seen.
+
+    ``during()`` runs in a thread while the loop goes on, as soon as ``once(session)`` holds
+    (e.g. "the watcher has renewed the fence on node1").
+    """
     cluster = load_cluster(root / "cluster_config.yaml")
     store = Store.for_log_dir(cluster.log_dir)
     seen: list[tuple[str, str, str]] = []
@@ -64,7 +68,13 @@ def monitor(root: Path, run_id: str, duration: float,
                                  emit=lambda k, s, m: seen.append((k, s, m)))
             saved = SavedState(cluster.log_dir)
             try:
-                await Monitor(session, run_id, tick=0.5, saved=saved).run(duration)
+                watch = asyncio.ensure_future(
+                    Monitor(session, run_id, tick=0.5, saved=saved).run(duration))
+                if during is not None:
+                    while not watch.done() and not (once is None or once(session)):
+                        await asyncio.sleep(0.1)
+                    await asyncio.get_running_loop().run_in_executor(None, during)
+                await watch
             finally:
                 saved.close()
 

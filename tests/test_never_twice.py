@@ -23,13 +23,12 @@ import pytest
 import yaml
 
 from infra.config import load_cluster
-from infra.monitor.loop import Monitor
 from infra.placement import Condition, NodeCondition
 from infra.runner.lifecycle import RunSession, local_log_path
 from infra.state import InstancePhase, Store
 from infra.transport.pool import ConnectionPool
 from tests.sshfleet import FleetHost, SSHFleet
-from tests.test_live_ops import fast_health
+from tests.test_live_ops import fast_health, monitor
 from tests.test_run_e2e import cli, project, spec, status_json, wait_for
 
 pytestmark = pytest.mark.integration
@@ -248,27 +247,6 @@ def test_a_move_left_half_done_by_a_dead_coordinator_is_finished_by_watch(
 
 # --------------------------------------------------------------------------- fencing
 
-def _watch_in_process(root: Path, run_id: str, duration: float,
-                      during: Any) -> tuple[list[tuple[str, str, str]], Store]:
-    """Watch a run in this process; ``during(session)`` runs in a thread once it acts."""
-    cluster = load_cluster(root / "cluster_config.yaml")
-    store = Store.for_log_dir(cluster.log_dir)
-    seen: list[tuple[str, str, str]] = []
-
-    async def go() -> None:
-        async with ConnectionPool(cluster) as pool:
-            session = RunSession(cluster, store, pool,
-                                 emit=lambda k, s, m: seen.append((k, s, m)))
-            watch = asyncio.create_task(Monitor(session, run_id, tick=0.5).run(duration))
-            while "node1" not in session.renewed and not watch.done():
-                await asyncio.sleep(0.1)
-            await asyncio.get_running_loop().run_in_executor(None, during)
-            await watch
-
-    asyncio.run(go())
-    return seen, store
-
-
 def test_a_partitioned_node_fences_its_copy_before_another_starts(
         project: Path, ssh_fleet: SSHFleet) -> None:
     fast_health(project, failover={"auto_restart": True, "retry_delay_seconds": 0.2,
@@ -293,7 +271,8 @@ def test_a_partitioned_node_fences_its_copy_before_another_starts(
     watcher.start()
     try:
         # the partition: node1's sshd dies, the node and its experiment live on
-        events, store = _watch_in_process(project, run_id, 120, node1.stop)
+        events, store = monitor(project, run_id, 120, during=node1.stop,
+                                once=lambda session: "node1" in session.renewed)
     finally:
         stop_watching.set()
         watcher.join()

@@ -28,22 +28,11 @@ from infra.config import load_cluster
 from infra.runner.lifecycle import RunSession, local_log_path
 from infra.state import InstancePhase, Store
 from infra.transport.pool import ConnectionPool
+from tests.builders import wait_for
 from tests.sshfleet import SSHFleet
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.integration
-
-
-def wait_for(predicate: Any, timeout: float = 30.0, interval: float = 0.2) -> Any:
-    """Poll until ``predicate()`` is truthy (a bound, not a timing assertion)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(interval)
 
 
 @pytest.fixture()
