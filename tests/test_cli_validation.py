@@ -343,3 +343,30 @@ def test_system_job_without_an_eligible_node_is_refused(tmp_path: Path,
                            "--dry-run")
     assert_one_line_error(code, err, "no eligible node for system job(s) diag",
                           "n1: has no GPU", exit_code=3)
+
+
+@pytest.mark.parametrize("make, fragment", [
+    (lambda k: None, "does not exist"),
+    (lambda k: (k.write_text("key\n"), k.chmod(0o644)), "is readable by others (mode 0644)"),
+    (lambda k: k.mkdir(), "is not a file"),
+])
+def test_validate_config_checks_key_files(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                          make: Any, fragment: str) -> None:
+    key = tmp_path / "id_lab"
+    make(key)
+    cfg = write_cluster(tmp_path, {"nodes": [good_node("n1"),
+                                             good_node("n2", host="127.0.0.21", remote_work_dir="~/lab", ssh_key_path=str(key))]})
+    code, _, err = run_cli(capsys, "--cluster-config", str(cfg), "--validate-config")
+    assert_one_line_error(code, err, "nodes[1].ssh_key_path", fragment, "(node n2)")
+
+
+def test_validate_config_accepts_a_private_key(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    key = tmp_path / "id_lab"
+    key.write_text("key\n")
+    key.chmod(0o600)
+    cfg = write_cluster(tmp_path, {"nodes": [good_node("n1", host="127.0.0.21", remote_work_dir="~/lab", ssh_key_path=str(key)),
+                                             good_node("n2", ssh_key_path="/nowhere/key",
+                                                       enabled=False)]})
+    code, _, err = run_cli(capsys, "--cluster-config", str(cfg), "--validate-config")
+    assert code == 0, err  # a disabled node's key is not checked

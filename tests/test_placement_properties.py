@@ -336,8 +336,8 @@ def test_pins_are_honoured_when_feasible_and_refused_otherwise(case: Case) -> No
 @PROPS
 @given(case=cases(with_pins=True))
 def test_forced_pins_always_land_and_name_what_they_override(case: Case) -> None:
-    """(g) With force a pin lands on its node unless the node is disabled in the topology
-    (force never uses a disabled node); ``forced`` is non-empty iff it broke a rule."""
+    """(g) With force a pin lands on its node unless the node is disabled in the topology or
+    cannot be reached (force never uses either); ``forced`` is non-empty iff it broke a rule."""
     result = run(case, force=True)
     landed: dict[str, list[ExperimentSpec]] = {}
     by_placement = {p.instance_id: p for p in result.placements}
@@ -345,7 +345,8 @@ def test_forced_pins_always_land_and_name_what_they_override(case: Case) -> None
         assert case.cluster.node(p.node).enabled, p
     for spec in pins_in_engine_order(case):
         eid, target = spec.experiment_id, case.pins[spec.experiment_id]
-        if not case.cluster.node(target).enabled:
+        cond = case.conditions.get(target, NodeCondition(Condition.UNKNOWN)).condition
+        if not case.cluster.node(target).enabled or cond.unreachable:
             assert eid in result.pin_errors and eid not in by_placement
             continue
         assert eid not in result.pin_errors

@@ -19,6 +19,12 @@ class InfraError(Exception):
         return " ".join(str(self).split())
 
 
+class Interrupted(InfraError):
+    """Ctrl-C before the command's work was done (what was done is said with it)."""
+
+    exit_code = 130
+
+
 class UsageError(InfraError):
     """The user asked for something that cannot work (bad flags, unknown ids)."""
 

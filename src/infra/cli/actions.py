@@ -18,7 +18,14 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 
 from infra.cli import views
 from infra.config import Cluster, ExperimentSpec
-from infra.errors import BadAnswerError, DeployRefused, InfraError, TransportError, UsageError
+from infra.errors import (
+    BadAnswerError,
+    DeployRefused,
+    InfraError,
+    Interrupted,
+    TransportError,
+    UsageError,
+)
 from infra.monitor.loop import Monitor, MonitorOutcome
 from infra.monitor.saved import SavedState
 from infra.placement import Condition, NodeCondition
@@ -249,6 +256,7 @@ def do_run(c: Ctx, cluster: Cluster, specs: tuple[ExperimentSpec, ...], *,
             store.acquire_lease(run_id, coordinator_id(), 120.0)
             session.emit("run", run_id, f"run {run_id}: {len(result.placements)} instance(s)")
             await session.launch(run_id)
+            holder["launched"] = run_id
             if session.refusals:
                 store.release_lease(run_id, coordinator_id())
                 raise refused_error(f"run {run_id} not started: deploy refused",
@@ -266,11 +274,33 @@ def do_run(c: Ctx, cluster: Cluster, specs: tuple[ExperimentSpec, ...], *,
         finished = False
         if "run" not in holder:
             raise
+        if "launched" not in holder:
+            raise interrupted_launch(c, store, holder["run"]) from None
         c.err.print("detached (Ctrl-C): the experiments keep running")
     finally:
         saved.close()
     run_id = holder["run"]
     _report(c, cluster, store, run_id, finished)
+
+
+def interrupted_launch(c: Ctx, store: Store, run_id: str) -> Interrupted:
+    """Ctrl-C while deploying or starting: say exactly what runs and what never started."""
+    records = store.instances(run_id)
+    started = [r for r in records if r.pid is not None]
+    waiting = [r for r in records if r.pid is None and not r.state.finished]
+    c.console.print(views.instances_table(store.run(run_id), records))
+    store.close()
+    said = f"launch of {run_id} interrupted: {len(started)} of {len(records)} instance(s) " \
+           "started"
+    if started:
+        said += " (" + ", ".join(f"{r.instance_id} on {r.node}" for r in started) + \
+            ", which keep running)"
+    if waiting:
+        said += f"; not started: {', '.join(r.instance_id for r in waiting)}"
+        said += f"; `cluster-experiment watch {run_id}` finishes the launch"
+    if started or waiting:
+        said += f", `cluster-experiment stop {run_id}` gives it up"
+    return Interrupted(said)
 
 
 def _report(c: Ctx, cluster: Cluster, store: Store, run_id: str, finished: bool) -> None:

@@ -144,12 +144,23 @@ def stored_context(cluster: Cluster) -> dict[str, Any]:
         store.close()
 
 
+UNREACHABLE_STATES = ("unavailable", "offline", "disconnected", "reconnecting")
+UNREACHABLE_FIX = ("a node that cannot be reached takes no work, not even with --force: check "
+                   "its host, ssh_port, ssh_user, ssh_key_path and known_hosts "
+                   "(`cluster-experiment --health-check` shows why)")
+
+
 def plan_failure(result: Plan) -> PlacementError:
+    """One line: what could not be placed and why, with the fix that applies."""
     parts = [f"{i} pinned to {r}" for i, r in result.pin_errors.items()]
     parts += [f"cannot place {i} ({why_not(result, i)})" for i in result.unplaced]
-    forceable = [r for r in result.pin_errors.values() if "disabled in the cluster config" not in r]
-    hint = " (use --force to override a pin)" if forceable else ""
-    return PlacementError("; ".join(parts) + hint)
+    reasons = [r.split(" ", 1)[1] if " " in r else r for r in result.pin_errors.values()]
+    unreachable = [r for r in reasons if r.startswith(UNREACHABLE_STATES)]
+    forceable = [r for r in reasons if r not in unreachable
+                 and "disabled in the cluster config" not in r]
+    hints = (["use --force to override a pin"] if forceable else []) + \
+        ([UNREACHABLE_FIX] if unreachable else [])
+    return PlacementError("; ".join(parts) + (f" ({'; '.join(hints)})" if hints else ""))
 
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -233,6 +244,8 @@ def cli(ctx: click.Context, cluster_config: str | None, validate_config: bool,
 
 
 def do_validate(c: Ctx, cluster: Cluster, specs: tuple[ExperimentSpec, ...]) -> None:
+    from infra.config.keyfiles import check_key_files
+    check_key_files(cluster)
     if c.json_out:
         c.emit_json({
             "ok": True,

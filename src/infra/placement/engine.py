@@ -190,9 +190,11 @@ def plan(cluster: Cluster, specs: Iterable[ExperimentSpec], *,
         evaluations[spec.experiment_id] = tuple(
             evaluate(snap, n, spec, checks, scorers) for n in snap.nodes)
         violations = all_rejections(snap, node, spec, checks)
-        if violations and (not force or not node.enabled):
+        if violations and (not force or not node.enabled
+                           or snap.conditions[node.name].condition.unreachable):
             # --force overrides capacity and constraints, never a node switched off in the
-            # topology: "disabled nodes are never used"
+            # topology ("disabled nodes are never used") nor one that cannot be reached (the
+            # instance could only fail there)
             pin_errors[spec.experiment_id] = f"{node.name} {violations[0]}"
             continue
         parts = tuple(score(snap, node, spec) for score in scorers)

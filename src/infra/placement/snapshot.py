@@ -47,6 +47,11 @@ class Condition(str, enum.Enum):
         """True when the node may receive new placements."""
         return self in (Condition.HEALTHY, Condition.UNKNOWN)
 
+    @property
+    def unreachable(self) -> bool:
+        """True when nothing can be started there at all (not even a ``--force`` pin)."""
+        return self in (Condition.UNAVAILABLE, Condition.DISCONNECTED, Condition.OFFLINE)
+
 
 @dataclass(frozen=True)
 class NodeCondition:

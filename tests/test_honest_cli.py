@@ -1,0 +1,87 @@
+"""Honest messages on the real fleet: an unreachable node is never "fixed" with --force, and
+Ctrl-C during a launch says exactly what was started and what was not."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from infra.state import Store
+from tests.builders import wait_for
+from tests.sshfleet import SSHFleet
+from tests.test_live_ops import fast_health
+from tests.test_run_e2e import cli, project, spec
+
+pytestmark = pytest.mark.integration
+__all__ = ["project"]
+
+
+def test_a_pin_to_an_unreachable_node_names_the_real_fix_even_with_force(
+        project: Path, ssh_fleet: SSHFleet) -> None:
+    fast_health(project)
+    job = spec(project, "nowhere", duration=1.0)
+    host = ssh_fleet.host("node2")
+    host.stop()
+    try:
+        for extra in ((), ("--force",)):
+            proc = cli(project, "--config", str(job), "--placement", "nowhere:node2", *extra,
+                       "--monitor-duration", "0")
+            assert proc.returncode == 3, proc.stderr
+            line = proc.stderr.strip().splitlines()[-1]
+            assert line.startswith("error: nowhere pinned to node2 unavailable"), line
+            assert "cannot be reached" in line and "ssh_key_path" in line, line
+            assert "use --force" not in line, line
+    finally:
+        host.start()
+    assert not (project / "logs" / "state.db").exists() or \
+        not Store.for_log_dir(project / "logs").runs()  # no run was created
+
+
+def test_ctrl_c_during_a_launch_says_what_started(project: Path, ssh_fleet: SSHFleet) -> None:
+    """SIGINT as soon as the run is recorded, while node1 hangs: the message and the exit code
+    agree with what the nodes really run."""
+    fast_health(project)
+    first = spec(project, "first", duration=30.0)
+    second = spec(project, "second", duration=30.0)
+    host = ssh_fleet.host("node1")
+    db = project / "logs" / "state.db"
+    coord = subprocess.Popen(
+        [sys.executable, "-m", "infra.cli.main", "--config", str(first), "--config", str(second),
+         "--placement", "first:node1,second:node2", "--monitor-duration", "0"],
+        cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: db.exists() and _recorded(db), timeout=60, interval=0.02)
+        host.pause()  # node1's deploy or start now hangs
+        coord.send_signal(signal.SIGINT)
+        out, err = coord.communicate(timeout=120)
+    finally:
+        host.resume()
+        if coord.poll() is None:
+            coord.kill()
+    assert "Traceback" not in err, err
+    doc = json.loads(cli(project, "status", "--json", "--no-refresh").stdout)
+    started = sorted(i["instance_id"] for i in doc["instances"] if i["pid"] is not None)
+    if coord.returncode == 130:  # interrupted while launching
+        line = err.strip().splitlines()[-1]
+        assert line.startswith(f"error: launch of {doc['run_id']} interrupted: "
+                               f"{len(started)} of 2 instance(s) started"), line
+        assert "keep running" not in line or started
+        if len(started) < 2:
+            assert "not started" in line and "watch" in line, line
+    else:  # the launch had finished: a plain detach, and then both were started
+        assert coord.returncode == 0, err
+        assert started == ["first", "second"] and "detached" in err
+    cli(project, "stop", doc["run_id"], "--grace", "1")
+
+
+def _recorded(db: Path) -> bool:
+    store = Store(db)
+    try:
+        return bool(store.runs(1))
+    finally:
+        store.close()
