@@ -345,3 +345,37 @@ def test_broken_node_is_shown_first_with_its_reason() -> None:
     assert rows[0].split()[0] == "pi4"
     assert "broken" in rows[0] and "instances[0].pid" in rows[0]
     assert "Nodes 4 · 2 not healthy" in "\n".join(lines)
+
+
+def stale_run() -> RunSnapshot:
+    nodes = (NodeView("pi5", NodeState.DISCONNECTED, reason="ssh: connection refused",
+                      load1=3.5, cpu_count=4, mem_used_gb=6.0, mem_total_gb=8, instances=1,
+                      max_instances=1, stale_seconds=42),
+             NodeView("host", NodeState.HEALTHY, load1=0.5, cpu_count=8, instances=1,
+                      max_instances=2))
+    instances = (InstanceView("far", "pi5", "running", uptime_seconds=100,
+                              last_line="step 9", stale_seconds=42),
+                 InstanceView("near", "host", "running", uptime_seconds=100,
+                              last_line="step 9"))
+    return RunSnapshot(run_id="r-1", run_state="running", taken_at=T0, nodes=nodes,
+                       instances=instances, footer="Ctrl-C detaches: the experiments keep "
+                       "running (`stop RUN` stops them)")
+
+
+def test_values_of_a_node_that_does_not_answer_are_marked_with_their_age() -> None:
+    lines = text_of(stale_run())
+    pi5 = next(ln for ln in lines if ln.lstrip().startswith("pi5"))
+    assert "last seen 42s ago; ssh: connection refused" in pi5, pi5
+    far = next(ln for ln in lines if ln.lstrip().startswith("far"))
+    assert "running?" in far and "node not answering: last known 42s ago" in far, far
+    near = next(ln for ln in lines if ln.lstrip().startswith("near"))
+    assert "running?" not in near and "not answering" not in near and "step 9" in near
+
+
+def test_the_keys_are_on_the_last_line_when_there_is_room() -> None:
+    lines = text_of(stale_run(), width=100, height=30)
+    assert lines[-1].startswith("Ctrl-C detaches: the experiments keep running")
+    short = text_of(stale_run(), width=100, height=6)
+    assert not any("Ctrl-C" in ln for ln in short) and len(short) <= 6
+    narrow = text_of(stale_run(), width=30, height=30)
+    assert all(len(ln) <= 30 for ln in narrow)

@@ -7,10 +7,12 @@ does its work with asyncio, and renders through ``infra.cli.views``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, TypeVar
 
 from rich.markup import escape
@@ -87,6 +89,14 @@ def conditions_from(health: dict[str, NodeHealth]) -> dict[str, NodeCondition]:
                NodeStatus.MAINTENANCE: Condition.MAINTENANCE}
     return {name: NodeCondition(mapping[h.status], "; ".join(h.reasons) or (h.error or ""))
             for name, h in health.items()}
+
+
+def probing(c: Ctx, cluster: Cluster) -> AbstractContextManager[object]:
+    """A spinner line on stderr while the enabled nodes are probed (none with --json)."""
+    if c.json_out:
+        return contextlib.nullcontext()
+    enabled = sum(1 for n in cluster.nodes if n.enabled)
+    return c.err.status(f"probing {enabled} node(s) and reading their claims...")
 
 
 def do_health_check(c: Ctx, cluster: Cluster, accept_new: bool) -> None:
@@ -232,11 +242,13 @@ def do_run(c: Ctx, cluster: Cluster, specs: tuple[ExperimentSpec, ...], *,
         async with ConnectionPool(cluster) as pool:
             session = RunSession(cluster, store, pool, emit=_printer(c, saved),
                                  confirm_deletes=c.yes)
-            health = await probe_nodes(cluster, pool)
+            with probing(c, cluster):
+                health = await probe_nodes(cluster, pool)
+                claims = await claims_of([n for n, h in health.items() if h.reachable],
+                                         session.client)
             for name, h in health.items():
                 if not h.reachable:
                     session.emit("node", name, f"unavailable: {h.error}")
-            claims = await claims_of([n for n, h in health.items() if h.reachable], session.client)
             result, placed = make_plan(
                 cluster, specs, placement, auto_place, force,
                 conditions=merge_conditions(conditions_from(health),

@@ -419,19 +419,24 @@ def _nodes_section(nodes: Sequence[NodeView], rows: int, width: int) -> list[Tex
     columns += [Column("inst", right=True), Column("reason", flex=True, min_width=0)]
     table: list[list[Cell]] = []
     for n in shown:
+        old = "dim" if n.stale_seconds is not None else ""  # last known values, not current
         cells: list[Cell] = [(_clean(n.name), ""), (n.state.value, NODE_STYLE.get(n.state, ""))]
         if not tiny:
-            cells.append((_load(n), ""))
-        cells.append((_ram(n), ""))
+            cells.append((_load(n), old))
+        cells.append((_ram(n), old))
         if has_gpu:
-            cells.append((gpu_text(n.gpus, detail=not narrow), ""))
+            cells.append((gpu_text(n.gpus, detail=not narrow), old))
         if has_power:
-            cells.append((_power(n), ""))
+            cells.append((_power(n), old))
         if has_temp:
-            cells.append((_temp(n), _temp_style(n)))
+            cells.append((_temp(n), old or _temp_style(n)))
         full = n.max_instances > 0 and n.instances >= n.max_instances
         cells.append((f"{n.instances}/{n.max_instances}", "bold" if full else ""))
-        cells.append((_clean(n.reason), "dim" if n.state.usable else "yellow"))
+        reason = _clean(n.reason)
+        if n.stale_seconds is not None:
+            reason = f"last seen {format_duration(n.stale_seconds)} ago" + \
+                (f"; {reason}" if reason else "")
+        cells.append((reason, "dim" if n.state.usable else "yellow"))
         table.append(cells)
     if not nodes:
         out.append(_line("  (no nodes)", "dim"))
@@ -466,7 +471,9 @@ def _instances_section(instances: Sequence[InstanceView], rows: int, width: int)
     table: list[list[Cell]] = []
     for i in shown:
         ended = exit_text(i)
+        stale = i.stale_seconds is not None
         cells: list[Cell] = [(_clean(i.instance_id), ""), (_clean(i.node) or "-", ""),
+                             (f"{i.state}?", "dim") if stale else
                              (i.state, INSTANCE_STYLE.get(i.state, ""))]
         if not tiny:
             cells.append((format_duration(i.uptime_seconds), ""))
@@ -474,7 +481,10 @@ def _instances_section(instances: Sequence[InstanceView], rows: int, width: int)
         if not narrow:
             cells.append((str(i.moves), "") if i.moves else ("-", "dim"))
         cells.append((ended, "red" if ended != "0" else "") if ended else ("-", "dim"))
-        if i.reason:
+        if i.stale_seconds is not None:
+            cells.append((f"node not answering: last known {format_duration(i.stale_seconds)} "
+                          "ago", "yellow"))
+        elif i.reason:
             cells.append((_clean(i.reason), "red" if i.state in _TROUBLED else ""))
         else:
             cells.append((_clean(i.last_line), "dim"))
@@ -542,6 +552,10 @@ def title_text(snapshot: RunSnapshot) -> Text:
     return t
 
 
+FOOTER_MIN_HEIGHT = 8
+"""Below this many lines the keys line gives way to the nodes and instances."""
+
+
 def frame_lines(snapshot: RunSnapshot, *, width: int, height: int) -> list[Text]:
     """The frame as lines: at most ``height`` of them, each at most ``width`` cells."""
     width = max(1, width)
@@ -549,7 +563,8 @@ def frame_lines(snapshot: RunSnapshot, *, width: int, height: int) -> list[Text]
     lines = [title_text(snapshot)]
     if snapshot.notice and height > 1:
         lines.append(Text(_clean(snapshot.notice), style="italic yellow"))
-    body = height - len(lines)
+    footer = snapshot.footer and height >= FOOTER_MIN_HEIGHT
+    body = height - len(lines) - (1 if footer else 0)
     budget = _budget(body, max(1, len(snapshot.nodes)), max(1, len(snapshot.instances)),
                      len(snapshot.events))
     if budget.nodes:
@@ -558,6 +573,8 @@ def frame_lines(snapshot: RunSnapshot, *, width: int, height: int) -> list[Text]
         lines += _instances_section(snapshot.instances, budget.instances, width)
     if budget.events:
         lines += _events_section(snapshot.events, budget.events, width)
+    if footer:
+        lines.append(Text(_clean(snapshot.footer), style="dim"))
     for line in lines:
         line.truncate(width, overflow="ellipsis")
     return lines

@@ -59,6 +59,7 @@ CANCEL_GRACE_SECONDS = 5.0
 """How long a cancelled tick or log task may take to wind down (its commands are killed)."""
 
 SnapshotSink = Callable[[RunSnapshot], None]
+DASHBOARD_KEYS = "Ctrl-C detaches: the experiments keep running (`stop RUN` stops them)"
 
 
 @dataclass
@@ -121,6 +122,7 @@ class Monitor:
         self.fetch_failures: dict[str, int] = {}
         self.started = time.monotonic()
         self.fence_waits: set[str] = set()
+        self.last_seen: dict[str, float] = {}  # node -> wall time it last answered
         self.log_failures: dict[str, int] = {}
         self.log_gave_up: dict[str, str] = {}  # instance -> the node its log was given up on
 
@@ -295,6 +297,10 @@ class Monitor:
                                NodeState.OFFLINE)}
         errors = await self.s.sweep(self.run_id, skip=down, stop_stale=acting,
                                     fence_seconds=self.fence_seconds if acting else None)
+        seen = time.time()
+        for name in self.trackers:
+            if name not in errors and name not in down:
+                self.last_seen[name] = seen
         # a broken node that answered cleanly this time is probed at once to clear it
         due = [n for n, t in self.trackers.items()
                if n not in errors and (t.next_probe_at <= now or t.state is NodeState.BROKEN)]
@@ -546,6 +552,7 @@ class Monitor:
                 continue
             h = self.health.get(node.name)
             f = h.facts if h else None
+            stale = self._stale(node.name, now)
             nodes.append(NodeView(
                 name=node.name, state=t.state, reason=t.reason,
                 load1=f.load[0] if f else None, cpu_count=f.cpu_online if f else None,
@@ -556,18 +563,37 @@ class Monitor:
                 if f else (),
                 power_mw=f.jetson.power_mw if f and f.jetson else None,
                 temperature_c=f.max_temperature[1] if f and f.max_temperature else None,
-                instances=count.get(node.name, 0), max_instances=node.max_instances))
-        instances = tuple(InstanceView(
-            instance_id=r.instance_id, node=r.node, state=r.state.value,
-            uptime_seconds=r.runtime_seconds, restarts=r.restarts, moves=r.moves,
-            exit_code=r.exit_code, signal=r.signal, reason=r.reason, last_line=r.last_line)
-            for r in sorted(records.values(), key=lambda r: r.instance_id))
+                instances=count.get(node.name, 0), max_instances=node.max_instances,
+                stale_seconds=stale))
+        instances = tuple(self._instance_view(r, now)
+                          for r in sorted(records.values(), key=lambda r: r.instance_id))
         events = tuple(EventView(e.at, e.kind, e.subject, e.message)
                        for e in self.s.store.recent_events(self.run_id, RECENT_EVENTS))
         run = self.s.store.run(self.run_id)
         return RunSnapshot(run_id=self.run_id, run_state=run.state.value, taken_at=now,
                            nodes=tuple(nodes), instances=instances, events=events,
-                           watcher=self.other or "")
+                           watcher=self.other or "", footer=DASHBOARD_KEYS)
+
+    def _stale(self, node: str, now: float) -> float | None:
+        """How old what we know of ``node`` is, when it is not answering (None: current)."""
+        t = self.trackers.get(node)
+        if t is None or t.state not in (NodeState.RECONNECTING, NodeState.DISCONNECTED,
+                                        NodeState.OFFLINE, NodeState.BROKEN):
+            return None
+        seen = self.last_seen.get(node)
+        return max(0.0, now - seen) if seen is not None else None
+
+    def _instance_view(self, r: InstanceRecord, now: float) -> InstanceView:
+        """One instance row; on a node that is not answering, its last known state and an
+        uptime that stops at the last answer instead of counting on."""
+        stale = self._stale(r.node, now) if r.state.active else None
+        uptime = r.runtime_seconds
+        if stale is not None and uptime is not None:
+            uptime = max(0.0, uptime - stale)
+        return InstanceView(
+            instance_id=r.instance_id, node=r.node, state=r.state.value, uptime_seconds=uptime,
+            restarts=r.restarts, moves=r.moves, exit_code=r.exit_code, signal=r.signal,
+            reason=r.reason, last_line=r.last_line, stale_seconds=stale)
 
     def publish(self, records: dict[str, InstanceRecord]) -> None:
         snap = self.snapshot(records)

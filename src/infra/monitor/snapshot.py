@@ -59,6 +59,7 @@ class NodeView:
     temperature_c: float | None = None   # hottest sensor
     instances: int = 0
     max_instances: int = 0
+    stale_seconds: float | None = None   # the values are this old: the node is not answering
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,7 @@ class InstanceView:
     signal: str | None = None
     reason: str = ""
     last_line: str = ""
+    stale_seconds: float | None = None   # its node is not answering: last known, this old
 
 
 @dataclass(frozen=True)
@@ -97,3 +99,4 @@ class RunSnapshot:
     events: tuple[EventView, ...] = ()
     watcher: str = ""          # who holds the run's lease ("" = this process)
     notice: str = ""           # one line shown under the title (e.g. "detached: Ctrl-C")
+    footer: str = ""           # one line at the bottom: the keys ("Ctrl-C detaches ...")

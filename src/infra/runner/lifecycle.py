@@ -377,7 +377,7 @@ class RunSession:
             return
         self.store.update_instance(
             run_id, rec.instance_id, state=phase, pid=state.pid, exit_code=state.exit_code,
-            signal=state.signal, started_at=state.created_at or state.started_at,
+            signal=state.signal, started_at=state.started_at or state.created_at,
             ended_at=state.ended_at if state.is_final else None, restarts=state.restarts,
             reason=reason, last_line=state.last_line[:200])
         if disk_full is not None and _NO_SPACE not in (rec.reason or ""):
