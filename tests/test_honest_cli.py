@@ -85,3 +85,22 @@ def _recorded(db: Path) -> bool:
         return bool(store.runs(1))
     finally:
         store.close()
+
+
+def test_first_contact_shows_the_recorded_host_key(project: Path, ssh_fleet: SSHFleet,
+                                                   tmp_path: Path) -> None:
+    import yaml
+    cfg = yaml.safe_load((project / "cluster_config.yaml").read_text())
+    known = tmp_path / "fresh_known_hosts"
+    cfg["health_check"]["known_hosts"] = str(known)
+    (project / "cluster_config.yaml").write_text(yaml.safe_dump(cfg))
+    proc = cli(project, "--health-check", "--accept-new-host-keys")
+    assert proc.returncode == 0, proc.stderr
+    host = ssh_fleet.host("node1")
+    fingerprint = subprocess.run(["ssh-keygen", "-lf", str(host.host_key) + ".pub"],
+                                 capture_output=True, text=True, check=True).stdout.split()[1]
+    said = " ".join(proc.stderr.split())
+    assert f"new host key recorded for [{host.address}]:{host.port} in {known}" in said, said
+    assert fingerprint in said, (fingerprint, said)
+    again = cli(project, "--health-check")
+    assert again.returncode == 0 and "new host key" not in again.stderr  # known now

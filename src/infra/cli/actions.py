@@ -91,6 +91,17 @@ def conditions_from(health: dict[str, NodeHealth]) -> dict[str, NodeCondition]:
             for name, h in health.items()}
 
 
+def report_new_host_keys(c: Ctx) -> None:
+    """Show every host key recorded on first contact (accept-new), so it can be checked."""
+    from infra.transport.ssh import RECORDED_KEYS
+    while RECORDED_KEYS:
+        key = RECORDED_KEYS.pop(0)
+        c.err.print(f"[yellow]new host key recorded[/] for {escape(key.host)} in "
+                    f"{escape(key.known_hosts)}: {key.algorithm} {key.fingerprint} "
+                    "(compare with `ssh-keygen -lf /etc/ssh/ssh_host_*_key.pub` on the node)",
+                    soft_wrap=True)
+
+
 def probing(c: Ctx, cluster: Cluster) -> AbstractContextManager[object]:
     """A spinner line on stderr while the enabled nodes are probed (none with --json)."""
     if c.json_out:
@@ -110,11 +121,14 @@ def do_health_check(c: Ctx, cluster: Cluster, accept_new: bool) -> None:
             return await probe_nodes(cluster, pool)
 
     started = time.monotonic()
-    if c.json_out:
-        health = run_async(go)
-    else:
-        with c.err.status(f"probing {len(enabled)} node(s)..."):
+    try:
+        if c.json_out:
             health = run_async(go)
+        else:
+            with c.err.status(f"probing {len(enabled)} node(s)..."):
+                health = run_async(go)
+    finally:
+        report_new_host_keys(c)
     elapsed = time.monotonic() - started
     if c.json_out:
         c.emit_json({"nodes": {name: views.health_json(h) for name, h in health.items()},
@@ -181,8 +195,11 @@ def do_deploy_all(c: Ctx, cluster: Cluster, *, dry_run: bool, delete: bool,
                                 dry_run=dry_run, on_progress=on_progress, protect=protect,
                                 max_deletes=max_deletes)
 
-    with progress:
-        results = run_async(go)
+    try:
+        with progress:
+            results = run_async(go)
+    finally:
+        report_new_host_keys(c)
     if c.json_out:
         c.emit_json({"source": str(source), "dry_run": dry_run, "max_deletes": max_deletes,
                      "nodes": {n: views.deploy_json(r, max_deletes) for n, r in results.items()}})
@@ -291,6 +308,7 @@ def do_run(c: Ctx, cluster: Cluster, specs: tuple[ExperimentSpec, ...], *,
         c.err.print("detached (Ctrl-C): the experiments keep running")
     finally:
         saved.close()
+        report_new_host_keys(c)
     run_id = holder["run"]
     _report(c, cluster, store, run_id, finished)
 

@@ -26,6 +26,7 @@ import socket
 import warnings
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -151,6 +152,20 @@ def _known_hosts_name(host: str, port: int | None) -> str:
     return host if port is None else f"[{host}]:{port}"
 
 
+@dataclass(frozen=True)
+class RecordedKey:
+    """A host key this process accepted on first contact: shown so the user can check it."""
+
+    host: str          # as written in known_hosts (``[addr]:port`` for other ports)
+    algorithm: str     # e.g. ssh-ed25519
+    fingerprint: str   # SHA256:..., as ``ssh-keygen -lf`` prints it
+    known_hosts: str
+
+
+RECORDED_KEYS: list[RecordedKey] = []
+"""Keys recorded with accept-new in this process, in order (the CLI prints them)."""
+
+
 def record_host_key(path: str | os.PathLike[str], host: str, port: int | None,
                     key: asyncssh.SSHKey) -> None:
     """Append ``host``'s public key to a known_hosts file (created 0600 when missing)."""
@@ -166,6 +181,8 @@ def record_host_key(path: str | os.PathLike[str], host: str, port: int | None,
             if f.read(1) != b"\n":
                 line = "\n" + line
         f.write(line.encode())
+    RECORDED_KEYS.append(RecordedKey(_known_hosts_name(host, port), kind,
+                                     key.get_fingerprint("sha256"), str(p)))
 
 
 class _HostKeyPolicy:
