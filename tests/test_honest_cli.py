@@ -8,7 +8,9 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import psutil
 import pytest
 
 from infra.state import Store
@@ -104,3 +106,67 @@ def test_first_contact_shows_the_recorded_host_key(project: Path, ssh_fleet: SSH
     assert fingerprint in said, (fingerprint, said)
     again = cli(project, "--health-check")
     assert again.returncode == 0 and "new host key" not in again.stderr  # known now
+
+
+def _interrupt(project: Path, *args: str, ready: Any) -> subprocess.CompletedProcess[str]:
+    """Run the CLI, send SIGINT once ``ready()`` holds, and collect what it said."""
+    proc = subprocess.Popen([sys.executable, "-m", "infra.cli.main", *args], cwd=project,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: ready(proc.pid), timeout=60, interval=0.05)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def test_ctrl_c_in_watch_logs_and_deploy_is_honest_and_clean(project: Path,
+                                                             ssh_fleet: SSHFleet) -> None:
+    fast_health(project)
+    job = spec(project, "steady", duration=60.0, interval=0.2)
+    proc = cli(project, "--config", str(job), "--placement", "steady:node1",
+               "--monitor-duration", "0")
+    assert proc.returncode == 0, proc.stderr
+    run_id = json.loads(cli(project, "status", "--json").stdout)["run_id"]
+    local_log = project / "logs" / run_id / "steady.log"
+    try:
+        watched = _interrupt(project, "watch", run_id,
+                             ready=lambda _: local_log.exists() and local_log.stat().st_size > 0)
+        assert watched.returncode == 0, watched.stderr
+        assert "Traceback" not in watched.stderr, watched.stderr
+        assert "detached" in watched.stderr, watched.stderr
+        followed = _interrupt(project, "logs", run_id, "steady", "-f",
+                              ready=lambda pid: _connected(pid, ssh_fleet.host("node1").port))
+        assert followed.returncode == 130, followed.stderr
+        assert "Traceback" not in followed.stderr, followed.stderr
+        assert followed.stderr.strip().splitlines()[-1] == "interrupted"
+        (project / "big").mkdir()
+        for i in range(300):
+            (project / "big" / f"f{i:03d}.bin").write_bytes(bytes(200_000))
+        deployed = _interrupt(project, "--deploy-all", ready=_rsync_running)
+        assert deployed.returncode == 130, deployed.stderr
+        assert "Traceback" not in deployed.stderr, deployed.stderr
+        assert "Task exception" not in deployed.stderr, deployed.stderr
+        state = json.loads(cli(project, "status", "--json").stdout)["instances"][0]
+        assert state["state"] == "running"  # none of this stopped the experiment
+    finally:
+        cli(project, "stop", run_id, "--grace", "1")
+
+
+def _connected(pid: int, port: int) -> bool:
+    """The process holds an SSH connection to ``port``: it is talking to the node."""
+    try:
+        conns = psutil.Process(pid).net_connections(kind="tcp")
+    except psutil.Error:
+        return False
+    return any(c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED
+               for c in conns)
+
+
+def _rsync_running(pid: int) -> bool:
+    try:
+        return any(p.name() == "rsync" for p in psutil.Process(pid).children(recursive=True))
+    except psutil.Error:
+        return False

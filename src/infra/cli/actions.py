@@ -63,7 +63,30 @@ def with_accept_new(cluster: Cluster, accept_new: bool) -> Cluster:
 
 
 def run_async(factory: Callable[[], Awaitable[T]]) -> T:
-    return asyncio.run(factory())  # type: ignore[arg-type]
+    """Run the command's coroutine. After Ctrl-C the processes it started are killed, but
+    asyncio may still report their transports as collected after the loop closed: noise that
+    must not look like a crash ("Event loop is closed"), so it is not printed."""
+    try:
+        return asyncio.run(factory())  # type: ignore[arg-type]
+    except KeyboardInterrupt:
+        quiet_closed_loop_noise()
+        raise
+
+
+def quiet_closed_loop_noise() -> None:
+    """Drop asyncio's leftovers of an interrupted loop: unraisable 'Event loop is closed'
+    from transport finalizers, and the child watcher's 'loop ... is closed' warnings."""
+    import logging
+    logging.getLogger("asyncio").setLevel(logging.ERROR + 10)
+    previous = sys.unraisablehook
+
+    def hook(unraisable: sys.UnraisableHookArgs) -> None:
+        exc = unraisable.exc_value
+        if isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc):
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
 
 
 # --------------------------------------------------------------------------- health

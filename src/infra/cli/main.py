@@ -366,8 +366,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except click.exceptions.Exit as exc:
         return int(exc.exit_code)
-    except click.Abort:
-        click.echo("aborted", err=True)
+    except click.Abort:  # click's form of Ctrl-C (KeyboardInterrupt inside a command)
+        click.echo("interrupted", err=True)
         return 130
     except click.ClickException as exc:
         click.echo(f"error: {exc.format_message()}", err=True)

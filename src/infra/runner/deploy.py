@@ -422,22 +422,37 @@ def _rsync_env() -> dict[str, str]:
 
 
 async def _run_rsync(node: NodeConfig, argv: list[str]) -> tuple[int, str, str]:
+    # Own process group: cancelling can kill rsync and its ssh child together. The spawn is
+    # shielded: a cancellation that lands while the process is being created still gets the
+    # process back, to kill it, instead of leaving an rsync running after Ctrl-C.
+    spawn = asyncio.ensure_future(asyncio.create_subprocess_exec(
+        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env=_rsync_env(), start_new_session=True))
     try:
-        # Own process group: cancelling can kill rsync and its ssh child together.
-        proc = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, env=_rsync_env(), start_new_session=True)
+        proc = await asyncio.shield(spawn)
     except FileNotFoundError:
         raise DeployError(node.name, "rsync is not installed on the coordinator") from None
+    except asyncio.CancelledError:
+        with contextlib.suppress(BaseException):
+            await _end_rsync(await spawn)
+        raise
     try:
         out, err = await proc.communicate()
     finally:
         if proc.returncode is None:  # cancelled: leave neither rsync nor ssh running
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            await proc.wait()
+            await _end_rsync(proc)
     rc = proc.returncode if proc.returncode is not None else -1
     return rc, out.decode(errors="replace"), err.decode(errors="replace")
+
+
+async def _end_rsync(proc: asyncio.subprocess.Process) -> None:
+    """Kill rsync's process group and read its pipes to the end, so its transport closes now
+    rather than when collected after the loop is gone."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(proc.communicate(), 5)
+    await proc.wait()
 
 
 def _local_target(node: NodeConfig, source: Path) -> tuple[Path, str | None]:

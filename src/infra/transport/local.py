@@ -87,8 +87,10 @@ class LocalTransport(Transport):
         except OutputCapped:
             await _reap(proc)
             raise OutputTooLargeError(self.node, max_output, cmd) from None
-        except BaseException:
-            _kill_group(proc.pid)
+        except BaseException:  # cancelled (Ctrl-C, a bounded tick): kill it and close its pipes,
+            _kill_group(proc.pid)  # or the transport is collected after the loop closed
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(_reap(proc))
             raise
         rc = proc.returncode if proc.returncode is not None else -1
         result = CommandResult(
