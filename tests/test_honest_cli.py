@@ -170,3 +170,22 @@ def _rsync_running(pid: int) -> bool:
         return any(p.name() == "rsync" for p in psutil.Process(pid).children(recursive=True))
     except psutil.Error:
         return False
+
+
+def test_an_unreachable_node_is_named_once(project: Path, ssh_fleet: SSHFleet) -> None:
+    fast_health(project)
+    job = spec(project, "cutoff", duration=60.0)
+    proc = cli(project, "--config", str(job), "--placement", "cutoff:node3",
+               "--monitor-duration", "0")
+    assert proc.returncode == 0, proc.stderr
+    run_id = json.loads(cli(project, "status", "--json").stdout)["run_id"]
+    host = ssh_fleet.host("node3")
+    host.stop()  # sshd gone, the experiment lives on
+    try:
+        stopped = cli(project, "stop", run_id, "--grace", "1")
+    finally:
+        host.start()
+    line = stopped.stderr.strip().splitlines()[-1]
+    assert stopped.returncode == 1 and line.startswith("error: could not stop on node3: "), line
+    assert "node3: node3" not in line, line
+    assert cli(project, "stop", run_id, "--grace", "1").returncode == 0

@@ -66,6 +66,12 @@ class TransportError(InfraError):
         super().__init__(f"{node}: {reason}")
 
 
+def node_reason(exc: InfraError) -> str:
+    """An error's text without its node name in front, for messages that name the node
+    themselves ("start failed on rpi1: ..."), so a node is never named twice."""
+    return " ".join(exc.reason.split()) if isinstance(exc, TransportError) else exc.one_line()
+
+
 class UnreachableError(TransportError):
     """The node could not be reached (refused, no route, DNS)."""
 

@@ -34,6 +34,7 @@ from infra.errors import (
     StateError,
     TransportError,
     UsageError,
+    node_reason,
 )
 from infra.placement import Condition, NodeCondition, Plan, plan, why_not
 from infra.placement.allocation import Allocation, allocation_env
@@ -282,9 +283,9 @@ class RunSession:
             return
         except InfraError as exc:
             self.store.update_instance(run_id, rec.instance_id, state=InstancePhase.FAILED,
-                                       reason=f"start failed: {exc.one_line()}")
+                                       reason=f"start failed on {node.name}: {node_reason(exc)}")
             self.event(run_id, "start", rec.instance_id, f"start failed on {node.name}: "
-                       f"{exc.one_line()}")
+                       f"{node_reason(exc)}")
             return
         self.apply_state(run_id, rec, state)
         verb = "already started" if state.already else "started"
@@ -474,7 +475,7 @@ class RunSession:
                            f"instance runs on {rec.node} now")
             except InfraError as exc:
                 self.event(run_id, "stale", rec.instance_id,
-                           f"could not stop the stale copy on {node_name}: {exc.one_line()}")
+                           f"could not stop the stale copy on {node_name}: {node_reason(exc)}")
 
     # ------------------------------------------------------------------ recovery
 
@@ -693,7 +694,7 @@ class RunSession:
                 else:
                     states = await client.stop(run_id, instance_id, grace=grace)
             except InfraError as exc:
-                errors[node_name] = exc.one_line()
+                errors[node_name] = node_reason(exc)
                 return
             found = {s.instance_id: s for s in states}
             for rec in recs:
