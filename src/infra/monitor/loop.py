@@ -391,10 +391,10 @@ class Monitor:
             elif rec.state is InstancePhase.LOST and rec.reason.startswith(FENCED) \
                     and policy is RecoverPolicy.CLUSTER and rec.moves < MAX_MOVES:
                 why = f"fenced on {rec.node} while no coordinator was heard"
-                conds = self.conditions()
-                if self.s.pinned(self.run_id, rec.instance_id):  # started again only there
-                    conds = self.s.pin_conditions(rec, conds)
-                await self.s.move_instance(self.run_id, rec, conds, why, may_stay=True)
+                await self.s.move_instance(self.run_id, rec, self.conditions(), why,
+                                           may_stay=True)
+            # restarts exhausted: a broken command would fail anywhere, and a pin names the
+            # one node the user wants; neither is moved (node loss still moves pinned work)
             elif rec.state is InstancePhase.FAILED and policy is RecoverPolicy.CLUSTER \
                     and self._auto_restart(rec) and rec.pid is not None \
                     and not rec.reason.startswith(("stop", "start failed", "deploy")) \
@@ -421,10 +421,7 @@ class Monitor:
 
     async def _recover_one(self, rec: InstanceRecord, policy: RecoverPolicy, why: str, *,
                            lost: bool) -> None:
-        if policy is RecoverPolicy.CLUSTER and self.s.pinned(self.run_id, rec.instance_id):
-            self.s.mark(self.run_id, rec, InstancePhase.PAUSED,
-                        f"{why}; pinned to {rec.node} (--placement): not moved")
-        elif policy is RecoverPolicy.CLUSTER and rec.moves < MAX_MOVES:
+        if policy is RecoverPolicy.CLUSTER and rec.moves < MAX_MOVES:
             await self.s.move_instance(self.run_id, rec, self.conditions(), why)
         elif policy is RecoverPolicy.CLUSTER:
             self.s.mark(self.run_id, rec, InstancePhase.PAUSED,
