@@ -230,7 +230,8 @@ class RunSession:
         return failed
 
     def pinned(self, run_id: str, instance_id: str) -> bool:
-        """Whether the instance was placed with ``--placement``: no policy moves it."""
+        """Whether the instance was placed with ``--placement`` (a pin: exhausted restarts never
+        move it, and a refused start is placed again only there)."""
         return instance_id in self.store.run(run_id).pinned
 
     def pin_conditions(self, rec: InstanceRecord,
