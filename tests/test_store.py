@@ -19,7 +19,7 @@ import pytest
 
 from infra.config.model import ExperimentSpec
 from infra.errors import StateError, UsageError
-from infra.state import Store
+from infra.state import FailureClass, Store
 from infra.state.store import Lease, holder_is_dead, may_take
 
 HOST = socket.gethostname()
@@ -220,3 +220,37 @@ def test_a_file_that_is_not_a_store_is_one_clear_error(tmp_path: Path) -> None:
     with pytest.raises(StateError) as err:
         Store(bad)
     assert str(bad) in err.value.one_line() and "not a usable state store" in str(err.value)
+
+
+# --------------------------------------------------------------------------- failure classes, pins
+
+def test_pins_come_from_the_stored_plan(store: Store) -> None:
+    spec = ExperimentSpec(experiment_id="a", command="true", source=Path("."))
+    plan = {"instances": {"a": {"node": "node1", "pinned": True},
+                          "b": {"node": "node2", "pinned": False}, "c": "garbage"}}
+    store.create_run("r-pins", "cluster_config.yaml", plan,
+                     [("a", "node1", spec, None), ("b", "node2", spec, None)])
+    assert store.run("r-pins").pinned == frozenset({"a"})
+    store.create_run("r-old", "cluster_config.yaml", {}, [("a", "node1", spec, None)])
+    assert store.run("r-old").pinned == frozenset()  # runs recorded before pins were read
+
+
+def test_failure_class_round_trip_and_an_older_store(tmp_path: Path) -> None:
+    path = tmp_path / "logs" / "state.db"
+    store = Store(path)
+    add_run(store, "r-fc")
+    assert store.instance("r-fc", "a").failure_class is None
+    store.update_instance("r-fc", "a", failure_class=FailureClass.BROKEN_COMMAND)
+    assert store.instance("r-fc", "a").failure_class is FailureClass.BROKEN_COMMAND
+    store.update_instance("r-fc", "a", failure_class=None)
+    assert store.instance("r-fc", "a").failure_class is None
+    store.db.execute("ALTER TABLE instances DROP COLUMN failure_class")  # as before
+    store.close()
+    store = Store(path)  # the column is added back in place
+    try:
+        assert store.instance("r-fc", "a").failure_class is None
+        store.update_instance("r-fc", "a", failure_class=FailureClass.RESOURCE)
+        assert store.instance("r-fc", "a").failure_class is FailureClass.RESOURCE
+    finally:
+        store.close()
+    assert FailureClass.parse("from-a-newer-node") is None

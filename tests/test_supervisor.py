@@ -30,6 +30,7 @@ from infra.runner.supervisor_client import (
     StartRequest,
     SupervisorClient,
 )
+from infra.state import FailureClass
 from infra.transport.local import LocalTransport
 
 PROGS = Path(__file__).parent / "progs"
@@ -72,10 +73,12 @@ def run(coro):  # type: ignore[no-untyped-def]
 
 
 def request(run_id: str, instance_id: str, command: str, *, auto_restart: bool = True,
-            max_retries: int | None = None, delay: float = 0.0, **kw: object) -> StartRequest:
+            max_retries: int | None = None, delay: float = 0.0, quick: float | None = None,
+            **kw: object) -> StartRequest:
     return StartRequest(run_id=run_id, instance_id=instance_id, command=command,
                         restart=RestartPolicy(auto_restart=auto_restart, max_retries=max_retries,
-                                              retry_delay_seconds=delay), **kw)  # type: ignore[arg-type]
+                                              retry_delay_seconds=delay,
+                                              quick_failure_seconds=quick), **kw)  # type: ignore[arg-type]
 
 
 async def one(client: SupervisorClient, run_id: str, instance_id: str) -> InstanceState:
@@ -301,7 +304,9 @@ def test_restart_rules(client: SupervisorClient, tmp_path: Path, name: str,
         cmd = prog(command[0], command[1], count)  # type: ignore[arg-type]
     else:
         cmd = prog(*command, "--count", count)  # type: ignore[arg-type]
-    final = run(_start_and_wait(client, request("rules", name, cmd, **policy)))  # type: ignore[arg-type]
+    # quick failures are broken commands (see test_broken_*): off here, to see the limits
+    final = run(_start_and_wait(client, request("rules", name, cmd, quick=0.0,
+                                                **policy)))  # type: ignore[arg-type]
     assert final.status is status, final
     assert lines_in(count) == [str(i) for i in range(1, attempts + 1)]
     assert [a.attempt for a in final.attempts] == list(range(1, attempts + 1))
@@ -317,18 +322,87 @@ def test_restart_rules(client: SupervisorClient, tmp_path: Path, name: str,
                 "oom" in (final.attempts[0].reason or "").lower()
     elif status is InstanceStatus.FAILED:
         assert final.exit_code == 1 and final.signal is None
-        assert [a.reason for a in final.attempts] == ["exit code 1"] * attempts
+        # each failed attempt's reason ends with the last line that attempt wrote
+        assert [a.reason for a in final.attempts] == ["exit code 1: line 1"] * attempts
+        assert final.failure_class is FailureClass.EXIT_CODE
         if attempts > 1:
-            assert "[supervisor] attempt 2 after exit code 1\n" in log
+            assert "[supervisor] attempt 2 after exit code 1: line 1\n" in log
 
 
 def test_restart_counts_exit_code_then_succeeds(client: SupervisorClient, tmp_path: Path) -> None:
     count = tmp_path / "count"
     # fails on attempts 1 and 2, succeeds on 3: the attempt number reaches the program
     cmd = prog("lines.py", 1, 0, "--count", count) + ' && test "$INFRA_ATTEMPT" -ge 3'
-    final = run(_start_and_wait(client, request("rules", "third", cmd)))
+    final = run(_start_and_wait(client, request("rules", "third", cmd, quick=0.0)))
     assert final.status is InstanceStatus.EXITED
     assert [a.exit_code for a in final.attempts] == [1, 1, 0]
+
+
+# --------------------------------------------------------------------------- broken commands
+
+def _broken(final: InstanceState, exit_code: int, reason: str, count: Path | None = None) -> None:
+    """A broken command: failed after one retry, the last attempt recorded, its output named."""
+    assert final.status is InstanceStatus.FAILED, final
+    assert [a.attempt for a in final.attempts] == [1, 2]  # at most one retry
+    if count is not None:
+        assert lines_in(count) == ["1", "2"]
+    last = final.attempts[-1]
+    assert final.restarts == 1 and final.pid == last.pid  # the record is the last attempt's
+    assert final.exit_code == exit_code == last.exit_code and final.signal is None
+    assert last.reason == reason, last.reason
+    assert final.final_reason == (f"{reason}; gave up after 2 failed attempts "
+                                  "(limit 2 for a broken command)")
+    assert final.attempts[0].reason == reason  # the first attempt's own output, not more
+    assert final.failure_class is FailureClass.BROKEN_COMMAND and final.broken_command
+
+
+def test_broken_command_not_found(client: SupervisorClient, tmp_path: Path) -> None:
+    count = tmp_path / "count"
+    cmd = f'echo "$INFRA_ATTEMPT" >> {shlex.quote(str(count))}; pyhton3 train.py'
+    final = run(_start_and_wait(client, request("broken", "typo", cmd)))
+    reason = "exit code 127 (command not found): /bin/sh: 1: pyhton3: not found"  # dash
+    _broken(final, 127, reason, count)
+    log = Path(final.log_path or "").read_text()
+    assert f"[supervisor] attempt 2 after {reason}\n" in log
+
+
+def test_broken_command_not_executable(client: SupervisorClient, tmp_path: Path) -> None:
+    target = tmp_path / "run.sh"
+    target.write_text("#!/bin/sh\necho never\n")
+    target.chmod(0o644)  # no execute bit: even root gets "Permission denied" (exit 126)
+    final = run(_start_and_wait(client, request("broken", "noexec", shlex.quote(str(target)))))
+    _broken(final, 126, f"exit code 126 (command not executable): /bin/sh: 1: {target}: "
+                        "Permission denied")
+
+
+def test_immediate_failure_is_a_broken_command(client: SupervisorClient, tmp_path: Path) -> None:
+    count = tmp_path / "count"
+    cmd = (prog("lines.py", 2, 0, "--count", count) +
+           "; echo 'error: config.yaml not found' >&2; echo; exit 1")
+    final = run(_start_and_wait(client, request("broken", "quick", cmd, max_retries=5)))
+    # max_retries cannot buy a broken command more retries; the empty line is skipped
+    _broken(final, 1, "exit code 1: error: config.yaml not found", count)
+
+
+def test_slow_failure_keeps_the_normal_limits(client: SupervisorClient, tmp_path: Path) -> None:
+    count = tmp_path / "count"
+    # runs past quick_failure_seconds (0.3 s here) before failing: an ordinary failure
+    cmd = prog("lines.py", 1, 0, "--count", count, "--hold", 0.6) + '; echo "bad $INFRA_ATTEMPT"; exit 3'
+    final = run(_start_and_wait(client, request("broken", "slow", cmd, quick=0.3)))
+    assert final.status is InstanceStatus.FAILED, final
+    assert lines_in(count) == ["1", "2", "3"]
+    assert [a.reason for a in final.attempts] == [f"exit code 3: bad {i}" for i in (1, 2, 3)]
+    assert final.failure_class is FailureClass.EXIT_CODE and not final.broken_command
+    assert final.final_reason == "exit code 3: bad 3; gave up after 3 failed attempts (limit 3)"
+    assert final.restarts == 2 and final.pid == final.attempts[-1].pid
+
+
+def test_a_clean_end_clears_the_failure_class(client: SupervisorClient, tmp_path: Path) -> None:
+    cmd = 'test "$INFRA_ATTEMPT" -ge 2 || exit 4; echo ok'
+    final = run(_start_and_wait(client, request("broken", "second", cmd)))
+    assert final.status is InstanceStatus.EXITED
+    assert [a.reason for a in final.attempts] == ["exit code 4", "exit code 0"]
+    assert final.failure_class is None and final.exit_code == 0
 
 
 @pytest.fixture
@@ -490,6 +564,20 @@ def test_follow_unknown_instance_yields_nothing(client: SupervisorClient) -> Non
 ])
 def test_classify(returncode: int, expected: tuple[str, int | None, str | None]) -> None:
     assert script.classify(returncode) == expected
+
+
+def test_failure_classes() -> None:
+    assert script.failure_class("exit_code", 127, 60.0, 3.0) == "broken_command"
+    assert script.failure_class("exit_code", 126, 60.0, 3.0) == "broken_command"
+    assert script.failure_class("exit_code", 1, 0.5, 3.0) == "broken_command"
+    assert script.failure_class("exit_code", 1, 5.0, 3.0) == "exit_code"
+    assert script.failure_class("exit_code", 1, 0.5, 0.0) == "exit_code"  # time rule off
+    assert script.failure_class("hard_fault", None, 0.1, 3.0) == "hard_fault"  # signals keep theirs
+    assert script.failure_limit("broken_command", None) == 2
+    assert script.failure_limit("broken_command", 9) == 2
+    assert script.failure_limit("broken_command", 0) == 1
+    assert script.describe_end(127, None) == "exit code 127 (command not found)"
+    assert script.describe_end(126, None) == "exit code 126 (command not executable)"
 
 
 def test_failure_limits() -> None:

@@ -39,7 +39,7 @@ from infra.placement import Condition, NodeCondition
 from infra.probe.health import NodeHealth, NodeStatus
 from infra.probe.run import check_health
 from infra.runner.lifecycle import LOG_SYNC_ATTEMPTS, RunSession
-from infra.state import InstancePhase, InstanceRecord
+from infra.state import FailureClass, InstancePhase, InstanceRecord
 from infra.state.store import coordinator_id
 
 FOLLOW_STREAMS_PER_NODE = 4
@@ -125,6 +125,7 @@ class Monitor:
         self.last_seen: dict[str, float] = {}  # node -> wall time it last answered
         self.log_failures: dict[str, int] = {}
         self.log_gave_up: dict[str, str] = {}  # instance -> the node its log was given up on
+        self.kept: set[str] = set()  # failed instances said not to be moved (said once)
 
     # ------------------------------------------------------------------ main loop
 
@@ -398,12 +399,26 @@ class Monitor:
                 why = f"fenced on {rec.node} while no coordinator was heard"
                 await self.s.move_instance(self.run_id, rec, self.conditions(), why,
                                            may_stay=True)
+            # restarts exhausted: a broken command would fail anywhere, and a pin names the
+            # one node the user wants; neither is moved (node loss still moves pinned work)
             elif rec.state is InstancePhase.FAILED and policy is RecoverPolicy.CLUSTER \
                     and self._auto_restart(rec) and rec.pid is not None \
                     and not rec.reason.startswith(("stop", "start failed", "deploy")) \
                     and rec.moves < MAX_MOVES and "moved" not in rec.reason:
                 why = f"restarts exhausted on {rec.node} ({rec.reason})"
-                await self._recover_one(rec, policy, why, lost=False)
+                if rec.failure_class is FailureClass.BROKEN_COMMAND:
+                    self._not_moved(rec, "the command is broken: it would fail anywhere")
+                elif self.s.pinned(self.run_id, rec.instance_id):
+                    self._not_moved(rec, f"pinned to {rec.node} (--placement)")
+                else:
+                    await self._recover_one(rec, policy, why, lost=False)
+
+    def _not_moved(self, rec: InstanceRecord, why: str) -> None:
+        """Say once why a failed instance stays failed where it is."""
+        if rec.instance_id in self.kept:
+            return
+        self.kept.add(rec.instance_id)
+        self.s.event(self.run_id, "failed", rec.instance_id, f"not moved: {why}")
 
     def _auto_restart(self, rec: InstanceRecord) -> bool:
         """The spec's ``auto_restart``, else the cluster's ``failover.auto_restart``."""

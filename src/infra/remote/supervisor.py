@@ -41,13 +41,24 @@ the supervisor did not send (someone stopped it on purpose). Every other end is 
 The instance gives up ("failed") when the number of failed attempts so far reaches the
 limit for the kind of the latest failure:
 
+    exit code 126 or 127, or a non-zero exit code within
+      ``quick_failure_seconds`` of the attempt's start (the command is broken)  2
     SIGSEGV, SIGILL, SIGBUS, SIGFPE (hardware or memory-safety faults)   2
     SIGKILL (likely out of memory), SIGABRT                               3
     non-zero exit code or any other signal                                3
 
 ``max_retries`` counts restarts: ``max_retries=N`` allows at most N+1 attempts. When set it
-replaces the limit for exit codes and other signals and caps the two signal limits above
+replaces the limit for exit codes and other signals and caps the three other limits above
 (so ``max_retries=0`` never restarts anything, and a segfault still gives up after 2).
+
+A broken command (exit 126: found but not executable, 127: not found, or any non-zero exit
+within ``restart.quick_failure_seconds`` of its attempt's start, default
+QUICK_FAILURE_SECONDS; 0 turns the time rule off) is retried at most once: running it again
+elsewhere or later will not help. Its final state has ``failure_class: "broken_command"``,
+which tells the coordinator never to move it. ``failure_class`` always names the class of
+the latest failed attempt (None once an attempt ends well). Every failed attempt's reason
+ends with the last non-empty line that attempt wrote
+(``exit code 127 (command not found): sh: 1: pyhton3: not found``).
 ``auto_restart: false`` never restarts. ``retry_delay_seconds`` is waited between attempts.
 ``always: true`` (service and system jobs) also restarts after a clean exit (code 0); the
 failure limits above still stop a crash loop.
@@ -93,7 +104,9 @@ FINAL_STATES = ("exited", "failed", "stopped", "lost")
 HARD_FAULT_SIGNALS = ("SIGSEGV", "SIGILL", "SIGBUS", "SIGFPE")
 RESOURCE_SIGNALS = ("SIGKILL", "SIGABRT")
 INTENTIONAL_SIGNALS = ("SIGTERM", "SIGINT")
-LIMITS = {"hard_fault": 2, "resource": 3, "exit_code": 3, "signal": 3}
+LIMITS = {"broken_command": 2, "hard_fault": 2, "resource": 3, "exit_code": 3, "signal": 3}
+BROKEN_EXIT_CODES = {126: "command not executable", 127: "command not found"}
+QUICK_FAILURE_SECONDS = 3.0     # a non-zero exit sooner than this after its start: broken
 
 START_WAIT_SECONDS = 10.0       # start returns once the first pid is recorded, or after this
 NEVER_STARTED_SECONDS = 60.0    # a "starting" instance without a supervisor after this is lost
@@ -472,13 +485,22 @@ def make_subreaper() -> None:
         pass
 
 
-def last_line(path: str) -> tuple[int, str]:
-    """(size in bytes, last non-empty line cut to LAST_LINE_CHARS) of a log file."""
+def log_size(log: Any) -> int:
+    """Bytes in the open output log now: where the next attempt's output begins."""
+    try:
+        return os.fstat(log.fileno()).st_size
+    except OSError:
+        return 0
+
+
+def last_line(path: str, start: int = 0) -> tuple[int, str]:
+    """(size in bytes, last non-empty line cut to LAST_LINE_CHARS) of a log file, looking
+    only at bytes from offset ``start`` on (one attempt's output)."""
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
             size = f.tell()
-            f.seek(max(0, size - 4096))
+            f.seek(max(start, size - 4096))
             tail = f.read()
     except OSError:
         return 0, ""
@@ -576,6 +598,16 @@ def classify(returncode: int) -> tuple[str, int | None, str | None]:
     return "signal", exit_code, sig
 
 
+def failure_class(kind: str, exit_code: int | None, runtime: float, quick: float) -> str:
+    """The restart class of a failed attempt: ``kind``, or "broken_command" for an exit code
+    of 126/127 or a non-zero exit within ``quick`` seconds of the attempt's start."""
+    if kind != "exit_code":
+        return kind
+    if exit_code in BROKEN_EXIT_CODES or runtime < quick:
+        return "broken_command"
+    return kind
+
+
 def failure_limit(kind: str, max_retries: int | None) -> int:
     """Failed attempts after which the instance gives up (see the module docstring)."""
     base = LIMITS[kind]
@@ -589,7 +621,8 @@ def failure_limit(kind: str, max_retries: int | None) -> int:
 def describe_end(exit_code: int | None, sig: str | None, oom: bool = False) -> str:
     """Readable reason for an attempt's end."""
     if sig is None:
-        return f"exit code {exit_code or 0}"
+        what = BROKEN_EXIT_CODES.get(exit_code or 0)
+        return f"exit code {exit_code or 0}" + (f" ({what})" if what else "")
     text = f"killed by {sig}"
     if sig == "SIGKILL":
         text += (" (killed by the kernel OOM killer)" if oom
@@ -1033,10 +1066,24 @@ class Supervisor:
             self.attempts(log, auto_restart, max_retries, delay, results_dir, cwd)
         self.stop_watching()
 
+    def quick_failure_seconds(self) -> float:
+        """``restart.quick_failure_seconds`` of the request (QUICK_FAILURE_SECONDS if unset)."""
+        value = (self.request.get("restart") or {}).get("quick_failure_seconds")
+        try:
+            return QUICK_FAILURE_SECONDS if value is None else max(0.0, float(value))
+        except (TypeError, ValueError):
+            return QUICK_FAILURE_SECONDS
+
+    def with_output(self, reason: str, start: int) -> str:
+        """A failed attempt's reason with the last non-empty line the attempt wrote."""
+        line = last_line(self.log_path, start)[1].strip()
+        return f"{reason}: {line}" if line else reason
+
     def attempts(self, log: Any, auto_restart: bool, max_retries: int | None, delay: float,
                  results_dir: str, cwd: str) -> None:
         """Run attempts until the instance exits, fails for good, or is stopped."""
         req = self.request
+        quick = self.quick_failure_seconds()
         failures = 0
         attempt = 0
         last_reason = ""
@@ -1048,7 +1095,9 @@ class Supervisor:
             if attempt > 1:
                 self.log_note(log, f"[supervisor] attempt {attempt} after {last_reason}\n")
             before = oom_counters()
+            log_start = log_size(log)
             started = time.time()
+            began = time.monotonic()
             try:
                 os.makedirs(results_dir, exist_ok=True)
                 proc = subprocess.Popen(
@@ -1071,7 +1120,7 @@ class Supervisor:
             self.state.setdefault("attempts", []).append(record)
             self.save(state="running", pid=proc.pid, pid_start_ticks=start_ticks(proc.pid),
                       pgid=proc.pid, started_at=started, exit_code=None, signal=None,
-                      restarts=attempt - 1)
+                      failure_class=None, restarts=attempt - 1)
             update_claim(self.claim_path, pgid=proc.pid,
                          pid_start_ticks=self.state.get("pid_start_ticks"))
             if self.stop_pending():
@@ -1080,17 +1129,23 @@ class Supervisor:
             returncode = self.wait_child(proc)
             self.child_running = False
             ended = time.time()
+            runtime = time.monotonic() - began
             stopping = self.stop_pending()
             kind, exit_code, sig = classify(returncode)
             oom = sig == "SIGKILL" and not stopping and oom_evidence(before, proc.pid)
-            reason = self.disk_note(describe_end(exit_code, sig, oom), stopping)
+            failed = not stopping and kind not in ("ok", "intentional")
+            cls = failure_class(kind, exit_code, runtime, quick) if failed else None
+            end = describe_end(exit_code, sig, oom)
+            reason = self.disk_note(self.with_output(end, log_start) if failed else end,
+                                    stopping)
             self.end_group(proc.pid, stopping)
             signal.setitimer(signal.ITIMER_REAL, 0)
             self.pgid = None
             self.forwarded = False
             self.kill_deadline = None
-            record.update(ended_at=ended, exit_code=exit_code, signal=sig, reason=reason)
-            self.state.update(exit_code=exit_code, signal=sig)
+            record.update(ended_at=ended, exit_code=exit_code, signal=sig, reason=reason,
+                          failure_class=cls)
+            self.state.update(exit_code=exit_code, signal=sig, failure_class=cls)
 
             if stopping:
                 self.finish("stopped", reason if self.fenced else f"stopped on request ({reason})")
@@ -1113,11 +1168,12 @@ class Supervisor:
             if not auto_restart:
                 self.finish("failed", f"{reason}; auto_restart is off")
                 return
-            limit = failure_limit(kind, max_retries)
+            limit = failure_limit(cls or kind, max_retries)
             if failures >= limit:
                 plural = "" if failures == 1 else "s"
+                what = " for a broken command" if cls == "broken_command" else ""
                 self.finish("failed", f"{reason}; gave up after {failures} failed "
-                                      f"attempt{plural} (limit {limit})")
+                                      f"attempt{plural} (limit {limit}{what})")
                 return
             last_reason = reason
             self.save(state="restarting", final_reason=None)
@@ -1347,6 +1403,7 @@ def start_new(idir: str, req: dict[str, Any], placement: str, claim_path: str | 
         "supervisor_pid": None, "supervisor_start_ticks": None, "started_at": None,
         "ended_at": None, "exit_code": None, "signal": None, "attempts": [],
         "restarts": 0, "stop_requested": False, "final_reason": None, "boot_id": boot_id(),
+        "failure_class": None,
         "placement": placement, "claim_path": claim_path, "fence": bool(req.get("fence")),
         "fenced": False,
     }

@@ -65,6 +65,10 @@ coordinator stops asking and says so."""
 
 _NO_SPACE = "no space left on device"  # in the supervisor's disk-full reasons
 
+DEFAULT_ENV: dict[str, str] = {"PYTHONUNBUFFERED": "1"}
+"""Given to every instance unless its spec's ``env`` sets the name: Python programs write
+their output at once, so ``print()`` lines reach the log (and the live view) as they happen."""
+
 _PHASE_OF_STATUS = {
     InstanceStatus.STARTING: InstancePhase.STARTING,
     InstanceStatus.RUNNING: InstancePhase.RUNNING,
@@ -226,6 +230,21 @@ class RunSession:
                            f"{'refused' if isinstance(res, DeployRefused) else 'failed'}: {why}")
         return failed
 
+    def pinned(self, run_id: str, instance_id: str) -> bool:
+        """Whether the instance was placed with ``--placement`` (a pin: exhausted restarts never
+        move it, and a refused start is placed again only there)."""
+        return instance_id in self.store.run(run_id).pinned
+
+    def pin_conditions(self, rec: InstanceRecord,
+                       conditions: dict[str, NodeCondition]) -> dict[str, NodeCondition]:
+        """``conditions`` with every node but the instance's own unavailable (it is pinned)."""
+        why = f"{rec.instance_id} is pinned to {rec.node} (--placement)"
+        conds = dict(conditions)
+        for node in self.cluster.nodes:
+            if node.name != rec.node:
+                conds[node.name] = NodeCondition(Condition.UNAVAILABLE, why)
+        return conds
+
     def fenced(self, spec: ExperimentSpec) -> bool:
         """Whether the node fences this work while a coordinator watches it."""
         return spec.recover is RecoverPolicy.CLUSTER and \
@@ -240,7 +259,7 @@ class RunSession:
         node = self.cluster.node(rec.node)
         spec = rec.spec
         self.store.update_instance(run_id, rec.instance_id, state=InstancePhase.STARTING)
-        env = dict(spec.env)
+        env = {**DEFAULT_ENV, **dict(spec.env)}  # the spec's own env overrides the defaults
         if spec.params:
             env["INFRA_PARAMS"] = json.dumps(dict(spec.params), sort_keys=True)
         alloc = rec.allocation
@@ -310,6 +329,8 @@ class RunSession:
                 conds[name] = NodeCondition(Condition.UNAVAILABLE, found.one_line())
         from infra.runner.nodeops import admin_conditions, merge_conditions
         conds = merge_conditions(conds, admin_conditions(self.cluster, self.store))
+        if self.pinned(run_id, rec.instance_id):  # placed again only where it was pinned
+            conds = self.pin_conditions(rec, conds)
         occupied = occupied_work(self.cluster, claims, self.store.active_instances(),
                                  but=(run_id, rec.instance_id))
         result = plan(self.cluster, [rec.spec], conditions=conds, occupied=occupied)
@@ -380,7 +401,7 @@ class RunSession:
             run_id, rec.instance_id, state=phase, pid=state.pid, exit_code=state.exit_code,
             signal=state.signal, started_at=state.started_at or state.created_at,
             ended_at=state.ended_at if state.is_final else None, restarts=state.restarts,
-            reason=reason, last_line=state.last_line[:200])
+            reason=reason, last_line=state.last_line[:200], failure_class=state.failure_class)
         if disk_full is not None and _NO_SPACE not in (rec.reason or ""):
             self.event(run_id, "disk", rec.instance_id, f"disk full on {rec.node}: "
                        f"{disk_full}; output and results written now are lost")
@@ -540,7 +561,7 @@ class RunSession:
             allocation=new_alloc.with_run(run_id) if new_alloc is not None else None,
             previous_nodes=(*rec.previous_nodes, rec.node),
             placement_seq=rec.placement_seq + 1,
-            moves=rec.moves + (1 if count else 0), pid=None,
+            moves=rec.moves + (1 if count else 0), pid=None, failure_class=None,
             exit_code=None, signal=None, ended_at=None, restarts=0, log_base=base,
             log_offset=base, results_fetched=0, results_missing="[]",
             reason=f"moving from {rec.node}: {why}")

@@ -33,6 +33,7 @@ from infra.errors import (
     UsageError,
 )
 from infra.placement.allocation import Allocation
+from infra.state import FailureClass
 from infra.state.codec import decode_allocation, spec_from_document
 from infra.transport.base import CommandResult, Transport
 from infra.transport.marker import extract_json
@@ -159,6 +160,12 @@ class InstanceState:
     placement: str = "p0"     # which placement of the instance this copy is
     fenced: bool = False      # stopped by its own supervisor: the coordinator went silent
     disk_full: str | None = None
+    failure_class: FailureClass | None = None  # how the latest attempt failed, if it did
+
+    @property
+    def broken_command(self) -> bool:
+        """The latest attempt failed as a broken command (exit 126/127 or a quick exit)."""
+        return self.failure_class is FailureClass.BROKEN_COMMAND
 
     @property
     def is_final(self) -> bool:
@@ -196,6 +203,7 @@ class InstanceState:
             command=f.opt_text("command"), already=f.flag("already"),
             placement=f.text("placement") or "p0", fenced=f.flag("fenced"),
             disk_full=f.opt_text("disk_full") or None,
+            failure_class=FailureClass.parse(f.opt_text("failure_class")),
         )
 
 
@@ -204,13 +212,16 @@ class RestartPolicy:
     """Node-side restart policy of one instance (rules in ``infra/remote/supervisor.py``).
 
     ``max_retries`` counts restarts: N allows at most N+1 attempts; None keeps the built-in
-    limits (2 for SIGSEGV/SIGILL/SIGBUS/SIGFPE, 3 for everything else).
+    limits (2 for a broken command and for SIGSEGV/SIGILL/SIGBUS/SIGFPE, 3 for everything
+    else). A non-zero exit within ``quick_failure_seconds`` of an attempt's start (None: the
+    node's default, 3 s; 0: off) counts as a broken command, like exit 126/127.
     """
 
     auto_restart: bool = True
     max_retries: int | None = None
     retry_delay_seconds: float = 5.0
     always: bool = False  # service/system jobs: a clean exit is restarted too
+    quick_failure_seconds: float | None = None
 
     @classmethod
     def from_config(cls, failover: FailoverSection, *, auto_restart: bool | None = None,
@@ -224,8 +235,13 @@ class RestartPolicy:
         )
 
     def to_json(self) -> dict[str, Any]:
-        return {"auto_restart": self.auto_restart, "max_retries": self.max_retries,
-                "retry_delay_seconds": self.retry_delay_seconds, "always": self.always}
+        doc: dict[str, Any] = {"auto_restart": self.auto_restart,
+                               "max_retries": self.max_retries,
+                               "retry_delay_seconds": self.retry_delay_seconds,
+                               "always": self.always}
+        if self.quick_failure_seconds is not None:
+            doc["quick_failure_seconds"] = self.quick_failure_seconds
+        return doc
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from infra.state.store import (
     Event,
+    FailureClass,
     InstancePhase,
     InstanceRecord,
     ResultIssue,
@@ -14,6 +15,7 @@ from infra.state.store import (
 
 __all__ = [
     "Event",
+    "FailureClass",
     "InstancePhase",
     "InstanceRecord",
     "ResultIssue",

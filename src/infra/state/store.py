@@ -56,6 +56,7 @@ CREATE TABLE IF NOT EXISTS instances (
     moves INTEGER NOT NULL DEFAULT 0,
     previous_nodes TEXT NOT NULL DEFAULT '[]',
     placement_seq INTEGER NOT NULL DEFAULT 0,
+    failure_class TEXT,
     updated_at REAL NOT NULL,
     PRIMARY KEY (run_id, instance_id)
 );
@@ -95,6 +96,7 @@ ADDED_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
         ("allocation_json", "TEXT NOT NULL DEFAULT '{}'"),
         ("placement_seq", "INTEGER NOT NULL DEFAULT 0"),
         ("results_missing", "TEXT NOT NULL DEFAULT '[]'"),
+        ("failure_class", "TEXT"),
     ),
 }
 
@@ -155,6 +157,25 @@ class InstancePhase(str, enum.Enum):
                         InstancePhase.RESTARTING, InstancePhase.MOVING)
 
 
+class FailureClass(str, enum.Enum):
+    """How the latest failed attempt of an instance failed, as its node's supervisor judged
+    it (the restart limits in ``infra/remote/supervisor.py`` go by it)."""
+
+    BROKEN_COMMAND = "broken_command"  # exit 126/127 or a quick non-zero exit: never moved
+    EXIT_CODE = "exit_code"
+    HARD_FAULT = "hard_fault"          # SIGSEGV, SIGILL, SIGBUS, SIGFPE
+    RESOURCE = "resource"              # SIGKILL, SIGABRT
+    SIGNAL = "signal"
+
+    @classmethod
+    def parse(cls, value: object) -> FailureClass | None:
+        """The class named by ``value``; None for none or one this version does not know."""
+        try:
+            return cls(value)
+        except ValueError:
+            return None
+
+
 @dataclass(frozen=True)
 class RunRecord:
     run_id: str
@@ -163,6 +184,7 @@ class RunRecord:
     state: RunState
     plan: dict[str, Any]
     coordinator: str
+    pinned: frozenset[str] = frozenset()  # instances placed with --placement (never moved)
 
 
 @dataclass(frozen=True)
@@ -215,6 +237,7 @@ class InstanceRecord:
     allocation: Allocation | None = None
     placement_seq: int = 0  # which placement of the instance this is: +1 on every move
     results_missing: tuple[ResultIssue, ...] = ()  # what the last fetch could not bring home
+    failure_class: FailureClass | None = None  # how its latest failed attempt failed
 
     @property
     def placement_id(self) -> str:
@@ -236,6 +259,15 @@ class Event:
     kind: str
     subject: str
     message: str
+
+
+def _pinned(plan: Any) -> frozenset[str]:
+    """The instances a run's stored plan says were pinned (``instances.X.pinned``)."""
+    instances = plan.get("instances") if isinstance(plan, dict) else None
+    if not isinstance(instances, dict):
+        return frozenset()
+    return frozenset(iid for iid, entry in instances.items()
+                     if isinstance(entry, dict) and entry.get("pinned") is True)
 
 
 def new_run_id(now: float | None = None) -> str:
@@ -396,9 +428,10 @@ class Store:
 
     @staticmethod
     def _run(row: sqlite3.Row) -> RunRecord:
+        plan = json.loads(row["plan_json"])
         return RunRecord(run_id=row["run_id"], created_at=row["created_at"],
                          cluster_config=row["cluster_config"], state=RunState(row["state"]),
-                         plan=json.loads(row["plan_json"]), coordinator=row["coordinator"])
+                         plan=plan, coordinator=row["coordinator"], pinned=_pinned(plan))
 
     # ------------------------------------------------------------------ lease
 
@@ -468,7 +501,7 @@ class Store:
         allowed = {"node", "state", "pid", "exit_code", "signal", "started_at", "ended_at",
                    "restarts", "reason", "last_line", "log_offset", "results_fetched", "moves",
                    "previous_nodes", "log_base", "allocation", "placement_seq",
-                   "results_missing"}
+                   "results_missing", "failure_class"}
         bad = set(fields) - allowed
         if bad:
             raise ValueError(f"unknown instance fields {bad}")
@@ -496,7 +529,8 @@ class Store:
             moves=row["moves"], previous_nodes=tuple(json.loads(row["previous_nodes"])),
             log_base=row["log_base"], allocation=decode_allocation(row["allocation_json"]),
             placement_seq=row["placement_seq"],
-            results_missing=_issues(row["results_missing"]))
+            results_missing=_issues(row["results_missing"]),
+            failure_class=FailureClass.parse(row["failure_class"]))
 
     def active_instances(self, exclude_run: str | None = None) -> list[InstanceRecord]:
         """Instances of every run that hold resources on their nodes right now."""
