@@ -474,3 +474,19 @@ def test_yaml_and_json_give_the_same_refusal(tmp_path: Path,
     y.write_text(yaml.safe_dump(doc))
     code, _, err = run_cli(capsys, "--cluster-config", str(y), "--validate-config")
     assert_one_line_error(code, err, "nodes[0].remote_work_dir: ", "'`'")
+
+
+@pytest.mark.parametrize(("patch", "key"), [
+    ({"workdir": "sub\nrm -rf x"}, "workdir"),
+    ({"results": ["out/\r*.ckpt"]}, "results[0]"),
+])
+def test_spec_paths_with_control_characters_are_one_line_errors(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], patch: dict[str, Any],
+        key: str) -> None:
+    """A spec's ``workdir``/``results`` become rsync protect rules and node paths."""
+    cluster = _write(tmp_path, {"nodes": [_remote_node()]})
+    spec = tmp_path / "exp.json"
+    spec.write_text(json.dumps({"command": "true", "ram_gb": 1.0, **patch}))
+    code, _, err = run_cli(capsys, "--cluster-config", str(cluster), "--validate-config",
+                           "--config", str(spec))
+    assert_one_line_error(code, err, f"{spec}: {key}: ", "must be on one line")
