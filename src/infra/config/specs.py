@@ -12,6 +12,7 @@ from infra.config.model import Cluster, ExperimentSpec, JobType, RecoverPolicy
 from infra.config.reader import Section, check_safe_id, load_document
 from infra.config.resources import ParsedResources, parse_constraints, parse_resources
 from infra.errors import ConfigError, UsageError
+from infra.quoting import pattern_problem
 
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 RECOVER_CHOICES = [r.value for r in RecoverPolicy]
@@ -54,6 +55,9 @@ def load_spec(path: str | Path, cluster: Cluster) -> ExperimentSpec:
 
 
 def _relative_path(s: Section, key: str, value: str) -> str:
+    control = pattern_problem(value)  # it becomes an rsync protect rule and a node path
+    if control:
+        raise s.error(key, f"must be on one line: {control}")
     pure = PurePosixPath(value)
     if pure.is_absolute() or value.startswith("~"):
         raise s.error(key, f"must be relative to the experiment's working directory, got {value!r}")

@@ -29,7 +29,7 @@ from infra.config.model import (
     PortRange,
     Strategy,
 )
-from infra.config.reader import Section, check_abs_path, check_safe_id, load_document
+from infra.config.reader import Section, check_safe_id, load_document
 from infra.config.resources import (
     parse_attributes,
     parse_constraints,
@@ -37,6 +37,15 @@ from infra.config.resources import (
     parse_node_devices,
 )
 from infra.errors import ConfigError
+from infra.quoting import (
+    host_problem,
+    node_path_problem,
+    normalize_node_path,
+    path_char_problem,
+    pattern_problem,
+    program_problem,
+    user_problem,
+)
 
 NODE_TYPES = [t.value for t in NodeType]
 LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
@@ -105,8 +114,7 @@ def _node(s: Section, base_dir: Path) -> NodeConfig:
     if why:
         raise s.error("name", why)
     host = s.string("host")
-    if any(c.isspace() for c in host):
-        raise s.error("host", f"must not contain spaces, got {host!r}")
+    _check(s, "host", host_problem(host))
     ntype = s.choice("type", NodeType, NODE_TYPES, NodeType.GENERIC)
     ram_gb = s.number("ram_gb", positive=True)
     reserved = s.number("reserved_ram_gb", 0.0, minimum=0.0)
@@ -124,20 +132,25 @@ def _node(s: Section, base_dir: Path) -> NodeConfig:
     remote_work_dir = s.string("remote_work_dir", "~/lab-orchestrator")
     if host in LOCAL_HOSTS and not remote_work_dir.startswith(("/", "~")):
         # The local node may name its work dir relative to the config file ("." = the tree).
+        # Only what the user wrote is checked: the config's own directory is theirs to name.
+        _check(s, "remote_work_dir", path_char_problem(remote_work_dir))
         remote_work_dir = str((base_dir / remote_work_dir).resolve())
-    check_abs_path(s, "remote_work_dir", remote_work_dir)
+    else:
+        remote_work_dir = _node_path(s, "remote_work_dir", remote_work_dir)
     key_path = s.string("ssh_key_path", None)
     if key_path is not None:
-        check_abs_path(s, "ssh_key_path", key_path)
+        key_path = _node_path(s, "ssh_key_path", key_path)
     user = s.string("ssh_user", None)
-    if user is not None and (any(c.isspace() for c in user) or user.startswith("-")):
-        raise s.error("ssh_user", f"is not a valid user name: {user!r}")
+    if user is not None:
+        _check(s, "ssh_user", user_problem(user))
+    python_path = s.string("python_path", "python3")
+    _check(s, "python_path", program_problem(python_path))
     tags = s.string_list("tags", ())
     drivers = s.string_list("runtime_drivers", DEFAULT_RUNTIME_DRIVERS)
     disk_gb = s.number("disk_gb", None, minimum=0.0)
     claims = s.string("claims_dir", None)
     if claims is not None:
-        check_abs_path(s, "claims_dir", claims)
+        claims = _node_path(s, "claims_dir", claims)
     node = NodeConfig(
         name=name,
         host=host,
@@ -153,7 +166,7 @@ def _node(s: Section, base_dir: Path) -> NodeConfig:
         ssh_port=s.port("ssh_port", 22),
         ssh_key_path=key_path,
         remote_work_dir=remote_work_dir,
-        python_path=s.string("python_path", "python3"),
+        python_path=python_path,
         monitor_port=s.port("monitor_port", None),
         enabled=s.boolean("enabled", True),
         tags=frozenset(tags),
@@ -168,6 +181,22 @@ def _node(s: Section, base_dir: Path) -> NodeConfig:
     )
     s.finish()
     return node
+
+
+def _check(s: Section, key: str, problem: str | None) -> None:
+    """Raise the one-line ``ConfigError`` for ``key`` when a character rule found a problem."""
+    if problem:
+        raise s.error(key, problem)
+
+
+def _node_path(s: Section, key: str, value: str) -> str:
+    """A path that reaches a shell, ssh or rsync: allow-listed, absolute or ``~/``, normalised.
+
+    (infra.quoting documents the characters; ``a//b/`` becomes ``a/b`` so the deploy target
+    and the directory experiments run in are the same string.)
+    """
+    _check(s, key, node_path_problem(value))
+    return normalize_node_path(value)
 
 
 def _network(s: Section) -> NetworkSection:
@@ -232,7 +261,7 @@ def _health_checks(s: Section) -> HealthChecks:
 def _health(s: Section) -> HealthCheckSection:
     known_hosts = s.string("known_hosts", None)
     if known_hosts is not None:
-        check_abs_path(s, "known_hosts", known_hosts)
+        known_hosts = _node_path(s, "known_hosts", known_hosts)
     out = HealthCheckSection(
         enabled=s.boolean("enabled", True),
         interval_seconds=s.number("interval_seconds", 30.0, positive=True),
@@ -287,11 +316,14 @@ def _placement(s: Section, nodes: tuple[NodeConfig, ...]) -> PlacementSection:
 
 def _deploy(s: Section) -> DeploySection:
     protect = s.string_list("protect", ())
-    for i, pattern in enumerate(protect):
-        if any(ch in pattern for ch in "\n\r\0"):
-            raise ConfigError(s.file, f"{s.key('protect')}[{i}]",
-                              "an rsync pattern must be on one line")
-    out = DeploySection(source=s.string("source", None), exclude=s.string_list("exclude", ()),
+    exclude = s.string_list("exclude", ())
+    for key, patterns in (("protect", protect), ("exclude", exclude)):
+        for i, pattern in enumerate(patterns):
+            why = pattern_problem(pattern)
+            if why:
+                raise ConfigError(s.file, f"{s.key(key)}[{i}]",
+                                  f"an rsync pattern must be on one line of text: {why}")
+    out = DeploySection(source=s.string("source", None), exclude=exclude,
                         protect=protect,
                         max_deletes=s.integer("max_deletes", DEFAULT_MAX_DELETES, minimum=0))
     s.finish()

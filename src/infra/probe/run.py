@@ -20,6 +20,7 @@ from infra.errors import (
 )
 from infra.probe.facts import NodeFacts
 from infra.probe.health import NodeHealth, evaluate, unavailable
+from infra.quoting import program_command
 from infra.transport.base import CommandResult, Transport
 from infra.transport.marker import extract_json
 
@@ -58,7 +59,7 @@ def _failure(node: NodeConfig, result: CommandResult) -> CommandFailedError:
 
 async def probe_node(transport: Transport, node: NodeConfig, timeout: float) -> NodeFacts:
     """Run the probe on ``node`` and return what it found; raises ``TransportError``."""
-    command = [node.python_path, "-", node.remote_work_dir]
+    command = program_command(node.python_path, ["-", node.remote_work_dir])
     result = await transport.run(command, input=probe_source(), timeout=timeout)
     try:
         doc = extract_json(result.stdout)

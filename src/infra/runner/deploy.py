@@ -30,7 +30,6 @@ import math
 import os
 import posixpath
 import re
-import shlex
 import signal
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -38,6 +37,15 @@ from pathlib import Path
 
 from infra.config.model import HealthCheckSection, NodeConfig
 from infra.errors import DeployError, DeployRefused, InfraError
+from infra.quoting import (
+    command_line,
+    home_relative,
+    normalize_node_path,
+    pattern_problem,
+    rsync_remote,
+    shell_path,
+    ssh_option_value,
+)
 
 DEFAULT_EXCLUDES: tuple[str, ...] = (
     ".git/", "__pycache__/", "*.pyc", "/logs/", ".infra/", ".venv/",
@@ -54,8 +62,9 @@ GITIGNORE_FILTER = "--filter=:- .gitignore"
 MKPATH_VERSION = (3, 2, 3)
 """First rsync with ``--mkpath``."""
 
-ARG_PROTECTION_VERSION = (3, 2, 4)
-"""First rsync that escapes remote path arguments by default."""
+PROTECT_ARGS = "--protect-args"
+"""How every rsync since 3.0 spells "send paths over the protocol, never the remote shell"
+(3.3+ also calls it ``--secluded-args``); see ``local_rsync_protect_flag``."""
 
 ProgressCallback = Callable[[str, str], None]
 
@@ -93,17 +102,6 @@ class DeployResult:
 # --------------------------------------------------------------------------- command line
 
 
-def _ssh_option_value(value: str) -> str:
-    """Escape a path for an ssh ``-o`` value: ``%`` tokens, then OpenSSH's quoting rules.
-
-    (``-i`` is not used for keys: ssh checks that path before expanding ``%%``.)
-    """
-    value = value.replace("%", "%%")
-    if re.search(r'[\s"\'\\]', value):
-        return '"' + re.sub(r'(["\'\\])', r"\\\1", value) + '"'
-    return value
-
-
 def known_hosts_path(health: HealthCheckSection) -> str:
     """The known_hosts file both transports verify host keys against."""
     return os.path.expanduser(health.known_hosts or "~/.ssh/known_hosts")
@@ -118,9 +116,9 @@ def ssh_command_for(node: NodeConfig, health: HealthCheckSection) -> list[str]:
     cmd = ["ssh", "-p", str(node.ssh_port)]
     if node.ssh_key_path:
         key = os.path.expanduser(node.ssh_key_path)
-        cmd += ["-o", f"IdentityFile={_ssh_option_value(key)}", "-o", "IdentitiesOnly=yes"]
+        cmd += ["-o", f"IdentityFile={ssh_option_value(key)}", "-o", "IdentitiesOnly=yes"]
     cmd += ["-o", "BatchMode=yes"]
-    cmd += ["-o", f"UserKnownHostsFile={_ssh_option_value(known_hosts_path(health))}"]
+    cmd += ["-o", f"UserKnownHostsFile={ssh_option_value(known_hosts_path(health))}"]
     if health.known_hosts:
         # An explicit known_hosts file is the only source of trust, as in asyncssh.
         cmd += ["-o", "GlobalKnownHostsFile=/dev/null"]
@@ -137,40 +135,23 @@ _TILDE_USER = re.compile(r"^~[A-Za-z0-9._-]*$")
 
 
 def remote_dir_for(node: NodeConfig) -> str:
-    """The node's work dir as rsync should name it: ``~/x`` becomes ``x`` (home-relative).
+    """The node's work dir as rsync names it: ``~/x`` becomes ``x`` (home-relative).
 
-    Raises ``DeployError`` for a dir that is the home or root directory itself, where a
-    ``--delete`` deploy would wipe unrelated files.
+    Nothing else changes (no stripping, no ``..`` resolution): the deploy lands in exactly
+    the directory the supervisor runs experiments in (``remote_work_dir``, which the config
+    parser normalised). Raises ``DeployError`` for ``.``/``..`` components and for the home
+    or root directory itself, where a ``--delete`` deploy would wipe unrelated files.
     """
-    raw = node.remote_work_dir.strip()
-    if raw == "~" or raw.startswith("~/"):
-        raw = raw[1:].lstrip("/") or "."
-    norm = posixpath.normpath(raw) if raw else "."
-    first = norm.split("/", 1)[0]
-    if norm in (".", "/", "..") or norm.startswith("../") or _TILDE_USER.match(norm):
+    rel = normalize_node_path(home_relative(node.remote_work_dir))
+    first = rel.split("/", 1)[0]
+    if (rel in ("", ".", "/") or any(p in (".", "..") for p in rel.split("/"))
+            or _TILDE_USER.match(rel)):
         raise DeployError(node.name, f"refusing to deploy into {node.remote_work_dir!r}: "
                                      "use a dedicated directory under the home directory")
     if first.startswith("~") and not _TILDE_USER.match(first):
         raise DeployError(node.name, f"remote_work_dir {node.remote_work_dir!r}: "
                                      "invalid ~user prefix")
-    return norm
-
-
-def _remote_shell_path(path: str) -> str:
-    """Quote a path for the node's shell, leaving a leading ``~user`` unquoted so it expands."""
-    if path.startswith("~"):
-        head, _, rest = path.partition("/")
-        return f"{head}/{shlex.quote(rest)}" if rest else head
-    return shlex.quote(path)
-
-
-def _host_part(node: NodeConfig) -> str:
-    host = f"[{node.host}]" if ":" in node.host else node.host
-    return f"{node.ssh_user}@{host}" if node.ssh_user else host
-
-
-def _needs_protection(path: str) -> bool:
-    return re.fullmatch(r"[A-Za-z0-9_./+,=@%~-]*", path) is None
+    return rel
 
 
 def local_work_dir(node: NodeConfig) -> Path:
@@ -187,7 +168,7 @@ def protect_filter(node: str, pattern: str) -> str:
     (``P`` rules act on the receiving side only, so they never change what is sent.) The
     argv reaches rsync without a shell; rsync reads the rest of the word as the pattern.
     """
-    if not pattern.strip() or any(ch in pattern for ch in "\n\r\0"):
+    if not pattern.strip() or pattern_problem(pattern):
         raise DeployError(node, f"invalid protect pattern {pattern!r}")
     return f"--filter=P {pattern}"
 
@@ -210,15 +191,19 @@ def results_protect_patterns(workdir: str | None, results: Sequence[str]) -> tup
 def build_rsync_command(node: NodeConfig, health: HealthCheckSection, source: Path, *,
                         excludes: Sequence[str], delete: bool = True, dry_run: bool = False,
                         rsync_version: tuple[int, ...] | None = None,
-                        protect: Sequence[str] = (), max_delete: int | None = None) -> list[str]:
+                        protect: Sequence[str] = (), max_delete: int | None = None,
+                        protect_flag: str | None = PROTECT_ARGS) -> list[str]:
     """The rsync argv that copies ``source``'s contents into the node's work dir (pure).
 
     ``rsync_version`` is the local rsync's version (None: assume a current one); it decides
-    between ``--mkpath`` and a ``mkdir -p`` prefix on the remote rsync command, and whether
-    paths need ``--protect-args``. Local nodes get a plain local rsync (the caller creates the
-    target dir). With ``delete``, ``BUILTIN_PROTECT`` and ``protect`` patterns come first
-    (rsync takes the first matching rule) and ``max_delete`` caps deletions. Raises
-    ``DeployError`` for a work dir that is the home or root directory.
+    between ``--mkpath`` and a ``mkdir -p`` prefix on the remote rsync command.
+    ``protect_flag`` is how the local rsync spells ``--protect-args`` (None: it has none);
+    it is always passed for a remote node, so the work dir reaches the node's rsync over
+    the protocol and never through its shell; without it, a work dir with characters the
+    shell would read is refused. Local nodes get a plain local rsync (the caller creates
+    the target dir). With ``delete``, ``BUILTIN_PROTECT`` and ``protect`` patterns come
+    first (rsync takes the first matching rule) and ``max_delete`` caps deletions. Raises
+    ``DeployError`` for a work dir that is the home or root directory, or unsafe.
     """
     version = rsync_version or (99,)
     cmd = ["rsync", "-az", "--stats", "--itemize-changes"]
@@ -230,6 +215,8 @@ def build_rsync_command(node: NodeConfig, health: HealthCheckSection, source: Pa
     if dry_run:
         cmd.append("--dry-run")
     for pattern in (*DEFAULT_EXCLUDES, *excludes):
+        if not pattern.strip() or pattern_problem(pattern):
+            raise DeployError(node.name, f"invalid exclude pattern {pattern!r}")
         cmd.append(f"--exclude={pattern}")
     cmd.append(GITIGNORE_FILTER)
     src = str(source).rstrip("/") + "/"
@@ -237,14 +224,19 @@ def build_rsync_command(node: NodeConfig, health: HealthCheckSection, source: Pa
         return [*cmd, src, str(local_work_dir(node)) + "/"]
 
     remote_dir = remote_dir_for(node)
+    try:
+        target = rsync_remote(node.host, node.ssh_user, remote_dir + "/",
+                              protected=protect_flag is not None)
+    except ValueError as exc:
+        raise DeployError(node.name, str(exc)) from None
     if version >= MKPATH_VERSION:
         cmd.append("--mkpath")
     else:
-        cmd.append(f"--rsync-path=mkdir -p {_remote_shell_path(remote_dir)} && rsync")
-    if version < ARG_PROTECTION_VERSION and _needs_protection(remote_dir):
-        cmd.append("--protect-args")
-    cmd += ["-e", shlex.join(ssh_command_for(node, health))]
-    return [*cmd, src, f"{_host_part(node)}:{remote_dir}/"]
+        cmd.append(f"--rsync-path=mkdir -p {shell_path(remote_dir)} && rsync")
+    if protect_flag is not None:
+        cmd.append(protect_flag)
+    cmd += ["-e", command_line(ssh_command_for(node, health))]
+    return [*cmd, src, target]
 
 
 # --------------------------------------------------------------------------- output parsing
@@ -311,7 +303,7 @@ _FAILURES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         (r"Identity file .* not accessible",
          "permission denied: ssh key file not accessible on the coordinator"),
         (r"Permission denied \(publickey", "permission denied: the node refused the ssh key"),
-        (r"\brsync: (?:command )?not found|remote command not found", "rsync not found on node"),
+        (r"\brsync: (?:command )?not found", "rsync not found on node"),
         (r"Failed to exec ssh", "ssh client not found on the coordinator"),
         (r"--mkpath: unknown option", "the node's rsync is too old for --mkpath"),
         (r"No space left on device", "no space left on the node"),
@@ -328,9 +320,11 @@ def rsync_failure_reason(stderr: str, returncode: int) -> str:
     denied = _PERMISSION_LINE.search(stderr)
     if denied:
         return f"permission denied: {denied.group(1)}"
-    if returncode == 127:
-        return "rsync not found on node"
     lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    if returncode == 127:
+        # Only say "rsync" when the node said so: another missing command is a different fix.
+        missing = next((ln for ln in lines if ln.endswith("not found")), None)
+        return f"command not found on node: {missing}" if missing else "rsync not found on node"
     detail = next((ln for ln in lines if ln.startswith("rsync:")), lines[0] if lines else "")
     return f"rsync failed (exit {returncode}): {detail}" if detail else \
         f"rsync failed (exit {returncode})"
@@ -395,22 +389,43 @@ def source_fingerprint(source: Path, excludes: Sequence[str]) -> str:
 
 # --------------------------------------------------------------------------- running
 
-_version_cache: dict[str, tuple[int, ...]] = {}
+@dataclass(frozen=True)
+class LocalRsync:
+    """What the coordinator's rsync can do: its version and its ``--protect-args`` spelling."""
+
+    version: tuple[int, ...]
+    protect_flag: str | None
 
 
-async def local_rsync_version() -> tuple[int, ...]:
-    """The coordinator's rsync version, e.g. ``(3, 2, 7)``; probed once per process.
+_local_rsync: list[LocalRsync] = []
+
+
+def parse_rsync_help(text: str) -> LocalRsync:
+    """Version and protect-args flag from ``rsync --help`` (3.3+ says ``--secluded-args``)."""
+    match = re.search(r"version\s+(\d+)\.(\d+)\.(\d+)", text)
+    version = tuple(int(x) for x in match.groups()) if match else (0, 0, 0)
+    flag = next((f for f in ("--secluded-args", PROTECT_ARGS) if f in text), None)
+    return LocalRsync(version, flag)
+
+
+async def local_rsync() -> LocalRsync:
+    """The coordinator's rsync, probed once per process with ``rsync --help``.
 
     Raises ``FileNotFoundError`` when rsync is not installed.
     """
-    if "rsync" not in _version_cache:
+    if not _local_rsync:
         proc = await asyncio.create_subprocess_exec(
-            "rsync", "--version", stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+            "rsync", "--help", stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+            env=_rsync_env())
         out, _ = await proc.communicate()
-        match = re.search(r"version\s+(\d+)\.(\d+)\.(\d+)", out.decode(errors="replace"))
-        _version_cache["rsync"] = tuple(int(x) for x in match.groups()) if match else (0, 0, 0)
-    return _version_cache["rsync"]
+        _local_rsync.append(parse_rsync_help(out.decode(errors="replace")))
+    return _local_rsync[0]
+
+
+async def local_rsync_version() -> tuple[int, ...]:
+    """The coordinator's rsync version, e.g. ``(3, 2, 7)``; probed once per process."""
+    return (await local_rsync()).version
 
 
 def _rsync_env() -> dict[str, str]:
@@ -484,7 +499,7 @@ async def _rsync_pass(node: NodeConfig, health: HealthCheckSection, source: Path
                       opts: _Options, *, dry_run: bool) -> str:
     """Run one rsync pass and return its stdout; rsync failures become ``DeployError``."""
     try:
-        version = await local_rsync_version()
+        local = await local_rsync()
     except FileNotFoundError:
         raise DeployError(node.name, "rsync is not installed on the coordinator") from None
 
@@ -492,9 +507,10 @@ async def _rsync_pass(node: NodeConfig, health: HealthCheckSection, source: Path
         return build_rsync_command(node, health, source, excludes=opts.excludes,
                                    delete=opts.delete, dry_run=dry_run,
                                    rsync_version=rsync_version, protect=opts.protect,
-                                   max_delete=None if dry_run else opts.max_deletes)
+                                   max_delete=None if dry_run else opts.max_deletes,
+                                   protect_flag=local.protect_flag)
 
-    rc, out, err = await _run_rsync(node, argv(version))
+    rc, out, err = await _run_rsync(node, argv(local.version))
     if rc != 0 and not node.is_local and _MKPATH_UNKNOWN.search(err):
         # Our rsync has --mkpath, the node's does not: create the dir with a mkdir prefix.
         rc, out, err = await _run_rsync(node, argv((3, 2, 2)))

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from infra.config.model import Cluster, NodeConfig
 from infra.errors import InfraError, TransportError
+from infra.quoting import program_command
 from infra.state import InstanceRecord, ResultIssue, issues_json
 from infra.transport.base import Transport
 from infra.transport.marker import extract_json
@@ -129,8 +130,8 @@ def summarise(issues: tuple[ResultIssue, ...] | list[ResultIssue],
 async def list_results(transport: Transport, node: NodeConfig, base: str,
                        patterns: list[str], timeout: float) -> ResultListing:
     """Run the lister for ``patterns`` under ``base`` on the node; raises ``TransportError``."""
-    command = [node.python_path, "-", node.remote_work_dir, base, str(MAX_RESULT_FILES),
-               *patterns]
+    command = program_command(node.python_path, ["-", node.remote_work_dir, base,
+                                                 str(MAX_RESULT_FILES), *patterns])
     result = await transport.run(command, input=lister_source(), timeout=timeout)
     try:
         return ResultListing.from_json(extract_json(result.stdout))

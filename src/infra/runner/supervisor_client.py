@@ -33,6 +33,7 @@ from infra.errors import (
     UsageError,
 )
 from infra.placement.allocation import Allocation
+from infra.quoting import program_command, shell_path
 from infra.state import FailureClass
 from infra.state.codec import decode_allocation, spec_from_document
 from infra.transport.base import CommandResult, Transport
@@ -44,7 +45,6 @@ SUPERVISOR_SOURCE = Path(__file__).resolve().parent.parent / "remote" / "supervi
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
 """Run and instance ids become path components on the node; the script checks the same rule."""
 
-_TILDE = re.compile(r"^~([A-Za-z0-9._-]*)(/.*)?$")
 _ROOT_TAG = "@@INFRA-ROOT:"
 _SCRIPT_TAG = "@@INFRA-SCRIPT:"
 
@@ -66,15 +66,6 @@ def check_id(value: str, what: str) -> str:
         raise UsageError(f"invalid {what} {value!r}: use letters, digits and ._@- "
                          "(at most 128 characters, no '..')")
     return value
-
-
-def shell_path(path: str) -> str:
-    """Quote a node path for the node's shell while keeping a leading ``~``/``~user`` live."""
-    match = _TILDE.match(path)
-    if match is None:
-        return shlex.quote(path)
-    rest = match.group(2) or ""
-    return "~" + match.group(1) + ("/" + shlex.quote(rest[1:]) if len(rest) > 1 else rest)
 
 
 class InstanceStatus(str, enum.Enum):
@@ -453,8 +444,7 @@ class SupervisorClient:
         # -S -E: the script is stdlib only, so skip site-packages (.pth files can cost 100+ ms
         # per call) and ignore PYTHON* variables; the experiment still gets the full env.
         script = await self.ensure_installed()
-        return " ".join([shell_path(self.node.python_path), "-S", "-E", shlex.quote(script),
-                         *(shlex.quote(a) for a in args)])
+        return program_command(self.node.python_path, ["-S", "-E", script, *args])
 
     async def _call(self, args: Sequence[str], *, input: str | None = None,
                     timeout: float | None = None) -> dict[str, Any]:
