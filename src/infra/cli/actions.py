@@ -546,5 +546,8 @@ def do_prune(c: Ctx, older_than: float, dry_run: bool) -> None:
             for node, a in r.nodes.items():
                 if not isinstance(a, str) and a.state.value == "error":
                     bad.setdefault(node, f"{r.run_id}: {a.error}")
+        if report.local_errors:
+            bad["this machine"] = "; ".join(f"{run}: {why}"
+                                            for run, why in report.local_errors.items())
         raise InfraError("prune incomplete on " + "; ".join(
             f"{n}: {why}" for n, why in sorted(bad.items())) + "; rerun prune to finish")

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from infra.errors import InfraError, TransportError, TransportTimeoutError
+from infra.errors import InfraError, StateError, TransportError, TransportTimeoutError
 from infra.runner.supervisor_client import (
     PrunedRun,
     PruneState,
@@ -79,11 +79,12 @@ class PruneReport:
     runs: list[RunOutcome] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     node_errors: dict[str, str] = field(default_factory=dict)  # node -> one line
+    local_errors: dict[str, str] = field(default_factory=dict)  # run -> one line
 
     @property
     def failed(self) -> bool:
-        """True when a node could not be asked or could not remove something."""
-        return bool(self.node_errors) or any(
+        """True when a node could not be asked, or something could not be removed."""
+        return bool(self.node_errors) or bool(self.local_errors) or any(
             isinstance(a, PrunedRun) and a.state is PruneState.ERROR
             for r in self.runs for a in r.nodes.values())
 
@@ -103,7 +104,11 @@ def select(store: Store, cutoff: float, known_nodes: Iterable[str]
     for run in store.runs(ALL_RUNS):
         if run.pruned_at is not None:
             continue
-        records = store.instances(run.run_id)
+        try:
+            records = store.instances(run.run_id)
+        except StateError as exc:  # undecodable rows: left alone, said once
+            skipped.append(Skipped(run.run_id, exc.one_line()))
+            continue
         ended = run_ended(run, records)
         if ended >= cutoff:
             continue
@@ -166,10 +171,10 @@ async def ask_nodes(by_node: Mapping[str, list[str]], client_for: ClientFor, *,
         limit = bound + PER_RUN_SECONDS * len(runs)
         try:  # the call has its own timeout; this bounds connecting too
             return node, await asyncio.wait_for(call(node, runs, limit), limit + 5.0)
+        except InfraError as exc:  # its own timeouts included
+            return node, exc
         except asyncio.TimeoutError:
             return node, TransportTimeoutError(node, f"no answer within {limit + 5.0:g} s")
-        except InfraError as exc:
-            return node, exc
 
     return dict(await asyncio.gather(*(one(n, r) for n, r in by_node.items())))
 
@@ -204,11 +209,22 @@ def settle(store: Store, log_dir: Path, candidates: list[Candidate],
         elif dry_run:
             state, why = LocalState.WOULD_PRUNE, ""
         else:
-            if path is not None:
-                shutil.rmtree(path)
-            store.mark_pruned(cand.run_id)
-            state, why = LocalState.PRUNED, ""
+            state, why = _prune_local(store, cand.run_id, path)
+            if why:
+                report.local_errors[cand.run_id] = why
         report.runs.append(RunOutcome(cand.run_id, cand.ended_at, per_node, state, size, why))
+
+
+def _prune_local(store: Store, run_id: str, path: Path | None) -> tuple[LocalState, str]:
+    """Delete the run's local directory, then mark it pruned; a failed delete keeps both."""
+    if path is not None:
+        try:
+            shutil.rmtree(path)
+        except OSError as exc:
+            return LocalState.KEPT, f"local: cannot remove {exc.filename or path}: " \
+                                    f"{exc.strerror or exc}"
+    store.mark_pruned(run_id)
+    return LocalState.PRUNED, ""
 
 
 def _kept_reason(per_node: Mapping[str, PrunedRun | str]) -> str:
