@@ -37,12 +37,14 @@ from infra.runner.claims import claims_of, occupied_work
 from infra.runner.deploy import DeployResult, deploy_all
 from infra.runner.lifecycle import (
     RunSession,
+    StopReport,
     deploy_excludes,
     deploy_protect,
     stored_specs,
 )
 from infra.runner.logread import show_log
 from infra.runner.nodeops import admin_conditions, merge_conditions
+from infra.runner.prune import PruneReport, prune_runs
 from infra.runner.results import ResultsFetch
 from infra.state import InstancePhase, Store
 from infra.state.store import coordinator_id
@@ -450,16 +452,55 @@ def do_status(c: Ctx, run_id: str | None, refresh: bool) -> None:
     store.close()
 
 
-def do_logs(c: Ctx, run_id: str, instance_id: str, follow: bool) -> None:
+def logs_target(store: Store, first: str, second: str | None) -> tuple[str, str]:
+    """``logs RUN INSTANCE`` or ``logs INSTANCE`` (the latest run): (run id, instance id).
+
+    One argument that names no instance of the latest run but a run (or whose name is both)
+    is refused with one line saying how to write it.
+    """
+    if second is not None:
+        run = store.resolve_run(first)
+        store.instance(run.run_id, second)  # an unknown instance is a usage error
+        return run.run_id, second
+    latest = store.latest_run()
+    names = [r.instance_id for r in store.instances(latest.run_id)]
+    try:
+        is_run = bool(first) and store.resolve_run(first) is not None
+    except UsageError:  # no such run, or an ambiguous prefix: not a run here
+        is_run = False
+    if first in names and is_run:
+        raise UsageError(f"logs {first}: {first!r} is an instance of the latest run "
+                         f"{latest.run_id} and also a run id; write `logs RUN INSTANCE`")
+    if first in names:
+        return latest.run_id, first
+    shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
+    if is_run:
+        raise UsageError(f"logs {first}: names a run, not an instance; write `logs {first} "
+                         "INSTANCE`")
+    raise UsageError(f"the latest run {latest.run_id} has no instance {first!r} "
+                     f"(its instances: {shown or 'none'}); for another run write "
+                     "`logs RUN INSTANCE`")
+
+
+def do_logs(c: Ctx, first: str, second: str | None, follow: bool) -> None:
     """Print an instance's log: the local copy, then the node's log beyond it.
 
     Reading needs no lease and writes nothing (``runner.logread``): it works the same while
-    another coordinator watches the run.
+    another coordinator watches the run. ``logs INSTANCE`` reads the latest run's.
     """
     cluster = c.cluster
     store = open_store(cluster)
-    run = store.resolve_run(run_id)
-    store.instance(run.run_id, instance_id)  # an unknown instance is a usage error
+    try:
+        run_id, instance_id = logs_target(store, first, second)
+        pruned = store.run(run_id).pruned_at
+    except InfraError:
+        store.close()
+        raise
+    if pruned is not None:
+        store.close()
+        raise UsageError(f"run {run_id} was pruned on {views.format_time(pruned)}: its logs are "
+                         "gone")
+    run = store.run(run_id)
 
     def out(data: bytes) -> None:
         sys.stdout.buffer.write(data)
@@ -481,23 +522,26 @@ def do_logs(c: Ctx, run_id: str, instance_id: str, follow: bool) -> None:
 
 
 def do_stop(c: Ctx, run_id: str, instance_id: str | None, grace: float) -> None:
+    """Stop what is active of a run; what is already over stays as it is, and is named."""
     cluster = c.cluster
     store = open_store(cluster)
     run = store.resolve_run(run_id)
 
-    async def go() -> dict[str, str]:
+    async def go() -> StopReport:
         async with ConnectionPool(cluster) as pool:
             return await RunSession(cluster, store, pool, emit=_printer(c)).stop(
                 run.run_id, instance_id, grace)
 
-    errors = run_async(go)
+    report = run_async(go)
+    errors = report.errors
     records = store.instances(run.run_id)
     if c.json_out:
         doc = views.status_json(store.run(run.run_id), records)
-        doc["errors"] = errors
+        doc.update(views.stop_json(report))
         c.emit_json(doc)
     else:
         c.console.print(views.instances_table(store.run(run.run_id), records))
+        c.console.print(views.stop_lines(report), end="", soft_wrap=True)
     store.close()
     if errors:
         raise InfraError("could not stop on " + "; ".join(f"{n}: {e}" for n, e in errors.items()))
@@ -534,3 +578,59 @@ def do_results(c: Ctx, run_id: str) -> None:
     problems = [p for p in (views.fetch_problem(i, f) for i, f in fetched.items()) if p]
     if problems:
         raise InfraError("results incomplete: " + "; ".join(problems))
+
+
+def do_runs(c: Ctx, limit: int) -> None:
+    """The latest ``limit`` runs of the store, newest first (no node is asked)."""
+    db = c.cluster.log_dir / "state.db"
+    rows: list[views.RunSummary] = []
+    if db.exists():
+        store = Store(db)
+        try:
+            rows = [views.run_summary(run, store.instances(run.run_id))
+                    for run in store.runs(limit)]
+        finally:
+            store.close()
+    if c.json_out:
+        c.emit_json(views.runs_json(rows))
+    elif rows:
+        c.console.print(views.runs_table(rows))
+    else:
+        c.console.print(f"no runs yet in {db}")
+
+
+def do_prune(c: Ctx, older_than: float, dry_run: bool) -> None:
+    """Remove old finished runs on their nodes and locally (``runner.prune``); exit 1 when a
+    node could not be asked or could not remove something."""
+    cluster = c.cluster
+    store = open_store(cluster)
+    cutoff = time.time() - older_than
+
+    async def go() -> PruneReport:
+        async with ConnectionPool(cluster) as pool:
+            session = RunSession(cluster, store, pool)
+            return await prune_runs(store, cluster.log_dir, cluster.node_names,
+                                    session.client, cutoff=cutoff, dry_run=dry_run,
+                                    bound=max(30.0, cluster.health_check.timeout_seconds))
+
+    try:
+        report = run_async(go)
+    finally:
+        store.close()
+    if c.json_out:
+        c.emit_json(views.prune_json(report))
+    else:
+        if report.runs:
+            c.console.print(views.prune_table(report))
+        c.console.print(views.prune_lines(report), end="", soft_wrap=True)
+    if report.failed:
+        bad = dict(report.node_errors)
+        for r in report.runs:
+            for node, a in r.nodes.items():
+                if not isinstance(a, str) and a.state.value == "error":
+                    bad.setdefault(node, f"{r.run_id}: {a.error}")
+        if report.local_errors:
+            bad["this machine"] = "; ".join(f"{run}: {why}"
+                                            for run, why in report.local_errors.items())
+        raise InfraError("prune incomplete on " + "; ".join(
+            f"{n}: {why}" for n, why in sorted(bad.items())) + "; rerun prune to finish")

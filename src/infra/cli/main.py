@@ -1,9 +1,9 @@
 """The ``cluster-experiment`` command line (also ``scripts/cluster_experiment.py``).
 
 Reference-style flags on the root command (``--validate-config``, ``--health-check``,
-``--deploy-all``, ``--config ... --auto-place``) plus subcommands for runs
-(``status``, ``logs``, ``stop``, ``results``). Every ``InfraError`` becomes one line on
-stderr and a non-zero exit code; user mistakes never print a traceback.
+``--deploy-all``, ``--config ... --auto-place``) plus subcommands for runs (``runs``,
+``status``, ``logs``, ``stop``, ``results``, ``prune``). Every ``InfraError`` becomes one
+line on stderr and a non-zero exit code; user mistakes never print a traceback.
 """
 
 from __future__ import annotations
@@ -311,14 +311,45 @@ def watch(c: Ctx, run_id: str | None, duration: float | None, json_out: bool) ->
 
 
 @cli.command()
-@click.argument("run_id")
-@click.argument("instance_id")
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True,
+              metavar="N", help="Show at most this many runs.")
+@click.option("--json", "json_out", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def runs(c: Ctx, limit: int, json_out: bool) -> None:
+    """List the recorded runs, newest first (from the local store; no node is asked)."""
+    from infra.cli.actions import do_runs
+    c.json_out = c.json_out or json_out
+    do_runs(c, limit)
+
+
+@cli.command()
+@click.argument("run_or_instance", metavar="[RUN_ID] INSTANCE_ID")
+@click.argument("instance_id", required=False, metavar="")
 @click.option("-f", "--follow", is_flag=True, help="Keep streaming until the instance ends.")
 @click.pass_obj
-def logs(c: Ctx, run_id: str, instance_id: str, follow: bool) -> None:
-    """Print an instance's output (syncing the local copy from its node first)."""
+def logs(c: Ctx, run_or_instance: str, instance_id: str | None, follow: bool) -> None:
+    """Print an instance's output (default run: the latest), the local copy first."""
     from infra.cli.actions import do_logs
-    do_logs(c, run_id, instance_id, follow)
+    do_logs(c, run_or_instance, instance_id, follow)
+
+
+@cli.command()
+@click.option("--older-than", "older_than", default="7d", show_default=True,
+              metavar="DURATION", help="Prune runs that ended longer ago than this "
+              "(90s, 30m, 2h, 7d or seconds).")
+@click.option("--dry-run", is_flag=True, help="List what would go, per node and locally, "
+              "with sizes; remove nothing.")
+@click.option("--json", "json_out", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def prune(c: Ctx, older_than: str, dry_run: bool, json_out: bool) -> None:
+    """Remove old finished runs' directories on their nodes and their local logs.
+
+    A run with any instance still active (in the store, or on a node) is never touched.
+    """
+    from infra.cli.actions import do_prune
+    from infra.cli.nodes import parse_duration
+    c.json_out = c.json_out or json_out
+    do_prune(c, parse_duration(older_than, "--older-than"), dry_run)
 
 
 @cli.command()
@@ -329,7 +360,10 @@ def logs(c: Ctx, run_id: str, instance_id: str, follow: bool) -> None:
 @click.option("--json", "json_out", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
 def stop(c: Ctx, run_id: str, instance_id: str | None, grace: float, json_out: bool) -> None:
-    """Stop a run, or one instance of it (the whole process group)."""
+    """Stop a run's active instances, or one instance (the whole process group).
+
+    Instances already over are left as they are.
+    """
     from infra.cli.actions import do_stop
     c.json_out = c.json_out or json_out
     do_stop(c, run_id, instance_id, grace)

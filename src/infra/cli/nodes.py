@@ -39,11 +39,11 @@ if TYPE_CHECKING:
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd]?)$")
 
 
-def parse_duration(text: str) -> float:
+def parse_duration(text: str, flag: str = "--deadline") -> float:
     """``30m``, ``2h``, ``90s``, ``1d`` or plain seconds -> seconds."""
     m = _DURATION.match(text.strip())
     if not m:
-        raise UsageError(f"--deadline: {text!r} is not a duration like 30m, 2h or 90s")
+        raise UsageError(f"{flag}: {text!r} is not a duration like 30m, 2h or 90s")
     return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
 
 

@@ -21,7 +21,10 @@ from infra.errors import DeployRefused, InfraError
 from infra.placement import NodeEvaluation, Plan, ScorePart, why_not
 from infra.probe.health import NodeHealth
 from infra.runner.deploy import DeployResult
+from infra.runner.lifecycle import StopReport
+from infra.runner.prune import PruneReport
 from infra.runner.results import ResultsFetch
+from infra.runner.supervisor_client import PrunedRun
 from infra.state import InstanceRecord, RunRecord
 
 
@@ -370,3 +373,159 @@ def status_json(run: RunRecord, records: list[InstanceRecord]) -> dict[str, Any]
             "results_missing": [i.to_json() for i in r.results_missing],
         } for r in records],
     }
+
+
+# --------------------------------------------------------------------------- run list
+
+@dataclasses.dataclass(frozen=True)
+class RunSummary:
+    """One row of ``runs``: a run and what its instances add up to."""
+
+    run_id: str
+    created_at: float
+    state: str
+    instances: int
+    states: dict[str, int]          # instance state -> count
+    nodes: tuple[str, ...]          # every node it used (moves included), sorted
+    pruned_at: float | None
+
+
+def run_summary(run: RunRecord, records: list[InstanceRecord]) -> RunSummary:
+    """Fold a run's instances into its row (pure)."""
+    states: dict[str, int] = {}
+    for r in records:
+        states[r.state.value] = states.get(r.state.value, 0) + 1
+    nodes = {r.node for r in records} | {n for r in records for n in r.previous_nodes}
+    return RunSummary(run.run_id, run.created_at, run.state.value, len(records), states,
+                      tuple(sorted(nodes)), run.pruned_at)
+
+
+def format_time(at: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at))
+
+
+_RUN_STYLE = {"running": "green", "finished": "cyan", "failed": "red", "stopped": "yellow",
+              "starting": "yellow", "planned": "dim"}
+
+
+def runs_table(rows: list[RunSummary]) -> Table:
+    """The run list, newest first, as given."""
+    table = Table(title="Runs (newest first)", title_justify="left")
+    for col in ("run", "started", "state", "instances", "nodes"):
+        table.add_column(col, no_wrap=col in ("run", "started"))
+    for r in rows:
+        style = _RUN_STYLE.get(r.state, "")
+        state = Text(r.state, style=style)
+        if r.pruned_at is not None:
+            state.append(" (pruned)", style="dim")
+        counts = ", ".join(f"{n} {s}" for s, n in sorted(r.states.items()))
+        table.add_row(Text(r.run_id), format_time(r.created_at), state,
+                      Text(f"{r.instances}" + (f" ({counts})" if counts else "")),
+                      Text(", ".join(r.nodes) or "-"))
+    return table
+
+
+def runs_json(rows: list[RunSummary]) -> dict[str, Any]:
+    return {"runs": [{"run_id": r.run_id, "created_at": r.created_at, "state": r.state,
+                      "instances": r.instances, "states": r.states, "nodes": list(r.nodes),
+                      "pruned_at": r.pruned_at} for r in rows]}
+
+
+# --------------------------------------------------------------------------- stop
+
+def stop_lines(report: StopReport) -> Text:
+    """What a stop did: what it stopped, and what was already over (left as it was)."""
+    text = Text()
+    if report.stopped:
+        text.append(f"stopped: {', '.join(report.stopped)}\n")
+    if report.already_over:
+        text.append("already over (left as they were): " + ", ".join(
+            f"{i} {s}" for i, s in sorted(report.already_over.items())) + "\n")
+    if not report.stopped and not report.already_over and not report.errors:
+        text.append("nothing to stop\n")
+    return text
+
+
+def stop_json(report: StopReport) -> dict[str, Any]:
+    return {"stopped": list(report.stopped), "already_over": dict(report.already_over),
+            "errors": dict(report.errors)}
+
+
+# --------------------------------------------------------------------------- prune
+
+def format_bytes(n: int) -> str:
+    """1.5 KiB, 3.2 MiB, ...; plain bytes under 1 KiB."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def _node_cell(node: str, answer: PrunedRun | str) -> str:
+    if isinstance(answer, str):
+        return f"{node}: {answer}"
+    what = answer.state.value.replace("_", " ")
+    if answer.state.value == "active":
+        what += f" ({', '.join(answer.active)})"
+    if answer.error:
+        what += f": {answer.error}"
+    return f"{node}: {what} {format_bytes(answer.bytes)}"
+
+
+def prune_table(report: PruneReport) -> Table:
+    """Per run: what each node did (or would do) with its directory, then locally."""
+    title = "Prune" + (" (dry run: nothing removed)" if report.dry_run else "")
+    table = Table(title=title, title_justify="left")
+    for col in ("run", "ended", "nodes", "local", "detail"):
+        table.add_column(col)
+    for r in report.runs:
+        nodes = "\n".join(_node_cell(n, a) for n, a in r.nodes.items()) or "-"
+        local = f"{r.local.value.replace('_', ' ')} {format_bytes(r.local_bytes)}"
+        table.add_row(Text(r.run_id), format_time(r.ended_at), Text(nodes), local, Text(r.reason))
+    return table
+
+
+def prune_lines(report: PruneReport) -> Text:
+    """The runs left alone before asking, the nodes that failed, and the totals."""
+    text = Text()
+    for s in report.skipped:
+        text.append(f"skipped {s.run_id}: {s.reason}\n")
+    for node, why in sorted(report.node_errors.items()):
+        text.append(f"{node}: not reachable ({why}); its runs were skipped\n", style="yellow")
+    done = "would free" if report.dry_run else "freed"
+    text.append(f"{len([r for r in report.runs if r.local.value != 'kept'])} run(s), "
+                f"{done} {format_bytes(_nodes_total(report))} on nodes and "
+                f"{format_bytes(_local_total(report))} locally\n")
+    return text
+
+
+def _gone(answer: PrunedRun | str) -> bool:
+    return isinstance(answer, PrunedRun) and answer.state.value in ("pruned", "would_prune")
+
+
+def _nodes_total(report: PruneReport) -> int:
+    return sum(a.bytes for r in report.runs for a in r.nodes.values()
+               if isinstance(a, PrunedRun) and _gone(a))
+
+
+def _local_total(report: PruneReport) -> int:
+    return sum(r.local_bytes for r in report.runs if r.local.value != "kept")
+
+
+def prune_json(report: PruneReport) -> dict[str, Any]:
+    def node_doc(a: PrunedRun | str) -> dict[str, Any]:
+        if isinstance(a, str):
+            return {"state": "error", "error": a, "bytes": 0, "active": []}
+        return {"state": a.state.value, "bytes": a.bytes, "active": list(a.active),
+                "error": a.error}
+    return {"dry_run": report.dry_run, "cutoff": report.cutoff,
+            "runs": [{"run_id": r.run_id, "ended_at": r.ended_at,
+                      "nodes": {n: node_doc(a) for n, a in r.nodes.items()},
+                      "local": {"state": r.local.value, "bytes": r.local_bytes},
+                      "reason": r.reason} for r in report.runs],
+            "skipped": [{"run_id": s.run_id, "reason": s.reason} for s in report.skipped],
+            "unreachable": dict(report.node_errors),
+            "bytes": {"nodes": _nodes_total(report), "local": _local_total(report)},
+            "ok": not report.failed}

@@ -32,7 +32,9 @@ never fenced, and a partitioned node stops its copy before the coordinator start
 Subcommands: ``start`` (idempotent: the instance directory is created with ``os.mkdir``, so
 a retried start never runs a second copy), ``status`` (every instance on the node in one
 call, with live checks), ``stop``, ``follow`` (raw log bytes from an offset until the
-instance ended and the file is drained) and ``read`` (one chunk of the log as JSON).
+instance ended and the file is drained), ``read`` (one chunk of the log as JSON) and
+``prune`` (removes ``runs/RUN`` of runs none of whose instances is active here; claims are
+never touched).
 
 Restart policy (applied here, so it works while the coordinator is away). An attempt that
 ends with exit code 0 ends the instance ("exited"). An attempt that ends after a stop was
@@ -1493,6 +1495,98 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def tree_bytes(path: str) -> int:
+    """Bytes of the files under ``path`` (links are not followed; vanishing entries skipped)."""
+    total = 0
+    for top, _dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(top, name)).st_size
+    return total
+
+
+def active_in(run_dir: str) -> list[str]:
+    """The run's instances that are not over on this node (live checks included)."""
+    return [os.path.basename(d) for d in list_instances_in(run_dir)
+            if effective_state(d).get("state") not in FINAL_STATES]
+
+
+def prune_run(root: str, run_id: str, dry_run: bool) -> dict[str, Any]:
+    """Remove ``ROOT/runs/RUN`` when none of its instances is active here; say what happened.
+
+    The directory is renamed aside, checked again, then deleted (or put back when an
+    instance turned active meanwhile), so a live instance's directory is never removed.
+    Nothing outside ``runs/RUN`` is touched (claims included).
+    """
+    run_dir = os.path.join(root, "runs", check_id(run_id, "run id"))
+    doc: dict[str, Any] = {"run_id": run_id, "bytes": 0, "active": []}
+    if os.path.islink(run_dir) or (os.path.exists(run_dir) and not os.path.isdir(run_dir)):
+        doc.update(state="error", error=f"{run_dir} is not a directory; left alone")
+        return doc
+    leftovers = prune_leftovers(root, run_id)  # an earlier prune was cut off: finish it
+    if not os.path.isdir(run_dir) and not leftovers:
+        doc["state"] = "absent"
+        return doc
+    doc["bytes"] = tree_bytes(run_dir) + sum(tree_bytes(d) for d in leftovers)
+    active = [a for d in [run_dir, *leftovers] for a in active_in(d)]
+    if active:
+        doc.update(state="active", active=active)
+        return doc
+    if dry_run:
+        doc["state"] = "would_prune"
+        return doc
+    aside = os.path.join(root, "runs", f".prune-{run_id}-{os.getpid()}")
+    if os.path.isdir(run_dir):
+        os.rename(run_dir, aside)
+        active = active_in(aside)
+        if active:
+            os.rename(aside, run_dir)
+            doc.update(state="active", active=active)
+            return doc
+        leftovers.append(aside)
+    for path in leftovers:
+        shutil.rmtree(path)
+    doc["state"] = "pruned"
+    return doc
+
+
+def prune_leftovers(root: str, run_id: str) -> list[str]:
+    """Directories an earlier, interrupted prune of the run renamed aside."""
+    runs_dir = os.path.join(root, "runs")
+    try:
+        names = sorted(os.listdir(runs_dir))
+    except OSError:
+        return []
+    prefix = f".prune-{run_id}-"
+    return [os.path.join(runs_dir, n) for n in names if n.startswith(prefix)
+            and n[len(prefix):].isdigit() and not os.path.islink(os.path.join(runs_dir, n))]
+
+
+def list_instances_in(run_dir: str) -> list[str]:
+    """Instance directories directly under one run directory."""
+    try:
+        names = sorted(os.listdir(run_dir))
+    except OSError:
+        return []
+    return [os.path.join(run_dir, n) for n in names
+            if ID_RE.match(n) and os.path.isdir(os.path.join(run_dir, n))]
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    """Remove finished runs' directories (``--run`` repeated); ``--dry-run`` only reports."""
+    root = norm_root(args.root)
+    runs = [check_id(r, "run id") for r in (args.run or [])]
+    out = []
+    for run_id in runs:
+        try:
+            out.append(prune_run(root, run_id, args.dry_run))
+        except OSError as exc:
+            out.append({"run_id": run_id, "state": "error", "bytes": 0, "active": [],
+                        "error": error_text(exc, root)})
+    emit({"ok": True, "runs": out})
+    return 0
+
+
 def stop_step(idir: str, grace: float, signalled: set[str], direct: dict[str, float]) -> bool:
     """Advance the stop of one instance; True once it is over."""
     state_path = os.path.join(idir, "state.json")
@@ -1637,6 +1731,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True)
     p.add_argument("--instance")
     p.add_argument("--grace", type=float, default=DEFAULT_GRACE_SECONDS)
+    p = sub.add_parser("prune", help="remove finished runs' directories on this node")
+    p.add_argument("--root", required=True)
+    p.add_argument("--run", action="append")
+    p.add_argument("--dry-run", action="store_true")
     for name in ("follow", "read"):
         p = sub.add_parser(name, help="log bytes from an offset")
         p.add_argument("--root", required=True)
@@ -1651,7 +1749,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"start": cmd_start, "status": cmd_status, "stop": cmd_stop, "claims": cmd_claims,
-                "follow": cmd_follow, "read": cmd_read}
+                "prune": cmd_prune, "follow": cmd_follow, "read": cmd_read}
     if args.command not in handlers:
         build_parser().print_usage(sys.stderr)
         return 2

@@ -138,6 +138,15 @@ def local_log_path(cluster: Cluster, run_id: str, instance_id: str) -> Path:
 
 
 @dataclass
+class StopReport:
+    """What a stop did: instances it stopped, those already over (their state), node errors."""
+
+    stopped: list[str] = field(default_factory=list)
+    already_over: dict[str, str] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)  # node -> one line
+
+
+@dataclass
 class RunSession:
     """Everything one coordinator process holds while it drives runs."""
 
@@ -694,17 +703,24 @@ class RunSession:
     # ------------------------------------------------------------------ stop
 
     async def stop(self, run_id: str, instance_id: str | None = None,
-                   grace: float = 10.0) -> dict[str, str]:
-        """Stop a run (or one instance): SIGTERM to the process group, SIGKILL after grace."""
+                   grace: float = 10.0) -> StopReport:
+        """Stop a run (or one instance): SIGTERM to the process group, SIGKILL after grace.
+
+        Only instances not over in the store are asked for; those already over (exited,
+        failed, stopped, lost, paused) are left as they are, and so is the run's state
+        unless something was actually stopped.
+        """
         records = self.store.instances(run_id)
         if instance_id is not None:
             records = [r for r in records if r.instance_id == instance_id]
             if not records:
                 raise UsageError(f"run {run_id} has no instance {instance_id!r}")
+        report = StopReport(already_over={r.instance_id: r.state.value
+                                          for r in records if r.state.finished})
+        targets = [r for r in records if not r.state.finished]
         by_node: dict[str, list[InstanceRecord]] = {}
-        for rec in records:
+        for rec in targets:
             by_node.setdefault(rec.node, []).append(rec)
-        errors: dict[str, str] = {}
 
         async def one(node_name: str, recs: list[InstanceRecord]) -> None:
             try:
@@ -715,7 +731,7 @@ class RunSession:
                 else:
                     states = await client.stop(run_id, instance_id, grace=grace)
             except InfraError as exc:
-                errors[node_name] = node_reason(exc)
+                report.errors[node_name] = node_reason(exc)
                 return
             found = {s.instance_id: s for s in states}
             for rec in recs:
@@ -723,11 +739,16 @@ class RunSession:
                     self.apply_state(run_id, rec, found[rec.instance_id])
 
         await asyncio.gather(*(one(n, r) for n, r in by_node.items()))
-        for rec in records:
+        for rec in targets:
             self.store.add_event(run_id, "stop", rec.instance_id, f"stop requested "
                                  f"(grace {grace:g} s)")
-        if instance_id is None and not errors:
+            now = self.store.instance(run_id, rec.instance_id).state
+            if now is InstancePhase.STOPPED:
+                report.stopped.append(rec.instance_id)
+            elif now.finished:  # it ended on its own before the stop reached it
+                report.already_over[rec.instance_id] = now.value
+        if instance_id is None and not report.errors and report.stopped:
             self.store.set_run_state(run_id, RunState.STOPPED)
         self._settle_run(run_id)
-        return errors
+        return report
 

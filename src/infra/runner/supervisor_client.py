@@ -304,6 +304,39 @@ class Claim:
                    if isinstance(alloc_doc, dict) else None)
 
 
+class PruneState(str, enum.Enum):
+    """What a node did with one run's directory."""
+
+    PRUNED = "pruned"
+    WOULD_PRUNE = "would_prune"   # dry run: it would go
+    ACTIVE = "active"             # an instance is not over there: left alone
+    ABSENT = "absent"             # nothing of the run on the node
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class PrunedRun:
+    """One run in a node's ``prune`` answer: its state, size and any active instances."""
+
+    run_id: str
+    state: PruneState
+    bytes: int
+    active: tuple[str, ...] = ()
+    error: str | None = None
+
+    @classmethod
+    def from_json(cls, node: str, doc: Any, *, where: str = "runs[]") -> PrunedRun:
+        f = _Fields(node, where, _mapping(node, where, doc))
+        raw = f.text("state")
+        try:
+            state = PruneState(raw)
+        except ValueError:
+            raise f._bad("state", "a prune state", raw) from None
+        return cls(run_id=f.text("run_id"), state=state, bytes=f.count("bytes"),
+                   active=tuple(str(a) for a in f.items("active")),
+                   error=f.opt_text("error"))
+
+
 @dataclass(frozen=True)
 class LogChunk:
     """Bytes of an instance's log from an offset; ``ended and eof`` means nothing more comes."""
@@ -404,6 +437,20 @@ class SupervisorClient:
         if instance_id is not None:
             args += ["--instance", check_id(instance_id, "instance id")]
         return self._instances(await self._call(args, timeout=grace + self.command_timeout))
+
+    async def prune(self, run_ids: Sequence[str], *, dry_run: bool = False,
+                    timeout: float | None = None) -> list[PrunedRun]:
+        """Remove (or with ``dry_run`` only size) the runs' directories on the node; a run
+        with an instance still active there is refused by the node and reported ``active``."""
+        args = ["prune", "--root", self.root]
+        for run_id in run_ids:
+            args += ["--run", check_id(run_id, "run id")]
+        if dry_run:
+            args.append("--dry-run")
+        doc = await self._call(args, timeout=timeout)
+        f = _Fields(self.node.name, "answer", doc)
+        return [PrunedRun.from_json(self.node.name, d, where=f"runs[{i}]")
+                for i, d in enumerate(f.items("runs", required=True))]
 
     async def follow(self, run_id: str, instance_id: str, offset: int = 0,
                      ) -> AsyncIterator[bytes]:

@@ -89,6 +89,9 @@ CREATE INDEX IF NOT EXISTS events_run ON events(run_id, id);
 
 # Columns added after the first release: opening an older store adds them in place.
 ADDED_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
+    "runs": (
+        ("pruned_at", "REAL"),  # when `prune` removed its directories (rows are kept)
+    ),
     "instances": (
         ("moves", "INTEGER NOT NULL DEFAULT 0"),
         ("previous_nodes", "TEXT NOT NULL DEFAULT '[]'"),
@@ -185,6 +188,7 @@ class RunRecord:
     plan: dict[str, Any]
     coordinator: str
     pinned: frozenset[str] = frozenset()  # instances placed with --placement (never moved)
+    pruned_at: float | None = None  # its directories were removed by `prune` then
 
 
 @dataclass(frozen=True)
@@ -431,7 +435,14 @@ class Store:
         plan = json.loads(row["plan_json"])
         return RunRecord(run_id=row["run_id"], created_at=row["created_at"],
                          cluster_config=row["cluster_config"], state=RunState(row["state"]),
-                         plan=plan, coordinator=row["coordinator"], pinned=_pinned(plan))
+                         plan=plan, coordinator=row["coordinator"], pinned=_pinned(plan),
+                         pruned_at=row["pruned_at"])
+
+    def mark_pruned(self, run_id: str, at: float | None = None) -> None:
+        """Record that the run's directories are gone; its rows stay (specs, states)."""
+        self.db.execute("UPDATE runs SET pruned_at=? WHERE run_id=?",
+                        (time.time() if at is None else at, run_id))
+        self.add_event(run_id, "run", run_id, "pruned: run directories removed")
 
     # ------------------------------------------------------------------ lease
 
