@@ -29,7 +29,15 @@ from infra.config.model import (
     PortRange,
     Strategy,
 )
-from infra.config.reader import Section, check_abs_path, check_safe_id, load_document
+from infra.config.reader import (
+    DAY_SECONDS,
+    MAX_COUNT,
+    TOPOLOGY_MAX_BYTES,
+    Section,
+    check_abs_path,
+    check_safe_id,
+    load_document,
+)
 from infra.config.resources import (
     parse_attributes,
     parse_constraints,
@@ -41,6 +49,8 @@ from infra.errors import ConfigError
 NODE_TYPES = [t.value for t in NodeType]
 LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 HEALTH_CHECK_NAMES = ["ssh", "memory", "disk", "temperature", "process"]
+MAX_CORES = 4096
+MAX_INSTANCES = 10000
 LEASE_MIN_SECONDS = 2.0
 """The live loop renews its lease every 1 s tick; a shorter lease would lapse between ticks."""
 
@@ -48,7 +58,7 @@ LEASE_MIN_SECONDS = 2.0
 def load_cluster(path: str | Path) -> Cluster:
     """Read, parse and validate a topology file."""
     p = Path(path)
-    return parse_cluster(load_document(p), p)
+    return parse_cluster(load_document(p, TOPOLOGY_MAX_BYTES), p)
 
 
 def parse_cluster(data: Any, path: Path) -> Cluster:
@@ -146,8 +156,8 @@ def _node(s: Section, base_dir: Path) -> NodeConfig:
         ram_gb=ram_gb,
         gpu=gpu,
         gpu_memory_gb=gpu_mem,
-        cpu_cores=s.integer("cpu_cores", 1, minimum=1),
-        max_instances=s.integer("max_instances", 1, minimum=1),
+        cpu_cores=s.integer("cpu_cores", 1, minimum=1, maximum=MAX_CORES),
+        max_instances=s.integer("max_instances", 1, minimum=1, maximum=MAX_INSTANCES),
         reserved_ram_gb=reserved,
         ssh_user=user,
         ssh_port=s.port("ssh_port", 22),
@@ -235,16 +245,19 @@ def _health(s: Section) -> HealthCheckSection:
         check_abs_path(s, "known_hosts", known_hosts)
     out = HealthCheckSection(
         enabled=s.boolean("enabled", True),
-        interval_seconds=s.number("interval_seconds", 30.0, positive=True),
-        timeout_seconds=s.number("timeout_seconds", 10.0, positive=True),
-        keepalive_seconds=s.number("keepalive_seconds", 5.0, positive=True),
-        keepalive_count_max=s.integer("keepalive_count_max", 3, minimum=1),
+        interval_seconds=s.number("interval_seconds", 30.0, positive=True, maximum=DAY_SECONDS),
+        timeout_seconds=s.number("timeout_seconds", 10.0, positive=True, maximum=DAY_SECONDS),
+        keepalive_seconds=s.number("keepalive_seconds", 5.0, positive=True,
+                                    maximum=DAY_SECONDS),
+        keepalive_count_max=s.integer("keepalive_count_max", 3, minimum=1, maximum=MAX_COUNT),
         checks=_health_checks(s),
         known_hosts=known_hosts,
         accept_new_host_keys=s.boolean("accept_new_host_keys", False),
-        reconnect_attempts=s.integer("reconnect_attempts", 3, minimum=0),
-        disconnected_grace_seconds=s.number("disconnected_grace_seconds", 60.0, minimum=0.0),
-        lease_seconds=s.number("lease_seconds", 30.0, minimum=LEASE_MIN_SECONDS),
+        reconnect_attempts=s.integer("reconnect_attempts", 3, minimum=0, maximum=MAX_COUNT),
+        disconnected_grace_seconds=s.number("disconnected_grace_seconds", 60.0, minimum=0.0,
+                                             maximum=DAY_SECONDS),
+        lease_seconds=s.number("lease_seconds", 30.0, minimum=LEASE_MIN_SECONDS,
+                                maximum=DAY_SECONDS),
     )
     s.used.add("checks")
     s.finish()
@@ -255,9 +268,11 @@ def _failover(s: Section) -> FailoverSection:
     out = FailoverSection(
         enabled=s.boolean("enabled", True),
         auto_restart=s.boolean("auto_restart", True),
-        max_retries=s.integer("max_retries", None, minimum=0),
-        retry_delay_seconds=s.number("retry_delay_seconds", 5.0, minimum=0.0),
-        fence_timeout_seconds=s.number("fence_timeout_seconds", 60.0, minimum=0.0),
+        max_retries=s.integer("max_retries", None, minimum=0, maximum=MAX_COUNT),
+        retry_delay_seconds=s.number("retry_delay_seconds", 5.0, minimum=0.0,
+                                      maximum=DAY_SECONDS),
+        fence_timeout_seconds=s.number("fence_timeout_seconds", 60.0, minimum=0.0,
+                                        maximum=DAY_SECONDS),
     )
     s.finish()
     return out
@@ -293,6 +308,7 @@ def _deploy(s: Section) -> DeploySection:
                               "an rsync pattern must be on one line")
     out = DeploySection(source=s.string("source", None), exclude=s.string_list("exclude", ()),
                         protect=protect,
-                        max_deletes=s.integer("max_deletes", DEFAULT_MAX_DELETES, minimum=0))
+                        max_deletes=s.integer("max_deletes", DEFAULT_MAX_DELETES, minimum=0,
+                                                  maximum=10**9))
     s.finish()
     return out
