@@ -325,6 +325,31 @@ def test_huge_integer_literals_are_refused(capsys: pytest.CaptureFixture[str], d
     assert_one_line_error(code, err, spec.name, where, "out of range")
 
 
+@pytest.mark.parametrize(("params", "fragment"), [
+    ("  b: !!binary aGk=\n", "params.b: a bytes value is not allowed"),
+    ("  s: !!set {a, b}\n", "params.s: a set value is not allowed"),
+    ("  1: a\n  b: c\n", "params: keys must be strings, got 1"),
+    ("  ? [a]\n  : b\n", "keys must be plain scalars"),
+])
+def test_yaml_values_must_be_json_like(capsys: pytest.CaptureFixture[str], params: str,
+                                       fragment: str) -> None:
+    """YAML tags that make bytes, sets or non-string keys: refused (they broke the state store
+    or sorting later); an unquoted date stays text and the spec stores."""
+    text = "command: 'true'\nparams:\n" + params
+    code, _out, err, _cluster, spec = _validate(capsys, yaml.safe_dump(CLUSTER), ".yaml",
+                                                text, ".yaml")
+    assert_one_line_error(code, err, spec.name, fragment)
+
+
+def test_unquoted_yaml_dates_stay_text(tmp_path: Path) -> None:
+    from infra.config import load_spec
+    from infra.state.codec import decode_spec, encode_spec
+    (tmp_path / "d.yaml").write_text("command: 'true'\nparams:\n  day: 2024-01-01\n")
+    cluster = parse_cluster(copy.deepcopy(CLUSTER), tmp_path / "cluster.yaml")
+    spec = load_spec(tmp_path / "d.yaml", cluster)
+    assert dict(decode_spec(encode_spec(spec)).params) == {"day": "2024-01-01"}
+
+
 def test_oversized_documents_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
     text = '{"command": "true", "description": "' + "x" * (1 << 20) + '"}'
     code, _out, err, _cluster, spec = _validate(capsys, yaml.safe_dump(CLUSTER), ".yaml",

@@ -37,7 +37,7 @@ class Seconds(_ParamBase):
         if not math.isfinite(number):
             self.fail(f"{value!r} is not a finite number of seconds", param, ctx)
         if not 0 <= number <= self.maximum:
-            self.fail(f"{number:g} is not in 0..{self.maximum:g} seconds", param, ctx)
+            self.fail(f"{number:g} is not in 0..{self.maximum:.0f} seconds", param, ctx)
         return number
 
 

@@ -138,9 +138,15 @@ def _construct_float(loader: _StrictLoader, node: yaml.ScalarNode) -> Any:
     return value
 
 
+def _construct_text(loader: _StrictLoader, node: yaml.ScalarNode) -> str:
+    return str(loader.construct_scalar(node))
+
+
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 _StrictLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
 _StrictLoader.add_constructor("tag:yaml.org,2002:float", _construct_float)
+# An unquoted date stays the text it was written as (a spec must be JSON-representable).
+_StrictLoader.add_constructor("tag:yaml.org,2002:timestamp", _construct_text)
 
 
 def _json_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -192,6 +198,8 @@ def _walk(name: str, data: Any) -> None:
     while stack:
         path, value, depth = stack.pop()
         where = path or "(top level)"
+        if len(where) > 80:
+            where = where[:77] + "..."
         if depth > MAX_DEPTH:
             raise ConfigError(name, where, f"nested more than {MAX_DEPTH} levels deep")
         if isinstance(value, _Refused):
@@ -202,9 +210,14 @@ def _walk(name: str, data: Any) -> None:
                 raise ConfigError(name, where, f"the value {why}")
         elif isinstance(value, _DuplicateKeys):
             raise ConfigError(name, where, f"duplicate key {value.duplicate!r}")
+        elif not isinstance(value, (dict, list, int, float, type(None))):
+            raise ConfigError(name, where, f"a {type(value).__name__} value is not allowed "
+                              "(only strings, numbers, booleans, null, lists and mappings)")
         if isinstance(value, dict):
             for key, item in value.items():
-                if isinstance(key, str) and _text_problem(key):
+                if not isinstance(key, str):
+                    raise ConfigError(name, where, f"keys must be strings, got {key!r}")
+                if _text_problem(key):
                     raise ConfigError(name, where, f"a key {_text_problem(key)}")
                 stack.append((_key_path(path, key), item, depth + 1))
         elif isinstance(value, list):
