@@ -330,6 +330,7 @@ def test_huge_integer_literals_are_refused(capsys: pytest.CaptureFixture[str], d
     ("  s: !!set {a, b}\n", "params.s: a set value is not allowed"),
     ("  1: a\n  b: c\n", "params: keys must be strings, got 1"),
     ("  ? [a]\n  : b\n", "keys must be plain scalars"),
+    ("  h: 0x" + "f" * 32 + "\n", "params.h: integer out of range"),
 ])
 def test_yaml_values_must_be_json_like(capsys: pytest.CaptureFixture[str], params: str,
                                        fragment: str) -> None:

@@ -125,10 +125,16 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode,
 
 
 def _construct_int(loader: _StrictLoader, node: yaml.ScalarNode) -> Any:
-    digits = sum(ch.isdigit() for ch in str(node.value))
-    if digits > MAX_INT_DIGITS:
-        return _Refused(f"integer of {digits} digits is out of range (at most 64-bit)")
-    return loader.construct_yaml_int(node)
+    """Any YAML integer spelling (decimal, 0x, 0o, 1_000, 1:30) within 64 bits."""
+    text = str(node.value)
+    digits = sum(ch.isdigit() for ch in text)
+    if digits > MAX_INT_DIGITS or len(text) > 2 * MAX_INT_DIGITS + 4:
+        return _Refused(f"integer of {max(digits, len(text))} digits is out of range "
+                        "(at most 64-bit)")
+    value = loader.construct_yaml_int(node)
+    if abs(value) >= 2**63:
+        return _Refused("integer out of range (at most 64-bit)")
+    return value
 
 
 def _construct_float(loader: _StrictLoader, node: yaml.ScalarNode) -> Any:
