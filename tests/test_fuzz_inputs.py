@@ -458,6 +458,25 @@ def test_odd_paths_are_one_line(capsys: pytest.CaptureFixture[str], project: Pat
     assert_one_line_error(code, err, option)
 
 
+@pytest.mark.parametrize(("section", "key", "value"), [
+    ("logging", "log_dir", "l" * 300),
+    ("deploy", "source", "/tmp/" + "s" * 300),
+    ("health_check", "known_hosts", "/" + "k" * 300),
+])
+def test_long_paths_in_the_topology_are_one_line(capsys: pytest.CaptureFixture[str],
+                                                 tmp_path: Path, section: str, key: str,
+                                                 value: str) -> None:
+    """A path key naming a file name over 255 bytes: refused naming the key, for every
+    command (``status`` opened the store under it and raised OSError)."""
+    doc = copy.deepcopy(CLUSTER)
+    doc.setdefault(section, {})[key] = value
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text(yaml.safe_dump(doc))
+    for args in (["--validate-config"], ["status", "--no-refresh"]):
+        code, _out, err = run_cli(capsys, "--cluster-config", str(cluster), *args)
+        assert_one_line_error(code, err, f"{section}.{key}", "longer than 255 bytes")
+
+
 @FUZZ
 @example(name="a\x00b")
 @given(name=st.text(min_size=1, max_size=400))

@@ -67,22 +67,30 @@ class _DuplicateKeys(dict[Any, Any]):
     duplicate: str = ""
 
 
-def check_path_text(what: str, text: str) -> str:
-    """Refuse a path that cannot name a file: empty, NUL, over-long name or path."""
+def path_text_problem(text: str) -> str | None:
+    """Why ``text`` cannot name a file (empty, NUL, over-long name or path), or None."""
     if not text:
-        raise UsageError(f"{what}: an empty path")
+        return "an empty path"
     if "\0" in text:
-        raise UsageError(f"{what}: the path contains a NUL character: {text[:80]!r}")
+        return f"the path contains a NUL character: {text[:80]!r}"
     try:
         raw = os.fsencode(text)
     except UnicodeError:
-        raise UsageError(f"{what}: the path is not valid text: {text[:80]!r}") from None
+        return f"the path is not valid text: {text[:80]!r}"
     if len(raw) > MAX_PATH_BYTES:
-        raise UsageError(f"{what}: the path is longer than {MAX_PATH_BYTES} bytes")
+        return f"the path is longer than {MAX_PATH_BYTES} bytes"
     longest = max(len(part) for part in raw.split(b"/"))
     if longest > MAX_NAME_BYTES:
-        raise UsageError(f"{what}: a file name in the path is longer than {MAX_NAME_BYTES} "
-                         f"bytes ({longest}): {text[:60]!r}...")
+        return (f"a file name in the path is longer than {MAX_NAME_BYTES} bytes ({longest}): "
+                f"{text[:60]!r}...")
+    return None
+
+
+def check_path_text(what: str, text: str) -> str:
+    """Refuse (one line naming ``what``) a path that cannot name a file."""
+    why = path_text_problem(text)
+    if why:
+        raise UsageError(f"{what}: {why}")
     return text
 
 
@@ -438,6 +446,14 @@ class Section:
                 known = sorted(self.used | reserved)
                 hint = f" (known keys: {', '.join(known)})" if known else ""
                 raise self.error(key, f"unknown key{hint}")
+
+
+def check_local_path(section: Section, key: str, value: str) -> str:
+    """Refuse a path this machine cannot open (NUL, over-long name or path) naming the key."""
+    why = path_text_problem(value)
+    if why:
+        raise section.error(key, why)
+    return value
 
 
 def check_abs_path(section: Section, key: str, value: str, *, allow_home: bool = True) -> str:

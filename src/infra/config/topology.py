@@ -35,6 +35,7 @@ from infra.config.reader import (
     TOPOLOGY_MAX_BYTES,
     Section,
     check_abs_path,
+    check_local_path,
     check_safe_id,
     load_document,
 )
@@ -138,7 +139,7 @@ def _node(s: Section, base_dir: Path) -> NodeConfig:
     check_abs_path(s, "remote_work_dir", remote_work_dir)
     key_path = s.string("ssh_key_path", None)
     if key_path is not None:
-        check_abs_path(s, "ssh_key_path", key_path)
+        check_abs_path(s, "ssh_key_path", check_local_path(s, "ssh_key_path", key_path))
     user = s.string("ssh_user", None)
     if user is not None and (any(c.isspace() for c in user) or user.startswith("-")):
         raise s.error("ssh_user", f"is not a valid user name: {user!r}")
@@ -242,7 +243,7 @@ def _health_checks(s: Section) -> HealthChecks:
 def _health(s: Section) -> HealthCheckSection:
     known_hosts = s.string("known_hosts", None)
     if known_hosts is not None:
-        check_abs_path(s, "known_hosts", known_hosts)
+        check_abs_path(s, "known_hosts", check_local_path(s, "known_hosts", known_hosts))
     out = HealthCheckSection(
         enabled=s.boolean("enabled", True),
         interval_seconds=s.number("interval_seconds", 30.0, positive=True, maximum=DAY_SECONDS),
@@ -280,7 +281,7 @@ def _failover(s: Section) -> FailoverSection:
 
 def _logging(s: Section) -> LoggingSection:
     out = LoggingSection(
-        log_dir=s.string("log_dir", "logs"),
+        log_dir=check_local_path(s, "log_dir", s.string("log_dir", "logs")),
         level=s.choice("level", str, LOG_LEVELS, "INFO"),
     )
     s.finish()
@@ -306,7 +307,10 @@ def _deploy(s: Section) -> DeploySection:
         if any(ch in pattern for ch in "\n\r\0"):
             raise ConfigError(s.file, f"{s.key('protect')}[{i}]",
                               "an rsync pattern must be on one line")
-    out = DeploySection(source=s.string("source", None), exclude=s.string_list("exclude", ()),
+    source = s.string("source", None)
+    if source is not None:
+        check_local_path(s, "source", source)
+    out = DeploySection(source=source, exclude=s.string_list("exclude", ()),
                         protect=protect,
                         max_deletes=s.integer("max_deletes", DEFAULT_MAX_DELETES, minimum=0,
                                                   maximum=10**9))
