@@ -20,6 +20,7 @@ import click
 from rich.console import Console
 
 from infra.cli import views
+from infra.cli.params import GRACE_MAX_SECONDS, WATCH_MAX_SECONDS, Seconds
 from infra.config import (
     Cluster,
     ExperimentSpec,
@@ -29,6 +30,7 @@ from infra.config import (
     parse_pins,
 )
 from infra.config.model import JobType, Strategy
+from infra.config.reader import check_path_text
 from infra.errors import InfraError, PlacementError, UsageError
 from infra.placement import Plan, plan, why_not
 from infra.placement.jobs import expand_system_jobs
@@ -65,11 +67,11 @@ class Ctx:
 
 def find_cluster_config(explicit: str | None) -> str:
     """The topology file: the flag, else $INFRA_CLUSTER_CONFIG, else ./cluster_config.yaml."""
-    if explicit:
-        return explicit
+    if explicit is not None:
+        return check_path_text("--cluster-config", explicit)
     env = os.environ.get("INFRA_CLUSTER_CONFIG")
     if env:
-        return env
+        return check_path_text("INFRA_CLUSTER_CONFIG", env)
     if not Path(DEFAULT_CLUSTER_CONFIG).exists():
         raise UsageError(f"{DEFAULT_CLUSTER_CONFIG}: not found in {Path.cwd()} "
                          "(run from the project directory or pass --cluster-config PATH)")
@@ -81,8 +83,12 @@ def expand_spec_paths(paths: Sequence[str], skip: Path | None = None) -> list[Pa
     cluster config itself)."""
     out: list[Path] = []
     for raw in paths:
-        p = Path(raw)
-        if p.is_dir():
+        p = Path(check_path_text("--config", raw))
+        try:
+            is_dir = p.is_dir()
+        except OSError as exc:
+            raise UsageError(f"--config {raw[:80]!r}: {exc.strerror or exc}") from None
+        if is_dir:
             found = sorted(q for q in p.iterdir() if q.suffix.lower() in SPEC_SUFFIXES
                            and (skip is None or q.resolve() != skip))
             if not found:
@@ -183,7 +189,8 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 
 @click.option("--dry-run", is_flag=True, help="Show the plan (or deploy changes); change nothing.")
 @click.option("--explain", is_flag=True, help="With a plan: every node's score parts or reason.")
 @click.option("--json", "json_out", is_flag=True, help="Machine-readable output.")
-@click.option("--monitor-duration", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
+@click.option("--monitor-duration", type=Seconds(WATCH_MAX_SECONDS), default=None,
+              metavar="SECONDS",
               help="Watch the run this long, then detach (experiments keep running).")
 @click.option("--delete/--no-delete", default=True, show_default=True,
               help="Deploy: remove files on nodes that are gone locally.")
@@ -295,7 +302,7 @@ def status(c: Ctx, run_id: str | None, json_out: bool, no_refresh: bool) -> None
 
 @cli.command()
 @click.argument("run_id", required=False)
-@click.option("--duration", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
+@click.option("--duration", type=Seconds(WATCH_MAX_SECONDS), default=None, metavar="SECONDS",
               help="Detach after this long (default: when every instance has finished).")
 @click.option("--json", "json_out", is_flag=True, help="No dashboard; print the final status "
               "as JSON.")
@@ -355,7 +362,7 @@ def prune(c: Ctx, older_than: str, dry_run: bool, json_out: bool) -> None:
 @cli.command()
 @click.argument("run_id")
 @click.argument("instance_id", required=False)
-@click.option("--grace", type=click.FloatRange(min=0), default=10.0, show_default=True,
+@click.option("--grace", type=Seconds(GRACE_MAX_SECONDS), default=10.0, show_default=True,
               help="Seconds between SIGTERM and SIGKILL.")
 @click.option("--json", "json_out", is_flag=True, help="Machine-readable output.")
 @click.pass_obj

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import click
 from rich.table import Table
 
+from infra.cli.params import GRACE_MAX_SECONDS, Seconds
 from infra.config import Cluster
 from infra.errors import InfraError, UsageError
 from infra.placement.snapshot import demand_on
@@ -37,14 +38,20 @@ if TYPE_CHECKING:
     from infra.cli.main import Ctx
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd]?)$")
+DEADLINE_MAX_SECONDS = 30 * 86400.0
+"""--deadline: at most 30 days."""
 
 
 def parse_duration(text: str, flag: str = "--deadline") -> float:
     """``30m``, ``2h``, ``90s``, ``1d`` or plain seconds -> seconds."""
-    m = _DURATION.match(text.strip())
+    m = _DURATION.match(text.strip()) if len(text) <= 32 else None
     if not m:
-        raise UsageError(f"{flag}: {text!r} is not a duration like 30m, 2h or 90s")
-    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+        raise UsageError(f"{flag}: {text[:32]!r} is not a duration like 30m, 2h or 90s")
+    seconds = float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+    if seconds > DEADLINE_MAX_SECONDS:
+        raise UsageError(f"{flag}: {text!r} is longer than {DEADLINE_MAX_SECONDS / 86400:g} "
+                         "days")
+    return seconds
 
 
 def _store(cluster: Cluster) -> Store:
@@ -184,7 +191,7 @@ def _print_drain(c: Ctx, report: DrainReport, dry_run: bool) -> None:
               help="How long batch work may run before it is moved or paused.")
 @click.option("--dry-run", is_flag=True, help="Show what the drain would do; change nothing.")
 @click.option("--wait", is_flag=True, help="Keep going until the drain is complete.")
-@click.option("--grace", type=click.FloatRange(min=0), default=10.0, show_default=True,
+@click.option("--grace", type=Seconds(GRACE_MAX_SECONDS), default=10.0, show_default=True,
               help="Seconds between SIGTERM and SIGKILL for work that is paused.")
 @click.option("--json", "json_out", is_flag=True, help="Machine-readable output.")
 @click.pass_obj

@@ -200,7 +200,7 @@ def health_table(cluster: Cluster, health: Mapping[str, NodeHealth]) -> Table:
         mism = "; ".join(m.describe() for m in h.mismatches) or "-"
         table.add_row(name, status, detail or f"{f.hostname} {f.arch}",
                       f"{used:.1f}/{f.mem_total_gb:.1f}", f"{f.load[0]:.2f}",
-                      f"{f.disk_free_gb:.1f}", gpus, mism)
+                      "-" if f.disk_free_gb is None else f"{f.disk_free_gb:.1f}", gpus, mism)
     return table
 
 

@@ -27,6 +27,8 @@ from infra.config.reader import Section, _type_name
 from infra.errors import ConfigError
 
 MB_PER_GB = 1024.0
+MAX_DEVICES = 1024
+"""Upper bound on a device count or index."""
 PROTOCOLS = [p.value for p in PortProtocol]
 VOLUME_MODES = [m.value for m in VolumeMode]
 OPERATORS = [o.value for o in Operator]
@@ -119,7 +121,7 @@ def _device_request(d: Section) -> DeviceRequest:
     ids = d.string_list("ids", ())
     if len(set(ids)) != len(ids):
         raise d.error("ids", "lists a device id twice")
-    count = d.integer("count", len(ids) or 1, minimum=1)
+    count = d.integer("count", len(ids) or 1, minimum=1, maximum=MAX_DEVICES)
     if ids and count > len(ids):
         raise d.error("count", f"is {count} but only {len(ids)} ids are allowed")
     req = DeviceRequest(
@@ -195,7 +197,7 @@ def parse_resources(s: Section) -> ParsedResources:
                       f"{gpu_keys[1]}); keep one")
     devices = [_device_request(d) for d in _items(s, "devices")]
     if gpu_keys:
-        count = s.integer(gpu_keys[0], minimum=0)
+        count = s.integer(gpu_keys[0], minimum=0, maximum=MAX_DEVICES)
         if count and any(d.kind == "gpu" for d in devices):
             raise s.error(gpu_keys[0], "a GPU count and GPU entries in devices: keep one")
         if count:
@@ -230,10 +232,12 @@ def _scalar_text(c: Section, key: str) -> str | None:
         return "true" if raw else "false"
     if isinstance(raw, (int, float, str)):
         return str(raw)
-    if isinstance(raw, list) and all(isinstance(x, (str, int, float)) and
-                                     not isinstance(x, bool) for x in raw):
+    if isinstance(raw, list) and raw and all(
+            (isinstance(x, str) and x.strip()) or
+            (isinstance(x, (int, float)) and not isinstance(x, bool)) for x in raw):
         return ",".join(str(x) for x in raw)
-    raise c.error(key, f"expected a string, number or list, got {_type_name(raw)}")
+    raise c.error(key, "expected a string, number or list (non-empty, of non-empty strings or "
+                  f"numbers), got {_type_name(raw)}")
 
 
 def _constraint(c: Section) -> Constraint:
@@ -310,7 +314,7 @@ def parse_node_devices(s: Section, gpu: bool) -> tuple[NodeDevice, ...]:
             id=dev_id, kind=kind, vendor=_lower(d, "vendor"), driver=_lower(d, "driver"),
             memory_mb=mem,
             capabilities=frozenset(c.lower() for c in d.string_list("capabilities", ())),
-            index=d.integer("index", None, minimum=0),
+            index=d.integer("index", None, minimum=0, maximum=MAX_DEVICES),
         )
         d.finish()
         ids[dev_id] = i

@@ -9,7 +9,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from infra.config.model import Cluster, ExperimentSpec, JobType, RecoverPolicy
-from infra.config.reader import Section, check_safe_id, load_document
+from infra.config.reader import MAX_COUNT, Section, check_safe_id, load_document
 from infra.config.resources import ParsedResources, parse_constraints, parse_resources
 from infra.errors import ConfigError, UsageError
 from infra.quoting import pattern_problem
@@ -59,8 +59,11 @@ def _relative_path(s: Section, key: str, value: str) -> str:
     if control:
         raise s.error(key, f"must be on one line: {control}")
     pure = PurePosixPath(value)
-    if pure.is_absolute() or value.startswith("~"):
-        raise s.error(key, f"must be relative to the experiment's working directory, got {value!r}")
+    if pure.is_absolute() or any(part.startswith("~") for part in pure.parts):
+        raise s.error(key, f"must be relative to the experiment's working directory (no '/' "
+                      f"or '~' at the start of a part), got {value!r}")
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+        raise s.error(key, f"must not contain control characters, got {value!r}")
     if ".." in pure.parts:
         raise s.error(key, f"must stay inside the working directory (no '..'), got {value!r}")
     return value
@@ -79,6 +82,10 @@ def parse_spec(data: Any, path: Path, cluster: Cluster) -> ExperimentSpec:
 
     raw_cmd = s.raw("command")
     if isinstance(raw_cmd, list) and raw_cmd and all(isinstance(c, str) for c in raw_cmd):
+        for i, part in enumerate(raw_cmd):
+            if not part.strip():
+                raise s.error(f"command[{i}]", "must not be empty (write an empty argument "
+                              "with the string form of command)")
         command = shlex.join(raw_cmd)
     elif isinstance(raw_cmd, str) and raw_cmd.strip():
         command = raw_cmd
@@ -147,7 +154,8 @@ def parse_spec(data: Any, path: Path, cluster: Cluster) -> ExperimentSpec:
         results=results,
         recover=s.choice("recover", RecoverPolicy, RECOVER_CHOICES,
                          RecoverPolicy.CLUSTER if cluster.failover.enabled else RecoverPolicy.NONE),
-        max_retries=s.integer("max_retries", cluster.failover.max_retries, minimum=0),
+        max_retries=s.integer("max_retries", cluster.failover.max_retries, minimum=0,
+                              maximum=MAX_COUNT),
         auto_restart=s.boolean("auto_restart", cluster.failover.auto_restart),
         description=s.string("description", "", allow_empty=True),
         params=tuple(sorted((params or {}).items())),

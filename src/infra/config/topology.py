@@ -29,7 +29,15 @@ from infra.config.model import (
     PortRange,
     Strategy,
 )
-from infra.config.reader import Section, check_safe_id, load_document
+from infra.config.reader import (
+    DAY_SECONDS,
+    MAX_COUNT,
+    TOPOLOGY_MAX_BYTES,
+    Section,
+    check_local_path,
+    check_safe_id,
+    load_document,
+)
 from infra.config.resources import (
     parse_attributes,
     parse_constraints,
@@ -50,6 +58,8 @@ from infra.quoting import (
 NODE_TYPES = [t.value for t in NodeType]
 LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 HEALTH_CHECK_NAMES = ["ssh", "memory", "disk", "temperature", "process"]
+MAX_CORES = 4096
+MAX_INSTANCES = 10000
 LEASE_MIN_SECONDS = 2.0
 """The live loop renews its lease every 1 s tick; a shorter lease would lapse between ticks."""
 
@@ -57,7 +67,7 @@ LEASE_MIN_SECONDS = 2.0
 def load_cluster(path: str | Path) -> Cluster:
     """Read, parse and validate a topology file."""
     p = Path(path)
-    return parse_cluster(load_document(p), p)
+    return parse_cluster(load_document(p, TOPOLOGY_MAX_BYTES), p)
 
 
 def parse_cluster(data: Any, path: Path) -> Cluster:
@@ -139,7 +149,7 @@ def _node(s: Section, base_dir: Path) -> NodeConfig:
         remote_work_dir = _node_path(s, "remote_work_dir", remote_work_dir)
     key_path = s.string("ssh_key_path", None)
     if key_path is not None:
-        key_path = _node_path(s, "ssh_key_path", key_path)
+        key_path = _node_path(s, "ssh_key_path", check_local_path(s, "ssh_key_path", key_path))
     user = s.string("ssh_user", None)
     if user is not None:
         _check(s, "ssh_user", user_problem(user))
@@ -159,8 +169,8 @@ def _node(s: Section, base_dir: Path) -> NodeConfig:
         ram_gb=ram_gb,
         gpu=gpu,
         gpu_memory_gb=gpu_mem,
-        cpu_cores=s.integer("cpu_cores", 1, minimum=1),
-        max_instances=s.integer("max_instances", 1, minimum=1),
+        cpu_cores=s.integer("cpu_cores", 1, minimum=1, maximum=MAX_CORES),
+        max_instances=s.integer("max_instances", 1, minimum=1, maximum=MAX_INSTANCES),
         reserved_ram_gb=reserved,
         ssh_user=user,
         ssh_port=s.port("ssh_port", 22),
@@ -261,19 +271,23 @@ def _health_checks(s: Section) -> HealthChecks:
 def _health(s: Section) -> HealthCheckSection:
     known_hosts = s.string("known_hosts", None)
     if known_hosts is not None:
-        known_hosts = _node_path(s, "known_hosts", known_hosts)
+        known_hosts = _node_path(s, "known_hosts", check_local_path(s, "known_hosts",
+                                                                    known_hosts))
     out = HealthCheckSection(
         enabled=s.boolean("enabled", True),
-        interval_seconds=s.number("interval_seconds", 30.0, positive=True),
-        timeout_seconds=s.number("timeout_seconds", 10.0, positive=True),
-        keepalive_seconds=s.number("keepalive_seconds", 5.0, positive=True),
-        keepalive_count_max=s.integer("keepalive_count_max", 3, minimum=1),
+        interval_seconds=s.number("interval_seconds", 30.0, positive=True, maximum=DAY_SECONDS),
+        timeout_seconds=s.number("timeout_seconds", 10.0, positive=True, maximum=DAY_SECONDS),
+        keepalive_seconds=s.number("keepalive_seconds", 5.0, positive=True,
+                                    maximum=DAY_SECONDS),
+        keepalive_count_max=s.integer("keepalive_count_max", 3, minimum=1, maximum=MAX_COUNT),
         checks=_health_checks(s),
         known_hosts=known_hosts,
         accept_new_host_keys=s.boolean("accept_new_host_keys", False),
-        reconnect_attempts=s.integer("reconnect_attempts", 3, minimum=0),
-        disconnected_grace_seconds=s.number("disconnected_grace_seconds", 60.0, minimum=0.0),
-        lease_seconds=s.number("lease_seconds", 30.0, minimum=LEASE_MIN_SECONDS),
+        reconnect_attempts=s.integer("reconnect_attempts", 3, minimum=0, maximum=MAX_COUNT),
+        disconnected_grace_seconds=s.number("disconnected_grace_seconds", 60.0, minimum=0.0,
+                                             maximum=DAY_SECONDS),
+        lease_seconds=s.number("lease_seconds", 30.0, minimum=LEASE_MIN_SECONDS,
+                                maximum=DAY_SECONDS),
     )
     s.used.add("checks")
     s.finish()
@@ -284,9 +298,11 @@ def _failover(s: Section) -> FailoverSection:
     out = FailoverSection(
         enabled=s.boolean("enabled", True),
         auto_restart=s.boolean("auto_restart", True),
-        max_retries=s.integer("max_retries", None, minimum=0),
-        retry_delay_seconds=s.number("retry_delay_seconds", 5.0, minimum=0.0),
-        fence_timeout_seconds=s.number("fence_timeout_seconds", 60.0, minimum=0.0),
+        max_retries=s.integer("max_retries", None, minimum=0, maximum=MAX_COUNT),
+        retry_delay_seconds=s.number("retry_delay_seconds", 5.0, minimum=0.0,
+                                      maximum=DAY_SECONDS),
+        fence_timeout_seconds=s.number("fence_timeout_seconds", 60.0, minimum=0.0,
+                                        maximum=DAY_SECONDS),
     )
     s.finish()
     return out
@@ -294,7 +310,7 @@ def _failover(s: Section) -> FailoverSection:
 
 def _logging(s: Section) -> LoggingSection:
     out = LoggingSection(
-        log_dir=s.string("log_dir", "logs"),
+        log_dir=check_local_path(s, "log_dir", s.string("log_dir", "logs")),
         level=s.choice("level", str, LOG_LEVELS, "INFO"),
     )
     s.finish()
@@ -323,8 +339,12 @@ def _deploy(s: Section) -> DeploySection:
             if why:
                 raise ConfigError(s.file, f"{s.key(key)}[{i}]",
                                   f"an rsync pattern must be on one line of text: {why}")
-    out = DeploySection(source=s.string("source", None), exclude=exclude,
+    source = s.string("source", None)
+    if source is not None:
+        check_local_path(s, "source", source)
+    out = DeploySection(source=source, exclude=exclude,
                         protect=protect,
-                        max_deletes=s.integer("max_deletes", DEFAULT_MAX_DELETES, minimum=0))
+                        max_deletes=s.integer("max_deletes", DEFAULT_MAX_DELETES, minimum=0,
+                                                  maximum=10**9))
     s.finish()
     return out

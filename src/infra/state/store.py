@@ -416,6 +416,12 @@ class Store:
         """A run by exact id, unique prefix (literal, case-sensitive), or the latest when None."""
         if run_id is None:
             return self.latest_run()
+        if not run_id.strip():
+            raise UsageError("an empty run id: give a run id or a prefix of one "
+                             "(or leave it out for the latest run)")
+        if not run_id.isprintable() or not run_id.isascii():
+            raise UsageError(f"no run {run_id[:80]!r} in {self.path} (run ids are printable "
+                             "ASCII)")
         rows = self.db.execute("SELECT * FROM runs WHERE substr(run_id, 1, ?) = ? "
                                "ORDER BY run_id", (len(run_id), run_id)).fetchall()
         exact = [r for r in rows if r["run_id"] == run_id]
