@@ -83,7 +83,7 @@ REFUSED = [
     ({"remote_work_dir": "~/w$(touch x)"}, "nodes[0].remote_work_dir", "'$'"),
     ({"remote_work_dir": "~/w\ntouch x"}, "nodes[0].remote_work_dir", "'\\n'"),
     ({"remote_work_dir": "~/w;touch x"}, "nodes[0].remote_work_dir", "';'"),
-    ({"remote_work_dir": "~/w\0x"}, "nodes[0].remote_work_dir", "'\\x00'"),
+    ({"remote_work_dir": "~/w\0x"}, "nodes[0].remote_work_dir", "NUL character"),
     ({"remote_work_dir": "/srv/it's"}, "nodes[0].remote_work_dir", '"\'"'),
     ({"remote_work_dir": "~/a/../b"}, "nodes[0].remote_work_dir", "'..'"),
     ({"remote_work_dir": "~/a/*"}, "nodes[0].remote_work_dir", "'*'"),
