@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,9 @@ from infra.runner.supervisor_client import (
 )
 from infra.transport.local import LocalTransport
 from tests.builders import wait_for
-from tests.test_supervisor import NODE_PYTHON, prog
+from tests.test_supervisor import NODE_PYTHON, client, prog
+
+__all__ = ["client"]  # the fixture, re-used
 
 SLEEPER = "sleep 60"
 
@@ -94,16 +95,6 @@ def node(tmp_path: Path) -> NodeConfig:
     return NodeConfig(name="bench", host="localhost", remote_work_dir=str(tmp_path / "work"),
                       python_path=NODE_PYTHON, max_instances=1, ram_gb=4.0,
                       claims_dir=str(tmp_path / "claims"))
-
-
-@pytest.fixture
-def client(node: NodeConfig) -> Iterator[SupervisorClient]:
-    c = SupervisorClient(LocalTransport(node.name), node)
-    yield c
-    root = Path(node.remote_work_dir) / ".infra" / "runs"
-    if root.is_dir():
-        for run in root.iterdir():
-            asyncio.run(c.stop(run.name, grace=0.2))
 
 
 def start_req(node: NodeConfig, run_id: str, iid: str, command: str = SLEEPER, *,

@@ -65,7 +65,8 @@ def client(node: NodeConfig) -> Iterator[SupervisorClient]:
     root = Path(node.remote_work_dir) / ".infra" / "runs"
     if root.is_dir():
         for run in root.iterdir():
-            asyncio.run(c.stop(run.name, grace=0.2))
+            if not run.name.startswith("."):  # a prune's leftovers are not runs
+                asyncio.run(c.stop(run.name, grace=0.2))
 
 
 def run(coro):  # type: ignore[no-untyped-def]

@@ -5,7 +5,6 @@ earlier prune is finished, and nothing outside ``runs/RUN`` is touched."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,25 +12,9 @@ import pytest
 from infra.config.model import NodeConfig
 from infra.errors import CommandFailedError, UsageError
 from infra.runner.supervisor_client import PruneState, SupervisorClient
-from infra.transport.local import LocalTransport
-from tests.test_supervisor import NODE_PYTHON, request, run, wait_final, wait_for
+from tests.test_supervisor import client, node, request, run, wait_final, wait_for
 
-
-@pytest.fixture
-def node(tmp_path: Path) -> NodeConfig:
-    return NodeConfig(name="local", host="localhost", remote_work_dir=str(tmp_path / "work"),
-                      python_path=NODE_PYTHON)
-
-
-@pytest.fixture
-def client(node: NodeConfig) -> Iterator[SupervisorClient]:
-    c = SupervisorClient(LocalTransport(node.name), node)
-    yield c
-    runs = Path(node.remote_work_dir) / ".infra" / "runs"
-    if runs.is_dir():
-        for r in runs.iterdir():
-            if not r.name.startswith("."):
-                run(c.stop(r.name, grace=0.2))
+__all__ = ["client", "node"]  # the fixtures, re-used
 
 
 def test_prune_removes_finished_runs_and_refuses_an_active_one(
