@@ -146,18 +146,24 @@ class InstancePhase(str, enum.Enum):
     LOST = "lost"           # gone with its node, or neither process nor supervisor exists
     PAUSED = "paused"       # its node was lost and policy (or lack of room) says wait
     MOVING = "moving"       # being re-placed and started on another node
+    QUEUED = "queued"       # waits in the coordinator's queue (campaign task or queued work)
+    DISPATCHED = "dispatched"  # written to its node's pool queue, not started yet
+    SKIPPED = "skipped"     # never started: a dependency failed
+    CANCELLED = "cancelled"  # never started: the run was stopped or a fail_fast campaign failed
 
     @property
     def finished(self) -> bool:
         """Over: nothing runs and nothing will run it again without the user."""
         return self in (InstancePhase.EXITED, InstancePhase.FAILED, InstancePhase.STOPPED,
-                        InstancePhase.LOST, InstancePhase.PAUSED)
+                        InstancePhase.LOST, InstancePhase.PAUSED, InstancePhase.SKIPPED,
+                        InstancePhase.CANCELLED)
 
     @property
     def active(self) -> bool:
         """Holds (or is about to hold) resources on its node."""
         return self in (InstancePhase.DEPLOYING, InstancePhase.STARTING, InstancePhase.RUNNING,
-                        InstancePhase.RESTARTING, InstancePhase.MOVING)
+                        InstancePhase.RESTARTING, InstancePhase.MOVING,
+                        InstancePhase.DISPATCHED)
 
 
 class FailureClass(str, enum.Enum):
