@@ -162,8 +162,7 @@ class InstancePhase(str, enum.Enum):
     def active(self) -> bool:
         """Holds (or is about to hold) resources on its node."""
         return self in (InstancePhase.DEPLOYING, InstancePhase.STARTING, InstancePhase.RUNNING,
-                        InstancePhase.RESTARTING, InstancePhase.MOVING,
-                        InstancePhase.DISPATCHED)
+                        InstancePhase.RESTARTING, InstancePhase.MOVING)
 
 
 class FailureClass(str, enum.Enum):
