@@ -14,6 +14,8 @@ the tasks' CLOCK_MONOTONIC times compare across nodes.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import re
@@ -111,6 +113,17 @@ def coordinator(root: Path, *specs: Path, duration: float = 300.0) -> subprocess
                              "--monitor-duration", f"{duration:g}", "--json"],
                             cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, "COLUMNS": "200"})
+
+
+def finish(coord: subprocess.Popen[str], timeout: float) -> tuple[str, str]:
+    """Wait for a background coordinator; on time out kill it and fail with its output."""
+    try:
+        return coord.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        coord.kill()
+        out, err = coord.communicate(timeout=30)
+        raise AssertionError(f"coordinator still running after {timeout:g} s: {err[:4000]}"
+                             f" ... {err[-2000:]}") from None
 
 
 def marks(root: Path, fleet: SSHFleet, mark: str) -> list[Event]:
@@ -212,7 +225,7 @@ def test_grid_under_max_parallel_runs_each_task_once_never_more_than_three(
     counter.write_text("0")
     counter.chmod(0o666)
     lrs, bss = [0.1, 0.01, 0.001], [8, 16, 32, 64]
-    grid = task_spec(camp, "grid", opts=f"--sleep 1.5 --counter {counter} "
+    grid = task_spec(camp, "grid", opts=f"--sleep 1.5 --counter {counter} --metrics "
                      "--arg lr={lr} --arg bs={bs}",
                      sweep={"grid": {"lr": lrs, "bs": bss}}, max_parallel=3)
     proc = launch(camp, grid)
@@ -237,6 +250,18 @@ def test_grid_under_max_parallel_runs_each_task_once_never_more_than_three(
     all_exited(doc, ids)
     where = {e["id"]: e["on"] for e in of(events, "start")}
     assert all(by_id(doc)[i]["node"] == where[i] for i in ids)
+    # results: each task's parameters joined with its outcome and its metrics.json
+    proc = cli(camp, "results", doc["run_id"], "--csv")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = {r["instance_id"]: r for r in csv.DictReader(io.StringIO(proc.stdout))}
+    assert sorted(rows) == ids, proc.stdout
+    for iid, row in rows.items():
+        i = int(iid.split(".")[1])
+        assert row["state"] == "exited" and row["param.lr"] == str(lrs[i // 4]), row
+        assert row["param.bs"] == str(bss[i % 4]) and row["metric.index"] == str(i), row
+        assert row["metric.node"] == where[iid], row
+    proc = cli(camp, "results", doc["run_id"], "--table")
+    assert proc.returncode == 0 and "grid.0011" in proc.stdout, proc.stdout + proc.stderr
 
 
 # --------------------------------------------------------------------------- 2: suite hooks
@@ -364,7 +389,7 @@ def test_a_node_killed_mid_campaign_has_its_tasks_finished_elsewhere(
         wait_for(lambda: [e for e in of(marks(camp, ssh_fleet, "lose"), "start")
                           if e["on"] == "node1"], timeout=120)
         node1.stop(kill_user_processes=True)  # the node dies with its pool and tasks
-        out, err = coord.communicate(timeout=360)
+        out, err = finish(coord, 200)
     finally:
         if coord.poll() is None:
             coord.kill()

@@ -20,6 +20,8 @@ on it), so times written by tasks on different nodes compare.
 --value V --fail-value W --fail-unless FILE
                    exit 1 when V == W and FILE does not exist
 --arg A            recorded in the start line (placeholders filled by the campaign)
+--metrics          write {"index": INFRA_TASK_INDEX, "node": INFRA_NODE} to
+                   $INFRA_RESULTS_DIR/metrics.json
 Standard library only; runs on the node's python3.
 """
 
@@ -94,6 +96,7 @@ def main():
     p.add_argument("--fail-value")
     p.add_argument("--fail-unless")
     p.add_argument("--arg", action="append", default=[])
+    p.add_argument("--metrics", action="store_true")
     a = p.parse_args()
     env = os.environ
     if a.hook:
@@ -114,6 +117,9 @@ def main():
     if a.hold_on and env.get("INFRA_NODE") == a.hold_on:
         wait_until(lambda: False)
     time.sleep(a.sleep)
+    if a.metrics:
+        with open(os.path.join(env["INFRA_RESULTS_DIR"], "metrics.json"), "w") as f:
+            json.dump({"index": int(env["INFRA_TASK_INDEX"]), "node": env.get("INFRA_NODE")}, f)
     rc = 0
     if a.fail_value is not None and a.value == a.fail_value and \
             not (a.fail_unless and os.path.exists(a.fail_unless)):
