@@ -318,6 +318,29 @@ def watch(c: Ctx, run_id: str | None, duration: float | None, json_out: bool) ->
 
 
 @cli.command()
+@click.argument("run_id", required=False)
+@click.option("--failed", is_flag=True, help="Queue the failed, lost, cancelled and paused "
+              "work again (and what was skipped because of it).")
+@click.option("--duration", type=Seconds(WATCH_MAX_SECONDS), default=None, metavar="SECONDS",
+              help="Watch this long, then detach (default: until the run is over).")
+@click.option("--json", "json_out", is_flag=True, help="No dashboard; print the final status "
+              "as JSON.")
+@click.pass_obj
+def rerun(c: Ctx, run_id: str | None, failed: bool, duration: float | None,
+          json_out: bool) -> None:
+    """Give a run's failed work new attempts under the same ids, then watch it.
+
+    Each instance or task gets a new placement (its earlier copy on the node is kept
+    aside); a campaign's pools start afresh, so suite setup runs again on each node.
+    """
+    from infra.cli.actions import do_rerun
+    if not failed:
+        raise UsageError("rerun: say what to run again: --failed (the only choice for now)")
+    c.json_out = c.json_out or json_out
+    do_rerun(c, run_id, duration)
+
+
+@cli.command()
 @click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True,
               metavar="N", help="Show at most this many runs.")
 @click.option("--json", "json_out", is_flag=True, help="Machine-readable output.")

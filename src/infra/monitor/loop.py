@@ -38,6 +38,7 @@ from infra.monitor.snapshot import (
 from infra.placement import Condition, NodeCondition
 from infra.probe.health import NodeHealth, NodeStatus
 from infra.probe.run import check_health
+from infra.runner.campaign import CampaignDriver
 from infra.runner.lifecycle import LOG_SYNC_ATTEMPTS, RunSession
 from infra.state import FailureClass, InstancePhase, InstanceRecord
 from infra.state.store import coordinator_id
@@ -126,6 +127,7 @@ class Monitor:
         self.log_failures: dict[str, int] = {}
         self.log_gave_up: dict[str, str] = {}  # instance -> the node its log was given up on
         self.kept: set[str] = set()  # failed instances said not to be moved (said once)
+        self.campaigns = CampaignDriver(session, run_id)
 
     # ------------------------------------------------------------------ main loop
 
@@ -173,22 +175,37 @@ class Monitor:
 
         Only nodes that answer get cleared; this never holds up the detach for long: a node
         that cannot be told fences its work after the timeout (the next ``watch`` restarts it).
+        The run's campaign pools are told at the same time (they keep starting their queued
+        tasks while nobody watches).
         """
         if self.fence_seconds is None:
             return
         fenced = {r.node for r in self.s.store.instances(self.run_id)
                   if r.state.active and self.s.fenced(r.spec)}
-        down = {n for n in fenced if self._node_down(n)}
-        if not fenced - down:
+        pooled = {p.node for p in self.s.store.pools(self.run_id) if not p.abandoned}
+        down = {n for n in fenced | pooled if self._node_down(n)}
+        if not (fenced | pooled) - down:
             return
         bound = min(self.s.cluster.health_check.timeout_seconds, FENCE_CLEAR_SECONDS)
+
+        async def instances() -> set[str]:
+            if not fenced - down:
+                return set()
+            return set(await self.s.sweep(self.run_id, skip=down, fence_clear=True,
+                                          stop_stale=False))
+
+        async def pools() -> set[str]:
+            if not pooled - down:
+                return set()
+            return set(await self.campaigns.clear_fences(down))
+
         try:
-            failed = set(await asyncio.wait_for(
-                self.s.sweep(self.run_id, skip=down, fence_clear=True, stop_stale=False),
-                timeout=bound))
+            answers = await asyncio.wait_for(asyncio.gather(instances(), pools()),
+                                             timeout=bound)
+            failed = answers[0] | answers[1]
         except (asyncio.TimeoutError, InfraError):
-            failed = fenced - down
-        for node in sorted((fenced & failed) | down):
+            failed = (fenced | pooled) - down
+        for node in sorted(((fenced | pooled) & failed) | down):
             self.s.emit("fence", node, "could not clear the fences there; its watched work "
                         "stops after the fence timeout unless the run is watched again")
 
@@ -328,6 +345,10 @@ class Monitor:
         # the sweep and probes may have taken a while: renew right before acting
         if acting and await self.hold_lease():
             await self._recover()
+            if self.holding():
+                await self.campaigns.tick(self.conditions(), down=down | set(errors),
+                                          lost=self._lost_nodes(),
+                                          fence_seconds=self.fence_seconds)
             records = {r.instance_id: r for r in self.s.store.instances(self.run_id)}
             await self._service_logs_and_results(records)
         return {n: t.reason for n, t in self.trackers.items()
@@ -374,12 +395,25 @@ class Monitor:
                 self.s.emit("start", rec.instance_id, "resuming an unfinished launch")
                 await self.s.start_instance(self.run_id, rec)
 
+    def _lost_nodes(self) -> set[str]:
+        """Offline nodes whose fenced work has certainly stopped: their tasks go elsewhere."""
+        out = set()
+        for name, t in self.trackers.items():
+            if t.state is NodeState.OFFLINE and self.fence_wait(name) <= 0:
+                out.add(name)
+        return out
+
     async def _recover(self) -> None:
-        """Apply each instance's ``recover`` policy to lost nodes and exhausted restarts."""
+        """Apply each instance's ``recover`` policy to lost nodes and exhausted restarts.
+
+        Campaign tasks are the campaign driver's: it requeues them instead of moving them,
+        and a task that used up its attempts stays failed (the campaign goes on)."""
         await self._resume_launch()
         for rec in self.s.store.instances(self.run_id):
             if not self.holding():
                 return
+            if rec.spec.campaign is not None or not rec.node:
+                continue
             t = self.trackers.get(rec.node)
             policy = rec.spec.recover
             if t is not None and t.state is NodeState.OFFLINE and rec.state.active:

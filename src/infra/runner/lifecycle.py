@@ -142,6 +142,7 @@ class StopReport:
     """What a stop did: instances it stopped, those already over (their state), node errors."""
 
     stopped: list[str] = field(default_factory=list)
+    cancelled: list[str] = field(default_factory=list)  # queued work dropped before it started
     already_over: dict[str, str] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)  # node -> one line
 
@@ -182,14 +183,15 @@ class RunSession:
     # ------------------------------------------------------------------ start
 
     def record_run(self, specs: Sequence[ExperimentSpec], plan: Plan,
-                   plan_doc: dict[str, Any]) -> str:
-        """Write the run and its planned instances before touching any node."""
+                   plan_doc: dict[str, Any], *, queued: Sequence[ExperimentSpec] = ()) -> str:
+        """Write the run, its planned instances and its queued work before touching any
+        node."""
         run_id = new_run_id()
         by_id = {s.experiment_id: s for s in specs}
         rows = [(p.instance_id, p.node, by_id[p.instance_id],
                  p.allocation.with_run(run_id) if p.allocation is not None else None)
                 for p in plan.placements]
-        self.store.create_run(run_id, str(self.cluster.path), plan_doc, rows)
+        self.store.create_run(run_id, str(self.cluster.path), plan_doc, rows, queued=queued)
         for p in plan.placements:
             self.store.add_event(run_id, "placed", p.instance_id,
                                  f"placed on {p.node} (score {p.score:g})")
@@ -259,15 +261,11 @@ class RunSession:
         return spec.recover is RecoverPolicy.CLUSTER and \
             self.cluster.failover.fence_timeout_seconds > 0
 
-    async def start_instance(self, run_id: str, rec: InstanceRecord, tries: int = 0) -> None:
-        """Start one instance through the node's supervisor (idempotent on the node).
-
-        The node checks the start against its live claims under its node-wide lock; when it
-        refuses (another coordinator's work took the room), the instance is placed again.
-        """
+    def start_request(self, run_id: str, rec: InstanceRecord) -> StartRequest:
+        """What the node's supervisor gets to start this placement of the instance (a pool
+        gets the same request for a campaign task)."""
         node = self.cluster.node(rec.node)
         spec = rec.spec
-        self.store.update_instance(run_id, rec.instance_id, state=InstancePhase.STARTING)
         env = {**DEFAULT_ENV, **dict(spec.env)}  # the spec's own env overrides the defaults
         if spec.params:
             env["INFRA_PARAMS"] = json.dumps(dict(spec.params), sort_keys=True)
@@ -281,7 +279,7 @@ class RunSession:
             hints = allocation_env(alloc)
             hints.pop("INFRA_ALLOCATION", None)  # the supervisor sets it from ``allocation``
             env.update(hints)
-        request = StartRequest(
+        return StartRequest(
             run_id=run_id,
             instance_id=rec.instance_id,
             command=spec.command,
@@ -298,6 +296,16 @@ class RunSession:
             claims_dir=node.claims_dir,
             fence=self.fenced(spec),
         )
+
+    async def start_instance(self, run_id: str, rec: InstanceRecord, tries: int = 0) -> None:
+        """Start one instance through the node's supervisor (idempotent on the node).
+
+        The node checks the start against its live claims under its node-wide lock; when it
+        refuses (another coordinator's work took the room), the instance is placed again.
+        """
+        node = self.cluster.node(rec.node)
+        self.store.update_instance(run_id, rec.instance_id, state=InstancePhase.STARTING)
+        request = self.start_request(run_id, rec)
         try:
             client = await self.client(node.name)
             try:
@@ -365,7 +373,7 @@ class RunSession:
     async def launch(self, run_id: str) -> None:
         """Deploy to the run's nodes, then start every planned instance."""
         self.store.set_run_state(run_id, RunState.STARTING)
-        records = self.store.instances(run_id)
+        records = [r for r in self.store.instances(run_id) if r.node]  # not queued work
         failed_nodes = await self.deploy_for_run(run_id, (r.node for r in records))
         refused = sorted(n for n in failed_nodes if n in self.refusals)
         if refused:  # the run refuses as a whole: nothing starts until deletions are confirmed
@@ -448,7 +456,7 @@ class RunSession:
         skipped = set(skip)
         by_node: dict[str, list[InstanceRecord]] = {}
         for rec in records:
-            if rec.node not in skipped:
+            if rec.node and rec.node not in skipped:  # queued work is on no node yet
                 by_node.setdefault(rec.node, []).append(rec)
             for old in rec.previous_nodes:
                 if old not in skipped and old != rec.node:
@@ -717,7 +725,14 @@ class RunSession:
                 raise UsageError(f"run {run_id} has no instance {instance_id!r}")
         report = StopReport(already_over={r.instance_id: r.state.value
                                           for r in records if r.state.finished})
-        targets = [r for r in records if not r.state.finished]
+        waiting = [r.instance_id for r in records
+                   if r.state in (InstancePhase.QUEUED, InstancePhase.DISPATCHED)]
+        if waiting:  # never started: dropped from the queue (a pool drops its own copy)
+            self.store.update_instances(run_id, waiting, state=InstancePhase.CANCELLED,
+                                        reason="cancelled: stop requested")
+            report.cancelled.extend(waiting)
+        targets = [r for r in records if not r.state.finished and r.node
+                   and r.instance_id not in waiting]
         by_node: dict[str, list[InstanceRecord]] = {}
         for rec in targets:
             by_node.setdefault(rec.node, []).append(rec)
@@ -747,7 +762,7 @@ class RunSession:
                 report.stopped.append(rec.instance_id)
             elif now.finished:  # it ended on its own before the stop reached it
                 report.already_over[rec.instance_id] = now.value
-        if instance_id is None and not report.errors and report.stopped:
+        if instance_id is None and not report.errors and (report.stopped or report.cancelled):
             self.store.set_run_state(run_id, RunState.STOPPED)
         self._settle_run(run_id)
         return report

@@ -6,6 +6,7 @@ nothing outside this module reads a stored spec as a dict, so defaults cannot dr
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -81,7 +82,10 @@ def encode_spec(spec: ExperimentSpec) -> str:
     return json.dumps(spec_document(spec), sort_keys=True)
 
 
+@functools.lru_cache(maxsize=16384)
 def decode_spec(text: str) -> ExperimentSpec:
+    """The spec a store row holds (cached: a campaign's thousands of rows are read every tick,
+    and the spec is immutable)."""
     try:
         doc = json.loads(text)
     except ValueError as exc:
