@@ -238,11 +238,18 @@ def cli(ctx: click.Context, cluster_config: str | None, validate_config: bool,
                       accept_new=accept_new_host_keys, specs=specs)
     if specs and not validate_config:
         if dry_run:
-            result, _placed = make_plan(cluster, specs, placement, auto_place, force,
-                                        **stored_context(cluster))
-            show_plan(c, result, explain=explain, dry_run=True)
+            from infra.cli.actions import queued_work
+            from infra.runner.campaign import never_fits
+            queued = queued_work(cluster, specs, placement, auto_place)
+            context = stored_context(cluster)
+            result, _placed = make_plan(cluster, tuple(s for s in specs if s not in queued),
+                                        placement, auto_place, force, **context)
+            show_plan(c, result, explain=explain, dry_run=True, queued=queued)
             if not result.ok:
                 raise plan_failure(result)
+            never = never_fits(cluster, queued, context.get("conditions"))
+            if never is not None:
+                raise never
             return
         from infra.cli.actions import do_run
         do_run(c, cluster, specs, placement=placement, auto_place=auto_place, force=force,
@@ -274,13 +281,18 @@ def do_validate(c: Ctx, cluster: Cluster, specs: tuple[ExperimentSpec, ...]) -> 
                     f"({enabled} enabled)" + (f", {len(specs)} experiment specs" if specs else ""))
 
 
-def show_plan(c: Ctx, result: Plan, *, explain: bool, dry_run: bool) -> None:
+def show_plan(c: Ctx, result: Plan, *, explain: bool, dry_run: bool,
+              queued: Sequence[ExperimentSpec] = ()) -> None:
     if c.json_out:
         doc = views.plan_json(result)
         doc["dry_run"] = dry_run
+        doc["queued"] = [s.experiment_id for s in queued]
         c.emit_json(doc)
         return
-    c.console.print(views.plan_table(result))
+    if result.placements or result.unplaced or result.pin_errors or not queued:
+        c.console.print(views.plan_table(result))
+    if queued:
+        c.console.print(views.queued_summary(queued))
     if explain:
         c.console.print(views.explain(result))
     if dry_run:
