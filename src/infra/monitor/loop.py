@@ -38,12 +38,17 @@ from infra.monitor.snapshot import (
 from infra.placement import Condition, NodeCondition
 from infra.probe.health import NodeHealth, NodeStatus
 from infra.probe.run import check_health
+from infra.campaign.progress import Progress, render_bar
 from infra.runner.campaign import CampaignDriver
 from infra.runner.lifecycle import LOG_SYNC_ATTEMPTS, RunSession
 from infra.state import FailureClass, InstancePhase, InstanceRecord
 from infra.state.store import coordinator_id
 
 FOLLOW_STREAMS_PER_NODE = 4
+HARVEST_PER_NODE = 4
+"""Ended instances whose logs and results are copied home at once, per node."""
+PROGRESS_WIDTH = 72
+"""Width of a campaign's progress bar with its counts (the pool states follow it)."""
 """Long-lived follow channels per node; further instances are synced by reads each tick,
 so streams never use up the connection's channels (OpenSSH MaxSessions is 10)."""
 RESULT_FETCH_ATTEMPTS = 3
@@ -478,6 +483,10 @@ class Monitor:
                    if not t.done() and records.get(i) is not None and records[i].node == node)
 
     async def _service_logs_and_results(self, records: dict[str, InstanceRecord]) -> None:
+        """Start log streams for running work; copy the logs and fetch the results of work
+        that ended, a few instances per node at once (a campaign ends many short tasks per
+        tick; one at a time the coordinator would fall far behind its nodes)."""
+        ended: list[InstanceRecord] = []
         for instance_id, rec in sorted(records.items()):
             if not self.holding():
                 return
@@ -512,25 +521,47 @@ class Monitor:
                                                      guard=self.holding))
                     continue
                 if task is None:
-                    try:
-                        await self.s.sync_log(self.run_id, rec, follow=False,
-                                              guard=self.holding)
-                        self.log_failures.pop(instance_id, None)
-                        if rec.state.finished:
-                            self.drained.add(instance_id)
-                    except InfraError as exc:
-                        self._log_failed(rec, exc)
-            fetchable = rec.state in (InstancePhase.EXITED, InstancePhase.FAILED,
-                                      InstancePhase.STOPPED)
-            copied = instance_id in self.drained or instance_id in self.log_gave_up
-            if fetchable and copied and not rec.results_fetched \
-                    and self.fetch_failures.get(instance_id, 0) < RESULT_FETCH_ATTEMPTS:
-                try:
-                    await self.s.fetch_results(self.run_id, rec)
-                except InfraError as exc:
-                    self.fetch_failures[instance_id] = self.fetch_failures.get(instance_id, 0) + 1
-                    self.s.event(self.run_id, "results", instance_id,
-                                 f"fetching results failed: {exc.one_line()}")
+                    ended.append(rec)
+                continue
+            if self._fetch_due(rec):
+                ended.append(rec)
+        limits: dict[str, asyncio.Semaphore] = {}
+
+        async def one(rec: InstanceRecord) -> None:
+            gate = limits.setdefault(rec.node, asyncio.Semaphore(HARVEST_PER_NODE))
+            async with gate:
+                if self.holding():
+                    await self._copy_log_and_results(rec)
+
+        await asyncio.gather(*(one(r) for r in ended))
+
+    def _fetch_due(self, rec: InstanceRecord) -> bool:
+        """The instance ended, its log is home, and its results are not (retries left)."""
+        fetchable = rec.state in (InstancePhase.EXITED, InstancePhase.FAILED,
+                                  InstancePhase.STOPPED)
+        copied = rec.instance_id in self.drained or rec.instance_id in self.log_gave_up
+        return fetchable and copied and not rec.results_fetched \
+            and self.fetch_failures.get(rec.instance_id, 0) < RESULT_FETCH_ATTEMPTS
+
+    async def _copy_log_and_results(self, rec: InstanceRecord) -> None:
+        """Bring the log up to date (no stream follows it), then the results when due."""
+        instance_id = rec.instance_id
+        if instance_id not in self.drained and instance_id not in self.log_gave_up:
+            try:
+                await self.s.sync_log(self.run_id, rec, follow=False, guard=self.holding)
+                self.log_failures.pop(instance_id, None)
+                if rec.state.finished:
+                    self.drained.add(instance_id)
+            except InfraError as exc:
+                self._log_failed(rec, exc)
+        if not self._fetch_due(rec):
+            return
+        try:
+            await self.s.fetch_results(self.run_id, rec)
+        except InfraError as exc:
+            self.fetch_failures[instance_id] = self.fetch_failures.get(instance_id, 0) + 1
+            self.s.event(self.run_id, "results", instance_id,
+                         f"fetching results failed: {exc.one_line()}")
 
     def _log_failed(self, rec: InstanceRecord, exc: InfraError) -> None:
         """Count a failed log copy; past the limit, stop asking and say why (and mark lost).
@@ -619,9 +650,36 @@ class Monitor:
         events = tuple(EventView(e.at, e.kind, e.subject, e.message)
                        for e in self.s.store.recent_events(self.run_id, RECENT_EVENTS))
         run = self.s.store.run(self.run_id)
+        progress, plain = self._progress(records, run.created_at, now)
         return RunSnapshot(run_id=self.run_id, run_state=run.state.value, taken_at=now,
                            nodes=tuple(nodes), instances=instances, events=events,
-                           watcher=self.other or "", footer=DASHBOARD_KEYS)
+                           watcher=self.other or "", footer=DASHBOARD_KEYS,
+                           progress=progress, progress_plain=plain)
+
+    def _progress(self, records: dict[str, InstanceRecord], started: float,
+                  now: float) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """One progress line per campaign (bar, counts, rate, ETA, pool states), and the
+        same without bar, rate and ETA for the plain line mode (it prints on change)."""
+        bars: list[str] = []
+        plain: list[str] = []
+        groups: dict[str, list[InstanceRecord]] = {}
+        for rec in records.values():
+            if rec.spec.campaign is not None:
+                groups.setdefault(rec.spec.campaign.name, []).append(rec)
+        if not groups:
+            return (), ()
+        pools = self.s.store.pools(self.run_id)
+        for name, tasks in sorted(groups.items()):
+            p = Progress.of([(t.state, t.ended_at) for t in tasks], started, now)
+            states = ", ".join(f"{pool.node} {'gave up' if pool.abandoned else pool.state}"
+                               for pool in pools if pool.campaign == name)
+            tail = f" · pools: {states}" if states else ""
+            bars.append(f"{name} {render_bar(p, PROGRESS_WIDTH)}{tail}")
+            plain.append(f"{name} {p.done}/{p.total} done, {p.running} running, "
+                         f"{p.queued} queued, {p.failed} failed"
+                         + (f", {p.skipped} skipped" if p.skipped else "")
+                         + (f", {p.cancelled} cancelled" if p.cancelled else "") + tail)
+        return tuple(bars), tuple(plain)
 
     def _stale(self, node: str, now: float) -> float | None:
         """How old what we know of ``node`` is, when it is not answering (None: current)."""

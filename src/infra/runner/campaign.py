@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from infra.campaign.model import CampaignSpec, DispatchMode
-from infra.campaign.queue import DepState, TaskView, dependencies, order
+from infra.campaign.queue import DepKind, TaskView, dependencies, order
 from infra.config.model import Cluster, ExperimentSpec
 from infra.errors import InfraError, PlacementError
 from infra.placement import Condition, NodeCondition, plan, why_not
@@ -132,7 +132,7 @@ class CampaignDriver:
         for rec in records:
             decision = decisions.get(rec.instance_id)
             if rec.state is InstancePhase.QUEUED and decision is not None \
-                    and decision.state is DepState.SKIP:
+                    and decision.kind is DepKind.SKIP:
                 skipped.setdefault(decision.reason, []).append(rec.instance_id)
         for reason, ids in skipped.items():
             self.store.update_instances(self.run_id, ids, state=InstancePhase.SKIPPED,
@@ -165,8 +165,7 @@ class CampaignDriver:
         decisions = dependencies([task_view(r) for r in records])
         ready = [r for r in records if r.spec.campaign is None and
                  r.state is InstancePhase.QUEUED and
-                 decisions.get(r.instance_id) is not None and
-                 decisions[r.instance_id].state is DepState.READY]
+                 (r.instance_id not in decisions or decisions[r.instance_id].ready)]
         for rec in ready:
             node, alloc, why = self._place_one(rec.spec, records, conditions, down)
             if node is None:
@@ -217,8 +216,14 @@ class CampaignDriver:
         return [p for p in self.store.pools(self.run_id) if p.campaign == campaign]
 
     def _live(self, pool: PoolRecord) -> bool:
+        """The pool may still take tasks: not given up, not done (as last heard)."""
+        return not pool.abandoned and not self._over(pool)
+
+    def _over(self, pool: PoolRecord) -> bool:
         state = self.states.get((pool.campaign, pool.node))
-        return not pool.abandoned and (state is None or state.state not in DONE_POOL_STATES)
+        if state is not None:
+            return state.state in DONE_POOL_STATES
+        return pool.state in {p.value for p in DONE_POOL_STATES}
 
     def _dispatch(self, camp: CampaignSpec, tasks: list[InstanceRecord],
                   records: Sequence[InstanceRecord], conditions: dict[str, NodeCondition],
@@ -230,8 +235,7 @@ class CampaignDriver:
         decisions = dependencies([task_view(r) for r in records])
         queued = [t for t in tasks if t.state is InstancePhase.QUEUED]
         ready_ids = [v.instance_id for v in order([task_view(t) for t in queued])
-                     if decisions.get(v.instance_id) is None
-                     or decisions[v.instance_id].state is DepState.READY]
+                     if v.instance_id not in decisions or decisions[v.instance_id].ready]
         by_id = {t.instance_id: t for t in tasks}
         ready = [by_id[i] for i in ready_ids]
         pools = {p.node: p for p in self._pools(camp.name) if self._live(p)
@@ -257,7 +261,7 @@ class CampaignDriver:
                      and p.node not in down}
         # hand out: in node order, each pool up to workers + prefetch (all: round robin)
         if not pools or not ready:
-            self._close_if_over(camp, tasks, pools)
+            self._close_if_over(camp, tasks, pools, down)
             return
         handed: dict[str, list[str]] = {}
         if everything:
@@ -276,7 +280,7 @@ class CampaignDriver:
                                         reason=f"dispatched to {node}")
         tasks = [t for t in self.store.instances(self.run_id)
                  if campaign_key(t.spec) == camp.name]
-        self._close_if_over(camp, tasks, pools)
+        self._close_if_over(camp, tasks, pools, down)
 
     def _grow(self, camp: CampaignSpec, ready: list[InstanceRecord],
               records: Sequence[InstanceRecord], conditions: dict[str, NodeCondition],
@@ -325,9 +329,11 @@ class CampaignDriver:
         self.session.event(self.run_id, "queued", key, text)
 
     def _close_if_over(self, camp: CampaignSpec, tasks: list[InstanceRecord],
-                       pools: dict[str, PoolRecord]) -> None:
-        """Nothing more will be handed out: tell the pools to clean up after their last task."""
-        if any(t.state is InstancePhase.QUEUED for t in tasks):
+                       pools: dict[str, PoolRecord], down: set[str]) -> None:
+        """Nothing more will be handed out: tell the pools to clean up after their last task
+        (not while work on an unreachable node may still come back to the queue)."""
+        if any(t.state is InstancePhase.QUEUED or (t.node in down and not t.state.finished)
+               for t in tasks):
             return
         for node, pool in pools.items():
             if not pool.closed:
@@ -392,7 +398,10 @@ class CampaignDriver:
         camp = spec.campaign
         assert camp is not None
         suite = camp.suite
-        env = {**DEFAULT_ENV, **dict(spec.env)}
+        common = set(spec.env)  # the hooks get the env every task shares (no placeholders)
+        for other in mine[1:]:
+            common &= set(other.spec.env)
+        env = {**DEFAULT_ENV, **dict(sorted(common))}
         return PoolSyncRequest(
             run_id=self.run_id, pool=pool.name, suite_id=f"{self.run_id}/{pool.campaign}",
             suite_name=pool.campaign, setup=suite.setup if suite else None,
@@ -440,8 +449,7 @@ class CampaignDriver:
         return errors
 
     def _needs_sync(self, pool: PoolRecord) -> bool:
-        state = self.states.get((pool.campaign, pool.node))
-        return state is None or state.state not in DONE_POOL_STATES
+        return not self._over(pool)
 
     def _fold(self, pool: PoolRecord, state: PoolState) -> None:
         """Record what the node said of its pool; a failed setup sends its tasks elsewhere."""
