@@ -33,7 +33,13 @@ from infra.runner.lifecycle import (
     local_log_path,
     occupied_by,
 )
-from infra.runner.supervisor_client import PoolPhase, PoolState, PoolSyncRequest
+from infra.runner.supervisor_client import (
+    CpuBindingMode,
+    PoolPhase,
+    PoolState,
+    PoolSuite,
+    PoolSyncRequest,
+)
 from infra.runner.claims import OccupiedWork
 from infra.state import InstancePhase, InstanceRecord, PoolRecord, RunState, Store
 from infra.state.store import coordinator_id
@@ -222,7 +228,7 @@ class CampaignDriver:
     def _over(self, pool: PoolRecord) -> bool:
         state = self.states.get((pool.campaign, pool.node))
         if state is not None:
-            return state.state in DONE_POOL_STATES
+            return state.phase in DONE_POOL_STATES
         return pool.state in {p.value for p in DONE_POOL_STATES}
 
     def _dispatch(self, camp: CampaignSpec, tasks: list[InstanceRecord],
@@ -403,13 +409,15 @@ class CampaignDriver:
             common &= set(other.spec.env)
         env = {**DEFAULT_ENV, **dict(sorted(common))}
         return PoolSyncRequest(
-            run_id=self.run_id, pool=pool.name, suite_id=f"{self.run_id}/{pool.campaign}",
-            suite_name=pool.campaign, setup=suite.setup if suite else None,
-            cleanup=suite.cleanup if suite else None, cwd=instance_cwd(node, spec),
-            env=tuple(sorted(env.items())),
-            cpu_binding=suite.cpu_binding.value if suite else "shared",
-            cores=suite.cores if suite else (), workers=pool.workers, add=tuple(adds),
-            drop=tuple(drops), close=pool.closed,
+            run_id=self.run_id, pool=pool.name, workers=pool.workers,
+            suite=PoolSuite(
+                suite_id=f"{self.run_id}/{pool.campaign}", suite_name=pool.campaign,
+                setup=suite.setup if suite else None, cleanup=suite.cleanup if suite else None,
+                cwd=instance_cwd(node, spec), env=tuple(sorted(env.items())),
+                cpu_binding=CpuBindingMode(suite.cpu_binding.value) if suite
+                else CpuBindingMode.SHARED,
+                cores=suite.cores if suite else ()),
+            add=tuple(adds), drop=tuple(drops), close=pool.closed,
             cancel=pool.campaign in self.cancelling,
             fence_seconds=None if fence_clear else fence_seconds, fence_clear=fence_clear,
             holder=coordinator_id(), claims_dir=node.claims_dir)
@@ -454,17 +462,17 @@ class CampaignDriver:
     def _fold(self, pool: PoolRecord, state: PoolState) -> None:
         """Record what the node said of its pool; a failed setup sends its tasks elsewhere."""
         reason = state.waiting or state.error or ""
-        if state.state is PoolPhase.SETUP_FAILED:
+        if state.phase is PoolPhase.SETUP_FAILED:
             reason = state.setup.reason or state.error or "setup failed"
         if (pool.state, pool.reason, pool.queued, pool.running) != \
-                (state.state.value, reason, len(state.queued), len(state.running)):
-            self.store.save_pool(self.run_id, pool.campaign, pool.node, state=state.state.value,
+                (state.phase.value, reason, len(state.queued), len(state.running)):
+            self.store.save_pool(self.run_id, pool.campaign, pool.node, state=state.phase.value,
                                  reason=reason, queued=len(state.queued),
                                  running=len(state.running))
-            if pool.state != state.state.value:
+            if pool.state != state.phase.value:
                 self.session.event(self.run_id, "pool", f"{pool.campaign}@{pool.node}",
-                                   f"{state.state.value}" + (f": {reason}" if reason else ""))
-        if state.state is PoolPhase.SETUP_FAILED and not pool.abandoned:
+                                   f"{state.phase.value}" + (f": {reason}" if reason else ""))
+        if state.phase is PoolPhase.SETUP_FAILED and not pool.abandoned:
             self._abandon(pool, f"setup failed: {reason}")
 
     def _abandon(self, pool: PoolRecord, why: str) -> None:
