@@ -43,6 +43,7 @@ from infra.runner.claims import claim_request, claims_of, occupied_work
 from infra.runner.deploy import DeployResult, deploy_all, results_protect_patterns
 from infra.runner.results import ResultsFetch
 from infra.runner.supervisor_client import (
+    PoolState,
     InstanceState,
     InstanceStatus,
     RestartPolicy,
@@ -464,11 +465,21 @@ class RunSession:
 
         holder = coordinator_id()
 
+        pooled = {p.node for p in self.store.pools(run_id)}
+        for name in pooled - skipped:
+            by_node.setdefault(name, [])
+
         async def one(node_name: str) -> tuple[str, list[InstanceState] | InfraError]:
             try:
                 client = await self.client(node_name)
-                states = await client.status(run_id, fence_seconds=fence_seconds,
-                                             fence_clear=fence_clear, holder=holder)
+                if node_name in pooled:  # the same one call also reports the run's pools
+                    states, pools = await client.status_with_pools(
+                        run_id, fence_seconds=fence_seconds, fence_clear=fence_clear,
+                        holder=holder)
+                    self._record_pools(run_id, node_name, pools)
+                else:
+                    states = await client.status(run_id, fence_seconds=fence_seconds,
+                                                 fence_clear=fence_clear, holder=holder)
             except InfraError as exc:
                 return node_name, exc
             if fence_seconds is not None:
@@ -496,6 +507,20 @@ class RunSession:
                                f"lost: no record of it on {node_name}")
         self._settle_run(run_id)
         return errors
+
+    def _record_pools(self, run_id: str, node_name: str, pools: Sequence[PoolState]) -> None:
+        """What a node says of the run's pools there (state, held and running tasks)."""
+        rows = {p.name: p for p in self.store.pools(run_id) if p.node == node_name}
+        for pool in pools:
+            row = rows.get(pool.name)
+            if row is None:
+                continue
+            reason = pool.waiting or pool.error or row.reason
+            if (row.state, row.queued, row.running, row.reason) != \
+                    (pool.phase.value, len(pool.queued), len(pool.running), reason):
+                self.store.save_pool(run_id, row.campaign, node_name, state=pool.phase.value,
+                                     queued=len(pool.queued), running=len(pool.running),
+                                     reason=reason)
 
     async def _stop_stale_copies(self, run_id: str, node_name: str,
                                  records: list[InstanceRecord],
