@@ -1,0 +1,1 @@
+"""Campaigns: sweep expansion, the coordinator's task queue and progress (pure code)."""
