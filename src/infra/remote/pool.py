@@ -28,6 +28,7 @@ pool says so: ``setup_failed`` with "interrupted", cleanup ``interrupted``).
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import select
@@ -446,7 +447,9 @@ def daemon_entry(root: str, run_id: str, name: str, ready_fd: int) -> None:
             os.write(ready_fd, b"1" if got else b"0")
             os.close(ready_fd)
         if got:
-            PoolDaemon(root, run_id, name).run()
+            daemon = PoolDaemon(root, run_id, name)
+            daemon.keep_fds = (lock.fd,) if lock.fd is not None else ()
+            daemon.run()
     except BaseException:
         traceback.print_exc()
         code = 1
@@ -474,6 +477,9 @@ class PoolDaemon:
         self.cores: list[list[int]] = []
         self.idle_since = time.monotonic()
         self.wake_r = -1
+        self.queue: list[str] | None = None     # cached queue listing (see queued)
+        self.pending: list[tuple[str, str, dict[str, Any], list[int]]] = []  # to fork
+        self.keep_fds: tuple[int, ...] = ()     # lock fds a forked child closes at once
 
     # ---- small helpers
     def path(self, *parts: str) -> str:
@@ -512,7 +518,14 @@ class PoolDaemon:
         return cdir
 
     def running_count(self) -> int:
-        return len(self.children) + len(self.adopted)
+        return len(self.children) + len(self.adopted) + len(self.pending)
+
+    def queued(self) -> list[str]:
+        """The queue in order: listed again after a pool-sync's wake-up or a quiet wait,
+        else the cached list (a 500-entry listdir per started task is measurable)."""
+        if self.queue is None:
+            self.queue = entries(self.pdir, "queue")
+        return self.queue
 
     # ---- signals: a SIGCHLD or SIGUSR1 wakes the wait
     def install_signals(self) -> None:
@@ -525,15 +538,24 @@ class PoolDaemon:
             signal.signal(sig, lambda *_: None)
 
     def wait(self, timeout: float) -> None:
+        """Sleep until a signal arrives or ``timeout``; a SIGUSR1 (pool-sync) or a quiet
+        wait makes the next round list the queue again."""
+        data = b""
         with contextlib.suppress(InterruptedError, OSError):
             select.select([self.wake_r], [], [], max(0.0, timeout))
         with contextlib.suppress(BlockingIOError, OSError):
-            while os.read(self.wake_r, 512):
-                pass
+            while True:
+                chunk = os.read(self.wake_r, 512)
+                if not chunk:
+                    break
+                data += chunk
+        if not data or int(signal.SIGUSR1) in data:
+            self.queue = None
 
     # ---- main
     def run(self) -> None:
         sup.make_subreaper()
+        gc.freeze()  # forked supervisors copy fewer pages: no collection walks these objects
         self.install_signals()
         self.load_config()
         self.recover()
@@ -566,7 +588,7 @@ class PoolDaemon:
 
     def step(self) -> float | None:
         """One round: start what may start; None when the daemon should exit."""
-        queue = entries(self.pdir, "queue")
+        queue = self.queued()
         fence = sup.fence_deadline(self.pdir)
         fenced = fence is not None and time.monotonic() > fence
         if queue and not fenced and self.running_count() < self.workers():
@@ -574,7 +596,7 @@ class PoolDaemon:
             if self.suite().get("setup") and setup_due and not self.run_setup():
                 return RETRY_SECONDS
             self.fill(queue)
-            queue = entries(self.pdir, "queue")
+            queue = self.queued()
         if queue or self.running_count():
             self.idle_since = time.monotonic()
             phase = "fenced" if fenced and queue else "executing"
@@ -779,8 +801,13 @@ class PoolDaemon:
         return next(i for i in range(self.workers() + len(used) + 1) if i not in used)
 
     def fill(self, queue: list[str]) -> None:
-        """Start queued tasks in order while a worker is free and claims allow."""
+        """Start queued tasks in order while a worker is free and claims allow.
+
+        The instance dirs are made under pool.lock; the supervisors are forked after it is
+        released (a forked child would hold the lock until it closes its fds).
+        """
         waiting = None
+        consumed = 0
         with FileLock(self.path("pool.lock")):
             for name in queue:
                 if self.running_count() >= self.workers():
@@ -789,6 +816,12 @@ class PoolDaemon:
                 if why is not None:
                     waiting = why
                     break
+                consumed += 1
+        pending, self.pending = self.pending, []
+        for item in pending:
+            self.spawn(*item)
+        if self.queue is not None:
+            self.queue = self.queue[consumed:]
         self.save(waiting=waiting)
 
     def start_one(self, name: str) -> str | None:
@@ -827,7 +860,7 @@ class PoolDaemon:
             return str(exc)
         os.replace(qpath, self.path("started", name))
         self.slots[name] = slot
-        self.spawn(name, idir, req, cpus)
+        self.pending.append((name, idir, req, cpus))
         return None
 
     def already_started(self, name: str, idir: str) -> None:
@@ -861,6 +894,9 @@ class PoolDaemon:
         if pid == 0:
             code = 0
             try:
+                for fd in self.keep_fds:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
                 signal.set_wakeup_fd(-1)
                 for sig in (signal.SIGCHLD, signal.SIGUSR1, signal.SIGTERM):
                     signal.signal(sig, signal.SIG_DFL)

@@ -384,6 +384,12 @@ def group_members(pgid: int | None) -> list[int]:
     """Live (non-zombie) processes whose process group is ``pgid``."""
     if not pgid:
         return []
+    try:  # cheap first: an empty group needs no scan of /proc (the common end of an attempt)
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return []
+    except PermissionError:
+        pass
     members = []
     try:
         names = os.listdir("/proc")
