@@ -306,8 +306,8 @@ def apply_sync(root: str, req: dict[str, Any]) -> tuple[dict[str, Any], bool]:
             cfg[key] = req[key]
     cfg["close"] = bool(cfg.get("close") or req.get("close"))
     cfg["cancel"] = bool(cfg.get("cancel") or req.get("cancel"))
-    over = (state.get("phase") in TERMINAL_PHASES or cfg["cancel"]
-            or hook_doc(state.get("cleanup"))["state"] != "none")
+    over = ((state.get("phase") in TERMINAL_PHASES and not state.get("bind_failed"))
+            or cfg["cancel"] or hook_doc(state.get("cleanup"))["state"] != "none")
     error = None
     known = known_tasks(pdir)
     ignored = []
@@ -623,6 +623,7 @@ class PoolDaemon:
                 if idle_for >= limit:
                     self.save(phase="idle", waiting=None)
                     self.release_binding()
+                    self.drop_daemon_lock()  # before pool.lock: a pool-sync then starts anew
                     lock.release()
                     return None
                 self.save(phase="idle", waiting=None)
@@ -631,6 +632,13 @@ class PoolDaemon:
         self.save(phase="done")
         self.release_binding()
         return None
+
+    def drop_daemon_lock(self) -> None:
+        """Give up daemon.lock (the daemon is about to exit)."""
+        for fd in self.keep_fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.keep_fds = ()
 
     # ---- recovery after a daemon crash
     def recover(self) -> None:

@@ -1,8 +1,9 @@
 """Node-side supervisor: runs one experiment detached, applies the restart policy, records state.
 
-Standard library only, Python 3.8+. The coordinator copies this file to
-``<remote_work_dir>/.infra/supervisor-<sha256[:12]>.py`` (versioned by content) and calls it
-over SSH; every subcommand except ``follow`` prints one JSON document between the two marker
+Standard library only, Python 3.8+. The coordinator copies this file, with its sibling
+``pool.py`` (node-side worker pools, the ``pool-sync`` subcommand), to
+``<remote_work_dir>/.infra/bin-<sha256[:12]>/`` (versioned by content) and calls it over
+SSH; every subcommand except ``follow`` prints one JSON document between the two marker
 strings, so shell noise around it cannot break parsing.
 
 Layout under ROOT (``<remote_work_dir>/.infra``)::
@@ -16,6 +17,7 @@ Layout under ROOT (``<remote_work_dir>/.infra``)::
     runs/RUN/INSTANCE/results/        default INFRA_RESULTS_DIR
     runs/RUN/INSTANCE/fence.json      the watching coordinator's fence (see below)
     runs/RUN/.previous/INSTANCE.pN.*  an earlier placement's copy, kept after a move back
+    runs/RUN/.pools/POOL/             a node-side pool's queue and records (see pool.py)
 
 Claims (``CLAIMS`` = ``~/.lab-orchestrator/claims`` by default, per account, or a shared
 sticky directory named in the request): one JSON file per live instance with what it holds
@@ -32,9 +34,10 @@ never fenced, and a partitioned node stops its copy before the coordinator start
 Subcommands: ``start`` (idempotent: the instance directory is created with ``os.mkdir``, so
 a retried start never runs a second copy), ``status`` (every instance on the node in one
 call, with live checks), ``stop``, ``follow`` (raw log bytes from an offset until the
-instance ended and the file is drained), ``read`` (one chunk of the log as JSON) and
-``prune`` (removes ``runs/RUN`` of runs none of whose instances is active here; claims are
-never touched).
+instance ended and the file is drained), ``read`` (one chunk of the log as JSON),
+``pool-sync`` (hands tasks to a run's node-side pool; see pool.py) and ``prune`` (removes
+``runs/RUN`` of runs none of whose instances is active here and whose pools' daemons are
+gone; claims are never touched).
 
 Restart policy (applied here, so it works while the coordinator is away). An attempt that
 ends with exit code 0 ends the instance ("exited"). An attempt that ends after a stop was

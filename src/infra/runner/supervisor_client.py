@@ -1,10 +1,10 @@
 """Coordinator side of the node supervisor: install it, start/status/stop instances, read logs.
 
 Everything goes through the ``Transport`` ABC, so the same code drives a node over asyncssh
-or this machine through the local transport. The node-side script
-(``infra/remote/supervisor.py``) is copied once to
-``<remote_work_dir>/.infra/supervisor-<sha256[:12]>.py``: the name changes with its content,
-so an upgraded coordinator never runs a stale copy, and two versions can coexist.
+or this machine through the local transport. The node-side scripts
+(``infra/remote/*.py``: the supervisor, the pool, ...) are copied once to
+``<remote_work_dir>/.infra/bin-<sha256[:12]>/``: the name changes with their content, so an
+upgraded coordinator never runs a stale copy, and two versions can coexist.
 """
 
 from __future__ import annotations
