@@ -12,13 +12,14 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import click
 from rich.console import Console
 
+from infra.campaign.sweep import expand_all
 from infra.cli import views
 from infra.cli.params import GRACE_MAX_SECONDS, WATCH_MAX_SECONDS, Seconds
 from infra.config import (
@@ -100,8 +101,9 @@ def expand_spec_paths(paths: Sequence[str], skip: Path | None = None) -> list[Pa
 
 
 def load_specs(cluster: Cluster, paths: Sequence[str]) -> tuple[ExperimentSpec, ...]:
-    return check_spec_set(load_spec(p, cluster)
-                          for p in expand_spec_paths(paths, skip=cluster.path))
+    """Every spec of ``paths``, sweeps expanded into their tasks, checked as one set."""
+    specs = [load_spec(p, cluster) for p in expand_spec_paths(paths, skip=cluster.path)]
+    return check_spec_set(expand_all(specs, cluster.campaigns.max_tasks))
 
 
 def make_plan(cluster: Cluster, specs: tuple[ExperimentSpec, ...], placement: str | None,
@@ -167,6 +169,38 @@ def plan_failure(result: Plan) -> PlacementError:
     hints = (["use --force to override a pin"] if forceable else []) + \
         ([UNREACHABLE_FIX] if unreachable else [])
     return PlacementError("; ".join(parts) + (f" ({'; '.join(hints)})" if hints else ""))
+
+
+def split_queued(cluster: Cluster, result: Plan, specs: Sequence[ExperimentSpec]
+                 ) -> tuple[Plan, tuple[str, ...]]:
+    """The plan without the campaign tasks it left out only for want of room now (they wait
+    in the queue for a free slot), and those tasks. A task that no enabled node could take
+    even with the cluster empty stays unplaced (checked once per sweep: its tasks ask alike)."""
+    by_id = {s.experiment_id: s for s in specs}
+    fits: dict[str, bool] = {}
+    queued: list[str] = []
+    for instance in result.unplaced:
+        spec = by_id.get(instance)
+        if spec is None or spec.campaign is None:
+            continue
+        key = spec.template_id or instance
+        if key not in fits:
+            alone = replace(spec, affinity=(), anti_affinity=())
+            fits[key] = plan(cluster, [alone], strategy=result.strategy).ok
+        if fits[key]:
+            queued.append(instance)
+    if not queued:
+        return result, ()
+    waiting = set(queued)
+    rest = tuple(i for i in result.unplaced if i not in waiting)
+    return replace(result, unplaced=rest), tuple(queued)
+
+
+def queued_note(queued: Sequence[str]) -> str:
+    """One line for a dry run: how many tasks would wait in the queue."""
+    some = ", ".join(queued[:3]) + (f", ... {queued[-1]}" if len(queued) > 3 else "")
+    return (f"{len(queued)} task{'s' if len(queued) != 1 else ''} would wait in the queue "
+            f"for a free slot ({some})")
 
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -238,9 +272,10 @@ def cli(ctx: click.Context, cluster_config: str | None, validate_config: bool,
                       accept_new=accept_new_host_keys, specs=specs)
     if specs and not validate_config:
         if dry_run:
-            result, _placed = make_plan(cluster, specs, placement, auto_place, force,
-                                        **stored_context(cluster))
-            show_plan(c, result, explain=explain, dry_run=True)
+            result, placed = make_plan(cluster, specs, placement, auto_place, force,
+                                       **stored_context(cluster))
+            result, queued = split_queued(cluster, result, placed)
+            show_plan(c, result, explain=explain, dry_run=True, queued=queued)
             if not result.ok:
                 raise plan_failure(result)
             return
@@ -270,19 +305,27 @@ def do_validate(c: Ctx, cluster: Cluster, specs: tuple[ExperimentSpec, ...]) -> 
     if specs:
         c.console.print(views.specs_table(specs))
     enabled = sum(1 for n in cluster.nodes if n.enabled)
+    files = len({s.template_id if s.task_index is not None else s.experiment_id for s in specs})
+    count = f", {files} experiment specs" + \
+        (f" ({len(specs)} instances, sweeps expanded)" if files != len(specs) else "")
     c.console.print(f"[green]OK[/]: {cluster.path.name} is valid: {len(cluster.nodes)} nodes "
-                    f"({enabled} enabled)" + (f", {len(specs)} experiment specs" if specs else ""))
+                    f"({enabled} enabled)" + (count if specs else ""))
 
 
-def show_plan(c: Ctx, result: Plan, *, explain: bool, dry_run: bool) -> None:
+def show_plan(c: Ctx, result: Plan, *, explain: bool, dry_run: bool,
+              queued: Sequence[str] = ()) -> None:
     if c.json_out:
         doc = views.plan_json(result)
         doc["dry_run"] = dry_run
+        if queued:
+            doc["queued"] = list(queued)
         c.emit_json(doc)
         return
     c.console.print(views.plan_table(result))
     if explain:
         c.console.print(views.explain(result))
+    if queued:
+        c.console.print(queued_note(queued))
     if dry_run:
         c.console.print("[dim]dry run: nodes were not probed (enabled nodes assumed healthy); "
                         "nothing was deployed or started[/]")
