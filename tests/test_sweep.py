@@ -25,6 +25,7 @@ from infra.campaign.env import task_env
 from infra.campaign.model import CampaignSpec, CpuBinding, DispatchMode, SuiteSpec
 from infra.campaign.sweep import expand, expand_all
 from infra.config.model import Cluster, ExperimentSpec
+from infra.config.reader import display_path
 from infra.config.specs import check_spec_set, parse_spec
 from infra.errors import ConfigError
 from infra.runner.supervisor_client import ID_PATTERN
@@ -602,5 +603,5 @@ def test_sweep_errors_name_the_template_file_not_a_task() -> None:
     spec = template({"grid": {"d": ["ok", "/abs"]}}, results=["{d}"], c=c)
     with pytest.raises(ConfigError) as info:
         expand(spec, 10)
-    assert info.value.file == str(spec.source) and info.value.key == "results[0]"
+    assert info.value.file == display_path(spec.source) and info.value.key == "results[0]"
     assert expand(replace(spec, results=()), 10)[1].results == ()

@@ -17,7 +17,7 @@ from typing import Any
 
 from infra.campaign.model import CampaignSpec, Scalar, SweepSpec, str_form, value_key
 from infra.config.model import ExperimentSpec
-from infra.config.reader import Section, check_safe_id, relative_path_problem
+from infra.config.reader import Section, check_safe_id, display_path, relative_path_problem
 from infra.errors import ConfigError
 
 IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -317,7 +317,7 @@ def expand(spec: ExperimentSpec, max_tasks: int) -> tuple[ExperimentSpec, ...]:
     sweep = spec.sweep
     if sweep is None:
         return (spec,)
-    file, name, size = str(spec.source), spec.experiment_id, sweep.size
+    file, name, size = display_path(spec.source), spec.experiment_id, sweep.size
     if size > max_tasks:
         raise size_error(file, size, max_tasks)
     check_task_ids(file, name, size)

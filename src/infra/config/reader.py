@@ -53,6 +53,15 @@ def relative_path_problem(value: str) -> str | None:
     return None
 
 
+def display_path(path: Path) -> str:
+    """A stored (resolved) spec path as the user likely wrote it: relative to the current
+    directory when inside it, else absolute; for messages that name a file."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except (ValueError, OSError):
+        return str(path)
+
+
 MAX_DEPTH = 64
 """Deepest nesting of mappings and lists a config or spec document may have."""
 SPEC_MAX_BYTES = 1 << 20

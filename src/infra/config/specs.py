@@ -23,6 +23,7 @@ from infra.config.reader import (
     MAX_COUNT,
     Section,
     check_safe_id,
+    display_path,
     load_document,
     relative_path_problem,
 )
@@ -289,11 +290,11 @@ def _affinities(spec: ExperimentSpec, by_id: Mapping[str, ExperimentSpec],
         out: list[str] = []
         for i, peer in enumerate(ids):
             if peer not in by_id and peer not in sweeps:
-                raise ConfigError(str(spec.source), f"{key}[{i}]",
+                raise ConfigError(display_path(spec.source), f"{key}[{i}]",
                                   f"unknown instance id {peer!r}; instances in this run: "
                                   f"{_known_ids(by_id, sweeps)}")
             if peer == spec.experiment_id:
-                raise ConfigError(str(spec.source), f"{key}[{i}]",
+                raise ConfigError(display_path(spec.source), f"{key}[{i}]",
                                   f"names {peer!r}, one of this sweep's own tasks")
             out.extend(sweeps.get(peer, [peer]))
         lists[key] = tuple(dict.fromkeys(out))
@@ -325,7 +326,7 @@ def _dependency_cycle(by_id: Mapping[str, ExperimentSpec],
         for key, ids in (("after", spec.after), ("after_any", spec.after_any)):
             for i, peer in enumerate(ids):
                 if peer not in by_id and peer not in sweeps:
-                    raise ConfigError(str(spec.source), f"{key}[{i}]",
+                    raise ConfigError(display_path(spec.source), f"{key}[{i}]",
                                       f"unknown id {peer!r}; ids in this run: "
                                       f"{_known_ids(by_id, sweeps)}")
                 out.append((peer, peer if peer in sweeps else group(peer), key))
@@ -351,7 +352,7 @@ def _dependency_cycle(by_id: Mapping[str, ExperimentSpec],
                 if ref != g:
                     names[-1] = f"{ref} (a task of {g})"
                 spec = first[path[-1][0]]
-                raise ConfigError(str(spec.source), key,
+                raise ConfigError(display_path(spec.source), key,
                                   f"dependency cycle: {' -> '.join(names)}")
             if g in done:
                 continue
@@ -374,16 +375,16 @@ def check_spec_set(specs: Iterable[ExperimentSpec]) -> tuple[ExperimentSpec, ...
                              "check_spec_set")
         other = by_id.get(spec.experiment_id)
         if other is not None:
-            raise ConfigError(str(spec.source), "experiment_id",
+            raise ConfigError(display_path(spec.source), "experiment_id",
                               f"duplicate instance id {spec.experiment_id!r} "
-                              f"(also in {other.source})")
+                              f"(also in {display_path(other.source)})")
         by_id[spec.experiment_id] = spec
     sweeps = _sweeps(by_id)
     for name, tasks in sweeps.items():
         if name in by_id:
-            raise ConfigError(str(by_id[name].source), "experiment_id",
+            raise ConfigError(display_path(by_id[name].source), "experiment_id",
                               f"duplicate id {name!r}: also the name of the sweep in "
-                              f"{by_id[tasks[0]].source}")
+                              f"{display_path(by_id[tasks[0]].source)}")
     checked = [_affinities(spec, by_id, sweeps) for spec in by_id.values()]
     _dependency_cycle(by_id, sweeps)
     return tuple(sorted(checked, key=lambda sp: sp.experiment_id))
