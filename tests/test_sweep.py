@@ -530,8 +530,10 @@ def test_expansion_properties(sweep: dict[str, Any], name: str) -> None:
     assert len(set(combos)) == len(combos)  # every combination once
     want = {json.dumps(sorted(p), sort_keys=True) for p in cross(sweep)}
     assert set(combos) == want
-    assert expand(spec, c.campaigns.max_tasks) == ts  # deterministic
-    assert expand(template(sweep, eid=name, c=c, command=spec.command), 10**6) == ts
+    for again in (expand(spec, c.campaigns.max_tasks),  # deterministic
+                  expand(template(sweep, eid=name, c=c, command=spec.command), 10**6)):
+        assert again == ts and [t.params for t in again] == [t.params for t in ts]
+        assert [t.command for t in again] == [t.command for t in ts]
 
 
 def spec_names(sweep: dict[str, Any]) -> list[str]:
