@@ -12,13 +12,14 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import click
 from rich.console import Console
 
+from infra.campaign.sweep import expand_all
 from infra.cli import views
 from infra.cli.params import GRACE_MAX_SECONDS, WATCH_MAX_SECONDS, Seconds
 from infra.config import (
@@ -100,8 +101,9 @@ def expand_spec_paths(paths: Sequence[str], skip: Path | None = None) -> list[Pa
 
 
 def load_specs(cluster: Cluster, paths: Sequence[str]) -> tuple[ExperimentSpec, ...]:
-    return check_spec_set(load_spec(p, cluster)
-                          for p in expand_spec_paths(paths, skip=cluster.path))
+    """Every spec of ``paths``, sweeps expanded into their tasks, checked as one set."""
+    specs = [load_spec(p, cluster) for p in expand_spec_paths(paths, skip=cluster.path)]
+    return check_spec_set(expand_all(specs, cluster.campaigns.max_tasks))
 
 
 def make_plan(cluster: Cluster, specs: tuple[ExperimentSpec, ...], placement: str | None,
@@ -277,8 +279,11 @@ def do_validate(c: Ctx, cluster: Cluster, specs: tuple[ExperimentSpec, ...]) -> 
     if specs:
         c.console.print(views.specs_table(specs))
     enabled = sum(1 for n in cluster.nodes if n.enabled)
+    files = len({s.template_id if s.task_index is not None else s.experiment_id for s in specs})
+    count = f", {files} experiment specs" + \
+        (f" ({len(specs)} instances, sweeps expanded)" if files != len(specs) else "")
     c.console.print(f"[green]OK[/]: {cluster.path.name} is valid: {len(cluster.nodes)} nodes "
-                    f"({enabled} enabled)" + (f", {len(specs)} experiment specs" if specs else ""))
+                    f"({enabled} enabled)" + (count if specs else ""))
 
 
 def show_plan(c: Ctx, result: Plan, *, explain: bool, dry_run: bool,

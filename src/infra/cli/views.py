@@ -56,13 +56,30 @@ def specs_table(specs: tuple[ExperimentSpec, ...]) -> Table:
     for col in ("instance", "RAM GB", "GPU", "cores", "preferred", "affinity", "anti-affinity",
                 "recover", "file"):
         table.add_column(col)
+    tasks: dict[str, list[str]] = {}  # a sweep's tasks ask alike: one row per sweep
     for s in specs:
+        if s.task_index is not None and s.template_id is not None:
+            tasks.setdefault(s.template_id, []).append(s.experiment_id)
+    for s in specs:
+        name = s.experiment_id
+        if s.task_index is not None and s.template_id is not None:
+            ids = tasks.pop(s.template_id, None)
+            if ids is None:
+                continue
+            name = f"{s.template_id} ({len(ids)} tasks: {ids[0]}..{ids[-1]})"
         gpu = f"yes ({_num(s.gpu_memory_gb)} GB)" if s.gpu_required else "no"
         cores = _num(s.cpu_cores) if s.cpu_cores else "-"
-        table.add_row(s.experiment_id, _num(s.ram_gb), gpu, cores,
-                      s.preferred_node or "-", ", ".join(s.affinity) or "-",
-                      ", ".join(s.anti_affinity) or "-", s.recover.value, s.source.name)
+        table.add_row(name, _num(s.ram_gb), gpu, cores,
+                      s.preferred_node or "-", _ids(s.affinity), _ids(s.anti_affinity),
+                      s.recover.value, s.source.name)
     return table
+
+
+def _ids(ids: tuple[str, ...], limit: int = 4) -> str:
+    """A list of instance ids for a table cell, long ones shortened."""
+    if len(ids) <= limit:
+        return ", ".join(ids) or "-"
+    return f"{', '.join(ids[:limit - 1])}, ... {ids[-1]} ({len(ids)})"
 
 
 def plan_table(plan: Plan) -> Table:

@@ -19,6 +19,7 @@ import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
+from infra.campaign.env import DEFAULT_ENV
 from infra.campaign.model import CampaignSpec, DispatchMode
 from infra.campaign.queue import DepKind, TaskView, dependencies, order
 from infra.config.model import Cluster, ExperimentSpec
@@ -27,7 +28,6 @@ from infra.placement import Condition, NodeCondition, plan, why_not
 from infra.placement.allocation import Allocation
 from infra.probe.facts import NodeFacts
 from infra.runner.lifecycle import (
-    DEFAULT_ENV,
     RunSession,
     instance_cwd,
     local_log_path,

@@ -8,7 +8,6 @@ the node's idempotent supervisor, so retrying after a crash never starts a secon
 from __future__ import annotations
 
 import asyncio
-import json
 import posixpath
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -16,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from infra.campaign.env import task_env
 from infra.config.model import (
     Cluster,
     ExperimentSpec,
@@ -65,10 +65,6 @@ LOG_SYNC_ATTEMPTS = 3
 coordinator stops asking and says so."""
 
 _NO_SPACE = "no space left on device"  # in the supervisor's disk-full reasons
-
-DEFAULT_ENV: dict[str, str] = {"PYTHONUNBUFFERED": "1"}
-"""Given to every instance unless its spec's ``env`` sets the name: Python programs write
-their output at once, so ``print()`` lines reach the log (and the live view) as they happen."""
 
 _PHASE_OF_STATUS = {
     InstanceStatus.STARTING: InstancePhase.STARTING,
@@ -267,9 +263,7 @@ class RunSession:
         gets the same request for a campaign task)."""
         node = self.cluster.node(rec.node)
         spec = rec.spec
-        env = {**DEFAULT_ENV, **dict(spec.env)}  # the spec's own env overrides the defaults
-        if spec.params:
-            env["INFRA_PARAMS"] = json.dumps(dict(spec.params), sort_keys=True)
+        env = task_env(spec)
         alloc = rec.allocation
         alloc_doc: dict[str, Any] = {"node": node.name, "ram_gb": spec.ram_gb,
                                      "gpu_required": spec.gpu_required,
