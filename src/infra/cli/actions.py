@@ -28,12 +28,14 @@ from infra.errors import (
     Interrupted,
     TransportError,
     UsageError,
+    node_reason,
 )
 from infra.monitor.loop import Monitor, MonitorOutcome
 from infra.monitor.saved import SavedState
 from infra.placement import Condition, NodeCondition
 from infra.probe.health import NodeHealth, NodeStatus
 from infra.probe.run import check_health
+from infra.runner.campaign import CampaignDriver, is_queued_work, never_fits, rerun_failed
 from infra.runner.claims import claims_of, occupied_work
 from infra.runner.deploy import DeployResult, deploy_all
 from infra.runner.lifecycle import (
@@ -43,7 +45,6 @@ from infra.runner.lifecycle import (
     deploy_protect,
     stored_specs,
 )
-from infra.runner.campaign import CampaignDriver, is_queued_work, never_fits, rerun_failed
 from infra.runner.logread import show_log
 from infra.runner.nodeops import admin_conditions, merge_conditions
 from infra.runner.prune import PruneReport, prune_runs

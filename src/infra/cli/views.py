@@ -15,6 +15,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from infra.campaign.summary import CampaignSummary, shown_rows, summarize
 from infra.config.model import Cluster, ExperimentSpec
 from infra.dashboard.render import format_duration
 from infra.errors import DeployRefused, InfraError
@@ -25,7 +26,6 @@ from infra.runner.lifecycle import StopReport
 from infra.runner.prune import PruneReport
 from infra.runner.results import ResultsFetch
 from infra.runner.supervisor_client import PrunedRun
-from infra.campaign.summary import CampaignSummary, shown_rows, summarize
 from infra.state import InstanceRecord, PoolRecord, RunRecord
 
 

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from infra.campaign.progress import Progress, render_bar
 from infra.config.model import RecoverPolicy
 from infra.errors import BadAnswerError, CommandFailedError, InfraError, StateError
 from infra.monitor import tracker as trk
@@ -38,7 +39,6 @@ from infra.monitor.snapshot import (
 from infra.placement import Condition, NodeCondition
 from infra.probe.health import NodeHealth, NodeStatus
 from infra.probe.run import check_health
-from infra.campaign.progress import Progress, render_bar
 from infra.runner.campaign import CampaignDriver
 from infra.runner.lifecycle import LOG_SYNC_ATTEMPTS, RunSession
 from infra.state import FailureClass, InstancePhase, InstanceRecord

@@ -27,6 +27,7 @@ from infra.errors import InfraError, PlacementError
 from infra.placement import Condition, NodeCondition, plan, why_not
 from infra.placement.allocation import Allocation
 from infra.probe.facts import NodeFacts
+from infra.runner.claims import OccupiedWork
 from infra.runner.lifecycle import (
     RunSession,
     instance_cwd,
@@ -40,7 +41,6 @@ from infra.runner.supervisor_client import (
     PoolSuite,
     PoolSyncRequest,
 )
-from infra.runner.claims import OccupiedWork
 from infra.state import InstancePhase, InstanceRecord, PoolRecord, RunState, Store
 from infra.state.store import coordinator_id
 
@@ -115,7 +115,7 @@ class CampaignDriver:
         self._skip_and_cancel(records)
         records = self.store.instances(self.run_id)
         await self._start_gated_instances(records, conditions, down_set)
-        for name, tasks in sorted(self._campaigns(records).items()):
+        for _name, tasks in sorted(self._campaigns(records).items()):
             camp = tasks[0].spec.campaign
             assert camp is not None
             self._dispatch(camp, tasks, records, conditions, down_set)

@@ -43,9 +43,9 @@ from infra.runner.claims import claim_request, claims_of, occupied_work
 from infra.runner.deploy import DeployResult, deploy_all, results_protect_patterns
 from infra.runner.results import ResultsFetch
 from infra.runner.supervisor_client import (
-    PoolState,
     InstanceState,
     InstanceStatus,
+    PoolState,
     RestartPolicy,
     StartRequest,
     SupervisorClient,
