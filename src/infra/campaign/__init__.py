@@ -1,0 +1,1 @@
+"""Campaigns: parameter sweeps, the task queue, node pools and the results table."""
