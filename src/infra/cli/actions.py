@@ -15,10 +15,19 @@ from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, TypeVar
 
+import click
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from infra.campaign.summary import summarize
+from infra.campaign.table import (
+    ResultRow,
+    build_rows,
+    read_metrics_file,
+    render_table,
+    to_csv,
+)
+from infra.campaign.table import to_json as table_json
 from infra.cli import views
 from infra.config import Cluster, ExperimentSpec
 from infra.errors import (
@@ -647,37 +656,68 @@ def do_stop(c: Ctx, run_id: str, instance_id: str | None, grace: float) -> None:
         raise InfraError("could not stop on " + "; ".join(f"{n}: {e}" for n, e in errors.items()))
 
 
-def do_results(c: Ctx, run_id: str) -> None:
-    """Fetch every instance's results; fails (exit 1) when anything declared did not come."""
+# phases whose instance never reached a node: nothing of theirs can be fetched
+NEVER_STARTED = frozenset({InstancePhase.QUEUED, InstancePhase.DISPATCHED,
+                           InstancePhase.SKIPPED, InstancePhase.CANCELLED})
+
+
+def do_results(c: Ctx, run_id: str, view: str | None = None, fetch: bool = True) -> None:
+    """Fetch every instance's results (unless ``fetch`` is off), then list the files, or
+    with ``view`` ``"table"``/``"csv"`` show each instance's parameters, outcome and
+    metrics (``infra.campaign.table``); fails (exit 1) when anything declared did not come."""
     cluster = c.cluster
     store = open_store(cluster)
-    run = store.resolve_run(run_id)
-
-    async def go() -> dict[str, ResultsFetch | InfraError]:
-        out: dict[str, ResultsFetch | InfraError] = {}
-        async with ConnectionPool(cluster) as pool:
-            session = RunSession(cluster, store, pool, emit=_printer(c))
-            for rec in store.instances(run.run_id):
-                try:
-                    out[rec.instance_id] = await session.fetch_results(run.run_id, rec)
-                except InfraError as exc:
-                    out[rec.instance_id] = exc
-        return out
-
-    fetched = run_async(go)
-    store.close()
+    try:
+        run = store.resolve_run(run_id)
+        fetched = run_async(lambda: _fetch_all(c, store, run.run_id)) if fetch else {}
+        records = store.instances(run.run_id)
+    finally:
+        store.close()
+    rows: tuple[ResultRow, ...] = ()
+    if view is not None:
+        run_dir = cluster.log_dir / run.run_id
+        rows = build_rows(records, lambda rec: read_metrics_file(run_dir, rec.instance_id))
     if c.json_out:
-        c.emit_json({"run_id": run.run_id,
-                     "results": {i: views.fetch_json(f) for i, f in fetched.items()},
-                     "missing": {i: [x.to_json() for x in f.issues]
-                                 for i, f in fetched.items()
-                                 if isinstance(f, ResultsFetch) and f.issues}})
+        doc: dict[str, object] = {"run_id": run.run_id}
+        if fetch:
+            doc["results"] = {i: views.fetch_json(f) for i, f in fetched.items()}
+            doc["missing"] = {i: [x.to_json() for x in f.issues] for i, f in fetched.items()
+                              if isinstance(f, ResultsFetch) and f.issues}
+        if view is not None:
+            doc["rows"] = table_json(rows)
+        c.emit_json(doc)
+    elif view == "csv":
+        click.echo(to_csv(rows), nl=False)
+    elif view == "table":
+        c.console.print(render_table(rows, title=f"Results of {run.run_id}",
+                                     width=c.console.width))
     else:
         for instance, outcome in fetched.items():
             c.console.print(views.fetch_lines(instance, outcome, cluster.log_dir))
     problems = [p for p in (views.fetch_problem(i, f) for i, f in fetched.items()) if p]
     if problems:
-        raise InfraError("results incomplete: " + "; ".join(problems))
+        more = f"; ... and {len(problems) - 5} more" if len(problems) > 5 else ""
+        raise InfraError("results incomplete: " + "; ".join(problems[:5]) + more)
+
+
+async def _fetch_all(c: Ctx, store: Store, run_id: str) -> dict[str, ResultsFetch | InfraError]:
+    """Fetch the results of every instance of the run that reached a node, one by one."""
+    cluster = c.cluster
+    out: dict[str, ResultsFetch | InfraError] = {}
+    async with ConnectionPool(cluster) as pool:
+        session = RunSession(cluster, store, pool, emit=_printer(c))
+        for rec in store.instances(run_id):
+            if not rec.node or rec.state in NEVER_STARTED:
+                continue
+            if rec.node not in cluster.node_names:
+                out[rec.instance_id] = UsageError(f"node {rec.node} is no longer in "
+                                                  f"{cluster.path}: results not fetched")
+                continue
+            try:
+                out[rec.instance_id] = await session.fetch_results(run_id, rec)
+            except InfraError as exc:
+                out[rec.instance_id] = exc
+    return out
 
 
 def do_runs(c: Ctx, limit: int) -> None:

@@ -418,13 +418,27 @@ def stop(c: Ctx, run_id: str, instance_id: str | None, grace: float, json_out: b
 
 @cli.command()
 @click.argument("run_id")
-@click.option("--json", "json_out", is_flag=True, help="Machine-readable output.")
+@click.option("--table", "table_out", is_flag=True, help="Show a table instead of the file "
+              "list: each instance's parameters, outcome and the metrics it wrote to "
+              "$INFRA_RESULTS_DIR/metrics.json.")
+@click.option("--csv", "csv_out", is_flag=True, help="The table as CSV on stdout (header "
+              "row first, every value in full).")
+@click.option("--no-fetch", "no_fetch", is_flag=True, help="Ask no node: build the table "
+              "from the results already home (implies --table).")
+@click.option("--json", "json_out", is_flag=True, help="Machine-readable output (with "
+              "--table or --no-fetch: the table's rows too).")
 @click.pass_obj
-def results(c: Ctx, run_id: str, json_out: bool) -> None:
-    """Fetch the declared results of every instance of a run now."""
+def results(c: Ctx, run_id: str, table_out: bool, csv_out: bool, no_fetch: bool,
+            json_out: bool) -> None:
+    """Fetch the results of every instance of a run now; with --table/--csv, show each
+    instance's parameters against its outcome and metrics."""
     from infra.cli.actions import do_results
     c.json_out = c.json_out or json_out
-    do_results(c, run_id)
+    if csv_out and c.json_out:
+        raise UsageError("results: --csv and --json are two formats of the same table: "
+                         "choose one")
+    view = "csv" if csv_out else "table" if table_out or no_fetch else None
+    do_results(c, run_id, view, fetch=not no_fetch)
 
 
 def _register_node_commands() -> None:
