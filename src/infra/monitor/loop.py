@@ -47,6 +47,8 @@ from infra.state.store import coordinator_id
 FOLLOW_STREAMS_PER_NODE = 4
 HARVEST_PER_NODE = 4
 """Ended instances whose logs and results are copied home at once, per node."""
+HARVEST_PER_TICK = 16
+"""Ended instances per node whose logs and results one tick copies home (the rest wait)."""
 PROGRESS_WIDTH = 72
 """Width of a campaign's progress bar with its counts (the pool states follow it)."""
 """Long-lived follow channels per node; further instances are synced by reads each tick,
@@ -533,7 +535,15 @@ class Monitor:
                 if self.holding():
                     await self._copy_log_and_results(rec)
 
-        await asyncio.gather(*(one(r) for r in ended))
+        # a bounded batch per node and tick: dispatch and the status sweep come round again
+        # soon, whatever number of short tasks ended meanwhile
+        batch: dict[str, int] = {}
+        chosen = []
+        for rec in ended:
+            if batch.get(rec.node, 0) < HARVEST_PER_TICK:
+                batch[rec.node] = batch.get(rec.node, 0) + 1
+                chosen.append(rec)
+        await asyncio.gather(*(one(r) for r in chosen))
 
     def _fetch_due(self, rec: InstanceRecord) -> bool:
         """The instance ended, its log is home, and its results are not (retries left)."""

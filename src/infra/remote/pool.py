@@ -209,6 +209,8 @@ def describe_pool(pdir: str, dropped: list[str] | None = None,
         phase = "idle"
     if not alive and phase not in TERMINAL_PHASES and not running and not queued:
         phase = "idle"
+    elif phase == "idle" and (running or queued):
+        phase = "executing"  # the daemon has not seen the tasks just handed to it yet
     suite = cfg.get("suite") or {}
     cores = state.get("worker_cores")
     if not isinstance(cores, list):

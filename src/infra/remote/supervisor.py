@@ -1469,11 +1469,25 @@ def cmd_status(args: argparse.Namespace) -> int:
             if state.get("fence") and state.get("state") not in FINAL_STATES:
                 set_fence(idir, seconds, args.fence_holder or "")
         load_pool().renew_fences(root, args.run, seconds, args.fence_holder or "")
+    if args.run is not None and args.only_stdin:
+        wanted = parse_id_list(sys.stdin.read())  # a campaign's ended tasks are not re-read
+        dirs = [d for d in dirs if os.path.basename(d) in wanted]
     answer: dict[str, Any] = {"ok": True, "instances": [describe(d) for d in dirs]}
     if args.run is not None:
         answer["pools"] = load_pool().pool_docs(root, args.run)
     emit(answer)
     return 0
+
+
+def parse_id_list(text: str) -> set[str]:
+    """A JSON list of instance ids (``status --only-stdin``), each checked like any id."""
+    try:
+        ids = json.loads(text or "[]")
+    except ValueError as exc:
+        raise Bad(f"the instance list is not JSON: {exc}") from None
+    if not isinstance(ids, list):
+        raise Bad("the instance list must be a JSON array")
+    return {check_id(i, "instance id") for i in ids}
 
 
 def load_pool() -> Any:
@@ -1759,6 +1773,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fence-seconds", type=float, help="renew the run's fences for this long")
     p.add_argument("--fence-clear", action="store_true", help="clear the run's fences")
     p.add_argument("--fence-holder", help="who renews (host:pid of the coordinator)")
+    p.add_argument("--only-stdin", action="store_true",
+                   help="describe only the instances named in a JSON list on stdin "
+                        "(fences are renewed for the whole run)")
     p = sub.add_parser("pool-sync", help="hand tasks to a run's node-side pool (JSON on stdin)")
     p.add_argument("--root", required=True)
     p = sub.add_parser("claims", help="every live claim on this node")

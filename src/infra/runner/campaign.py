@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -48,6 +49,12 @@ GROW_PER_TICK = 32
 """At most this many new worker slots are placed per tick (dispatch: all places them all)."""
 DEFAULT_PREFETCH = 2
 """Tasks a pool holds beyond its running ones when the campaign has no ``suite.prefetch``."""
+REFILL_SECONDS = 10.0
+"""Work a pool holds per worker for short tasks, in seconds of typical task time: more than
+the coordinator's refill interval (one tick), so workers never wait for it."""
+MAX_PREFETCH = 256
+RECENT_TASKS = 50
+"""How many recently ended tasks judge a campaign's typical task time."""
 TASK_REQUEUES = 3
 """A task interrupted this many times (its node lost) is given up as lost."""
 DONE_POOL_STATES = frozenset({PoolPhase.DONE, PoolPhase.CANCELLED, PoolPhase.SETUP_FAILED})
@@ -75,8 +82,21 @@ def task_view(rec: InstanceRecord, run_seq: int = 0) -> TaskView:
                     reason=rec.reason)
 
 
-def prefetch_of(camp: CampaignSpec) -> int:
-    return camp.suite.prefetch if camp.suite is not None else DEFAULT_PREFETCH
+def prefetch_of(camp: CampaignSpec, tasks: Sequence[InstanceRecord] = (),
+                workers: int = 1) -> int:
+    """Tasks a pool holds beyond its running ones: the spec's ``suite.prefetch``, raised for
+    short tasks so that a pool's workers do not run dry between two refills (the pool holds
+    about ``REFILL_SECONDS`` of work per worker, at most ``MAX_PREFETCH``)."""
+    base = camp.suite.prefetch if camp.suite is not None else DEFAULT_PREFETCH
+    ended = sorted((t.ended_at, t.ended_at - t.started_at) for t in tasks
+                   if t.state is InstancePhase.EXITED and t.ended_at is not None
+                   and t.started_at is not None)[-RECENT_TASKS:]
+    durations = sorted(took for _at, took in ended)
+    if not durations or base == 0:
+        return base
+    typical = max(durations[len(durations) // 2], 0.01)
+    per_worker = math.ceil(REFILL_SECONDS / typical)
+    return max(base, min(MAX_PREFETCH, per_worker * max(1, workers)))
 
 
 def per_node_cap(camp: CampaignSpec) -> int | None:
@@ -255,9 +275,9 @@ class CampaignDriver:
                 running[t.node] = running.get(t.node, 0) + 1
         workers = {n: p.workers for n, p in pools.items()}
         cap = camp.max_parallel if camp.max_parallel is not None else len(tasks)
-        prefetch = prefetch_of(camp)
+        prefetch = {n: prefetch_of(camp, tasks, workers[n]) for n in pools}
         everything = camp.dispatch is DispatchMode.ALL
-        room = sum(max(0, workers[n] + prefetch - held.get(n, 0)) for n in pools)
+        room = sum(max(0, workers[n] + prefetch[n] - held.get(n, 0)) for n in pools)
         want = min(cap - sum(workers.values()), len(ready) - (0 if everything else room))
         if not everything:
             want = min(want, GROW_PER_TICK)
@@ -277,7 +297,8 @@ class CampaignDriver:
         else:
             queue = iter(ready)
             for node in sorted(pools):
-                free = max(0, pools[node].workers + prefetch - held.get(node, 0))
+                depth = prefetch.get(node, prefetch_of(camp, tasks, pools[node].workers))
+                free = max(0, pools[node].workers + depth - held.get(node, 0))
                 for rec in itertools.islice(queue, free):
                     handed.setdefault(node, []).append(rec.instance_id)
         for node, ids in handed.items():

@@ -58,6 +58,9 @@ from infra.transport.pool import ConnectionPool
 EventSink = Callable[[str, str, str], None]
 """(kind, subject, message) -> None: where progress lines go (console, dashboard, tests)."""
 
+SETTLED = frozenset({InstancePhase.EXITED, InstancePhase.FAILED, InstancePhase.STOPPED,
+                     InstancePhase.SKIPPED, InstancePhase.CANCELLED})
+"""Over for good: a status sweep does not ask the node about them again."""
 MAX_REPLACE_TRIES = 3
 """How often an instance refused by a node's claims is placed again before it fails."""
 LOG_SYNC_ATTEMPTS = 3
@@ -422,10 +425,12 @@ class RunSession:
             why = ended[-1].reason if ended and ended[-1].reason else reason
             self.event(run_id, "restart", rec.instance_id,
                        f"restarted on {rec.node} (attempt {state.restarts + 1}) after: {why}")
-        if phase != rec.state and rec.state not in (InstancePhase.STARTING,
-                                                     InstancePhase.PLANNED,
-                                                     InstancePhase.DEPLOYING,
-                                                     InstancePhase.MOVING):
+        quiet = rec.state in (InstancePhase.DISPATCHED, InstancePhase.QUEUED) and \
+            phase in (InstancePhase.RUNNING, InstancePhase.EXITED)  # a task's usual course
+        if phase != rec.state and not quiet and rec.state not in (InstancePhase.STARTING,
+                                                                   InstancePhase.PLANNED,
+                                                                   InstancePhase.DEPLOYING,
+                                                                   InstancePhase.MOVING):
             detail = f" ({reason})" if reason else ""
             self.event(run_id, "state", rec.instance_id, f"{rec.state.value} -> "
                        f"{phase.value}{detail}")
@@ -464,16 +469,17 @@ class RunSession:
             by_node.setdefault(name, [])
 
         async def one(node_name: str) -> tuple[str, list[InstanceState] | InfraError]:
+            # what the node may still change: work not over (paused and lost work may be
+            # found running again), on this node or moved away from it (stale copies)
+            only = [r.instance_id for r in records if r.state not in SETTLED and
+                    (r.node == node_name or node_name in r.previous_nodes)]
             try:
                 client = await self.client(node_name)
+                states, pools = await client.status_with_pools(
+                    run_id, fence_seconds=fence_seconds, fence_clear=fence_clear,
+                    holder=holder, only=only)
                 if node_name in pooled:  # the same one call also reports the run's pools
-                    states, pools = await client.status_with_pools(
-                        run_id, fence_seconds=fence_seconds, fence_clear=fence_clear,
-                        holder=holder)
                     self._record_pools(run_id, node_name, pools)
-                else:
-                    states = await client.status(run_id, fence_seconds=fence_seconds,
-                                                 fence_clear=fence_clear, holder=holder)
             except InfraError as exc:
                 return node_name, exc
             if fence_seconds is not None:
@@ -701,7 +707,8 @@ class RunSession:
                                         guard=guard)
                     return
                 # follow ended: the instance ended on the node; the sweep will record it
-                state = await (await self.client(rec.node)).status(run_id)
+                state = await (await self.client(rec.node)).status(run_id,
+                                                                   only=[instance_id])
                 mine = [s for s in state if s.instance_id == instance_id]
                 if not mine or mine[0].is_final:
                     await self.sync_log(run_id, rec, follow=False, on_bytes=on_bytes,

@@ -606,32 +606,38 @@ class SupervisorClient:
         return InstanceState.from_json(self.node.name, doc.get("instance"))
 
     async def status(self, run_id: str | None = None, *, fence_seconds: float | None = None,
-                     fence_clear: bool = False, holder: str = "") -> list[InstanceState]:
+                     fence_clear: bool = False, holder: str = "",
+                     only: Sequence[str] | None = None) -> list[InstanceState]:
         """Every instance on the node (or of one run), with live checks, in one call.
 
         With ``fence_seconds`` the run's fenced instances get their fence renewed for that
         long (the watching coordinator's heartbeat); ``fence_clear`` clears them (detach).
+        ``only`` (with a run) limits the answer to those instances: a campaign's thousands
+        of ended tasks need not be described again on every sweep.
         """
-        args = ["status", "--root", self.root]
-        if run_id is not None:
-            args += ["--run", check_id(run_id, "run id")]
-            if fence_clear:
-                args += ["--fence-clear", "--fence-holder", holder]
-            elif fence_seconds is not None:
-                args += ["--fence-seconds", repr(float(fence_seconds)), "--fence-holder", holder]
-        return self._instances(await self._call(args))
+        if run_id is None:
+            return self._instances(await self._call(["status", "--root", self.root]))
+        return (await self.status_with_pools(run_id, fence_seconds=fence_seconds,
+                                             fence_clear=fence_clear, holder=holder,
+                                             only=only))[0]
 
     async def status_with_pools(self, run_id: str, *, fence_seconds: float | None = None,
                                 fence_clear: bool = False, holder: str = "",
+                                only: Sequence[str] | None = None,
                                 ) -> tuple[list[InstanceState], list[PoolState]]:
-        """One status call for a run: its instances and its node-side pools (fences as in
-        ``status``; a pool's fence is renewed too once pool-sync set one)."""
+        """One status call for a run: its instances (``only`` those, when given) and its
+        node-side pools (fences as in ``status``; a pool's fence is renewed too once
+        pool-sync set one)."""
         args = ["status", "--root", self.root, "--run", check_id(run_id, "run id")]
         if fence_clear:
             args += ["--fence-clear", "--fence-holder", holder]
         elif fence_seconds is not None:
             args += ["--fence-seconds", repr(float(fence_seconds)), "--fence-holder", holder]
-        doc = await self._call(args)
+        stdin = None
+        if only is not None:
+            args.append("--only-stdin")
+            stdin = json.dumps([check_id(i, "instance id") for i in only])
+        doc = await self._call(args, input=stdin)
         f = _Fields(self.node.name, "answer", doc)
         pools = [PoolState.from_json(self.node.name, d, where=f"pools[{i}]")
                  for i, d in enumerate(f.items("pools"))]
