@@ -74,8 +74,24 @@ def pool_dirs(root: str, run_id: str) -> list[str]:
 
 
 def task_of(name: str) -> str:
-    """The task id in a queue file name ``SEQ-TASK.json``."""
-    return name[9:-5]
+    """The task id in a queue file name ``SEQ-TASK+PLACEMENT.json`` (or ``SEQ-TASK.json``)."""
+    return name[9:-5].split("+", 1)[0]
+
+
+def placement_of(name: str) -> str:
+    """The placement a queue file is for (``p0`` when its name does not say)."""
+    rest = name[9:-5]
+    return rest.split("+", 1)[1] if "+" in rest else "p0"
+
+
+def copy_here(run_dir: str, task: str) -> str | None:
+    """The placement whose copy of ``task`` this node holds (its instance dir), if any; a
+    directory whose state is not written yet counts as the one being started."""
+    idir = os.path.join(run_dir, task)
+    if not os.path.isdir(idir):
+        return None
+    state = sup.read_json(os.path.join(idir, "state.json")) or {}
+    return str(state.get("placement") or "p0") if state else "?"
 
 
 def entries(pdir: str, sub: str) -> list[str]:
@@ -283,9 +299,11 @@ def check_sync(req: Any) -> dict[str, Any]:
     return req
 
 
-def known_tasks(pdir: str) -> set[str]:
-    """Tasks the pool holds in any form (queued, started, done)."""
-    return {task_of(n) for sub in ("queue", "started", "done") for n in entries(pdir, sub)}
+def known_tasks(pdir: str) -> set[tuple[str, str]]:
+    """(task, placement) pairs the pool holds in any form (queued, started, done): a task
+    placed here again (rerun, or back after a move) is a new placement, and new work."""
+    return {(task_of(n), placement_of(n)) for sub in ("queue", "started", "done")
+            for n in entries(pdir, sub)}
 
 
 def apply_sync(root: str, req: dict[str, Any]) -> tuple[dict[str, Any], bool]:
@@ -315,17 +333,18 @@ def apply_sync(root: str, req: dict[str, Any]) -> tuple[dict[str, Any], bool]:
     ignored = []
     for add in req.get("add") or []:
         task = add["instance_id"]
-        if task in known or os.path.isdir(os.path.join(run_dir, task)):
+        placement = str(add.get("placement") or "p0")
+        if (task, placement) in known or copy_here(run_dir, task) in (placement, "?"):
             continue
         if over:
             ignored.append(task)
             continue
-        name = "{:08d}-{}.json".format(int(cfg["next_seq"]), task)
+        name = "{:08d}-{}+{}.json".format(int(cfg["next_seq"]), task, placement)
         cfg["next_seq"] = int(cfg["next_seq"]) + 1
         if req.get("claims_dir") and not add.get("claims_dir"):
             add = dict(add, claims_dir=req["claims_dir"])
         write_doc(os.path.join(pdir, "queue", name), add)
-        known.add(task)
+        known.add((task, placement))
     if ignored:
         error = "the pool is {}: {} add(s) ignored ({})".format(
             "cancelled" if cfg["cancel"] else state.get("phase") or "over", len(ignored),
@@ -340,7 +359,7 @@ def apply_sync(root: str, req: dict[str, Any]) -> tuple[dict[str, Any], bool]:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(pdir, "queue", queue[task]))
             dropped.append(task)
-        elif task in known or os.path.isdir(os.path.join(run_dir, task)):
+        elif any(t == task for t, _p in known) or os.path.isdir(os.path.join(run_dir, task)):
             not_dropped.append(task)
         else:
             dropped.append(task)  # never handed here: nothing to run
@@ -647,7 +666,7 @@ class PoolDaemon:
         """Queue files with an instance dir are started; started tasks still active are ours."""
         with FileLock(self.path("pool.lock")):
             for n in entries(self.pdir, "queue"):
-                if os.path.isdir(self.idir(n)):
+                if copy_here(self.run_dir, task_of(n)) in (placement_of(n), "?"):
                     os.replace(self.path("queue", n), self.path("started", n))
         for n in entries(self.pdir, "started"):
             idir = self.idir(n)
@@ -841,13 +860,19 @@ class PoolDaemon:
         if req is None:
             return None  # dropped meanwhile
         idir = self.idir(name)
-        if os.path.isdir(idir):  # started before: never again
+        placement = req.get("placement") or "p0"
+        had = copy_here(self.run_dir, task_of(name))
+        if had in (placement, "?"):  # started before: never again
             self.already_started(name, idir)
             return None
+        if had is not None:  # an earlier placement's copy of this task is here
+            if sup.effective_state(idir).get("state") not in sup.FINAL_STATES:
+                return (f"an earlier copy ({had}) of {task_of(name)} still runs here; "
+                        "waiting for it to end")
+            sup.archive_previous(idir, had)  # kept under .previous/, as a start does
         slot = self.free_slot()
         cpus = self.cores[slot % len(self.cores)] if self.cores else []
         req["pool"] = {"name": self.name, "slot": slot, "cpus": cpus}
-        placement = req.get("placement") or "p0"
         claim = req.get("claim")
         try:
             if isinstance(claim, dict):

@@ -139,7 +139,12 @@ class CampaignDriver:
             camp = tasks[0].spec.campaign
             assert camp is not None
             self._dispatch(camp, tasks, records, conditions, down_set)
-        await self.sync_pools(down_set, fence_seconds=fence_seconds)
+        errors = await self.sync_pools(down_set, fence_seconds=fence_seconds)
+        for node, exc in errors.items():  # said once per node and message
+            text = exc.one_line()
+            if self.said.get(f"@{node}") != text:
+                self.said[f"@{node}"] = text
+                self.session.event(self.run_id, "pool", node, f"pool sync failed: {text}")
 
     def _campaigns(self, records: Sequence[InstanceRecord]) -> dict[str, list[InstanceRecord]]:
         out: dict[str, list[InstanceRecord]] = {}
@@ -241,6 +246,12 @@ class CampaignDriver:
     def _pools(self, campaign: str) -> list[PoolRecord]:
         return [p for p in self.store.pools(self.run_id) if p.campaign == campaign]
 
+    def _serving(self, camp: CampaignSpec, down: set[str]) -> dict[str, PoolRecord]:
+        """The campaign's pools that can take tasks now, by node: live, answering, and with
+        worker slots placed there."""
+        return {p.node: p for p in self._pools(camp.name)
+                if self._live(p) and p.node not in down and p.workers > 0}
+
     def _live(self, pool: PoolRecord) -> bool:
         """The pool may still take tasks: not given up, not done (as last heard)."""
         return not pool.abandoned and not self._over(pool)
@@ -264,8 +275,7 @@ class CampaignDriver:
                      if v.instance_id not in decisions or decisions[v.instance_id].ready]
         by_id = {t.instance_id: t for t in tasks}
         ready = [by_id[i] for i in ready_ids]
-        pools = {p.node: p for p in self._pools(camp.name) if self._live(p)
-                 and p.node not in down}
+        pools = self._serving(camp, down)
         held: dict[str, int] = {}
         running: dict[str, int] = {}
         for t in tasks:
@@ -283,8 +293,7 @@ class CampaignDriver:
             want = min(want, GROW_PER_TICK)
         if ready and want > 0:
             self._grow(camp, ready, records, conditions, down, workers, running, want)
-            pools = {p.node: p for p in self._pools(camp.name) if self._live(p)
-                     and p.node not in down}
+            pools = self._serving(camp, down)
         # hand out: in node order, each pool up to workers + prefetch (all: round robin)
         if not pools or not ready:
             self._close_if_over(camp, tasks, pools, down)
