@@ -41,6 +41,7 @@ TASK = textwrap.dedent('''\
         doc["now"] -= 1
         json.dump(doc, open(path, "w"))
     params = json.loads(os.environ["INFRA_PARAMS"])
+    print("ran", os.environ["INFRA_INSTANCE_ID"], "attempt", os.environ["INFRA_ATTEMPT"])
     with open(os.path.join(here, "markers.txt"), "a") as out:
         out.write("task %s %s\\n" % (os.environ["INFRA_INSTANCE_ID"], os.environ["INFRA_TASK_INDEX"]))
     json.dump({"x2": params["x"] * 2}, open(os.path.join(os.environ["INFRA_RESULTS_DIR"], "metrics.json"), "w"))
@@ -166,7 +167,7 @@ def test_rerun_failed_runs_only_the_failed_tasks_again_under_their_ids(lab: Path
     runs = Counter(line.split()[1] for line in markers(lab))
     assert runs == {"flaky.0000": 1, "flaky.0001": 2, "flaky.0002": 1, "flaky.0003": 2}
     log = (lab / "logs" / doc["run_id"] / "flaky.0001.log").read_text()
-    assert log  # the local log holds both attempts' output (the second appended)
+    assert log.count("ran flaky.0001 attempt 1") == 2, log  # the rerun's output appended
     proc = cli(lab, "rerun", doc["run_id"], "--failed")
     assert proc.returncode == 0 and "nothing to rerun" in proc.stdout
 
@@ -183,4 +184,5 @@ def test_submit_checks_for_queued_work(lab: Path) -> None:
     assert proc.returncode == 2 and "add --auto-place" in proc.stderr, proc.stderr
     proc = cli(lab, "--config", str(plain), "--auto-place", "--placement", "plain.0001:local")
     assert proc.returncode == 2 and "wait(s) in the queue" in proc.stderr, proc.stderr
-    assert not (lab / "logs" / "state.db").exists()  # nothing was recorded or started
+    proc = cli(lab, "runs", "--json")  # nothing was recorded (or started)
+    assert proc.returncode == 0 and json.loads(proc.stdout)["runs"] == [], proc.stdout
