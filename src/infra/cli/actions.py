@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 import click
 from rich.markup import escape
@@ -661,7 +661,8 @@ NEVER_STARTED = frozenset({InstancePhase.QUEUED, InstancePhase.DISPATCHED,
                            InstancePhase.SKIPPED, InstancePhase.CANCELLED})
 
 
-def do_results(c: Ctx, run_id: str, view: str | None = None, fetch: bool = True) -> None:
+def do_results(c: Ctx, run_id: str, view: Literal["table", "csv"] | None = None,
+               fetch: bool = True) -> None:
     """Fetch every instance's results (unless ``fetch`` is off), then list the files, or
     with ``view`` ``"table"``/``"csv"`` show each instance's parameters, outcome and
     metrics (``infra.campaign.table``); fails (exit 1) when anything declared did not come."""

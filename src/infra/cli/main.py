@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import click
 from rich.console import Console
@@ -437,7 +437,8 @@ def results(c: Ctx, run_id: str, table_out: bool, csv_out: bool, no_fetch: bool,
     if csv_out and c.json_out:
         raise UsageError("results: --csv and --json are two formats of the same table: "
                          "choose one")
-    view = "csv" if csv_out else "table" if table_out or no_fetch else None
+    view: Literal["table", "csv"] | None = \
+        "csv" if csv_out else "table" if table_out or no_fetch else None
     do_results(c, run_id, view, fetch=not no_fetch)
 
 
