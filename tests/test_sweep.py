@@ -422,6 +422,23 @@ def test_validate_lists_a_sweep_as_one_row(tmp_path: Path, capsys: pytest.Captur
     assert "1 experiment specs (6 instances, sweeps expanded)" in out
 
 
+def test_placement_pins_name_tasks_not_the_sweep(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_cluster(tmp_path)
+    spec = write(tmp_path, "g.json", {"experiment_id": "g", "command": "true",
+                                      "sweep": {"repeat": 500}})
+    base = ["--cluster-config", str(config), "--config", str(spec), "--dry-run"]
+    code, _, err = run_cli(capsys, *base, "--placement", "g:n1")
+    assert_one_line_error(code, err, "--placement: g is a sweep: pin its tasks (g.0000..g.0499) "
+                          "one by one, or use --auto-place")
+    code, _, err = run_cli(capsys, *base, "--placement", "h:n1")
+    assert_one_line_error(code, err, "--placement: unknown instance id 'h'; instances: "
+                          "g (tasks g.0000..g.0499)")
+    code, out, err = run_cli(capsys, *base, "--placement", "g.0007:n1", "--auto-place", "--json")
+    assert code == 0, err
+    assert json.loads(out)["placements"]["g.0007"] == "n1"
+
+
 # --------------------------------------------------------------------------- dry run
 
 def test_dry_run_of_a_sweep_larger_than_the_free_slots(tmp_path: Path,

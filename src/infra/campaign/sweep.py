@@ -263,7 +263,7 @@ def task_id(template: str, index: int, size: int) -> str:
     return f"{template}.{index:0{id_width(size)}d}"
 
 
-def placeholder_values(spec: ExperimentSpec) -> dict[str, str]:
+def placeholder_names(spec: ExperimentSpec) -> dict[str, str]:
     """Each name a placeholder of ``spec`` may use -> what it is (for messages)."""
     known = {name: "param" for name, value in spec.params if is_scalar(value)}
     if spec.sweep is not None:
@@ -282,7 +282,7 @@ def template_fields(spec: ExperimentSpec) -> list[tuple[str, str]]:
 
 def check_templates(file: str, spec: ExperimentSpec) -> dict[str, tuple[Part, ...]]:
     """Parse every template of a sweep spec; each placeholder must name a known parameter."""
-    known = placeholder_values(spec)
+    known = placeholder_names(spec)
     params = dict(spec.params)
     out: dict[str, tuple[Part, ...]] = {}
     for key, text in template_fields(spec):

@@ -395,7 +395,9 @@ def parse_pins(text: str | None, cluster: Cluster,
     """Parse ``--placement a:jetson,b:rpi1`` into {instance: node}, checking both names."""
     if not text:
         return {}
-    ids = {s.experiment_id for s in specs}
+    by_id = {s.experiment_id: s for s in specs}
+    ids = set(by_id)
+    sweeps = _sweeps(by_id)
     pins: dict[str, str] = {}
     for raw in text.split(","):
         item = raw.strip()
@@ -405,9 +407,13 @@ def parse_pins(text: str | None, cluster: Cluster,
         instance, node = instance.strip(), node.strip()
         if not sep or not instance or not node:
             raise UsageError(f"--placement: {item!r} is not of the form INSTANCE:NODE")
+        if instance in sweeps:
+            tasks = sweeps[instance]
+            raise UsageError(f"--placement: {instance} is a sweep: pin its tasks "
+                             f"({tasks[0]}..{tasks[-1]}) one by one, or use --auto-place")
         if instance not in ids:
             raise UsageError(f"--placement: unknown instance id {instance!r}; instances: "
-                             f"{', '.join(sorted(ids)) or '(none: give --config files)'}")
+                             f"{_known_ids(by_id, sweeps) or '(none: give --config files)'}")
         if node not in cluster.node_names:
             raise UsageError(f"--placement: unknown node {node!r} for {instance}; nodes: "
                              f"{', '.join(cluster.node_names)}")
