@@ -182,7 +182,9 @@ def test_submit_checks_for_queued_work(lab: Path) -> None:
     plain = write_spec(lab, "plain", command="true", sweep={"repeat": 2})
     proc = cli(lab, "--config", str(plain))
     assert proc.returncode == 2 and "add --auto-place" in proc.stderr, proc.stderr
-    proc = cli(lab, "--config", str(plain), "--auto-place", "--placement", "plain.0001:local")
-    assert proc.returncode == 2 and "wait(s) in the queue" in proc.stderr, proc.stderr
+    proc = cli(lab, "--config", str(plain), "--placement", "plain.0001:local")
+    assert proc.returncode == 2 and "plain: queued work" in proc.stderr, proc.stderr
+    proc = cli(lab, "--config", str(gpu), "--placement", "gpu:nowhere")
+    assert proc.returncode == 2 and "unknown node 'nowhere' for gpu" in proc.stderr, proc.stderr
     proc = cli(lab, "runs", "--json")  # nothing was recorded (or started)
     assert proc.returncode == 0 and json.loads(proc.stdout)["runs"] == [], proc.stdout

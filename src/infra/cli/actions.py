@@ -304,10 +304,11 @@ def do_run(c: Ctx, cluster: Cluster, specs: tuple[ExperimentSpec, ...], *,
                 if not h.reachable:
                     session.emit("node", name, f"unavailable: {h.error}")
             facts = {n: h.facts for n, h in health.items() if h.facts is not None}
-            queued = queued_work(cluster, specs, placement, auto_place)
-            now_specs = tuple(s for s in specs if s not in queued)
+            queued, rest = queued_work(cluster, specs, placement, auto_place)
+            waiting = {s.experiment_id for s in queued}
+            now_specs = tuple(s for s in specs if s.experiment_id not in waiting)
             result, placed = make_plan(
-                cluster, now_specs, placement, auto_place, force,
+                cluster, now_specs, rest, auto_place, force,
                 conditions=merge_conditions(conditions_from(health),
                                             admin_conditions(cluster, store)),
                 occupied=occupied_work(cluster, claims, store.active_instances()),
@@ -366,24 +367,37 @@ def do_run(c: Ctx, cluster: Cluster, specs: tuple[ExperimentSpec, ...], *,
 
 
 def queued_work(cluster: Cluster, specs: tuple[ExperimentSpec, ...], placement: str | None,
-                auto_place: bool) -> tuple[ExperimentSpec, ...]:
-    """Campaign tasks and work with dependencies: the queue places them when their turn
-    comes, so they need --auto-place and cannot be pinned."""
+                auto_place: bool) -> tuple[tuple[ExperimentSpec, ...], str | None]:
+    """Campaign tasks and work with dependencies, and the ``--placement`` left for the rest.
+
+    The queue places them when their turn comes, so they need --auto-place unless pinned; a
+    pin (``--placement train:rpi1`` names every task of a sweep) becomes the constraint
+    ``name = rpi1`` on each pinned task, which the queue's placements then honour.
+    """
+    from infra.config.model import Constraint, Operator
     from infra.config.specs import parse_pins
-    queued = tuple(s for s in specs if is_queued_work(s))
+    queued = [s for s in specs if is_queued_work(s)]
     if not queued:
-        return ()
+        return (), placement
     pins = parse_pins(placement, cluster, specs)
-    pinned = sorted(set(pins) & {s.experiment_id for s in queued})
-    if pinned:
-        raise UsageError(f"--placement: {', '.join(pinned[:5])} wait(s) in the queue (campaign "
-                         "task or dependent work) and is placed when its turn comes; use "
-                         "constraints or preferred_node instead of a pin")
-    if not auto_place:
-        names = sorted({s.template_id or s.experiment_id for s in queued})
+    ids = {s.experiment_id for s in queued}
+    out: list[ExperimentSpec] = []
+    unpinned: list[str] = []
+    for spec in queued:
+        node = pins.get(spec.experiment_id)
+        if node is not None:
+            spec = dataclasses.replace(spec, constraints=(
+                *spec.constraints, Constraint("name", Operator.EQ, node)))
+        elif not auto_place:
+            unpinned.append(spec.template_id or spec.experiment_id)
+        out.append(spec)
+    if unpinned:
+        names = sorted(set(unpinned))
         raise UsageError(f"no placement for {', '.join(names[:5])}: queued work is placed by "
-                         "the scheduler when its turn comes; add --auto-place")
-    return queued
+                         "the scheduler when its turn comes; add --auto-place (or pin a whole "
+                         "campaign with --placement NAME:NODE)")
+    rest = ",".join(f"{i}:{n}" for i, n in pins.items() if i not in ids) or None
+    return tuple(out), rest
 
 
 def interrupted_launch(c: Ctx, store: Store, run_id: str) -> Interrupted:

@@ -242,10 +242,12 @@ def cli(ctx: click.Context, cluster_config: str | None, validate_config: bool,
         if dry_run:
             from infra.cli.actions import queued_work
             from infra.runner.campaign import never_fits
-            queued = queued_work(cluster, specs, placement, auto_place)
+            queued, rest = queued_work(cluster, specs, placement, auto_place)
+            waiting = {s.experiment_id for s in queued}
             context = stored_context(cluster)
-            result, _placed = make_plan(cluster, tuple(s for s in specs if s not in queued),
-                                        placement, auto_place, force, **context)
+            result, _placed = make_plan(cluster, tuple(s for s in specs
+                                                       if s.experiment_id not in waiting),
+                                        rest, auto_place, force, **context)
             show_plan(c, result, explain=explain, dry_run=True, queued=queued)
             if not result.ok:
                 raise plan_failure(result)

@@ -407,10 +407,16 @@ def parse_pins(text: str | None, cluster: Cluster,
         instance, node = instance.strip(), node.strip()
         if not sep or not instance or not node:
             raise UsageError(f"--placement: {item!r} is not of the form INSTANCE:NODE")
-        if instance in sweeps:
-            tasks = sweeps[instance]
-            raise UsageError(f"--placement: {instance} is a sweep: pin its tasks "
-                             f"({tasks[0]}..{tasks[-1]}) one by one, or use --auto-place")
+        if instance in sweeps:  # a sweep's name pins every one of its tasks
+            if node not in cluster.node_names:
+                raise UsageError(f"--placement: unknown node {node!r} for {instance}; nodes: "
+                                 f"{', '.join(cluster.node_names)}")
+            for task in sweeps[instance]:
+                if pins.get(task, node) != node:
+                    raise UsageError(f"--placement: {task} is pinned twice "
+                                     f"({pins[task]} and {node})")
+                pins[task] = node
+            continue
         if instance not in ids:
             raise UsageError(f"--placement: unknown instance id {instance!r}; instances: "
                              f"{_known_ids(by_id, sweeps) or '(none: give --config files)'}")
