@@ -7,6 +7,7 @@ how many commands the client sends.
 from __future__ import annotations
 
 import asyncio
+import shutil
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -24,7 +25,9 @@ from infra.runner.supervisor_client import (
     RestartPolicy,
     StartRequest,
     SupervisorClient,
+    remote_sources,
     shell_path,
+    supervisor_digest,
     supervisor_filename,
 )
 from infra.transport.base import DEFAULT_MAX_OUTPUT, CommandResult
@@ -80,18 +83,22 @@ def test_install_once_per_client_and_reinstall_when_wiped(tmp_path: Path) -> Non
     async def scenario() -> None:
         assert await client.status() == []
         assert await client.status() == []
-        probes = [c for c in transport.commands if c.startswith("mkdir -p")]
-        assert len(probes) == 1 and len(transport.puts) == 1
+        probes = [c for c in transport.commands if "@@INFRA-SCRIPT:" in c]
+        scripts = remote_sources()
+        assert len(probes) == 1 and len(transport.puts) == len(scripts)
         installed = tmp_path / "work" / ".infra" / supervisor_filename()
         assert installed.read_bytes() == SUPERVISOR_SOURCE.read_bytes()
-        assert sorted(p.name for p in installed.parent.iterdir()) == [installed.name]
+        # every remote script, in one versioned directory, and nothing else left behind
+        assert installed.parent.name == f"bin-{supervisor_digest()}"
+        assert sorted(p.name for p in installed.parent.iterdir()) == [p.name for p in scripts]
+        assert [p.name for p in installed.parent.parent.iterdir()] == [installed.parent.name]
         # a second client (new connection) finds it and does not upload again
         other = CountingTransport("n1")
         await SupervisorClient(other, node).status()
         assert other.puts == []
-        installed.unlink()  # node wiped behind our back: the next call reinstalls
+        shutil.rmtree(installed.parent)  # node wiped behind our back: the next call reinstalls
         assert await client.status() == []
-        assert installed.exists() and len(transport.puts) == 2
+        assert installed.exists() and len(transport.puts) == 2 * len(scripts)
 
     asyncio.run(scenario())
 

@@ -13,11 +13,21 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Literal, TypeVar
 
+import click
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from infra.campaign.summary import summarize
+from infra.campaign.table import (
+    ResultRow,
+    build_rows,
+    read_metrics_file,
+    render_table,
+    to_csv,
+)
+from infra.campaign.table import to_json as table_json
 from infra.cli import views
 from infra.config import Cluster, ExperimentSpec
 from infra.errors import (
@@ -27,12 +37,14 @@ from infra.errors import (
     Interrupted,
     TransportError,
     UsageError,
+    node_reason,
 )
 from infra.monitor.loop import Monitor, MonitorOutcome
 from infra.monitor.saved import SavedState
 from infra.placement import Condition, NodeCondition
 from infra.probe.health import NodeHealth, NodeStatus
 from infra.probe.run import check_health
+from infra.runner.campaign import CampaignDriver, is_queued_work, never_fits, rerun_failed
 from infra.runner.claims import claims_of, occupied_work
 from infra.runner.deploy import DeployResult, deploy_all
 from infra.runner.lifecycle import (
@@ -291,25 +303,41 @@ def do_run(c: Ctx, cluster: Cluster, specs: tuple[ExperimentSpec, ...], *,
             for name, h in health.items():
                 if not h.reachable:
                     session.emit("node", name, f"unavailable: {h.error}")
+            facts = {n: h.facts for n, h in health.items() if h.facts is not None}
+            queued, rest = queued_work(cluster, specs, placement, auto_place)
+            waiting = {s.experiment_id for s in queued}
+            now_specs = tuple(s for s in specs if s.experiment_id not in waiting)
             result, placed = make_plan(
-                cluster, specs, placement, auto_place, force,
+                cluster, now_specs, rest, auto_place, force,
                 conditions=merge_conditions(conditions_from(health),
                                             admin_conditions(cluster, store)),
                 occupied=occupied_work(cluster, claims, store.active_instances()),
-                facts={n: h.facts for n, h in health.items() if h.facts is not None})
+                facts=facts)
             if not c.json_out:
-                c.console.print(views.plan_table(result))
+                if result.placements or not queued:
+                    c.console.print(views.plan_table(result))
                 if explain:
                     c.console.print(views.explain(result))
+                if queued:
+                    c.console.print(views.queued_summary(queued))
             if not result.ok:
                 raise plan_failure(result)
-            run_id = session.record_run(placed, result, views.plan_json(result))
+            never = never_fits(cluster, queued, admin_conditions(cluster, store), facts)
+            if never is not None:
+                raise never
+            run_id = session.record_run(placed, result, views.plan_json(result), queued=queued)
             session.forced = {p.instance_id for p in result.placements if p.forced}
             holder["run"] = run_id
             # hold the run's lease while launching: a `watch` elsewhere only reports meanwhile
             store.acquire_lease(run_id, coordinator_id(), 120.0)
             session.emit("run", run_id, f"run {run_id}: {len(result.placements)} instance(s)")
             await session.launch(run_id)
+            if queued:  # hand out the first wave (dispatch: all -- everything) right away
+                driver = CampaignDriver(session, run_id)
+                await driver.tick(merge_conditions(conditions_from(health),
+                                                   admin_conditions(cluster, store)),
+                                  down={n for n, h in health.items() if not h.reachable},
+                                  fence_seconds=None)
             holder["launched"] = run_id
             if session.refusals:
                 store.release_lease(run_id, coordinator_id())
@@ -338,6 +366,40 @@ def do_run(c: Ctx, cluster: Cluster, specs: tuple[ExperimentSpec, ...], *,
     _report(c, cluster, store, run_id, finished)
 
 
+def queued_work(cluster: Cluster, specs: tuple[ExperimentSpec, ...], placement: str | None,
+                auto_place: bool) -> tuple[tuple[ExperimentSpec, ...], str | None]:
+    """Campaign tasks and work with dependencies, and the ``--placement`` left for the rest.
+
+    The queue places them when their turn comes, so they need --auto-place unless pinned; a
+    pin (``--placement train:rpi1`` names every task of a sweep) becomes the constraint
+    ``name = rpi1`` on each pinned task, which the queue's placements then honour.
+    """
+    from infra.config.model import Constraint, Operator
+    from infra.config.specs import parse_pins
+    queued = [s for s in specs if is_queued_work(s)]
+    if not queued:
+        return (), placement
+    pins = parse_pins(placement, cluster, specs)
+    ids = {s.experiment_id for s in queued}
+    out: list[ExperimentSpec] = []
+    unpinned: list[str] = []
+    for spec in queued:
+        node = pins.get(spec.experiment_id)
+        if node is not None:
+            spec = dataclasses.replace(spec, constraints=(
+                *spec.constraints, Constraint("name", Operator.EQ, node)))
+        elif not auto_place:
+            unpinned.append(spec.template_id or spec.experiment_id)
+        out.append(spec)
+    if unpinned:
+        names = sorted(set(unpinned))
+        raise UsageError(f"no placement for {', '.join(names[:5])}: queued work is placed by "
+                         "the scheduler when its turn comes; add --auto-place (or pin a whole "
+                         "campaign with --placement NAME:NODE)")
+    rest = ",".join(f"{i}:{n}" for i, n in pins.items() if i not in ids) or None
+    return tuple(out), rest
+
+
 def interrupted_launch(c: Ctx, store: Store, run_id: str) -> Interrupted:
     """Ctrl-C while deploying or starting: say exactly what runs and what never started."""
     records = store.instances(run_id)
@@ -361,9 +423,13 @@ def interrupted_launch(c: Ctx, store: Store, run_id: str) -> Interrupted:
 def _report(c: Ctx, cluster: Cluster, store: Store, run_id: str, finished: bool) -> None:
     records = store.instances(run_id)
     run = store.run(run_id)
+    pools = store.pools(run_id)
     if c.json_out:
-        c.emit_json(views.status_json(run, records))
+        c.emit_json(views.status_json(run, records, pools))
     else:
+        summaries = summarize(records, pools)
+        if summaries:
+            c.console.print(views.campaign_block(summaries), end="")
         c.console.print(views.instances_table(run, records))
         if not finished:
             c.console.print(f"Experiments keep running on their nodes. Look again with:\n"
@@ -377,13 +443,16 @@ def _report(c: Ctx, cluster: Cluster, store: Store, run_id: str, finished: bool)
     failed = [r for r in records if r.state in (InstancePhase.FAILED, InstancePhase.LOST,
                                                 InstancePhase.PAUSED)]
     if failed and finished:
-        raise InfraError(f"{len(failed)} instance(s) did not finish: " + ", ".join(
-            f"{r.instance_id} {r.state.value} ({r.reason or r.state.value})" for r in failed))
+        hint = f"; `cluster-experiment rerun {run_id} --failed` tries them again" \
+            if any(r.spec.campaign is not None for r in failed) else ""
+        raise InfraError(f"{len(failed)} instance(s) did not finish: " + views.some(
+            [f"{r.instance_id} {r.state.value} ({r.reason or r.state.value})"
+             for r in failed], 5) + hint)
     short = [r for r in records if r.results_missing]
     if short and finished:
-        raise InfraError(f"results incomplete for {len(short)} instance(s): " + "; ".join(
-            f"{r.instance_id}: {len(r.results_missing)} not fetched "
-            f"({r.results_missing[0].one_line()})" for r in short))
+        raise InfraError(f"results incomplete for {len(short)} instance(s): " + views.some(
+            [f"{r.instance_id}: {len(r.results_missing)} not fetched "
+             f"({r.results_missing[0].one_line()})" for r in short], 5))
 
 
 def do_watch(c: Ctx, run_id: str | None, duration: float | None) -> None:
@@ -411,6 +480,47 @@ def do_watch(c: Ctx, run_id: str | None, duration: float | None) -> None:
     _report(c, cluster, store, run.run_id, finished)
 
 
+def do_rerun(c: Ctx, run_id: str | None, duration: float | None) -> None:
+    """Queue a run's failed work again (same ids, new placements), then watch it."""
+    cluster = c.cluster
+    store = open_store(cluster)
+    run = store.resolve_run(run_id)
+    saved = SavedState(cluster.log_dir)
+    other = store.acquire_lease(run.run_id, coordinator_id(), 120.0)
+    if other is not None:
+        store.close()
+        saved.close()
+        raise UsageError(f"run {run.run_id} is watched by {other}: detach that watch "
+                         "(Ctrl-C) first, then rerun")
+    queued: list[str] = []
+
+    async def go() -> bool:
+        async with ConnectionPool(cluster) as pool:
+            session = RunSession(cluster, store, pool,
+                                 emit=_printer(c, saved, quiet=not c.json_out),
+                                 confirm_deletes=c.yes)
+            queued.extend(rerun_failed(session, run.run_id))
+            if not queued:
+                store.release_lease(run.run_id, coordinator_id())
+                return True
+            if not c.json_out:
+                c.err.print(f"queued again: {views.some(queued)}")
+            outcome = await _watch(c, session, run.run_id, duration, saved)
+            return outcome.finished
+
+    try:
+        finished = run_async(go)
+    except KeyboardInterrupt:
+        finished = False
+        c.err.print("detached (Ctrl-C): the experiments keep running")
+    finally:
+        saved.close()
+    if not queued and not c.json_out:
+        c.console.print(f"nothing to rerun: {run.run_id} has no failed, lost, cancelled or "
+                        "paused work")
+    _report(c, cluster, store, run.run_id, finished)
+
+
 # --------------------------------------------------------------------------- subcommands
 
 def open_store(cluster: Cluster) -> Store:
@@ -434,14 +544,18 @@ def do_status(c: Ctx, run_id: str | None, refresh: bool) -> None:
         errors = run_async(go)
         run = store.run(run.run_id)
     records = store.instances(run.run_id)
+    pools = store.pools(run.run_id)
     broken = {n: e for n, e in errors.items() if isinstance(e, BadAnswerError)}
     if c.json_out:
-        doc = views.status_json(run, records)
+        doc = views.status_json(run, records, pools)
         doc["unreachable"] = {n: e.one_line() for n, e in errors.items() if n not in broken}
         doc["broken"] = {n: e.one_line() for n, e in broken.items()}
         doc["runs"] = [r.run_id for r in store.runs(20)]
         c.emit_json(doc)
     else:
+        summaries = summarize(records, pools)
+        if summaries:
+            c.console.print(views.campaign_block(summaries), end="")
         c.console.print(views.instances_table(run, records))
         for node, exc in errors.items():
             what = "broken" if node in broken else "unreachable"
@@ -529,8 +643,17 @@ def do_stop(c: Ctx, run_id: str, instance_id: str | None, grace: float) -> None:
 
     async def go() -> StopReport:
         async with ConnectionPool(cluster) as pool:
-            return await RunSession(cluster, store, pool, emit=_printer(c)).stop(
-                run.run_id, instance_id, grace)
+            session = RunSession(cluster, store, pool, emit=_printer(c))
+            pool_errors: dict[str, InfraError] = {}
+            if instance_id is None and store.pools(run.run_id):
+                # pools first: they drop their queues, stop their tasks and run cleanup
+                pool_errors = await CampaignDriver(session, run.run_id).cancel()
+            report = await session.stop(run.run_id, instance_id, grace)
+            if instance_id is not None and store.pools(run.run_id):
+                await CampaignDriver(session, run.run_id).sync_pools(set(), fence_seconds=None)
+            for node, exc in pool_errors.items():
+                report.errors.setdefault(node, node_reason(exc))
+            return report
 
     report = run_async(go)
     errors = report.errors
@@ -547,37 +670,69 @@ def do_stop(c: Ctx, run_id: str, instance_id: str | None, grace: float) -> None:
         raise InfraError("could not stop on " + "; ".join(f"{n}: {e}" for n, e in errors.items()))
 
 
-def do_results(c: Ctx, run_id: str) -> None:
-    """Fetch every instance's results; fails (exit 1) when anything declared did not come."""
+# phases whose instance never reached a node: nothing of theirs can be fetched
+NEVER_STARTED = frozenset({InstancePhase.QUEUED, InstancePhase.DISPATCHED,
+                           InstancePhase.SKIPPED, InstancePhase.CANCELLED})
+
+
+def do_results(c: Ctx, run_id: str, view: Literal["table", "csv"] | None = None,
+               fetch: bool = True) -> None:
+    """Fetch every instance's results (unless ``fetch`` is off), then list the files, or
+    with ``view`` ``"table"``/``"csv"`` show each instance's parameters, outcome and
+    metrics (``infra.campaign.table``); fails (exit 1) when anything declared did not come."""
     cluster = c.cluster
     store = open_store(cluster)
-    run = store.resolve_run(run_id)
-
-    async def go() -> dict[str, ResultsFetch | InfraError]:
-        out: dict[str, ResultsFetch | InfraError] = {}
-        async with ConnectionPool(cluster) as pool:
-            session = RunSession(cluster, store, pool, emit=_printer(c))
-            for rec in store.instances(run.run_id):
-                try:
-                    out[rec.instance_id] = await session.fetch_results(run.run_id, rec)
-                except InfraError as exc:
-                    out[rec.instance_id] = exc
-        return out
-
-    fetched = run_async(go)
-    store.close()
+    try:
+        run = store.resolve_run(run_id)
+        fetched = run_async(lambda: _fetch_all(c, store, run.run_id)) if fetch else {}
+        records = store.instances(run.run_id)
+    finally:
+        store.close()
+    rows: tuple[ResultRow, ...] = ()
+    if view is not None:
+        run_dir = cluster.log_dir / run.run_id
+        rows = build_rows(records, lambda rec: read_metrics_file(run_dir, rec.instance_id))
     if c.json_out:
-        c.emit_json({"run_id": run.run_id,
-                     "results": {i: views.fetch_json(f) for i, f in fetched.items()},
-                     "missing": {i: [x.to_json() for x in f.issues]
-                                 for i, f in fetched.items()
-                                 if isinstance(f, ResultsFetch) and f.issues}})
+        doc: dict[str, object] = {"run_id": run.run_id}
+        if fetch:
+            doc["results"] = {i: views.fetch_json(f) for i, f in fetched.items()}
+            doc["missing"] = {i: [x.to_json() for x in f.issues] for i, f in fetched.items()
+                              if isinstance(f, ResultsFetch) and f.issues}
+        if view is not None:
+            doc["rows"] = table_json(rows)
+        c.emit_json(doc)
+    elif view == "csv":
+        click.echo(to_csv(rows), nl=False)
+    elif view == "table":
+        c.console.print(render_table(rows, title=f"Results of {run.run_id}",
+                                     width=c.console.width))
     else:
         for instance, outcome in fetched.items():
             c.console.print(views.fetch_lines(instance, outcome, cluster.log_dir))
     problems = [p for p in (views.fetch_problem(i, f) for i, f in fetched.items()) if p]
     if problems:
-        raise InfraError("results incomplete: " + "; ".join(problems))
+        more = f"; ... and {len(problems) - 5} more" if len(problems) > 5 else ""
+        raise InfraError("results incomplete: " + "; ".join(problems[:5]) + more)
+
+
+async def _fetch_all(c: Ctx, store: Store, run_id: str) -> dict[str, ResultsFetch | InfraError]:
+    """Fetch the results of every instance of the run that reached a node, one by one."""
+    cluster = c.cluster
+    out: dict[str, ResultsFetch | InfraError] = {}
+    async with ConnectionPool(cluster) as pool:
+        session = RunSession(cluster, store, pool, emit=_printer(c))
+        for rec in store.instances(run_id):
+            if not rec.node or rec.state in NEVER_STARTED:
+                continue
+            if rec.node not in cluster.node_names:
+                out[rec.instance_id] = UsageError(f"node {rec.node} is no longer in "
+                                                  f"{cluster.path}: results not fetched")
+                continue
+            try:
+                out[rec.instance_id] = await session.fetch_results(run_id, rec)
+            except InfraError as exc:
+                out[rec.instance_id] = exc
+    return out
 
 
 def do_runs(c: Ctx, limit: int) -> None:

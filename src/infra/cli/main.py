@@ -14,11 +14,12 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import click
 from rich.console import Console
 
+from infra.campaign.sweep import expand_all
 from infra.cli import views
 from infra.cli.params import GRACE_MAX_SECONDS, WATCH_MAX_SECONDS, Seconds
 from infra.config import (
@@ -100,8 +101,9 @@ def expand_spec_paths(paths: Sequence[str], skip: Path | None = None) -> list[Pa
 
 
 def load_specs(cluster: Cluster, paths: Sequence[str]) -> tuple[ExperimentSpec, ...]:
-    return check_spec_set(load_spec(p, cluster)
-                          for p in expand_spec_paths(paths, skip=cluster.path))
+    """Every spec of ``paths``, sweeps expanded into their tasks, checked as one set."""
+    specs = [load_spec(p, cluster) for p in expand_spec_paths(paths, skip=cluster.path)]
+    return check_spec_set(expand_all(specs, cluster.campaigns.max_tasks))
 
 
 def make_plan(cluster: Cluster, specs: tuple[ExperimentSpec, ...], placement: str | None,
@@ -238,11 +240,20 @@ def cli(ctx: click.Context, cluster_config: str | None, validate_config: bool,
                       accept_new=accept_new_host_keys, specs=specs)
     if specs and not validate_config:
         if dry_run:
-            result, _placed = make_plan(cluster, specs, placement, auto_place, force,
-                                        **stored_context(cluster))
-            show_plan(c, result, explain=explain, dry_run=True)
+            from infra.cli.actions import queued_work
+            from infra.runner.campaign import never_fits
+            queued, rest = queued_work(cluster, specs, placement, auto_place)
+            waiting = {s.experiment_id for s in queued}
+            context = stored_context(cluster)
+            result, _placed = make_plan(cluster, tuple(s for s in specs
+                                                       if s.experiment_id not in waiting),
+                                        rest, auto_place, force, **context)
+            show_plan(c, result, explain=explain, dry_run=True, queued=queued)
             if not result.ok:
                 raise plan_failure(result)
+            never = never_fits(cluster, queued, context.get("conditions"))
+            if never is not None:
+                raise never
             return
         from infra.cli.actions import do_run
         do_run(c, cluster, specs, placement=placement, auto_place=auto_place, force=force,
@@ -270,17 +281,25 @@ def do_validate(c: Ctx, cluster: Cluster, specs: tuple[ExperimentSpec, ...]) -> 
     if specs:
         c.console.print(views.specs_table(specs))
     enabled = sum(1 for n in cluster.nodes if n.enabled)
+    files = len({s.template_id if s.task_index is not None else s.experiment_id for s in specs})
+    count = f", {files} experiment specs" + \
+        (f" ({len(specs)} instances, sweeps expanded)" if files != len(specs) else "")
     c.console.print(f"[green]OK[/]: {cluster.path.name} is valid: {len(cluster.nodes)} nodes "
-                    f"({enabled} enabled)" + (f", {len(specs)} experiment specs" if specs else ""))
+                    f"({enabled} enabled)" + (count if specs else ""))
 
 
-def show_plan(c: Ctx, result: Plan, *, explain: bool, dry_run: bool) -> None:
+def show_plan(c: Ctx, result: Plan, *, explain: bool, dry_run: bool,
+              queued: Sequence[ExperimentSpec] = ()) -> None:
     if c.json_out:
         doc = views.plan_json(result)
         doc["dry_run"] = dry_run
+        doc["queued"] = [s.experiment_id for s in queued]
         c.emit_json(doc)
         return
-    c.console.print(views.plan_table(result))
+    if result.placements or result.unplaced or result.pin_errors or not queued:
+        c.console.print(views.plan_table(result))
+    if queued:
+        c.console.print(views.queued_summary(queued))
     if explain:
         c.console.print(views.explain(result))
     if dry_run:
@@ -315,6 +334,29 @@ def watch(c: Ctx, run_id: str | None, duration: float | None, json_out: bool) ->
     from infra.cli.actions import do_watch
     c.json_out = c.json_out or json_out
     do_watch(c, run_id, duration)
+
+
+@cli.command()
+@click.argument("run_id", required=False)
+@click.option("--failed", is_flag=True, help="Queue the failed, lost, cancelled and paused "
+              "work again (and what was skipped because of it).")
+@click.option("--duration", type=Seconds(WATCH_MAX_SECONDS), default=None, metavar="SECONDS",
+              help="Watch this long, then detach (default: until the run is over).")
+@click.option("--json", "json_out", is_flag=True, help="No dashboard; print the final status "
+              "as JSON.")
+@click.pass_obj
+def rerun(c: Ctx, run_id: str | None, failed: bool, duration: float | None,
+          json_out: bool) -> None:
+    """Give a run's failed work new attempts under the same ids, then watch it.
+
+    Each instance or task gets a new placement (its earlier copy on the node is kept
+    aside); a campaign's pools start afresh, so suite setup runs again on each node.
+    """
+    from infra.cli.actions import do_rerun
+    if not failed:
+        raise UsageError("rerun: say what to run again: --failed (the only choice for now)")
+    c.json_out = c.json_out or json_out
+    do_rerun(c, run_id, duration)
 
 
 @cli.command()
@@ -378,13 +420,28 @@ def stop(c: Ctx, run_id: str, instance_id: str | None, grace: float, json_out: b
 
 @cli.command()
 @click.argument("run_id")
-@click.option("--json", "json_out", is_flag=True, help="Machine-readable output.")
+@click.option("--table", "table_out", is_flag=True, help="Show a table instead of the file "
+              "list: each instance's parameters, outcome and the metrics it wrote to "
+              "$INFRA_RESULTS_DIR/metrics.json.")
+@click.option("--csv", "csv_out", is_flag=True, help="The table as CSV on stdout (header "
+              "row first, every value in full).")
+@click.option("--no-fetch", "no_fetch", is_flag=True, help="Ask no node: build the table "
+              "from the results already home (implies --table).")
+@click.option("--json", "json_out", is_flag=True, help="Machine-readable output (with "
+              "--table or --no-fetch: the table's rows too).")
 @click.pass_obj
-def results(c: Ctx, run_id: str, json_out: bool) -> None:
-    """Fetch the declared results of every instance of a run now."""
+def results(c: Ctx, run_id: str, table_out: bool, csv_out: bool, no_fetch: bool,
+            json_out: bool) -> None:
+    """Fetch the results of every instance of a run now; with --table/--csv, show each
+    instance's parameters against its outcome and metrics."""
     from infra.cli.actions import do_results
     c.json_out = c.json_out or json_out
-    do_results(c, run_id)
+    if csv_out and c.json_out:
+        raise UsageError("results: --csv and --json are two formats of the same table: "
+                         "choose one")
+    view: Literal["table", "csv"] | None = \
+        "csv" if csv_out else "table" if table_out or no_fetch else None
+    do_results(c, run_id, view, fetch=not no_fetch)
 
 
 def _register_node_commands() -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from infra.campaign.summary import CampaignSummary, shown_rows, summarize
 from infra.config.model import Cluster, ExperimentSpec
 from infra.dashboard.render import format_duration
 from infra.errors import DeployRefused, InfraError
@@ -25,7 +26,7 @@ from infra.runner.lifecycle import StopReport
 from infra.runner.prune import PruneReport
 from infra.runner.results import ResultsFetch
 from infra.runner.supervisor_client import PrunedRun
-from infra.state import InstanceRecord, RunRecord
+from infra.state import InstanceRecord, PoolRecord, RunRecord
 
 
 def _num(value: float) -> str:
@@ -55,13 +56,30 @@ def specs_table(specs: tuple[ExperimentSpec, ...]) -> Table:
     for col in ("instance", "RAM GB", "GPU", "cores", "preferred", "affinity", "anti-affinity",
                 "recover", "file"):
         table.add_column(col)
+    tasks: dict[str, list[str]] = {}  # a sweep's tasks ask alike: one row per sweep
     for s in specs:
+        if s.task_index is not None and s.template_id is not None:
+            tasks.setdefault(s.template_id, []).append(s.experiment_id)
+    for s in specs:
+        name = s.experiment_id
+        if s.task_index is not None and s.template_id is not None:
+            ids = tasks.pop(s.template_id, None)
+            if ids is None:
+                continue
+            name = f"{s.template_id} ({len(ids)} tasks: {ids[0]}..{ids[-1]})"
         gpu = f"yes ({_num(s.gpu_memory_gb)} GB)" if s.gpu_required else "no"
         cores = _num(s.cpu_cores) if s.cpu_cores else "-"
-        table.add_row(s.experiment_id, _num(s.ram_gb), gpu, cores,
-                      s.preferred_node or "-", ", ".join(s.affinity) or "-",
-                      ", ".join(s.anti_affinity) or "-", s.recover.value, s.source.name)
+        table.add_row(name, _num(s.ram_gb), gpu, cores,
+                      s.preferred_node or "-", _ids(s.affinity), _ids(s.anti_affinity),
+                      s.recover.value, s.source.name)
     return table
+
+
+def _ids(ids: tuple[str, ...], limit: int = 4) -> str:
+    """A list of instance ids for a table cell, long ones shortened."""
+    if len(ids) <= limit:
+        return ", ".join(ids) or "-"
+    return f"{', '.join(ids[:limit - 1])}, ... {ids[-1]} ({len(ids)})"
 
 
 def plan_table(plan: Plan) -> Table:
@@ -79,6 +97,33 @@ def plan_table(plan: Plan) -> Table:
     for instance, reason in plan.pin_errors.items():
         table.add_row(instance, "[red]-[/]", "-", f"[red]pin refused: {reason}[/]")
     return table
+
+
+def queued_summary(queued: Sequence[ExperimentSpec]) -> str:
+    """One line per campaign (and per dependent experiment) that waits in the queue."""
+    lines = []
+    groups: dict[str, list[ExperimentSpec]] = {}
+    for spec in queued:
+        key = spec.campaign.name if spec.campaign is not None else spec.experiment_id
+        groups.setdefault(key, []).append(spec)
+    for key, specs in groups.items():
+        first = specs[0]
+        camp = first.campaign
+        parts = []
+        if camp is not None:
+            parts.append(f"{len(specs)} task(s)")
+            if camp.max_parallel is not None:
+                parts.append(f"at most {camp.max_parallel} at once")
+            parts.append(f"dispatch {camp.dispatch.value}")
+            if camp.suite is not None:
+                parts.append("suite" + (f" with {camp.suite.workers} worker(s) per node"
+                                        if camp.suite.workers else ""))
+        if first.after:
+            parts.append(f"after {', '.join(first.after)}")
+        if first.after_any:
+            parts.append(f"after any end of {', '.join(first.after_any)}")
+        lines.append(f"queued: {key}: {'; '.join(parts)}")
+    return "\n".join(lines)
 
 
 # Short column headers for known score parts; any other part shows under its own name.
@@ -299,7 +344,11 @@ def instances_table(run: RunRecord, records: list[InstanceRecord]) -> Table:
                   title_justify="left")
     for col in ("instance", "node", "state", "pid", "exit", "runtime", "restarts", "detail"):
         table.add_column(col)
-    for r in records:
+    shown, hidden = shown_rows(records)
+    if hidden:
+        table.caption = (f"{hidden} more campaign task(s) (queued, dispatched, exited, "
+                         "cancelled or skipped) are counted in the campaign lines")
+    for r in shown:
         style = _PHASE_STYLE.get(r.state.value, "")
         state = f"[{style}]{r.state.value}[/]" if style else r.state.value
         table.add_row(r.instance_id, r.node, state, str(r.pid or "-"), _ended(r),
@@ -355,8 +404,35 @@ def fetch_problem(instance: str, outcome: ResultsFetch | InfraError) -> str | No
             f"({outcome.issues[0].one_line()}{more})")
 
 
-def status_json(run: RunRecord, records: list[InstanceRecord]) -> dict[str, Any]:
+FAILED_SHOWN = 20
+"""Failed tasks a campaign block lists by name (the JSON has them all)."""
+
+
+def campaign_block(summaries: Sequence[CampaignSummary]) -> Text:
+    """Per campaign: its counts, its pools per node, why work waits, its failed tasks."""
+    text = Text()
+    for summary in summaries:
+        text.append(summary.line() + "\n", style="bold")
+        for pool in summary.pools:
+            what = "gave up" if pool.abandoned else pool.state
+            detail = f"{pool.workers} worker(s), {pool.running} running, {pool.queued} held"
+            reason = f": {pool.reason}" if pool.reason else ""
+            text.append(f"  pool on {pool.node}: {what} ({detail}){reason}\n",
+                        style="yellow" if pool.abandoned else "")
+        if summary.queued_reason:
+            text.append(f"  {summary.queued_reason}\n", style="yellow")
+        for task, reason in summary.failed[:FAILED_SHOWN]:
+            text.append(f"  failed: {task}: {reason}\n", style="red")
+        if len(summary.failed) > FAILED_SHOWN:
+            text.append(f"  ... and {len(summary.failed) - FAILED_SHOWN} more failed "
+                        "(status --json lists them all)\n", style="red")
+    return text
+
+
+def status_json(run: RunRecord, records: list[InstanceRecord],
+                pools: Sequence[PoolRecord] = ()) -> dict[str, Any]:
     return {
+        "campaigns": [c.to_json() for c in summarize(records, pools)],
         "run_id": run.run_id,
         "state": run.state.value,
         "created_at": run.created_at,
@@ -437,18 +513,27 @@ def stop_lines(report: StopReport) -> Text:
     """What a stop did: what it stopped, and what was already over (left as it was)."""
     text = Text()
     if report.stopped:
-        text.append(f"stopped: {', '.join(report.stopped)}\n")
+        text.append(f"stopped: {some(report.stopped)}\n")
+    if report.cancelled:
+        text.append(f"cancelled before they started: {some(report.cancelled)}\n")
     if report.already_over:
-        text.append("already over (left as they were): " + ", ".join(
-            f"{i} {s}" for i, s in sorted(report.already_over.items())) + "\n")
-    if not report.stopped and not report.already_over and not report.errors:
+        text.append("already over (left as they were): " + some(
+            [f"{i} {s}" for i, s in sorted(report.already_over.items())]) + "\n")
+    if not report.stopped and not report.already_over and not report.errors \
+            and not report.cancelled:
         text.append("nothing to stop\n")
     return text
 
 
+def some(items: Sequence[str], limit: int = 12) -> str:
+    """A list for one line: the first ``limit`` items and how many more (campaigns are long)."""
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
 def stop_json(report: StopReport) -> dict[str, Any]:
-    return {"stopped": list(report.stopped), "already_over": dict(report.already_over),
-            "errors": dict(report.errors)}
+    return {"stopped": list(report.stopped), "cancelled": list(report.cancelled),
+            "already_over": dict(report.already_over), "errors": dict(report.errors)}
 
 
 # --------------------------------------------------------------------------- prune

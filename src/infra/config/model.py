@@ -12,12 +12,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from infra.campaign.model import CampaignSpec, SweepSpec
 from infra.config.project import resolve_deploy_source
 
 LOCAL_HOSTS = frozenset({"localhost", "local"})
 # What every node runs unless it says otherwise: processes started on the host by the supervisor.
 DEFAULT_RUNTIME_DRIVERS = ("host_local",)
 DEFAULT_MAX_DELETES = 50
+DEFAULT_MAX_TASKS = 10000
+"""Largest sweep a spec may expand to unless ``campaigns.max_tasks`` says otherwise."""
 """A ``--delete`` deploy removing more files or directories than this on a node needs --yes."""
 
 
@@ -399,6 +402,13 @@ class DeploySection:
 
 
 @dataclass(frozen=True)
+class CampaignsSection:
+    """Limits on campaigns: ``max_tasks`` bounds the tasks one sweep may expand to."""
+
+    max_tasks: int = DEFAULT_MAX_TASKS
+
+
+@dataclass(frozen=True)
 class Cluster:
     """The whole parsed topology. ``path`` is the file it came from."""
 
@@ -412,6 +422,7 @@ class Cluster:
     logging: LoggingSection = LoggingSection()
     placement: PlacementSection = PlacementSection()
     deploy: DeploySection = DeploySection()
+    campaigns: CampaignsSection = CampaignsSection()
 
     def node(self, name: str) -> NodeConfig:
         for node in self.nodes:
@@ -472,7 +483,13 @@ class ExperimentSpec:
     resources: ResourceRequest = ResourceRequest()
     constraints: tuple[Constraint, ...] = ()
     job_type: JobType = JobType.BATCH
-    template_id: str | None = None  # system/sysbatch copy: the spec it was expanded from
+    template_id: str | None = None  # system/sysbatch copy or sweep task: the spec it came from
+    after: tuple[str, ...] = ()  # start only when these ended successfully
+    after_any: tuple[str, ...] = ()  # start only when these ended at all
+    priority: int = 0  # higher first between runs and campaigns
+    campaign: CampaignSpec | None = None  # every sweep task; a spec with suite/queue keys
+    task_index: int | None = None  # a sweep task's index (0-based)
+    sweep: SweepSpec | None = None  # the template only: expanded before planning
 
     @property
     def ram_demand_unified(self) -> float:

@@ -13,12 +13,13 @@ import re
 import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
 import yaml
 
 from infra.errors import ConfigError, UsageError
+from infra.quoting import pattern_problem
 
 T = TypeVar("T")
 
@@ -34,6 +35,31 @@ def check_safe_id(value: str) -> str | None:
     if ".." in value:
         return f"{value!r} is not a safe id (must not contain '..')"
     return None
+
+
+def relative_path_problem(value: str) -> str | None:
+    """Why ``value`` is not a relative path inside the working directory, or None."""
+    control = pattern_problem(value)  # it becomes an rsync protect rule and a node path
+    if control:
+        return f"must be on one line: {control}"
+    pure = PurePosixPath(value)
+    if pure.is_absolute() or any(part.startswith("~") for part in pure.parts):
+        return (f"must be relative to the experiment's working directory (no '/' "
+                f"or '~' at the start of a part), got {value!r}")
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+        return f"must not contain control characters, got {value!r}"
+    if ".." in pure.parts:
+        return f"must stay inside the working directory (no '..'), got {value!r}"
+    return None
+
+
+def display_path(path: Path) -> str:
+    """A stored (resolved) spec path as the user likely wrote it: relative to the current
+    directory when inside it, else absolute; for messages that name a file."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except (ValueError, OSError):
+        return str(path)
 
 
 MAX_DEPTH = 64

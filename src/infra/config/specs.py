@@ -5,18 +5,41 @@ from __future__ import annotations
 import re
 import shlex
 from collections.abc import Iterable, Mapping
-from pathlib import Path, PurePosixPath
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
+from infra.campaign.model import (
+    DEFAULT_PREFETCH,
+    CampaignSpec,
+    CpuBinding,
+    DispatchMode,
+    SuiteSpec,
+    SweepSpec,
+)
+from infra.campaign.sweep import argv_template, check_task_ids, check_templates, parse_sweep
 from infra.config.model import Cluster, ExperimentSpec, JobType, RecoverPolicy
-from infra.config.reader import MAX_COUNT, Section, check_safe_id, load_document
+from infra.config.reader import (
+    MAX_COUNT,
+    Section,
+    check_safe_id,
+    display_path,
+    load_document,
+    relative_path_problem,
+)
 from infra.config.resources import ParsedResources, parse_constraints, parse_resources
 from infra.errors import ConfigError, UsageError
-from infra.quoting import pattern_problem
 
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 RECOVER_CHOICES = [r.value for r in RecoverPolicy]
 JOB_TYPES = [j.value for j in JobType]
+CPU_BINDINGS = [b.value for b in CpuBinding]
+DISPATCH_MODES = [d.value for d in DispatchMode]
+MAX_WORKERS = 4096
+"""Upper bound on a suite's workers per node, its core numbers and its prefetch depth."""
+MAX_TASKS_LIMIT = 1_000_000
+PRIORITY_LIMIT = 1_000_000
+"""``priority`` is an integer in -PRIORITY_LIMIT..PRIORITY_LIMIT."""
 # Keys accepted and kept for later features (none now: resources, constraints and job_type
 # are real).
 RESERVED_SPEC_KEYS: frozenset[str] = frozenset()
@@ -55,18 +78,80 @@ def load_spec(path: str | Path, cluster: Cluster) -> ExperimentSpec:
 
 
 def _relative_path(s: Section, key: str, value: str) -> str:
-    control = pattern_problem(value)  # it becomes an rsync protect rule and a node path
-    if control:
-        raise s.error(key, f"must be on one line: {control}")
-    pure = PurePosixPath(value)
-    if pure.is_absolute() or any(part.startswith("~") for part in pure.parts):
-        raise s.error(key, f"must be relative to the experiment's working directory (no '/' "
-                      f"or '~' at the start of a part), got {value!r}")
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
-        raise s.error(key, f"must not contain control characters, got {value!r}")
-    if ".." in pure.parts:
-        raise s.error(key, f"must stay inside the working directory (no '..'), got {value!r}")
+    why = relative_path_problem(value)
+    if why:
+        raise s.error(key, why)
     return value
+
+
+def _command(s: Section, key: str, *, template: bool = False) -> str:
+    """A command: a string, or a list of arguments joined with shell quoting (for a sweep,
+    into a template whose placeholders each stay inside their argument)."""
+    raw_cmd = s.raw(key)
+    if isinstance(raw_cmd, list) and raw_cmd and all(isinstance(c, str) for c in raw_cmd):
+        for i, part in enumerate(raw_cmd):
+            if not part.strip():
+                raise s.error(f"{key}[{i}]", "must not be empty (write an empty argument "
+                              f"with the string form of {key})")
+        return argv_template(s.file, raw_cmd) if template else shlex.join(raw_cmd)
+    if isinstance(raw_cmd, str) and raw_cmd.strip():
+        return raw_cmd
+    raise s.error(key, "expected a non-empty string or a list of strings")
+
+
+def _id_list(s: Section, key: str, experiment_id: str) -> tuple[str, ...]:
+    """``after`` / ``after_any``: distinct safe ids, not the experiment itself."""
+    ids: tuple[str, ...] = s.string_list(key, ())
+    for i, peer in enumerate(ids):
+        why = check_safe_id(peer)
+        if why:
+            raise s.error(f"{key}[{i}]", why)
+        if peer == experiment_id:
+            raise s.error(f"{key}[{i}]", f"lists the experiment itself ({experiment_id!r})")
+        if peer in ids[:i]:
+            raise s.error(f"{key}[{i}]", f"lists {peer!r} twice")
+    return ids
+
+
+def _suite(s: Section) -> SuiteSpec:
+    """The ``suite`` section: hooks, workers per node, CPU binding, prefetch depth."""
+    setup = _command(s, "setup") if s.has("setup") else None
+    cleanup = _command(s, "cleanup") if s.has("cleanup") else None
+    workers = s.integer("workers", None, minimum=1, maximum=MAX_WORKERS)
+    binding = s.choice("cpu_binding", CpuBinding, CPU_BINDINGS, CpuBinding.ROUND_ROBIN)
+    raw_cores = s.raw("cores", [])
+    if not isinstance(raw_cores, list):
+        raise s.error("cores", "expected a list of core numbers")
+    cores: list[int] = []
+    for i, core in enumerate(raw_cores):
+        if isinstance(core, bool) or not isinstance(core, int) or not 0 <= core < MAX_WORKERS:
+            raise s.error(f"cores[{i}]", f"expected a core number 0..{MAX_WORKERS - 1}, "
+                          f"got {core!r}")
+        if core in cores:
+            raise s.error(f"cores[{i}]", f"lists core {core} twice")
+        cores.append(core)
+    if binding is CpuBinding.EXCLUSIVE and cores and workers is not None \
+            and workers > len(cores):
+        raise s.error("workers", f"{workers} workers cannot each have a core of their own: "
+                      f"cores lists {len(cores)} (cpu_binding: exclusive)")
+    prefetch = s.integer("prefetch", DEFAULT_PREFETCH, minimum=0, maximum=MAX_WORKERS)
+    s.finish()
+    return SuiteSpec(setup=setup, cleanup=cleanup, workers=workers, cpu_binding=binding,
+                     cores=tuple(cores), prefetch=prefetch)
+
+
+def _campaign(s: Section, experiment_id: str, sweep: SweepSpec | None,
+              priority: int) -> CampaignSpec | None:
+    """The campaign a spec starts: with a sweep, a suite, max_parallel or dispatch."""
+    max_parallel = s.integer("max_parallel", None, minimum=1, maximum=MAX_TASKS_LIMIT)
+    dispatch = s.choice("dispatch", DispatchMode, DISPATCH_MODES, DispatchMode.PREFETCH)
+    fail_fast = s.boolean("fail_fast", False)
+    suite = _suite(s.section("suite")) if s.has("suite") else None
+    if sweep is None and suite is None and max_parallel is None and not s.has("dispatch"):
+        return None
+    return CampaignSpec(name=experiment_id, size=1 if sweep is None else sweep.size,
+                        max_parallel=max_parallel, priority=priority, dispatch=dispatch,
+                        fail_fast=fail_fast, suite=suite)
 
 
 def parse_spec(data: Any, path: Path, cluster: Cluster) -> ExperimentSpec:
@@ -80,17 +165,9 @@ def parse_spec(data: Any, path: Path, cluster: Cluster) -> ExperimentSpec:
     if why:
         raise s.error("experiment_id", why)
 
-    raw_cmd = s.raw("command")
-    if isinstance(raw_cmd, list) and raw_cmd and all(isinstance(c, str) for c in raw_cmd):
-        for i, part in enumerate(raw_cmd):
-            if not part.strip():
-                raise s.error(f"command[{i}]", "must not be empty (write an empty argument "
-                              "with the string form of command)")
-        command = shlex.join(raw_cmd)
-    elif isinstance(raw_cmd, str) and raw_cmd.strip():
-        command = raw_cmd
-    else:
-        raise s.error("command", "expected a non-empty string or a list of strings")
+    sweep = parse_sweep(s.section("sweep"), cluster.campaigns.max_tasks) \
+        if s.has("sweep") else None
+    command = _command(s, "command", template=sweep is not None)
 
     workdir = s.string("workdir", None)
     if workdir is not None:
@@ -136,6 +213,18 @@ def parse_spec(data: Any, path: Path, cluster: Cluster) -> ExperimentSpec:
     if params is not None and not isinstance(params, Mapping):
         raise s.error("params", "expected a mapping of experiment parameters")
 
+    job_type = s.choice("job_type", JobType, JOB_TYPES, JobType.BATCH)
+    if sweep is not None and job_type in (JobType.SYSTEM, JobType.SYSBATCH):
+        raise s.error("sweep", f"a {job_type.value} job runs one copy per node and cannot "
+                      "have a sweep; use job_type batch or service")
+    after = _id_list(s, "after", experiment_id)
+    after_any = _id_list(s, "after_any", experiment_id)
+    for i, peer in enumerate(after_any):
+        if peer in after:
+            raise s.error(f"after_any[{i}]", f"{peer!r} is also in after; keep one")
+    priority = s.integer("priority", 0, minimum=-PRIORITY_LIMIT, maximum=PRIORITY_LIMIT)
+    campaign = _campaign(s, experiment_id, sweep, priority)
+
     spec = ExperimentSpec(
         experiment_id=experiment_id,
         command=command,
@@ -162,33 +251,143 @@ def parse_spec(data: Any, path: Path, cluster: Cluster) -> ExperimentSpec:
         extra=tuple(sorted((k, s.data[k]) for k in RESERVED_SPEC_KEYS if k in s.data)),
         resources=res.request,
         constraints=parse_constraints(s, "constraints"),
-        job_type=s.choice("job_type", JobType, JOB_TYPES, JobType.BATCH),
+        job_type=job_type,
+        after=after,
+        after_any=after_any,
+        priority=priority,
+        campaign=campaign,
+        sweep=sweep,
     )
     s.finish(reserved=RESERVED_SPEC_KEYS)
+    if sweep is not None:
+        check_task_ids(file, experiment_id, sweep.size)
+        check_templates(file, spec)
     return spec
 
 
-def check_spec_set(specs: Iterable[ExperimentSpec]) -> tuple[ExperimentSpec, ...]:
-    """Cross-file checks: unique ids, affinity lists naming known instances.
+def _known_ids(by_id: Mapping[str, ExperimentSpec],
+               sweeps: Mapping[str, list[str]]) -> str:
+    """The ids a run knows, for messages: a sweep's tasks as one range."""
+    plain = sorted(i for i, sp in by_id.items() if sp.task_index is None)
+    ranges = [f"{name} (tasks {ids[0]}..{ids[-1]})" for name, ids in sorted(sweeps.items())]
+    return ", ".join(sorted(plain + ranges))
 
-    Returns the specs sorted by id so nothing downstream depends on flag order.
+
+def _sweeps(by_id: Mapping[str, ExperimentSpec]) -> dict[str, list[str]]:
+    """Sweep name -> its task ids in task order (tasks carry ``task_index``)."""
+    sweeps: dict[str, list[str]] = {}
+    for spec in sorted(by_id.values(), key=lambda sp: (sp.task_index or 0, sp.experiment_id)):
+        if spec.task_index is not None and spec.template_id is not None:
+            sweeps.setdefault(spec.template_id, []).append(spec.experiment_id)
+    return sweeps
+
+
+def _affinities(spec: ExperimentSpec, by_id: Mapping[str, ExperimentSpec],
+                sweeps: Mapping[str, list[str]]) -> ExperimentSpec:
+    """``affinity``/``anti_affinity`` naming known ids; a sweep's name means all its tasks."""
+    lists: dict[str, tuple[str, ...]] = {}
+    for key, ids in (("affinity", spec.affinity), ("anti_affinity", spec.anti_affinity)):
+        out: list[str] = []
+        for i, peer in enumerate(ids):
+            if peer not in by_id and peer not in sweeps:
+                raise ConfigError(display_path(spec.source), f"{key}[{i}]",
+                                  f"unknown instance id {peer!r}; instances in this run: "
+                                  f"{_known_ids(by_id, sweeps)}")
+            if peer == spec.experiment_id:
+                raise ConfigError(display_path(spec.source), f"{key}[{i}]",
+                                  f"names {peer!r}, one of this sweep's own tasks")
+            out.extend(sweeps.get(peer, [peer]))
+        lists[key] = tuple(dict.fromkeys(out))
+    if lists["affinity"] == spec.affinity and lists["anti_affinity"] == spec.anti_affinity:
+        return spec
+    return replace(spec, affinity=lists["affinity"], anti_affinity=lists["anti_affinity"])
+
+
+def _dependency_cycle(by_id: Mapping[str, ExperimentSpec],
+                      sweeps: Mapping[str, list[str]]) -> None:
+    """Refuse ``after``/``after_any`` naming unknown ids or going round in a cycle.
+
+    Checked per spec file (a sweep's tasks share their dependencies), which finds exactly the
+    cycles between tasks: the message names the ids as written, ``a -> b -> a``.
+    """
+    def group(instance: str) -> str:
+        spec = by_id.get(instance)
+        return instance if spec is None or spec.task_index is None or spec.template_id is None \
+            else spec.template_id
+
+    edges: dict[str, list[tuple[str, str, str]]] = {}  # group -> (ref, its group, key)
+    first: dict[str, ExperimentSpec] = {}
+    for spec in by_id.values():
+        g = group(spec.experiment_id)
+        if g in first:
+            continue
+        first[g] = spec
+        out = edges.setdefault(g, [])
+        for key, ids in (("after", spec.after), ("after_any", spec.after_any)):
+            for i, peer in enumerate(ids):
+                if peer not in by_id and peer not in sweeps:
+                    raise ConfigError(display_path(spec.source), f"{key}[{i}]",
+                                      f"unknown id {peer!r}; ids in this run: "
+                                      f"{_known_ids(by_id, sweeps)}")
+                out.append((peer, peer if peer in sweeps else group(peer), key))
+    done: set[str] = set()
+    for start in sorted(edges):
+        if start in done:
+            continue
+        path: list[tuple[str, str, str]] = [(start, start, "")]  # (group, ref, key)
+        on_path = {start: 0}
+        todo = [iter(edges[start])]
+        while todo:
+            step = next(todo[-1], None)
+            if step is None:
+                todo.pop()
+                g, _, _ = path.pop()
+                del on_path[g]
+                done.add(g)
+                continue
+            ref, g, key = step
+            if g in on_path:
+                names = [r for _, r, _ in path[on_path[g]:]] + [ref]
+                names[0] = path[on_path[g]][0]
+                if ref != g:
+                    names[-1] = f"{ref} (a task of {g})"
+                spec = first[path[-1][0]]
+                raise ConfigError(display_path(spec.source), key,
+                                  f"dependency cycle: {' -> '.join(names)}")
+            if g in done:
+                continue
+            on_path[g] = len(path)
+            path.append((g, ref, key))
+            todo.append(iter(edges[g]))
+
+
+def check_spec_set(specs: Iterable[ExperimentSpec]) -> tuple[ExperimentSpec, ...]:
+    """Cross-file checks over expanded specs (``campaign.sweep.expand_all`` first): unique
+    ids, affinity lists and dependencies naming known instances or sweeps, no cycles.
+
+    A sweep's name in ``affinity``/``anti_affinity`` is replaced by its tasks. Returns the
+    specs sorted by id so nothing downstream depends on flag order.
     """
     by_id: dict[str, ExperimentSpec] = {}
     for spec in specs:
+        if spec.sweep is not None:
+            raise ValueError(f"{spec.experiment_id}: sweeps must be expanded before "
+                             "check_spec_set")
         other = by_id.get(spec.experiment_id)
         if other is not None:
-            raise ConfigError(str(spec.source), "experiment_id",
+            raise ConfigError(display_path(spec.source), "experiment_id",
                               f"duplicate instance id {spec.experiment_id!r} "
-                              f"(also in {other.source})")
+                              f"(also in {display_path(other.source)})")
         by_id[spec.experiment_id] = spec
-    for spec in by_id.values():
-        for key, ids in (("affinity", spec.affinity), ("anti_affinity", spec.anti_affinity)):
-            for i, peer in enumerate(ids):
-                if peer not in by_id:
-                    raise ConfigError(str(spec.source), f"{key}[{i}]",
-                                      f"unknown instance id {peer!r}; instances in this run: "
-                                      f"{', '.join(sorted(by_id))}")
-    return tuple(sorted(by_id.values(), key=lambda sp: sp.experiment_id))
+    sweeps = _sweeps(by_id)
+    for name, tasks in sweeps.items():
+        if name in by_id:
+            raise ConfigError(display_path(by_id[name].source), "experiment_id",
+                              f"duplicate id {name!r}: also the name of the sweep in "
+                              f"{display_path(by_id[tasks[0]].source)}")
+    checked = [_affinities(spec, by_id, sweeps) for spec in by_id.values()]
+    _dependency_cycle(by_id, sweeps)
+    return tuple(sorted(checked, key=lambda sp: sp.experiment_id))
 
 
 def parse_pins(text: str | None, cluster: Cluster,
@@ -196,7 +395,9 @@ def parse_pins(text: str | None, cluster: Cluster,
     """Parse ``--placement a:jetson,b:rpi1`` into {instance: node}, checking both names."""
     if not text:
         return {}
-    ids = {s.experiment_id for s in specs}
+    by_id = {s.experiment_id: s for s in specs}
+    ids = set(by_id)
+    sweeps = _sweeps(by_id)
     pins: dict[str, str] = {}
     for raw in text.split(","):
         item = raw.strip()
@@ -206,9 +407,19 @@ def parse_pins(text: str | None, cluster: Cluster,
         instance, node = instance.strip(), node.strip()
         if not sep or not instance or not node:
             raise UsageError(f"--placement: {item!r} is not of the form INSTANCE:NODE")
+        if instance in sweeps:  # a sweep's name pins every one of its tasks
+            if node not in cluster.node_names:
+                raise UsageError(f"--placement: unknown node {node!r} for {instance}; nodes: "
+                                 f"{', '.join(cluster.node_names)}")
+            for task in sweeps[instance]:
+                if pins.get(task, node) != node:
+                    raise UsageError(f"--placement: {task} is pinned twice "
+                                     f"({pins[task]} and {node})")
+                pins[task] = node
+            continue
         if instance not in ids:
             raise UsageError(f"--placement: unknown instance id {instance!r}; instances: "
-                             f"{', '.join(sorted(ids)) or '(none: give --config files)'}")
+                             f"{_known_ids(by_id, sweeps) or '(none: give --config files)'}")
         if node not in cluster.node_names:
             raise UsageError(f"--placement: unknown node {node!r} for {instance}; nodes: "
                              f"{', '.join(cluster.node_names)}")

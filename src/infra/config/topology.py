@@ -12,8 +12,10 @@ from typing import Any
 
 from infra.config.model import (
     DEFAULT_MAX_DELETES,
+    DEFAULT_MAX_TASKS,
     DEFAULT_RUNTIME_DRIVERS,
     LOCAL_HOSTS,
+    CampaignsSection,
     Cluster,
     ClusterSection,
     DefaultsSection,
@@ -60,6 +62,8 @@ LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 HEALTH_CHECK_NAMES = ["ssh", "memory", "disk", "temperature", "process"]
 MAX_CORES = 4096
 MAX_INSTANCES = 10000
+MAX_TASKS_LIMIT = 1_000_000
+"""Upper bound on ``campaigns.max_tasks`` (every task is a stored instance)."""
 LEASE_MIN_SECONDS = 2.0
 """The live loop renews its lease every 1 s tick; a shorter lease would lapse between ticks."""
 
@@ -85,10 +89,11 @@ def parse_cluster(data: Any, path: Path) -> Cluster:
     logging = _logging(top.section("logging"))
     placement = _placement(top.section("placement"), nodes)
     deploy = _deploy(top.section("deploy"))
+    campaigns = _campaigns(top.section("campaigns"))
     top.finish()
     return Cluster(path=path.resolve(), nodes=nodes, cluster=cluster, network=network,
                    defaults=defaults, health_check=health, failover=failover,
-                   logging=logging, placement=placement, deploy=deploy)
+                   logging=logging, placement=placement, deploy=deploy, campaigns=campaigns)
 
 
 def _cluster_section(s: Section) -> ClusterSection:
@@ -346,5 +351,13 @@ def _deploy(s: Section) -> DeploySection:
                         protect=protect,
                         max_deletes=s.integer("max_deletes", DEFAULT_MAX_DELETES, minimum=0,
                                                   maximum=10**9))
+    s.finish()
+    return out
+
+
+def _campaigns(s: Section) -> CampaignsSection:
+    out = CampaignsSection(
+        max_tasks=s.integer("max_tasks", DEFAULT_MAX_TASKS, minimum=1, maximum=MAX_TASKS_LIMIT),
+    )
     s.finish()
     return out

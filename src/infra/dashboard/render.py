@@ -556,6 +556,10 @@ FOOTER_MIN_HEIGHT = 8
 """Below this many lines the keys line gives way to the nodes and instances."""
 
 
+PROGRESS_LINES = 3
+"""Campaign progress lines a frame shows under its title, at most."""
+
+
 def frame_lines(snapshot: RunSnapshot, *, width: int, height: int) -> list[Text]:
     """The frame as lines: at most ``height`` of them, each at most ``width`` cells."""
     width = max(1, width)
@@ -563,6 +567,9 @@ def frame_lines(snapshot: RunSnapshot, *, width: int, height: int) -> list[Text]
     lines = [title_text(snapshot)]
     if snapshot.notice and height > 1:
         lines.append(Text(_clean(snapshot.notice), style="italic yellow"))
+    for progress in snapshot.progress[:PROGRESS_LINES]:
+        if height - len(lines) > 2:
+            lines.append(Text(_clean(progress), style="bold cyan"))
     footer = snapshot.footer and height >= FOOTER_MIN_HEIGHT
     body = height - len(lines) - (1 if footer else 0)
     budget = _budget(body, max(1, len(snapshot.nodes)), max(1, len(snapshot.instances)),
@@ -627,6 +634,7 @@ def render_status_line(snapshot: RunSnapshot) -> str:
         if lost:
             line += " (down: " + ", ".join(lost[:5]) + (", ..." if len(lost) > 5 else "") + ")"
         parts.append(line)
+    parts += [_clean(p) for p in snapshot.progress_plain]
     if snapshot.watcher:
         parts.append(f"lease held by {_clean(snapshot.watcher)}")
     return " | ".join(parts)

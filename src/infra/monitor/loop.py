@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from infra.campaign.progress import Progress, render_bar
 from infra.config.model import RecoverPolicy
 from infra.errors import BadAnswerError, CommandFailedError, InfraError, StateError
 from infra.monitor import tracker as trk
@@ -38,11 +39,18 @@ from infra.monitor.snapshot import (
 from infra.placement import Condition, NodeCondition
 from infra.probe.health import NodeHealth, NodeStatus
 from infra.probe.run import check_health
+from infra.runner.campaign import CampaignDriver
 from infra.runner.lifecycle import LOG_SYNC_ATTEMPTS, RunSession
 from infra.state import FailureClass, InstancePhase, InstanceRecord
 from infra.state.store import coordinator_id
 
 FOLLOW_STREAMS_PER_NODE = 4
+HARVEST_PER_NODE = 4
+"""Ended instances whose logs and results are copied home at once, per node."""
+HARVEST_PER_TICK = 16
+"""Ended instances per node whose logs and results one tick copies home (the rest wait)."""
+PROGRESS_WIDTH = 72
+"""Width of a campaign's progress bar with its counts (the pool states follow it)."""
 """Long-lived follow channels per node; further instances are synced by reads each tick,
 so streams never use up the connection's channels (OpenSSH MaxSessions is 10)."""
 RESULT_FETCH_ATTEMPTS = 3
@@ -126,6 +134,7 @@ class Monitor:
         self.log_failures: dict[str, int] = {}
         self.log_gave_up: dict[str, str] = {}  # instance -> the node its log was given up on
         self.kept: set[str] = set()  # failed instances said not to be moved (said once)
+        self.campaigns = CampaignDriver(session, run_id)
 
     # ------------------------------------------------------------------ main loop
 
@@ -173,22 +182,37 @@ class Monitor:
 
         Only nodes that answer get cleared; this never holds up the detach for long: a node
         that cannot be told fences its work after the timeout (the next ``watch`` restarts it).
+        The run's campaign pools are told at the same time (they keep starting their queued
+        tasks while nobody watches).
         """
         if self.fence_seconds is None:
             return
         fenced = {r.node for r in self.s.store.instances(self.run_id)
                   if r.state.active and self.s.fenced(r.spec)}
-        down = {n for n in fenced if self._node_down(n)}
-        if not fenced - down:
+        pooled = {p.node for p in self.s.store.pools(self.run_id) if not p.abandoned}
+        down = {n for n in fenced | pooled if self._node_down(n)}
+        if not (fenced | pooled) - down:
             return
         bound = min(self.s.cluster.health_check.timeout_seconds, FENCE_CLEAR_SECONDS)
+
+        async def instances() -> set[str]:
+            if not fenced - down:
+                return set()
+            return set(await self.s.sweep(self.run_id, skip=down, fence_clear=True,
+                                          stop_stale=False))
+
+        async def pools() -> set[str]:
+            if not pooled - down:
+                return set()
+            return set(await self.campaigns.clear_fences(down))
+
         try:
-            failed = set(await asyncio.wait_for(
-                self.s.sweep(self.run_id, skip=down, fence_clear=True, stop_stale=False),
-                timeout=bound))
+            answers = await asyncio.wait_for(asyncio.gather(instances(), pools()),
+                                             timeout=bound)
+            failed = answers[0] | answers[1]
         except (asyncio.TimeoutError, InfraError):
-            failed = fenced - down
-        for node in sorted((fenced & failed) | down):
+            failed = (fenced | pooled) - down
+        for node in sorted(((fenced | pooled) & failed) | down):
             self.s.emit("fence", node, "could not clear the fences there; its watched work "
                         "stops after the fence timeout unless the run is watched again")
 
@@ -328,6 +352,10 @@ class Monitor:
         # the sweep and probes may have taken a while: renew right before acting
         if acting and await self.hold_lease():
             await self._recover()
+            if self.holding():
+                await self.campaigns.tick(self.conditions(), down=down | set(errors),
+                                          lost=self._lost_nodes(),
+                                          fence_seconds=self.fence_seconds)
             records = {r.instance_id: r for r in self.s.store.instances(self.run_id)}
             await self._service_logs_and_results(records)
         return {n: t.reason for n, t in self.trackers.items()
@@ -374,12 +402,25 @@ class Monitor:
                 self.s.emit("start", rec.instance_id, "resuming an unfinished launch")
                 await self.s.start_instance(self.run_id, rec)
 
+    def _lost_nodes(self) -> set[str]:
+        """Offline nodes whose fenced work has certainly stopped: their tasks go elsewhere."""
+        out = set()
+        for name, t in self.trackers.items():
+            if t.state is NodeState.OFFLINE and self.fence_wait(name) <= 0:
+                out.add(name)
+        return out
+
     async def _recover(self) -> None:
-        """Apply each instance's ``recover`` policy to lost nodes and exhausted restarts."""
+        """Apply each instance's ``recover`` policy to lost nodes and exhausted restarts.
+
+        Campaign tasks are the campaign driver's: it requeues them instead of moving them,
+        and a task that used up its attempts stays failed (the campaign goes on)."""
         await self._resume_launch()
         for rec in self.s.store.instances(self.run_id):
             if not self.holding():
                 return
+            if rec.spec.campaign is not None or not rec.node:
+                continue
             t = self.trackers.get(rec.node)
             policy = rec.spec.recover
             if t is not None and t.state is NodeState.OFFLINE and rec.state.active:
@@ -444,6 +485,10 @@ class Monitor:
                    if not t.done() and records.get(i) is not None and records[i].node == node)
 
     async def _service_logs_and_results(self, records: dict[str, InstanceRecord]) -> None:
+        """Start log streams for running work; copy the logs and fetch the results of work
+        that ended, a few instances per node at once (a campaign ends many short tasks per
+        tick; one at a time the coordinator would fall far behind its nodes)."""
+        ended: list[InstanceRecord] = []
         for instance_id, rec in sorted(records.items()):
             if not self.holding():
                 return
@@ -478,25 +523,55 @@ class Monitor:
                                                      guard=self.holding))
                     continue
                 if task is None:
-                    try:
-                        await self.s.sync_log(self.run_id, rec, follow=False,
-                                              guard=self.holding)
-                        self.log_failures.pop(instance_id, None)
-                        if rec.state.finished:
-                            self.drained.add(instance_id)
-                    except InfraError as exc:
-                        self._log_failed(rec, exc)
-            fetchable = rec.state in (InstancePhase.EXITED, InstancePhase.FAILED,
-                                      InstancePhase.STOPPED)
-            copied = instance_id in self.drained or instance_id in self.log_gave_up
-            if fetchable and copied and not rec.results_fetched \
-                    and self.fetch_failures.get(instance_id, 0) < RESULT_FETCH_ATTEMPTS:
-                try:
-                    await self.s.fetch_results(self.run_id, rec)
-                except InfraError as exc:
-                    self.fetch_failures[instance_id] = self.fetch_failures.get(instance_id, 0) + 1
-                    self.s.event(self.run_id, "results", instance_id,
-                                 f"fetching results failed: {exc.one_line()}")
+                    ended.append(rec)
+                continue
+            if self._fetch_due(rec):
+                ended.append(rec)
+        limits: dict[str, asyncio.Semaphore] = {}
+
+        async def one(rec: InstanceRecord) -> None:
+            gate = limits.setdefault(rec.node, asyncio.Semaphore(HARVEST_PER_NODE))
+            async with gate:
+                if self.holding():
+                    await self._copy_log_and_results(rec)
+
+        # a bounded batch per node and tick: dispatch and the status sweep come round again
+        # soon, whatever number of short tasks ended meanwhile
+        batch: dict[str, int] = {}
+        chosen = []
+        for rec in ended:
+            if batch.get(rec.node, 0) < HARVEST_PER_TICK:
+                batch[rec.node] = batch.get(rec.node, 0) + 1
+                chosen.append(rec)
+        await asyncio.gather(*(one(r) for r in chosen))
+
+    def _fetch_due(self, rec: InstanceRecord) -> bool:
+        """The instance ended, its log is home, and its results are not (retries left)."""
+        fetchable = rec.state in (InstancePhase.EXITED, InstancePhase.FAILED,
+                                  InstancePhase.STOPPED)
+        copied = rec.instance_id in self.drained or rec.instance_id in self.log_gave_up
+        return fetchable and copied and not rec.results_fetched \
+            and self.fetch_failures.get(rec.instance_id, 0) < RESULT_FETCH_ATTEMPTS
+
+    async def _copy_log_and_results(self, rec: InstanceRecord) -> None:
+        """Bring the log up to date (no stream follows it), then the results when due."""
+        instance_id = rec.instance_id
+        if instance_id not in self.drained and instance_id not in self.log_gave_up:
+            try:
+                await self.s.sync_log(self.run_id, rec, follow=False, guard=self.holding)
+                self.log_failures.pop(instance_id, None)
+                if rec.state.finished:
+                    self.drained.add(instance_id)
+            except InfraError as exc:
+                self._log_failed(rec, exc)
+        if not self._fetch_due(rec):
+            return
+        try:
+            await self.s.fetch_results(self.run_id, rec)
+        except InfraError as exc:
+            self.fetch_failures[instance_id] = self.fetch_failures.get(instance_id, 0) + 1
+            self.s.event(self.run_id, "results", instance_id,
+                         f"fetching results failed: {exc.one_line()}")
 
     def _log_failed(self, rec: InstanceRecord, exc: InfraError) -> None:
         """Count a failed log copy; past the limit, stop asking and say why (and mark lost).
@@ -585,9 +660,36 @@ class Monitor:
         events = tuple(EventView(e.at, e.kind, e.subject, e.message)
                        for e in self.s.store.recent_events(self.run_id, RECENT_EVENTS))
         run = self.s.store.run(self.run_id)
+        progress, plain = self._progress(records, run.created_at, now)
         return RunSnapshot(run_id=self.run_id, run_state=run.state.value, taken_at=now,
                            nodes=tuple(nodes), instances=instances, events=events,
-                           watcher=self.other or "", footer=DASHBOARD_KEYS)
+                           watcher=self.other or "", footer=DASHBOARD_KEYS,
+                           progress=progress, progress_plain=plain)
+
+    def _progress(self, records: dict[str, InstanceRecord], started: float,
+                  now: float) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """One progress line per campaign (bar, counts, rate, ETA, pool states), and the
+        same without bar, rate and ETA for the plain line mode (it prints on change)."""
+        bars: list[str] = []
+        plain: list[str] = []
+        groups: dict[str, list[InstanceRecord]] = {}
+        for rec in records.values():
+            if rec.spec.campaign is not None:
+                groups.setdefault(rec.spec.campaign.name, []).append(rec)
+        if not groups:
+            return (), ()
+        pools = self.s.store.pools(self.run_id)
+        for name, tasks in sorted(groups.items()):
+            p = Progress.of([(t.state, t.ended_at) for t in tasks], started, now)
+            states = ", ".join(f"{pool.node} {'gave up' if pool.abandoned else pool.state}"
+                               for pool in pools if pool.campaign == name)
+            tail = f" · pools: {states}" if states else ""
+            bars.append(f"{name} {render_bar(p, PROGRESS_WIDTH)}{tail}")
+            plain.append(f"{name} {p.done}/{p.total} done, {p.running} running, "
+                         f"{p.queued} queued, {p.failed} failed"
+                         + (f", {p.skipped} skipped" if p.skipped else "")
+                         + (f", {p.cancelled} cancelled" if p.cancelled else "") + tail)
+        return tuple(bars), tuple(plain)
 
     def _stale(self, node: str, now: float) -> float | None:
         """How old what we know of ``node`` is, when it is not answering (None: current)."""

@@ -100,3 +100,5 @@ class RunSnapshot:
     watcher: str = ""          # who holds the run's lease ("" = this process)
     notice: str = ""           # one line shown under the title (e.g. "detached: Ctrl-C")
     footer: str = ""           # one line at the bottom: the keys ("Ctrl-C detaches ...")
+    progress: tuple[str, ...] = ()  # one line per campaign: bar, counts, rate, ETA
+    progress_plain: tuple[str, ...] = ()  # the same without rate/ETA (plain line mode)

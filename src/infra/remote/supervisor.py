@@ -1,8 +1,9 @@
 """Node-side supervisor: runs one experiment detached, applies the restart policy, records state.
 
-Standard library only, Python 3.8+. The coordinator copies this file to
-``<remote_work_dir>/.infra/supervisor-<sha256[:12]>.py`` (versioned by content) and calls it
-over SSH; every subcommand except ``follow`` prints one JSON document between the two marker
+Standard library only, Python 3.8+. The coordinator copies this file, with its sibling
+``pool.py`` (node-side worker pools, the ``pool-sync`` subcommand), to
+``<remote_work_dir>/.infra/bin-<sha256[:12]>/`` (versioned by content) and calls it over
+SSH; every subcommand except ``follow`` prints one JSON document between the two marker
 strings, so shell noise around it cannot break parsing.
 
 Layout under ROOT (``<remote_work_dir>/.infra``)::
@@ -16,6 +17,7 @@ Layout under ROOT (``<remote_work_dir>/.infra``)::
     runs/RUN/INSTANCE/results/        default INFRA_RESULTS_DIR
     runs/RUN/INSTANCE/fence.json      the watching coordinator's fence (see below)
     runs/RUN/.previous/INSTANCE.pN.*  an earlier placement's copy, kept after a move back
+    runs/RUN/.pools/POOL/             a node-side pool's queue and records (see pool.py)
 
 Claims (``CLAIMS`` = ``~/.lab-orchestrator/claims`` by default, per account, or a shared
 sticky directory named in the request): one JSON file per live instance with what it holds
@@ -32,9 +34,10 @@ never fenced, and a partitioned node stops its copy before the coordinator start
 Subcommands: ``start`` (idempotent: the instance directory is created with ``os.mkdir``, so
 a retried start never runs a second copy), ``status`` (every instance on the node in one
 call, with live checks), ``stop``, ``follow`` (raw log bytes from an offset until the
-instance ended and the file is drained), ``read`` (one chunk of the log as JSON) and
-``prune`` (removes ``runs/RUN`` of runs none of whose instances is active here; claims are
-never touched).
+instance ended and the file is drained), ``read`` (one chunk of the log as JSON),
+``pool-sync`` (hands tasks to a run's node-side pool; see pool.py) and ``prune`` (removes
+``runs/RUN`` of runs none of whose instances is active here and whose pools' daemons are
+gone; claims are never touched).
 
 Restart policy (applied here, so it works while the coordinator is away). An attempt that
 ends with exit code 0 ends the instance ("exited"). An attempt that ends after a stop was
@@ -384,6 +387,12 @@ def group_members(pgid: int | None) -> list[int]:
     """Live (non-zombie) processes whose process group is ``pgid``."""
     if not pgid:
         return []
+    try:  # cheap first: an empty group needs no scan of /proc (the common end of an attempt)
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return []
+    except PermissionError:
+        pass
     members = []
     try:
         names = os.listdir("/proc")
@@ -1300,6 +1309,11 @@ def parse_request(text: str) -> dict[str, Any]:
         raise Bad(f"the start request is not JSON: {exc}") from None
     if not isinstance(req, dict):
         raise Bad("the start request must be a JSON object")
+    return check_request(req)
+
+
+def check_request(req: dict[str, Any]) -> dict[str, Any]:
+    """Refuse a start request with a bad id, command or field type (one line, naming it)."""
     check_id(req.get("run_id"), "run_id")
     check_id(req.get("instance_id"), "instance_id")
     if not isinstance(req.get("command"), str) or not req["command"].strip():
@@ -1454,7 +1468,42 @@ def cmd_status(args: argparse.Namespace) -> int:
             state = read_json(os.path.join(idir, "state.json")) or {}
             if state.get("fence") and state.get("state") not in FINAL_STATES:
                 set_fence(idir, seconds, args.fence_holder or "")
-    emit({"ok": True, "instances": [describe(d) for d in dirs]})
+        load_pool().renew_fences(root, args.run, seconds, args.fence_holder or "")
+    if args.run is not None and args.only_stdin:
+        wanted = parse_id_list(sys.stdin.read())  # a campaign's ended tasks are not re-read
+        dirs = [d for d in dirs if os.path.basename(d) in wanted]
+    answer: dict[str, Any] = {"ok": True, "instances": [describe(d) for d in dirs]}
+    if args.run is not None:
+        answer["pools"] = load_pool().pool_docs(root, args.run)
+    emit(answer)
+    return 0
+
+
+def parse_id_list(text: str) -> set[str]:
+    """A JSON list of instance ids (``status --only-stdin``), each checked like any id."""
+    try:
+        ids = json.loads(text or "[]")
+    except ValueError as exc:
+        raise Bad(f"the instance list is not JSON: {exc}") from None
+    if not isinstance(ids, list):
+        raise Bad("the instance list must be a JSON array")
+    return {check_id(i, "instance id") for i in ids}
+
+
+def load_pool() -> Any:
+    """The sibling ``pool`` module (installed next to this script, or in the package)."""
+    if __package__:
+        from . import pool
+        return pool
+    sys.modules.setdefault("supervisor", sys.modules[__name__])
+    import pool  # type: ignore[import-not-found]  # a sibling on the node
+    return pool
+
+
+def cmd_pool_sync(args: argparse.Namespace) -> int:
+    """Apply a pool-sync document (stdin) to the run's pool; start its daemon when needed."""
+    root = norm_root(args.root)
+    emit({"ok": True, "pool": load_pool().cmd_pool_sync(root, sys.stdin.read())})
     return 0
 
 
@@ -1528,7 +1577,7 @@ def prune_run(root: str, run_id: str, dry_run: bool) -> dict[str, Any]:
         doc["state"] = "absent"
         return doc
     doc["bytes"] = tree_bytes(run_dir) + sum(tree_bytes(d) for d in leftovers)
-    active = [a for d in [run_dir, *leftovers] for a in active_in(d)]
+    active = [a for d in [run_dir, *leftovers] for a in active_in(d) + load_pool().live_pools(d)]
     if active:
         doc.update(state="active", active=active)
         return doc
@@ -1724,6 +1773,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fence-seconds", type=float, help="renew the run's fences for this long")
     p.add_argument("--fence-clear", action="store_true", help="clear the run's fences")
     p.add_argument("--fence-holder", help="who renews (host:pid of the coordinator)")
+    p.add_argument("--only-stdin", action="store_true",
+                   help="describe only the instances named in a JSON list on stdin "
+                        "(fences are renewed for the whole run)")
+    p = sub.add_parser("pool-sync", help="hand tasks to a run's node-side pool (JSON on stdin)")
+    p.add_argument("--root", required=True)
     p = sub.add_parser("claims", help="every live claim on this node")
     p.add_argument("--claims-dir")
     p = sub.add_parser("stop", help="stop a run or one instance (SIGTERM, then SIGKILL)")
@@ -1749,7 +1803,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"start": cmd_start, "status": cmd_status, "stop": cmd_stop, "claims": cmd_claims,
-                "prune": cmd_prune, "follow": cmd_follow, "read": cmd_read}
+                "prune": cmd_prune, "follow": cmd_follow, "read": cmd_read,
+                "pool-sync": cmd_pool_sync}
     if args.command not in handlers:
         build_parser().print_usage(sys.stderr)
         return 2

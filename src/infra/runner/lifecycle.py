@@ -8,7 +8,6 @@ the node's idempotent supervisor, so retrying after a crash never starts a secon
 from __future__ import annotations
 
 import asyncio
-import json
 import posixpath
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -16,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from infra.campaign.env import task_env
 from infra.config.model import (
     Cluster,
     ExperimentSpec,
@@ -45,6 +45,7 @@ from infra.runner.results import ResultsFetch
 from infra.runner.supervisor_client import (
     InstanceState,
     InstanceStatus,
+    PoolState,
     RestartPolicy,
     StartRequest,
     SupervisorClient,
@@ -57,6 +58,9 @@ from infra.transport.pool import ConnectionPool
 EventSink = Callable[[str, str, str], None]
 """(kind, subject, message) -> None: where progress lines go (console, dashboard, tests)."""
 
+SETTLED = frozenset({InstancePhase.EXITED, InstancePhase.FAILED, InstancePhase.STOPPED,
+                     InstancePhase.SKIPPED, InstancePhase.CANCELLED})
+"""Over for good: a status sweep does not ask the node about them again."""
 MAX_REPLACE_TRIES = 3
 """How often an instance refused by a node's claims is placed again before it fails."""
 LOG_SYNC_ATTEMPTS = 3
@@ -64,10 +68,6 @@ LOG_SYNC_ATTEMPTS = 3
 coordinator stops asking and says so."""
 
 _NO_SPACE = "no space left on device"  # in the supervisor's disk-full reasons
-
-DEFAULT_ENV: dict[str, str] = {"PYTHONUNBUFFERED": "1"}
-"""Given to every instance unless its spec's ``env`` sets the name: Python programs write
-their output at once, so ``print()`` lines reach the log (and the live view) as they happen."""
 
 _PHASE_OF_STATUS = {
     InstanceStatus.STARTING: InstancePhase.STARTING,
@@ -142,6 +142,7 @@ class StopReport:
     """What a stop did: instances it stopped, those already over (their state), node errors."""
 
     stopped: list[str] = field(default_factory=list)
+    cancelled: list[str] = field(default_factory=list)  # queued work dropped before it started
     already_over: dict[str, str] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)  # node -> one line
 
@@ -182,14 +183,15 @@ class RunSession:
     # ------------------------------------------------------------------ start
 
     def record_run(self, specs: Sequence[ExperimentSpec], plan: Plan,
-                   plan_doc: dict[str, Any]) -> str:
-        """Write the run and its planned instances before touching any node."""
+                   plan_doc: dict[str, Any], *, queued: Sequence[ExperimentSpec] = ()) -> str:
+        """Write the run, its planned instances and its queued work before touching any
+        node."""
         run_id = new_run_id()
         by_id = {s.experiment_id: s for s in specs}
         rows = [(p.instance_id, p.node, by_id[p.instance_id],
                  p.allocation.with_run(run_id) if p.allocation is not None else None)
                 for p in plan.placements]
-        self.store.create_run(run_id, str(self.cluster.path), plan_doc, rows)
+        self.store.create_run(run_id, str(self.cluster.path), plan_doc, rows, queued=queued)
         for p in plan.placements:
             self.store.add_event(run_id, "placed", p.instance_id,
                                  f"placed on {p.node} (score {p.score:g})")
@@ -259,18 +261,12 @@ class RunSession:
         return spec.recover is RecoverPolicy.CLUSTER and \
             self.cluster.failover.fence_timeout_seconds > 0
 
-    async def start_instance(self, run_id: str, rec: InstanceRecord, tries: int = 0) -> None:
-        """Start one instance through the node's supervisor (idempotent on the node).
-
-        The node checks the start against its live claims under its node-wide lock; when it
-        refuses (another coordinator's work took the room), the instance is placed again.
-        """
+    def start_request(self, run_id: str, rec: InstanceRecord) -> StartRequest:
+        """What the node's supervisor gets to start this placement of the instance (a pool
+        gets the same request for a campaign task)."""
         node = self.cluster.node(rec.node)
         spec = rec.spec
-        self.store.update_instance(run_id, rec.instance_id, state=InstancePhase.STARTING)
-        env = {**DEFAULT_ENV, **dict(spec.env)}  # the spec's own env overrides the defaults
-        if spec.params:
-            env["INFRA_PARAMS"] = json.dumps(dict(spec.params), sort_keys=True)
+        env = task_env(spec)
         alloc = rec.allocation
         alloc_doc: dict[str, Any] = {"node": node.name, "ram_gb": spec.ram_gb,
                                      "gpu_required": spec.gpu_required,
@@ -281,7 +277,7 @@ class RunSession:
             hints = allocation_env(alloc)
             hints.pop("INFRA_ALLOCATION", None)  # the supervisor sets it from ``allocation``
             env.update(hints)
-        request = StartRequest(
+        return StartRequest(
             run_id=run_id,
             instance_id=rec.instance_id,
             command=spec.command,
@@ -298,6 +294,16 @@ class RunSession:
             claims_dir=node.claims_dir,
             fence=self.fenced(spec),
         )
+
+    async def start_instance(self, run_id: str, rec: InstanceRecord, tries: int = 0) -> None:
+        """Start one instance through the node's supervisor (idempotent on the node).
+
+        The node checks the start against its live claims under its node-wide lock; when it
+        refuses (another coordinator's work took the room), the instance is placed again.
+        """
+        node = self.cluster.node(rec.node)
+        self.store.update_instance(run_id, rec.instance_id, state=InstancePhase.STARTING)
+        request = self.start_request(run_id, rec)
         try:
             client = await self.client(node.name)
             try:
@@ -365,7 +371,7 @@ class RunSession:
     async def launch(self, run_id: str) -> None:
         """Deploy to the run's nodes, then start every planned instance."""
         self.store.set_run_state(run_id, RunState.STARTING)
-        records = self.store.instances(run_id)
+        records = [r for r in self.store.instances(run_id) if r.node]  # not queued work
         failed_nodes = await self.deploy_for_run(run_id, (r.node for r in records))
         refused = sorted(n for n in failed_nodes if n in self.refusals)
         if refused:  # the run refuses as a whole: nothing starts until deletions are confirmed
@@ -419,10 +425,12 @@ class RunSession:
             why = ended[-1].reason if ended and ended[-1].reason else reason
             self.event(run_id, "restart", rec.instance_id,
                        f"restarted on {rec.node} (attempt {state.restarts + 1}) after: {why}")
-        if phase != rec.state and rec.state not in (InstancePhase.STARTING,
-                                                     InstancePhase.PLANNED,
-                                                     InstancePhase.DEPLOYING,
-                                                     InstancePhase.MOVING):
+        quiet = rec.state in (InstancePhase.DISPATCHED, InstancePhase.QUEUED) and \
+            phase in (InstancePhase.RUNNING, InstancePhase.EXITED)  # a task's usual course
+        if phase != rec.state and not quiet and rec.state not in (InstancePhase.STARTING,
+                                                                   InstancePhase.PLANNED,
+                                                                   InstancePhase.DEPLOYING,
+                                                                   InstancePhase.MOVING):
             detail = f" ({reason})" if reason else ""
             self.event(run_id, "state", rec.instance_id, f"{rec.state.value} -> "
                        f"{phase.value}{detail}")
@@ -448,7 +456,7 @@ class RunSession:
         skipped = set(skip)
         by_node: dict[str, list[InstanceRecord]] = {}
         for rec in records:
-            if rec.node not in skipped:
+            if rec.node and rec.node not in skipped:  # queued work is on no node yet
                 by_node.setdefault(rec.node, []).append(rec)
             for old in rec.previous_nodes:
                 if old not in skipped and old != rec.node:
@@ -456,11 +464,22 @@ class RunSession:
 
         holder = coordinator_id()
 
+        pooled = {p.node for p in self.store.pools(run_id)}
+        for name in pooled - skipped:
+            by_node.setdefault(name, [])
+
         async def one(node_name: str) -> tuple[str, list[InstanceState] | InfraError]:
+            # what the node may still change: work not over (paused and lost work may be
+            # found running again), on this node or moved away from it (stale copies)
+            only = [r.instance_id for r in records if r.state not in SETTLED and
+                    (r.node == node_name or node_name in r.previous_nodes)]
             try:
                 client = await self.client(node_name)
-                states = await client.status(run_id, fence_seconds=fence_seconds,
-                                             fence_clear=fence_clear, holder=holder)
+                states, pools = await client.status_with_pools(
+                    run_id, fence_seconds=fence_seconds, fence_clear=fence_clear,
+                    holder=holder, only=only)
+                if node_name in pooled:  # the same one call also reports the run's pools
+                    self._record_pools(run_id, node_name, pools)
             except InfraError as exc:
                 return node_name, exc
             if fence_seconds is not None:
@@ -488,6 +507,20 @@ class RunSession:
                                f"lost: no record of it on {node_name}")
         self._settle_run(run_id)
         return errors
+
+    def _record_pools(self, run_id: str, node_name: str, pools: Sequence[PoolState]) -> None:
+        """What a node says of the run's pools there (state, held and running tasks)."""
+        rows = {p.name: p for p in self.store.pools(run_id) if p.node == node_name}
+        for pool in pools:
+            row = rows.get(pool.name)
+            if row is None:
+                continue
+            reason = pool.waiting or pool.error or row.reason
+            if (row.state, row.queued, row.running, row.reason) != \
+                    (pool.phase.value, len(pool.queued), len(pool.running), reason):
+                self.store.save_pool(run_id, row.campaign, node_name, state=pool.phase.value,
+                                     queued=len(pool.queued), running=len(pool.running),
+                                     reason=reason)
 
     async def _stop_stale_copies(self, run_id: str, node_name: str,
                                  records: list[InstanceRecord],
@@ -674,7 +707,8 @@ class RunSession:
                                         guard=guard)
                     return
                 # follow ended: the instance ended on the node; the sweep will record it
-                state = await (await self.client(rec.node)).status(run_id)
+                state = await (await self.client(rec.node)).status(run_id,
+                                                                   only=[instance_id])
                 mine = [s for s in state if s.instance_id == instance_id]
                 if not mine or mine[0].is_final:
                     await self.sync_log(run_id, rec, follow=False, on_bytes=on_bytes,
@@ -717,7 +751,14 @@ class RunSession:
                 raise UsageError(f"run {run_id} has no instance {instance_id!r}")
         report = StopReport(already_over={r.instance_id: r.state.value
                                           for r in records if r.state.finished})
-        targets = [r for r in records if not r.state.finished]
+        waiting = [r.instance_id for r in records
+                   if r.state in (InstancePhase.QUEUED, InstancePhase.DISPATCHED)]
+        if waiting:  # never started: dropped from the queue (a pool drops its own copy)
+            self.store.update_instances(run_id, waiting, state=InstancePhase.CANCELLED,
+                                        reason="cancelled: stop requested")
+            report.cancelled.extend(waiting)
+        targets = [r for r in records if not r.state.finished and r.node
+                   and r.instance_id not in waiting]
         by_node: dict[str, list[InstanceRecord]] = {}
         for rec in targets:
             by_node.setdefault(rec.node, []).append(rec)
@@ -747,7 +788,7 @@ class RunSession:
                 report.stopped.append(rec.instance_id)
             elif now.finished:  # it ended on its own before the stop reached it
                 report.already_over[rec.instance_id] = now.value
-        if instance_id is None and not report.errors and report.stopped:
+        if instance_id is None and not report.errors and (report.stopped or report.cancelled):
             self.store.set_run_state(run_id, RunState.STOPPED)
         self._settle_run(run_id)
         return report

@@ -81,7 +81,8 @@ async def show_log(session: RunSession, run_id: str, instance_id: str, out: Outp
             async for chunk in client.follow(run_id, instance_id, offset):
                 out(chunk)
                 offset += len(chunk)
-            mine = [s for s in await client.status(run_id) if s.instance_id == instance_id]
+            mine = [s for s in await client.status(run_id, only=[instance_id])
+                    if s.instance_id == instance_id]
             if not mine or mine[0].is_final:
                 offset = await read_node(session, run_id, instance_id, rec.node, offset, out)
                 if session.store.instance(run_id, instance_id).log_base == base:

@@ -206,7 +206,7 @@ async def fetch_results(session: RunSession, rec: InstanceRecord, patterns: list
         listing = await list_results(transport, node, cwd, patterns, timeout)
         sources.append((listing, ""))
         issues += listing.issues("", declared=True)
-    states = await (await session.client(rec.node)).status(run_id)
+    states = await (await session.client(rec.node)).status(run_id, only=[rec.instance_id])
     mine = [s for s in states if s.instance_id == rec.instance_id]
     # only a fetch after the end counts: one taken while it runs must not stop the final one
     final = rec.state.finished or bool(mine and mine[0].is_final)

@@ -1,10 +1,10 @@
 """Coordinator side of the node supervisor: install it, start/status/stop instances, read logs.
 
 Everything goes through the ``Transport`` ABC, so the same code drives a node over asyncssh
-or this machine through the local transport. The node-side script
-(``infra/remote/supervisor.py``) is copied once to
-``<remote_work_dir>/.infra/supervisor-<sha256[:12]>.py``: the name changes with its content,
-so an upgraded coordinator never runs a stale copy, and two versions can coexist.
+or this machine through the local transport. The node-side scripts
+(``infra/remote/*.py``: the supervisor, the pool, ...) are copied once to
+``<remote_work_dir>/.infra/bin-<sha256[:12]>/``: the name changes with their content, so an
+upgraded coordinator never runs a stale copy, and two versions can coexist.
 """
 
 from __future__ import annotations
@@ -39,8 +39,11 @@ from infra.state.codec import decode_allocation, spec_from_document
 from infra.transport.base import CommandResult, Transport
 from infra.transport.marker import extract_json
 
-SUPERVISOR_SOURCE = Path(__file__).resolve().parent.parent / "remote" / "supervisor.py"
-"""The node-side script, as shipped in this package."""
+REMOTE_DIR = Path(__file__).resolve().parent.parent / "remote"
+"""The node-side scripts (``supervisor.py``, ``pool.py``, ...), as shipped in this package."""
+
+SUPERVISOR_SOURCE = REMOTE_DIR / "supervisor.py"
+"""The node-side supervisor script, as shipped in this package."""
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
 """Run and instance ids become path components on the node; the script checks the same rule."""
@@ -49,15 +52,30 @@ _ROOT_TAG = "@@INFRA-ROOT:"
 _SCRIPT_TAG = "@@INFRA-SCRIPT:"
 
 
+def remote_sources() -> tuple[Path, ...]:
+    """Every node-side script installed together (``remote/*.py`` but the package marker)."""
+    return tuple(sorted(p for p in REMOTE_DIR.glob("*.py") if p.name != "__init__.py"))
+
+
 @functools.lru_cache(maxsize=1)
 def supervisor_digest() -> str:
-    """First 12 hex digits of the script's sha256: its version on the node."""
-    return hashlib.sha256(SUPERVISOR_SOURCE.read_bytes()).hexdigest()[:12]
+    """First 12 hex digits of the sha256 over all remote scripts: their version on the node."""
+    digest = hashlib.sha256()
+    for path in remote_sources():
+        data = path.read_bytes()
+        digest.update(f"{path.name}\0{len(data)}\0".encode())
+        digest.update(data)
+    return digest.hexdigest()[:12]
+
+
+def install_dirname() -> str:
+    """Name of the versioned directory holding the scripts under the node's ``.infra``."""
+    return f"bin-{supervisor_digest()}"
 
 
 def supervisor_filename() -> str:
-    """Name of the installed script under the node's ``.infra`` directory."""
-    return f"supervisor-{supervisor_digest()}.py"
+    """Path of the installed supervisor relative to the node's ``.infra`` directory."""
+    return f"{install_dirname()}/supervisor.py"
 
 
 def check_id(value: str, what: str) -> str:
@@ -337,6 +355,174 @@ class PrunedRun:
                    error=f.opt_text("error"))
 
 
+class CpuBindingMode(str, enum.Enum):
+    """How a node-side pool binds its workers to cores (see docs/operations.md)."""
+
+    ROUND_ROBIN = "round_robin"
+    SHARED = "shared"
+    EXCLUSIVE = "exclusive"
+
+
+class PoolPhase(str, enum.Enum):
+    """Where a node-side pool stands."""
+
+    IDLE = "idle"
+    PREPARING = "preparing"          # setup runs
+    EXECUTING = "executing"
+    CLEANUP = "cleanup"
+    DONE = "done"
+    SETUP_FAILED = "setup_failed"    # setup failed, or exclusive cores could not be bound
+    CANCELLED = "cancelled"
+    FENCED = "fenced"                # the pool's fence expired: no new task starts
+
+    @property
+    def is_final(self) -> bool:
+        """True when the pool will never start another task."""
+        return self in (PoolPhase.DONE, PoolPhase.SETUP_FAILED, PoolPhase.CANCELLED)
+
+
+class HookState(str, enum.Enum):
+    """What became of a pool's setup or cleanup command."""
+
+    NONE = "none"
+    RUNNING = "running"
+    OK = "ok"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"      # the pool daemon died while cleanup ran: not run again
+
+
+@dataclass(frozen=True)
+class HookRecord:
+    """One hook's state, exit code, reason (exit code and last output line) and time."""
+
+    state: HookState = HookState.NONE
+    exit_code: int | None = None
+    reason: str | None = None
+    at: float | None = None
+
+    @classmethod
+    def from_json(cls, node: str, doc: Any, *, where: str) -> HookRecord:
+        f = _Fields(node, where, _mapping(node, where, doc))
+        raw = f.text("state") or "none"
+        try:
+            state = HookState(raw)
+        except ValueError:
+            raise f._bad("state", "a hook state", raw) from None
+        return cls(state=state, exit_code=f.opt_int("exit_code"), reason=f.opt_text("reason"),
+                   at=f.opt_float("at"))
+
+
+@dataclass(frozen=True)
+class PoolSuite:
+    """A pool's suite: hooks (run once per node), their cwd/env, and the CPU binding."""
+
+    suite_id: str
+    suite_name: str
+    setup: str | None = None
+    cleanup: str | None = None
+    cwd: str | None = None
+    env: tuple[tuple[str, str], ...] = ()
+    cpu_binding: CpuBindingMode = CpuBindingMode.ROUND_ROBIN
+    cores: tuple[int, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"suite_id": self.suite_id, "suite_name": self.suite_name, "setup": self.setup,
+                "cleanup": self.cleanup, "cwd": self.cwd, "env": dict(self.env),
+                "cpu_binding": self.cpu_binding.value, "cores": list(self.cores)}
+
+
+@dataclass(frozen=True)
+class PoolSyncRequest:
+    """One ``pool-sync``: tasks to add (start requests) or drop, close/cancel, the fence.
+
+    Applied atomically per task on the node; adding a task the pool already holds (or that
+    already has an instance directory there) is ignored, so a retried call is harmless.
+    ``idle_exit_seconds`` (None: the node's default, 600 s) is how long an idle, unclosed
+    pool's daemon lingers; ``grace`` is SIGTERM -> SIGKILL for tasks stopped by ``cancel``.
+    """
+
+    run_id: str
+    pool: str
+    workers: int
+    suite: PoolSuite | None = None
+    add: tuple[StartRequest, ...] = ()
+    drop: tuple[str, ...] = ()
+    close: bool = False
+    cancel: bool = False
+    fence_seconds: float | None = None
+    fence_clear: bool = False
+    holder: str = ""
+    claims_dir: str | None = None
+    idle_exit_seconds: float | None = None
+    grace: float | None = None
+
+    def to_json(self, node: str) -> dict[str, Any]:
+        """The JSON document the script reads on stdin."""
+        doc: dict[str, Any] = {
+            "run_id": self.run_id, "pool": self.pool, "node": node,
+            "suite": self.suite.to_json() if self.suite is not None else None,
+            "workers": self.workers, "add": [r.to_json(node) for r in self.add],
+            "drop": list(self.drop), "close": self.close, "cancel": self.cancel,
+            "fence_seconds": self.fence_seconds, "fence_clear": self.fence_clear,
+            "holder": self.holder, "claims_dir": self.claims_dir}
+        if self.idle_exit_seconds is not None:
+            doc["idle_exit_seconds"] = self.idle_exit_seconds
+        if self.grace is not None:
+            doc["grace"] = self.grace
+        return doc
+
+
+@dataclass(frozen=True)
+class PoolState:
+    """A node-side pool as its node reports it (pool-sync answer, or status ``pools``)."""
+
+    node: str
+    name: str
+    phase: PoolPhase
+    daemon_alive: bool
+    workers: int
+    worker_cores: tuple[tuple[int, ...], ...]
+    queued: tuple[str, ...]
+    running: tuple[str, ...]
+    dropped: tuple[str, ...]
+    not_dropped: tuple[str, ...]
+    setup: HookRecord
+    cleanup: HookRecord
+    waiting: str | None = None
+    error: str | None = None
+    done: int = 0
+    closed: bool = False
+    cancelled: bool = False
+
+    @classmethod
+    def from_json(cls, node: str, doc: Any, *, where: str = "pool") -> PoolState:
+        """Build from one pool document; a wrong type raises ``NodeDocumentError``."""
+        f = _Fields(node, where, _mapping(node, where, doc))
+        raw = f.text("state")
+        try:
+            phase = PoolPhase(raw)
+        except ValueError:
+            raise f._bad("state", "a pool state", raw) from None
+        cores = []
+        for i, entry in enumerate(f.items("worker_cores")):
+            if not isinstance(entry, list) or not all(
+                    isinstance(c, int) and not isinstance(c, bool) for c in entry):
+                raise f._bad(f"worker_cores[{i}]", "a list of integers", entry)
+            cores.append(tuple(entry))
+        return cls(node=node, name=f.text("name"), phase=phase,
+                   daemon_alive=f.flag("daemon_alive"), workers=f.count("workers"),
+                   worker_cores=tuple(cores), queued=f.names("queued"),
+                   running=f.names("running"), dropped=f.names("dropped"),
+                   not_dropped=f.names("not_dropped"),
+                   setup=HookRecord.from_json(node, f.doc.get("setup") or {},
+                                              where=f"{where}.setup"),
+                   cleanup=HookRecord.from_json(node, f.doc.get("cleanup") or {},
+                                                where=f"{where}.cleanup"),
+                   waiting=f.opt_text("waiting"), error=f.opt_text("error"),
+                   done=f.count("done"), closed=f.flag("closed"),
+                   cancelled=f.flag("cancelled"))
+
+
 @dataclass(frozen=True)
 class LogChunk:
     """Bytes of an instance's log from an offset; ``ended and eof`` means nothing more comes."""
@@ -367,8 +553,10 @@ class SupervisorClient:
     async def ensure_installed(self) -> str:
         """Make sure this version of the script is on the node; return its absolute path.
 
-        One ``test -f`` per client (connection); the upload goes to a temporary name and is
-        renamed into place, so a half-copied script is never run.
+        The scripts live in ``.infra/bin-<digest>/``. One ``test -f`` per client
+        (connection); the upload goes to a temporary directory that is renamed into place
+        whole, so a half-copied set of scripts is never run (a concurrent installer's rename
+        wins and ours is removed).
         """
         if self._script is not None:
             return self._script
@@ -389,12 +577,25 @@ class SupervisorClient:
                     exit_status=result.exit_status, stderr=result.stderr)
             script = f"{root}/{name}"
             if present != "present":
-                tmp = f"{root}/.{name}.{uuid.uuid4().hex}.tmp"
-                await self.transport.put(str(SUPERVISOR_SOURCE), tmp, timeout=self.command_timeout)
-                await self.transport.run(f"mv -f {shlex.quote(tmp)} {shlex.quote(script)}",
-                                         timeout=self.command_timeout, check=True)
+                await self._upload(root)
             self._script = script
             return script
+
+    async def _upload(self, root: str) -> None:
+        """Copy every remote script into a temporary directory, then rename it into place."""
+        final = f"{root}/{install_dirname()}"
+        tmp = f"{root}/.{install_dirname()}.{uuid.uuid4().hex}.tmp"
+        await self.transport.run(f"mkdir -p {shlex.quote(tmp)}", timeout=self.command_timeout,
+                                 check=True)
+        for source in remote_sources():
+            await self.transport.put(str(source), f"{tmp}/{source.name}",
+                                     timeout=self.command_timeout)
+        q_tmp, q_final = shlex.quote(tmp), shlex.quote(final)
+        await self.transport.run(
+            f"if test -f {q_final}/supervisor.py; then rm -rf {q_tmp}; "
+            f"else mv -T {q_tmp} {q_final} 2>/dev/null || "
+            f"{{ rm -rf {q_tmp}; test -f {q_final}/supervisor.py; }}; fi",
+            timeout=self.command_timeout, check=True)
 
     async def start(self, request: StartRequest) -> InstanceState:
         """Start one instance detached; idempotent (a repeat returns it with ``already``)."""
@@ -405,20 +606,61 @@ class SupervisorClient:
         return InstanceState.from_json(self.node.name, doc.get("instance"))
 
     async def status(self, run_id: str | None = None, *, fence_seconds: float | None = None,
-                     fence_clear: bool = False, holder: str = "") -> list[InstanceState]:
+                     fence_clear: bool = False, holder: str = "",
+                     only: Sequence[str] | None = None) -> list[InstanceState]:
         """Every instance on the node (or of one run), with live checks, in one call.
 
         With ``fence_seconds`` the run's fenced instances get their fence renewed for that
         long (the watching coordinator's heartbeat); ``fence_clear`` clears them (detach).
+        ``only`` (with a run) limits the answer to those instances: a campaign's thousands
+        of ended tasks need not be described again on every sweep.
         """
-        args = ["status", "--root", self.root]
-        if run_id is not None:
-            args += ["--run", check_id(run_id, "run id")]
-            if fence_clear:
-                args += ["--fence-clear", "--fence-holder", holder]
-            elif fence_seconds is not None:
-                args += ["--fence-seconds", repr(float(fence_seconds)), "--fence-holder", holder]
-        return self._instances(await self._call(args))
+        if run_id is None:
+            return self._instances(await self._call(["status", "--root", self.root]))
+        return (await self.status_with_pools(run_id, fence_seconds=fence_seconds,
+                                             fence_clear=fence_clear, holder=holder,
+                                             only=only))[0]
+
+    async def status_with_pools(self, run_id: str, *, fence_seconds: float | None = None,
+                                fence_clear: bool = False, holder: str = "",
+                                only: Sequence[str] | None = None,
+                                ) -> tuple[list[InstanceState], list[PoolState]]:
+        """One status call for a run: its instances (``only`` those, when given) and its
+        node-side pools (fences as in ``status``; a pool's fence is renewed too once
+        pool-sync set one)."""
+        args = ["status", "--root", self.root, "--run", check_id(run_id, "run id")]
+        if fence_clear:
+            args += ["--fence-clear", "--fence-holder", holder]
+        elif fence_seconds is not None:
+            args += ["--fence-seconds", repr(float(fence_seconds)), "--fence-holder", holder]
+        stdin = None
+        if only is not None:
+            args.append("--only-stdin")
+            stdin = json.dumps([check_id(i, "instance id") for i in only])
+        doc = await self._call(args, input=stdin)
+        f = _Fields(self.node.name, "answer", doc)
+        pools = [PoolState.from_json(self.node.name, d, where=f"pools[{i}]")
+                 for i, d in enumerate(f.items("pools"))]
+        return self._instances(doc), pools
+
+    async def pools(self, run_id: str) -> list[PoolState]:
+        """The run's node-side pools (the same status call, without fence changes)."""
+        return (await self.status_with_pools(run_id))[1]
+
+    async def pool_sync(self, request: PoolSyncRequest) -> PoolState:
+        """Hand tasks to (or drop, close, cancel, fence) the run's pool on this node."""
+        check_id(request.run_id, "run id")
+        check_id(request.pool, "pool name")
+        for add in request.add:
+            check_id(add.instance_id, "instance id")
+            if add.run_id != request.run_id:
+                raise UsageError(f"task {add.instance_id} belongs to run {add.run_id}, "
+                                 f"not to the pool's run {request.run_id}")
+        for task in request.drop:
+            check_id(task, "instance id")
+        doc = await self._call(["pool-sync", "--root", self.root],
+                               input=_json(request.to_json(self.node.name)))
+        return PoolState.from_json(self.node.name, doc.get("pool"))
 
     async def claims(self) -> list[Claim]:
         """The node's live claims: every coordinator's work that holds capacity there."""
@@ -601,6 +843,14 @@ class _Fields:
         if value is None or isinstance(value, bool):
             return bool(value)
         raise self._bad(key, "true or false", value)
+
+    def names(self, key: str) -> tuple[str, ...]:
+        """A list of strings (ids)."""
+        values = self.items(key)
+        for i, value in enumerate(values):
+            if not isinstance(value, str):
+                raise self._bad(f"{key}[{i}]", "a string", value)
+        return tuple(values)
 
     def items(self, key: str, *, required: bool = False) -> list[Any]:
         value = self.doc.get(key)

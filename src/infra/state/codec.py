@@ -6,10 +6,12 @@ nothing outside this module reads a stored spec as a dict, so defaults cannot dr
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
 
+from infra.campaign.model import CampaignSpec, SweepSpec
 from infra.config.model import (
     Constraint,
     ExperimentSpec,
@@ -23,7 +25,7 @@ from infra.placement.allocation import Allocation
 
 def spec_document(spec: ExperimentSpec) -> dict[str, Any]:
     """What the store keeps of a spec: everything needed to start, re-place and fetch again."""
-    return {
+    doc: dict[str, Any] = {
         "experiment_id": spec.experiment_id,
         "command": spec.command,
         "workdir": spec.workdir,
@@ -46,7 +48,18 @@ def spec_document(spec: ExperimentSpec) -> dict[str, Any]:
         "template_id": spec.template_id,
         "resources": spec.resources.to_json(),
         "constraints": [c.to_json() for c in spec.constraints],
+        "after": list(spec.after),
+        "after_any": list(spec.after_any),
+        "priority": spec.priority,
     }
+    # campaign keys only where set: a plain spec's document stays what it was
+    if spec.campaign is not None:
+        doc["campaign"] = spec.campaign.to_json()
+    if spec.task_index is not None:
+        doc["task_index"] = spec.task_index
+    if spec.sweep is not None:
+        doc["sweep"] = spec.sweep.to_json()
+    return doc
 
 
 def spec_from_document(doc: dict[str, Any]) -> ExperimentSpec:
@@ -54,6 +67,7 @@ def spec_from_document(doc: dict[str, Any]) -> ExperimentSpec:
     try:
         max_retries = doc.get("max_retries")
         auto_restart = doc.get("auto_restart")
+        campaign, task_index, sweep = doc.get("campaign"), doc.get("task_index"), doc.get("sweep")
         return ExperimentSpec(
             experiment_id=str(doc["experiment_id"]), command=str(doc["command"]),
             source=Path(doc.get("source") or "."), workdir=doc.get("workdir"),
@@ -71,7 +85,13 @@ def spec_from_document(doc: dict[str, Any]) -> ExperimentSpec:
             params=tuple(sorted((doc.get("params") or {}).items())),
             resources=ResourceRequest.from_json(doc.get("resources")),
             constraints=tuple(Constraint.from_json(c) for c in doc.get("constraints") or ()),
-            job_type=JobType(doc.get("job_type") or "batch"), template_id=doc.get("template_id"))
+            job_type=JobType(doc.get("job_type") or "batch"), template_id=doc.get("template_id"),
+            after=tuple(str(x) for x in doc.get("after") or ()),
+            after_any=tuple(str(x) for x in doc.get("after_any") or ()),
+            priority=int(doc.get("priority") or 0),
+            campaign=None if campaign is None else CampaignSpec.from_json(campaign),
+            task_index=None if task_index is None else int(task_index),
+            sweep=None if sweep is None else SweepSpec.from_json(sweep))
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise StateError(f"a stored spec cannot be read ({exc!r}): "
                          f"{json.dumps(doc)[:200]}") from None
@@ -81,7 +101,10 @@ def encode_spec(spec: ExperimentSpec) -> str:
     return json.dumps(spec_document(spec), sort_keys=True)
 
 
+@functools.lru_cache(maxsize=16384)
 def decode_spec(text: str) -> ExperimentSpec:
+    """The spec a store row holds (cached: a campaign's thousands of rows are read every tick,
+    and the spec is immutable)."""
     try:
         doc = json.loads(text)
     except ValueError as exc:

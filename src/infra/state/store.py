@@ -13,7 +13,7 @@ import secrets
 import socket
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +84,21 @@ CREATE TABLE IF NOT EXISTS events (
     message TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_run ON events(run_id, id);
+CREATE TABLE IF NOT EXISTS pools (
+    run_id TEXT NOT NULL,
+    campaign TEXT NOT NULL,
+    node TEXT NOT NULL,
+    name TEXT NOT NULL,
+    workers INTEGER NOT NULL DEFAULT 0,
+    state TEXT NOT NULL DEFAULT 'new',
+    reason TEXT NOT NULL DEFAULT '',
+    closed INTEGER NOT NULL DEFAULT 0,
+    abandoned INTEGER NOT NULL DEFAULT 0,
+    queued INTEGER NOT NULL DEFAULT 0,
+    running INTEGER NOT NULL DEFAULT 0,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (run_id, campaign, node)
+);
 """
 
 
@@ -261,6 +276,28 @@ class InstanceRecord:
 
 
 @dataclass(frozen=True)
+class PoolRecord:
+    """A campaign's worker pool on one node, as the coordinator last saw it.
+
+    ``workers`` is how many of the campaign's tasks the coordinator placed there at once;
+    ``state`` is the node-side pool state (``new`` before the node first answered);
+    ``abandoned`` means its tasks go elsewhere (setup failed, node lost)."""
+
+    run_id: str
+    campaign: str
+    node: str
+    name: str
+    workers: int
+    state: str
+    reason: str
+    closed: bool
+    abandoned: bool
+    queued: int
+    running: int
+    updated_at: float
+
+
+@dataclass(frozen=True)
 class Event:
     id: int
     run_id: str | None
@@ -380,8 +417,10 @@ class Store:
     # ------------------------------------------------------------------ runs
 
     def create_run(self, run_id: str, cluster_config: str, plan: dict[str, Any],
-                   instances: list[tuple[str, str, ExperimentSpec, Allocation | None]]) -> None:
-        """Record a run and its planned instances (id, node, spec, allocation) in one go."""
+                   instances: list[tuple[str, str, ExperimentSpec, Allocation | None]],
+                   queued: Sequence[ExperimentSpec] = ()) -> None:
+        """Record a run and its planned instances (id, node, spec, allocation) in one go;
+        ``queued`` work (campaign tasks) is recorded QUEUED, on no node yet."""
         now = time.time()
         with self.tx() as db:
             db.execute("INSERT INTO runs(run_id, created_at, cluster_config, state, plan_json,"
@@ -393,9 +432,15 @@ class Store:
                            " allocation_json, updated_at) VALUES (?,?,?,?,?,?,?)",
                            (run_id, instance_id, node, InstancePhase.PLANNED.value,
                             encode_spec(spec), encode_allocation(alloc), now))
+            db.executemany("INSERT INTO instances(run_id, instance_id, node, state, spec_json,"
+                           " updated_at) VALUES (?,?,?,?,?,?)",
+                           [(run_id, spec.experiment_id, "", InstancePhase.QUEUED.value,
+                             encode_spec(spec), now) for spec in queued])
+            total = len(instances) + len(queued)
             db.execute("INSERT INTO events(run_id, at, kind, subject, message) VALUES "
                        "(?,?,?,?,?)", (run_id, now, "run", run_id,
-                                       f"run created with {len(instances)} instances"))
+                                       f"run created with {total} instances"
+                                       + (f" ({len(queued)} queued)" if queued else "")))
 
     def set_run_state(self, run_id: str, state: RunState) -> None:
         self.db.execute("UPDATE runs SET state=? WHERE run_id=?", (state.value, run_id))
@@ -539,6 +584,14 @@ class Store:
                         "WHERE run_id=? AND instance_id=?",
                         (*values, time.time(), run_id, instance_id))
 
+    def update_instances(self, run_id: str, instance_ids: Sequence[str], **fields: Any) -> None:
+        """The same change to many instances in one transaction (a campaign's tasks)."""
+        if not instance_ids or not fields:
+            return
+        with self.tx():
+            for instance_id in instance_ids:
+                self.update_instance(run_id, instance_id, **fields)
+
     @staticmethod
     def _instance(row: sqlite3.Row) -> InstanceRecord:
         return InstanceRecord(
@@ -562,6 +615,36 @@ class Store:
             "AND run_id != ? ORDER BY run_id, instance_id",
             (*phases, exclude_run or "")).fetchall()
         return [self._instance(r) for r in rows]
+
+    # ------------------------------------------------------------------ pools
+
+    def pools(self, run_id: str) -> list[PoolRecord]:
+        """The run's campaign pools, by campaign then node."""
+        rows = self.db.execute("SELECT * FROM pools WHERE run_id=? ORDER BY campaign, node",
+                               (run_id,)).fetchall()
+        return [PoolRecord(run_id=r["run_id"], campaign=r["campaign"], node=r["node"],
+                           name=r["name"], workers=r["workers"], state=r["state"],
+                           reason=r["reason"], closed=bool(r["closed"]),
+                           abandoned=bool(r["abandoned"]), queued=r["queued"],
+                           running=r["running"], updated_at=r["updated_at"]) for r in rows]
+
+    def save_pool(self, run_id: str, campaign: str, node: str, **fields: Any) -> None:
+        """Create or update one pool row (``name`` defaults to the campaign's name)."""
+        allowed = {"name", "workers", "state", "reason", "closed", "abandoned", "queued",
+                   "running"}
+        bad = set(fields) - allowed
+        if bad:
+            raise ValueError(f"unknown pool fields {bad}")
+        now = time.time()
+        with self.tx() as db:
+            db.execute("INSERT OR IGNORE INTO pools(run_id, campaign, node, name, updated_at) "
+                       "VALUES (?,?,?,?,?)", (run_id, campaign, node, campaign, now))
+            if fields:
+                cols = ", ".join(f"{k}=?" for k in fields)
+                db.execute(f"UPDATE pools SET {cols}, updated_at=? WHERE run_id=? AND "
+                           "campaign=? AND node=?",
+                           (*[int(v) if isinstance(v, bool) else v for v in fields.values()],
+                            now, run_id, campaign, node))
 
     # ------------------------------------------------------------------ node states
 
