@@ -115,15 +115,24 @@ def coordinator(root: Path, *specs: Path, duration: float = 300.0) -> subprocess
                             text=True, env={**os.environ, "COLUMNS": "200"})
 
 
-def finish(coord: subprocess.Popen[str], timeout: float) -> tuple[str, str]:
-    """Wait for a background coordinator; on time out kill it and fail with its output."""
+def finish(root: Path, coord: subprocess.Popen[str], timeout: float) -> tuple[str, str]:
+    """Wait for a background coordinator; on time out kill it and fail with its output and
+    what the store holds."""
     try:
         return coord.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         coord.kill()
-        out, err = coord.communicate(timeout=30)
-        raise AssertionError(f"coordinator still running after {timeout:g} s: {err[:4000]}"
-                             f" ... {err[-2000:]}") from None
+        _out, err = coord.communicate(timeout=30)
+        stored = cli(root, "status", "--json", "--no-refresh").stdout
+        try:
+            doc = json.loads(stored)
+            stored = json.dumps({"campaigns": doc.get("campaigns"), "instances": [
+                {k: i.get(k) for k in ("instance_id", "node", "state", "reason")}
+                for i in doc["instances"]]})
+        except ValueError:
+            pass
+        raise AssertionError(f"coordinator still running after {timeout:g} s: {err[:3000]}"
+                             f" ... {err[-1000:]}\nstored: {stored}") from None
 
 
 def marks(root: Path, fleet: SSHFleet, mark: str) -> list[Event]:
@@ -389,7 +398,7 @@ def test_a_node_killed_mid_campaign_has_its_tasks_finished_elsewhere(
         wait_for(lambda: [e for e in of(marks(camp, ssh_fleet, "lose"), "start")
                           if e["on"] == "node1"], timeout=120)
         node1.stop(kill_user_processes=True)  # the node dies with its pool and tasks
-        out, err = finish(coord, 200)
+        out, err = finish(camp, coord, 200)
     finally:
         if coord.poll() is None:
             coord.kill()
