@@ -247,10 +247,11 @@ class CampaignDriver:
         return [p for p in self.store.pools(self.run_id) if p.campaign == campaign]
 
     def _serving(self, camp: CampaignSpec, down: set[str]) -> dict[str, PoolRecord]:
-        """The campaign's pools that can take tasks now, by node: live, answering, and with
-        worker slots placed there."""
+        """The campaign's pools that can take tasks now, by node: live, not closed (a closed
+        pool may run its cleanup at any moment and then refuses new tasks), answering, and
+        with worker slots placed there."""
         return {p.node: p for p in self._pools(camp.name)
-                if self._live(p) and p.node not in down and p.workers > 0}
+                if self._live(p) and not p.closed and p.node not in down and p.workers > 0}
 
     def _live(self, pool: PoolRecord) -> bool:
         """The pool may still take tasks: not given up, not done (as last heard)."""
@@ -285,6 +286,7 @@ class CampaignDriver:
                 running[t.node] = running.get(t.node, 0) + 1
         workers = {n: p.workers for n, p in pools.items()}
         cap = camp.max_parallel if camp.max_parallel is not None else len(tasks)
+        cap -= sum(1 for t in tasks if t.state.active and t.node not in pools)  # closed pools
         prefetch = {n: prefetch_of(camp, tasks, workers[n]) for n in pools}
         everything = camp.dispatch is DispatchMode.ALL
         room = sum(max(0, workers[n] + prefetch[n] - held.get(n, 0)) for n in pools)
@@ -345,6 +347,18 @@ class CampaignDriver:
                                             f"suite.workers ({node_cap}) reached")
         for node, count in added.items():
             existing = {p.node: p for p in self._pools(camp.name)}.get(node)
+            if existing is not None and not existing.abandoned and \
+                    (existing.closed or self._over(existing)):
+                # work came back to the queue (a node lost) after this pool was closed: a
+                # fresh pool takes it; the closed one finishes its own tasks and cleans up
+                self.held.pop((camp.name, node), None)
+                self.states.pop((camp.name, node), None)
+                self.store.save_pool(self.run_id, camp.name, node, name=next_pool_name(existing),
+                                     workers=count, closed=False, abandoned=False, state="new",
+                                     reason="", queued=0, running=0)
+                self.session.event(self.run_id, "pool", f"{camp.name}@{node}",
+                                   f"{count} worker(s) on {node} (a new pool)")
+                continue
             total = (existing.workers if existing is not None and not existing.abandoned
                      else 0) + count
             self.store.save_pool(self.run_id, camp.name, node, workers=total, abandoned=False)
@@ -550,6 +564,14 @@ def never_fits(cluster: Cluster, queued: Sequence[ExperimentSpec],
     return PlacementError("; ".join(bad)) if bad else None
 
 
+def next_pool_name(pool: PoolRecord) -> str:
+    """The name of a campaign's next pool on a node (``train.r1``, ``train.r2``...): a pool
+    that closed takes no more tasks, so new work there needs a fresh one."""
+    generation = pool.name.rpartition(".r")[2]
+    nth = int(generation) + 1 if generation.isdigit() and ".r" in pool.name else 1
+    return f"{pool.campaign}.r{nth}"
+
+
 RERUNNABLE = (InstancePhase.FAILED, InstancePhase.LOST, InstancePhase.CANCELLED,
               InstancePhase.PAUSED)
 
@@ -575,9 +597,7 @@ def rerun_failed(session: RunSession, run_id: str) -> list[str]:
         # the campaigns' pools have closed (cleanup ran): the rerun gets fresh ones, so each
         # node runs the suite's setup once more before the rerun's first task there
         for pool in store.pools(run_id):
-            generation = pool.name.rpartition(".r")[2]
-            nth = int(generation) + 1 if generation.isdigit() and ".r" in pool.name else 1
-            store.save_pool(run_id, pool.campaign, pool.node, name=f"{pool.campaign}.r{nth}",
+            store.save_pool(run_id, pool.campaign, pool.node, name=next_pool_name(pool),
                             workers=0, closed=False, abandoned=False, state="new", reason="",
                             queued=0, running=0)
         store.set_run_state(run_id, RunState.RUNNING)
