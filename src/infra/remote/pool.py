@@ -976,16 +976,6 @@ def pool_docs(root: str, run_id: str) -> list[dict[str, Any]]:
     return [describe_pool(p) for p in pool_dirs(root, run_id)]
 
 
-def renew_fences(root: str, run_id: str, seconds: float | None, holder: str) -> None:
-    """The status sweep's heartbeat also renews (or clears) the fences of the run's pools."""
-    for pdir in pool_dirs(root, run_id):
-        doc = sup.read_json(os.path.join(pdir, "fence.json"))
-        if doc is None:
-            continue  # never fenced by pool-sync: stays unfenced
-        with contextlib.suppress(OSError):
-            sup.set_fence(pdir, seconds, holder)
-
-
 def live_pools(run_dir: str) -> list[str]:
     """Names of the run's pools whose daemon runs (prune leaves such a run alone)."""
     base = os.path.join(run_dir, ".pools")

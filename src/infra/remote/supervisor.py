@@ -1468,7 +1468,6 @@ def cmd_status(args: argparse.Namespace) -> int:
             state = read_json(os.path.join(idir, "state.json")) or {}
             if state.get("fence") and state.get("state") not in FINAL_STATES:
                 set_fence(idir, seconds, args.fence_holder or "")
-        load_pool().renew_fences(root, args.run, seconds, args.fence_holder or "")
     if args.run is not None and args.only_stdin:
         wanted = parse_id_list(sys.stdin.read())  # a campaign's ended tasks are not re-read
         dirs = [d for d in dirs if os.path.basename(d) in wanted]

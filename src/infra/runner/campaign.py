@@ -60,6 +60,12 @@ TASK_REQUEUES = 3
 DONE_POOL_STATES = frozenset({PoolPhase.DONE, PoolPhase.CANCELLED, PoolPhase.SETUP_FAILED})
 
 
+def next_generation(name: str, campaign: str) -> str:
+    """The next pool name of a campaign on a node: ``train``, ``train.r1``, ``train.r2``..."""
+    tail = name[len(campaign) + 2:] if name.startswith(f"{campaign}.r") else ""
+    return f"{campaign}.r{int(tail) + 1 if tail.isdigit() else 1}"
+
+
 def is_queued_work(spec: ExperimentSpec) -> bool:
     """Work that waits in the coordinator's queue instead of being placed at submit."""
     return spec.campaign is not None or bool(spec.after) or bool(spec.after_any)
@@ -247,11 +253,10 @@ class CampaignDriver:
         return [p for p in self.store.pools(self.run_id) if p.campaign == campaign]
 
     def _serving(self, camp: CampaignSpec, down: set[str]) -> dict[str, PoolRecord]:
-        """The campaign's pools that can take tasks now, by node: live, not closed (a closed
-        pool may run its cleanup at any moment and then refuses new tasks), answering, and
-        with worker slots placed there."""
+        """The campaign's pools that can take tasks now, by node: live, answering, and with
+        worker slots placed there."""
         return {p.node: p for p in self._pools(camp.name)
-                if self._live(p) and not p.closed and p.node not in down and p.workers > 0}
+                if self._live(p) and p.node not in down and p.workers > 0}
 
     def _live(self, pool: PoolRecord) -> bool:
         """The pool may still take tasks: not given up, not done (as last heard)."""
@@ -286,7 +291,6 @@ class CampaignDriver:
                 running[t.node] = running.get(t.node, 0) + 1
         workers = {n: p.workers for n, p in pools.items()}
         cap = camp.max_parallel if camp.max_parallel is not None else len(tasks)
-        cap -= sum(1 for t in tasks if t.state.active and t.node not in pools)  # closed pools
         prefetch = {n: prefetch_of(camp, tasks, workers[n]) for n in pools}
         everything = camp.dispatch is DispatchMode.ALL
         room = sum(max(0, workers[n] + prefetch[n] - held.get(n, 0)) for n in pools)
@@ -327,7 +331,12 @@ class CampaignDriver:
         """Place up to ``want`` new worker slots with the engine, one at a time."""
         conds = dict(conditions)
         for pool in self._pools(camp.name):
-            if pool.abandoned:
+            # a node given up (its setup failed), or whose old pool is not over yet, takes
+            # no new slots; one that came back after it was lost does, once its old pool is
+            # over (a new pool there then)
+            lost_and_over = pool.reason.startswith("node ") and self._over(pool)
+            if (pool.abandoned and not lost_and_over) or (self._over(pool) and
+                                                          pool.state == "setup_failed"):
                 conds[pool.node] = NodeCondition(Condition.UNAVAILABLE,
                                                  f"{camp.name} gave up this node: {pool.reason}")
         node_cap = per_node_cap(camp)
@@ -347,21 +356,18 @@ class CampaignDriver:
                                             f"suite.workers ({node_cap}) reached")
         for node, count in added.items():
             existing = {p.node: p for p in self._pools(camp.name)}.get(node)
-            if existing is not None and not existing.abandoned and \
-                    (existing.closed or self._over(existing)):
-                # work came back to the queue (a node lost) after this pool was closed: a
-                # fresh pool takes it; the closed one finishes its own tasks and cleans up
-                self.held.pop((camp.name, node), None)
+            if existing is not None and (existing.abandoned or self._over(existing)):
+                # that pool is over (it cleaned up, or was given up): a new one takes over
+                self.store.save_pool(self.run_id, camp.name, node,
+                                     name=next_generation(existing.name, camp.name),
+                                     workers=count, abandoned=False, closed=False,
+                                     state="new", reason="", queued=0, running=0)
                 self.states.pop((camp.name, node), None)
-                self.store.save_pool(self.run_id, camp.name, node, name=next_pool_name(existing),
-                                     workers=count, closed=False, abandoned=False, state="new",
-                                     reason="", queued=0, running=0)
-                self.session.event(self.run_id, "pool", f"{camp.name}@{node}",
-                                   f"{count} worker(s) on {node} (a new pool)")
-                continue
-            total = (existing.workers if existing is not None and not existing.abandoned
-                     else 0) + count
-            self.store.save_pool(self.run_id, camp.name, node, workers=total, abandoned=False)
+                self.held.pop((camp.name, node), None)
+                total = count
+            else:
+                total = (existing.workers if existing is not None else 0) + count
+                self.store.save_pool(self.run_id, camp.name, node, workers=total)
             self.session.event(self.run_id, "pool", f"{camp.name}@{node}",
                                f"{total} worker(s) on {node}")
         if not added and why and not workers:
@@ -452,8 +458,10 @@ class CampaignDriver:
         for other in mine[1:]:
             common &= set(other.spec.env)
         env = {**DEFAULT_ENV, **dict(sorted(common))}
+        if pool.abandoned:
+            adds = []
         return PoolSyncRequest(
-            run_id=self.run_id, pool=pool.name, workers=pool.workers,
+            run_id=self.run_id, pool=pool.name, workers=0 if pool.abandoned else pool.workers,
             suite=PoolSuite(
                 suite_id=f"{self.run_id}/{pool.campaign}", suite_name=pool.campaign,
                 setup=suite.setup if suite else None, cleanup=suite.cleanup if suite else None,
@@ -461,17 +469,21 @@ class CampaignDriver:
                 cpu_binding=CpuBindingMode(suite.cpu_binding.value) if suite
                 else CpuBindingMode.SHARED,
                 cores=suite.cores if suite else ()),
-            add=tuple(adds), drop=tuple(drops), close=pool.closed,
+            add=tuple(adds), drop=tuple(drops), close=pool.closed or pool.abandoned,
             cancel=pool.campaign in self.cancelling,
-            fence_seconds=None if fence_clear else fence_seconds, fence_clear=fence_clear,
+            # a given-up pool's fence is left to expire: it must start nothing
+            fence_seconds=None if fence_clear or pool.abandoned else fence_seconds,
+            fence_clear=fence_clear and not pool.abandoned,
             holder=coordinator_id(), claims_dir=node.claims_dir)
 
     async def sync_pools(self, down: set[str], *, fence_seconds: float | None,
                          fence_clear: bool = False) -> dict[str, InfraError]:
         """One pool-sync call per live pool (all nodes at once); folds the answers in."""
         records = self.store.instances(self.run_id)
+        # a given-up pool on a node that answers is told too: it drops the tasks that went
+        # elsewhere, starts nothing more (no workers) and closes
         pools = [p for p in self.store.pools(self.run_id)
-                 if p.node not in down and not p.abandoned and self._needs_sync(p)]
+                 if p.node not in down and self._needs_sync(p)]
         errors: dict[str, InfraError] = {}
 
         async def one(pool: PoolRecord) -> None:
@@ -505,8 +517,8 @@ class CampaignDriver:
 
     def _fold(self, pool: PoolRecord, state: PoolState) -> None:
         """Record what the node said of its pool; a failed setup sends its tasks elsewhere."""
-        reason = state.waiting or state.error or ""
-        if state.phase is PoolPhase.SETUP_FAILED:
+        reason = pool.reason if pool.abandoned else (state.waiting or state.error or "")
+        if state.phase is PoolPhase.SETUP_FAILED and not pool.abandoned:
             reason = state.setup.reason or state.error or "setup failed"
         if (pool.state, pool.reason, pool.queued, pool.running) != \
                 (state.phase.value, reason, len(state.queued), len(state.running)):
@@ -518,6 +530,14 @@ class CampaignDriver:
                                    f"{state.phase.value}" + (f": {reason}" if reason else ""))
         if state.phase is PoolPhase.SETUP_FAILED and not pool.abandoned:
             self._abandon(pool, f"setup failed: {reason}")
+        elif state.phase in DONE_POOL_STATES:
+            # handed here after the pool had finished (it ignored them): they wait again
+            holds = set(state.queued) | set(state.running)
+            for rec in self.store.instances(self.run_id):
+                if campaign_key(rec.spec) == pool.campaign and rec.node == pool.node \
+                        and rec.state is InstancePhase.DISPATCHED \
+                        and rec.instance_id not in holds:
+                    self._requeue(rec, f"the pool on {pool.node} had finished", counts=False)
 
     def _abandon(self, pool: PoolRecord, why: str) -> None:
         self.store.save_pool(self.run_id, pool.campaign, pool.node, abandoned=True, workers=0,
@@ -564,14 +584,6 @@ def never_fits(cluster: Cluster, queued: Sequence[ExperimentSpec],
     return PlacementError("; ".join(bad)) if bad else None
 
 
-def next_pool_name(pool: PoolRecord) -> str:
-    """The name of a campaign's next pool on a node (``train.r1``, ``train.r2``...): a pool
-    that closed takes no more tasks, so new work there needs a fresh one."""
-    generation = pool.name.rpartition(".r")[2]
-    nth = int(generation) + 1 if generation.isdigit() and ".r" in pool.name else 1
-    return f"{pool.campaign}.r{nth}"
-
-
 RERUNNABLE = (InstancePhase.FAILED, InstancePhase.LOST, InstancePhase.CANCELLED,
               InstancePhase.PAUSED)
 
@@ -597,7 +609,8 @@ def rerun_failed(session: RunSession, run_id: str) -> list[str]:
         # the campaigns' pools have closed (cleanup ran): the rerun gets fresh ones, so each
         # node runs the suite's setup once more before the rerun's first task there
         for pool in store.pools(run_id):
-            store.save_pool(run_id, pool.campaign, pool.node, name=next_pool_name(pool),
+            store.save_pool(run_id, pool.campaign, pool.node,
+                            name=next_generation(pool.name, pool.campaign),
                             workers=0, closed=False, abandoned=False, state="new", reason="",
                             queued=0, running=0)
         store.set_run_state(run_id, RunState.RUNNING)

@@ -60,7 +60,11 @@ EventSink = Callable[[str, str, str], None]
 
 SETTLED = frozenset({InstancePhase.EXITED, InstancePhase.FAILED, InstancePhase.STOPPED,
                      InstancePhase.SKIPPED, InstancePhase.CANCELLED})
-"""Over for good: a status sweep does not ask the node about them again."""
+"""Over for good: a status sweep of a long run does not ask the node about them again."""
+DESCRIBE_ALL_UP_TO = 32
+"""A node holding at most this many of a run's instances describes all of them on every
+sweep (whatever it holds, even records the coordinator does not know); past it (a campaign's
+tasks), only those not settled."""
 MAX_REPLACE_TRIES = 3
 """How often an instance refused by a node's claims is placed again before it fails."""
 LOG_SYNC_ATTEMPTS = 3
@@ -471,8 +475,10 @@ class RunSession:
         async def one(node_name: str) -> tuple[str, list[InstanceState] | InfraError]:
             # what the node may still change: work not over (paused and lost work may be
             # found running again), on this node or moved away from it (stale copies)
-            only = [r.instance_id for r in records if r.state not in SETTLED and
-                    (r.node == node_name or node_name in r.previous_nodes)]
+            mine = [r for r in records
+                    if r.node == node_name or node_name in r.previous_nodes]
+            only = [r.instance_id for r in mine if r.state not in SETTLED] \
+                if len(mine) > DESCRIBE_ALL_UP_TO else None
             try:
                 client = await self.client(node_name)
                 states, pools = await client.status_with_pools(

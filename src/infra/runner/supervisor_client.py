@@ -626,8 +626,7 @@ class SupervisorClient:
                                 only: Sequence[str] | None = None,
                                 ) -> tuple[list[InstanceState], list[PoolState]]:
         """One status call for a run: its instances (``only`` those, when given) and its
-        node-side pools (fences as in ``status``; a pool's fence is renewed too once
-        pool-sync set one)."""
+        node-side pools (fences as in ``status``; a pool's own fence is pool-sync's alone)."""
         args = ["status", "--root", self.root, "--run", check_id(run_id, "run id")]
         if fence_clear:
             args += ["--fence-clear", "--fence-holder", holder]
