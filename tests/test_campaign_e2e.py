@@ -151,6 +151,12 @@ def marks(root: Path, fleet: SSHFleet, mark: str) -> list[Event]:
     return out
 
 
+def show(events: list[Event]) -> str:
+    """The events in time order, one short line each (for failure messages)."""
+    return "\n".join(f"{e['t']:.2f} {e['on']} {e['ev']} {e.get('id', '')} pid={e.get('pid')} "
+                     f"rc={e.get('rc')}" for e in sorted(events, key=lambda e: e["t"]))
+
+
 def of(events: list[Event], ev: str) -> list[Event]:
     return [e for e in events if e["ev"] == ev]
 
@@ -320,9 +326,12 @@ def marks_on(root: Path, fleet: SSHFleet, node: str) -> list[Event]:
 
 # --------------------------------------------------------------------------- 3: CPU binding
 
-@pytest.mark.parametrize("binding", ["round_robin", "shared"])
+@pytest.mark.parametrize("binding", ["round_robin", "shared", "exclusive"])
 def test_cpu_binding_of_running_tasks_is_visible_in_proc(
         camp: Path, ssh_fleet: SSHFleet, shared: Path, binding: str) -> None:
+    cores = os.sched_getaffinity(0)
+    if binding == "exclusive" and len(cores) < 2:
+        pytest.skip("exclusive binding of 2 workers needs 2 cores")
     only_node1(camp, max_instances=2)
     gate = shared / "release"
     bind = task_spec(camp, "bind", opts=f"--gate {gate}", sweep={"grid": {"k": [0, 1]}},
@@ -344,12 +353,14 @@ def test_cpu_binding_of_running_tasks_is_visible_in_proc(
     proc = cli(camp, "watch", run_id, "--duration", "120", "--json", timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     all_exited(json.loads(proc.stdout), task_ids("bind", 2))
-    cores = os.sched_getaffinity(0)
     if binding == "round_robin":  # worker i -> cores[i % n]: one core each
         assert all(len(s) == 1 and s <= cores for s in seen.values()), seen
         if len(cores) >= 2:  # the two workers got different cores
             a, b = seen.values()
             assert a != b, seen
+    elif binding == "exclusive":  # each worker its own core(s), shared with no other
+        a, b = seen.values()
+        assert a and b and a <= cores and b <= cores and not a & b, seen
     else:
         assert all(s == cores for s in seen.values()), (seen, cores)
 
@@ -442,7 +453,8 @@ def test_rerun_failed_runs_only_the_failed_tasks_again_under_their_ids(
     all_exited(doc, ids)
     assert the_campaign(doc, "flaky")["counts"] == {"exited": 4}
     events = marks(camp, ssh_fleet, "flaky")
-    assert ids_of(events, "start") == Counter({**once_each(ids), **dict.fromkeys(bad, 2)})
+    assert ids_of(events, "start") == Counter({**once_each(ids), **dict.fromkeys(bad, 2)}), \
+        show(events)
     for iid in bad:  # the same task failed, then succeeded, under its id and index
         ends = sorted(of([e for e in events if e["id"] == iid], "end"), key=lambda e: e["t"])
         assert [e["rc"] for e in ends] == [1, 0], ends
