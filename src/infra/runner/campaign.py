@@ -530,13 +530,15 @@ class CampaignDriver:
                                    f"{state.phase.value}" + (f": {reason}" if reason else ""))
         if state.phase is PoolPhase.SETUP_FAILED and not pool.abandoned:
             self._abandon(pool, f"setup failed: {reason}")
-        elif state.phase in DONE_POOL_STATES:
-            # handed here after the pool had finished (it ignored them): they wait again
-            holds = set(state.queued) | set(state.running)
+        if state.ignored:
+            # handed here after the pool had finished (it refused them): they wait again.
+            # Only those the node names: a task the pool ran and ended before the status
+            # sweep saw it start is still DISPATCHED here, and must not run twice.
+            ignored = set(state.ignored)
             for rec in self.store.instances(self.run_id):
                 if campaign_key(rec.spec) == pool.campaign and rec.node == pool.node \
                         and rec.state is InstancePhase.DISPATCHED \
-                        and rec.instance_id not in holds:
+                        and rec.instance_id in ignored:
                     self._requeue(rec, f"the pool on {pool.node} had finished", counts=False)
 
     def _abandon(self, pool: PoolRecord, why: str) -> None:
