@@ -187,6 +187,10 @@ def test_repeated_add_is_ignored(client: SupervisorClient, tmp_path: Path) -> No
     sync(client, 1, add=batch, close=True)
     assert finished(client).phase is PoolPhase.DONE
     assert sorted(starts(marks)) == ids(3)
+    # once done: what it ran is skipped silently, only new work is named as refused
+    later = sync(client, 1, add=(*batch, task(marks, "train.0009")))
+    assert later.ignored == ("train.0009",) and later.queued == ()
+    assert sorted(starts(marks)) == ids(3)
 
 
 # --------------------------------------------------------------------------- CPU binding
@@ -318,6 +322,7 @@ def test_cancel_drops_the_queue_stops_running_and_cleans_up_once(client: Supervi
     assert [r[0] for r in lines(marks)].count("cleanup") == 1
     later = sync(client, 2, add=(task(marks, "train.0009"),))  # over: nothing more starts
     assert later.error is not None and "ignored" in later.error and later.queued == ()
+    assert later.ignored == ("train.0009",)
 
 
 # --------------------------------------------------------------------------- waiting
