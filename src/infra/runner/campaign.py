@@ -618,3 +618,36 @@ def rerun_failed(session: RunSession, run_id: str) -> list[str]:
                       + ", ".join(r.instance_id for r in again[:12])
                       + (f" and {len(again) - 12} more" if len(again) > 12 else ""))
     return [r.instance_id for r in again]
+
+
+def first_wave(cluster: Cluster, queued: Sequence[ExperimentSpec],
+               conditions: Mapping[str, NodeCondition] | None = None,
+               occupied: Sequence[OccupiedWork] = ()) -> dict[str, dict[str, int]]:
+    """Where each campaign's first worker slots would go now (campaign -> node -> slots):
+    what a dry run shows. Slots are placed one at a time, as the queue does, up to
+    ``max_parallel`` (and ``suite.workers`` per node)."""
+    out: dict[str, dict[str, int]] = {}
+    busy = list(occupied)
+    groups: dict[str, list[ExperimentSpec]] = {}
+    for spec in queued:
+        if spec.campaign is not None and not spec.after and not spec.after_any:
+            groups.setdefault(spec.campaign.name, []).append(spec)
+    for name, tasks in groups.items():
+        camp = tasks[0].campaign
+        assert camp is not None
+        conds = dict(conditions or {})
+        cap = min(len(tasks), camp.max_parallel or len(tasks), GROW_PER_TICK)
+        slots: dict[str, int] = {}
+        for spec in tasks[:cap]:
+            probe = replace(spec, affinity=(), anti_affinity=())
+            result = plan(cluster, [probe], conditions=conds, occupied=busy)
+            node = result.node_of(probe.experiment_id)
+            if node is None:
+                break
+            busy.append((probe, node, result.allocation_of(probe.experiment_id)))
+            slots[node] = slots.get(node, 0) + 1
+            limit = per_node_cap(camp)
+            if limit is not None and slots[node] >= limit:
+                conds[node] = NodeCondition(Condition.UNAVAILABLE, "suite.workers reached")
+        out[name] = slots
+    return out
