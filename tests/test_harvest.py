@@ -158,7 +158,14 @@ def test_a_file_swapped_after_the_listing_is_not_sent_inline(tmp_path: Path) -> 
     (base / "kept.json").write_text("{}")
     (base / "swapped.json").write_text("old!")
     (base / "grown.json").write_text("abc")
+    (base / "sub").mkdir()
+    (base / "sub" / "x.json").write_text("ab")
+    outside = tmp_path.parent / f"{tmp_path.name}-outside"
+    outside.mkdir()
+    (outside / "x.json").write_text("!!")  # same name, same size, outside the base
     doc, ids = node_harvest.list_under(str(tmp_path), str(base), 100, ["*"])
+    os.rename(base / "sub", base / "sub.old")
+    os.symlink(outside, base / "sub")  # a directory on the path turned into a link out
     other = tmp_path / "other"
     other.write_text("new!")  # same size, another file (inode) moved into its place
     os.replace(other, base / "swapped.json")
@@ -170,6 +177,7 @@ def test_a_file_swapped_after_the_listing_is_not_sent_inline(tmp_path: Path) -> 
     assert base64.b64decode(entries["kept.json"]["inline_b64"]) == b"{}"
     assert "inline_b64" not in entries["swapped.json"]
     assert "inline_b64" not in entries["grown.json"]
+    assert "inline_b64" not in entries["sub/x.json"]
 
 
 def test_inline_total_budget_leaves_the_rest_to_the_copy(tmp_path: Path) -> None:

@@ -57,12 +57,24 @@ class StatListing(rl.Listing):
         more = super().add_file(path)
         if len(self.files) > before:
             entry = self.files[-1]
-            try:
-                st = os.lstat(entry["source"])
-                self.ids[entry["source"]] = (st.st_dev, st.st_ino)
-            except OSError:
-                self.ids[entry["source"]] = (-1, -1)  # gone already: never inlined
+            self.ids[entry["source"]] = file_id(entry["source"], int(entry["size"]))
         return more
+
+
+def file_id(source: str, size: int) -> tuple[int, int]:
+    """(device, inode) of the regular file at ``source`` with no link on its path, as the
+    listing saw it; (-1, -1) (never inlined) when that cannot be made sure of."""
+    try:
+        first = os.lstat(source)
+        if os.path.realpath(source) != source:
+            return (-1, -1)  # a directory on its path became a link since the listing
+        again = os.lstat(source)
+    except OSError:
+        return (-1, -1)
+    if not stat.S_ISREG(first.st_mode) or first.st_size != size or \
+            (first.st_dev, first.st_ino) != (again.st_dev, again.st_ino):
+        return (-1, -1)
+    return (first.st_dev, first.st_ino)
 
 
 def list_under(anchor: str, base: str, limit: int,
