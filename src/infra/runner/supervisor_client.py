@@ -722,6 +722,19 @@ class SupervisorClient:
         return LogChunk(data=data, offset=f.count("offset"), size=f.count("size"),
                         eof=f.flag("eof"), ended=f.flag("ended"))
 
+    async def harvest(self, request: Mapping[str, Any], *,
+                      timeout: float | None = None) -> list[Mapping[str, Any]]:
+        """One ``harvest`` call (see ``infra/remote/harvest.py``): per item, its state, a log
+        chunk and its results listings; each entry a mapping (decoded by the caller)."""
+        check_id(str(request.get("run_id")), "run id")
+        for item in request.get("items") or ():
+            check_id(str(item.get("instance")), "instance id")
+        doc = await self._call(["harvest", "--root", self.root], input=_json(request),
+                               timeout=timeout)
+        f = _Fields(self.node.name, "harvest", doc)
+        return [_mapping(self.node.name, f"harvest.items[{i}]", d)
+                for i, d in enumerate(f.items("items", required=True))]
+
     def _instances(self, doc: Mapping[str, Any]) -> list[InstanceState]:
         """The ``instances`` list of a status/stop answer, each entry type-checked."""
         f = _Fields(self.node.name, "answer", doc)
