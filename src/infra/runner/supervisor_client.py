@@ -590,6 +590,13 @@ class SupervisorClient:
         for source in remote_sources():
             await self.transport.put(str(source), f"{tmp}/{source.name}",
                                      timeout=self.command_timeout)
+        # byte-compiled here, once: the scripts run with -B, so a node never writes a .pyc
+        # itself (one cut short by a full disk would break every later call)
+        await self.transport.run(
+            program_command(self.node.python_path, [
+                "-S", "-E", "-c", "import compileall, sys; "
+                "sys.exit(0 if compileall.compile_dir(sys.argv[1], quiet=1) else 1)", tmp]),
+            timeout=self.command_timeout, check=True)
         q_tmp, q_final = shlex.quote(tmp), shlex.quote(final)
         await self.transport.run(
             f"if test -f {q_final}/supervisor.py; then rm -rf {q_tmp}; "
@@ -744,8 +751,9 @@ class SupervisorClient:
     async def _command(self, args: Sequence[str]) -> str:
         # -S -E: the script is stdlib only, so skip site-packages (.pth files can cost 100+ ms
         # per call) and ignore PYTHON* variables; the experiment still gets the full env.
+        # -B: read the .pyc files compiled at install, never write one (see ``_upload``).
         script = await self.ensure_installed()
-        return program_command(self.node.python_path, ["-S", "-E", script, *args])
+        return program_command(self.node.python_path, ["-S", "-E", "-B", script, *args])
 
     async def _call(self, args: Sequence[str], *, input: str | None = None,
                     timeout: float | None = None) -> dict[str, Any]:
