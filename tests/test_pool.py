@@ -337,8 +337,10 @@ def test_cancel_drops_the_queue_stops_running_and_cleans_up_once(client: Supervi
     insts = {s.instance_id: s for s in arun(client.status(RUN))}
     assert {insts[t].status for t in ids(2)} == {InstanceStatus.STOPPED}
     assert [r[0] for r in lines(marks)].count("cleanup") == 1
-    later = sync(client, 2, add=(task(marks, "train.0009"),))  # over: nothing more starts
+    # over: nothing more starts; the refused adds are named, the ones it ran are not
+    later = sync(client, 2, add=(task(marks, "train.0009"), task(marks, "train.0000")))
     assert later.error is not None and "ignored" in later.error and later.queued == ()
+    assert later.ignored == ("train.0009",)
 
 
 # --------------------------------------------------------------------------- waiting

@@ -212,9 +212,10 @@ def running_tasks(pdir: str) -> list[str]:
 
 
 def describe_pool(pdir: str, dropped: list[str] | None = None,
-                  not_dropped: list[str] | None = None, error: str | None = None
-                  ) -> dict[str, Any]:
-    """The pool document of pool-sync and status answers."""
+                  not_dropped: list[str] | None = None, error: str | None = None,
+                  ignored: list[str] | None = None) -> dict[str, Any]:
+    """The pool document of pool-sync and status answers (``ignored``: adds refused because
+    the pool is over; none of them started here)."""
     cfg = sup.read_json(os.path.join(pdir, "config.json")) or {}
     state = sup.read_json(os.path.join(pdir, "state.json")) or {}
     alive = daemon_alive(pdir)
@@ -237,7 +238,8 @@ def describe_pool(pdir: str, dropped: list[str] | None = None,
     return {"name": os.path.basename(pdir), "state": phase, "daemon_alive": alive,
             "workers": int(cfg.get("workers") or 0), "worker_cores": cores,
             "queued": queued, "running": running, "dropped": dropped or [],
-            "not_dropped": not_dropped or [], "setup": hook_doc(state.get("setup")),
+            "not_dropped": not_dropped or [], "ignored": ignored or [],
+            "setup": hook_doc(state.get("setup")),
             "cleanup": hook_doc(state.get("cleanup")), "waiting": state.get("waiting"),
             "error": error or state.get("error"),
             "done": len(entries(pdir, "done")), "closed": bool(cfg.get("close")),
@@ -369,7 +371,7 @@ def apply_sync(root: str, req: dict[str, Any]) -> tuple[dict[str, Any], bool]:
         sup.set_fence(pdir, float(req["fence_seconds"]), str(req.get("holder") or ""))
     write_doc(os.path.join(pdir, "config.json"), cfg)
     needed = daemon_needed(pdir, cfg, state)
-    return describe_pool(pdir, dropped, not_dropped, error), needed
+    return describe_pool(pdir, dropped, not_dropped, error, ignored), needed
 
 
 def daemon_needed(pdir: str, cfg: dict[str, Any], state: dict[str, Any]) -> bool:

@@ -506,7 +506,8 @@ class CampaignDriver:
                 return
             self.states[key] = state
             self.held[key] = set(state.queued) | set(state.running) | \
-                {a.instance_id for a in request.add if a.instance_id not in state.dropped}
+                {a.instance_id for a in request.add
+                 if a.instance_id not in state.dropped and a.instance_id not in state.ignored}
             self._fold(pool, state)
 
         await asyncio.gather(*(one(p) for p in pools))
@@ -530,13 +531,13 @@ class CampaignDriver:
                                    f"{state.phase.value}" + (f": {reason}" if reason else ""))
         if state.phase is PoolPhase.SETUP_FAILED and not pool.abandoned:
             self._abandon(pool, f"setup failed: {reason}")
-        elif state.phase in DONE_POOL_STATES:
-            # handed here after the pool had finished (it ignored them): they wait again
-            holds = set(state.queued) | set(state.running)
+        if state.ignored:
+            # handed here after the pool had finished: the node refused them (none started
+            # there), so they wait again for another pool
+            refused = set(state.ignored)
             for rec in self.store.instances(self.run_id):
-                if campaign_key(rec.spec) == pool.campaign and rec.node == pool.node \
-                        and rec.state is InstancePhase.DISPATCHED \
-                        and rec.instance_id not in holds:
+                if rec.instance_id in refused and rec.node == pool.node \
+                        and rec.state is InstancePhase.DISPATCHED:
                     self._requeue(rec, f"the pool on {pool.node} had finished", counts=False)
 
     def _abandon(self, pool: PoolRecord, why: str) -> None:

@@ -493,6 +493,7 @@ class PoolState:
     done: int = 0
     closed: bool = False
     cancelled: bool = False
+    ignored: tuple[str, ...] = ()  # adds refused because the pool is over (never started)
 
     @classmethod
     def from_json(cls, node: str, doc: Any, *, where: str = "pool") -> PoolState:
@@ -520,7 +521,7 @@ class PoolState:
                                                 where=f"{where}.cleanup"),
                    waiting=f.opt_text("waiting"), error=f.opt_text("error"),
                    done=f.count("done"), closed=f.flag("closed"),
-                   cancelled=f.flag("cancelled"))
+                   cancelled=f.flag("cancelled"), ignored=f.names("ignored"))
 
 
 @dataclass(frozen=True)
