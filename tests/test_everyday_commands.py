@@ -247,4 +247,4 @@ def test_stop_lines_say_what_was_stopped_and_what_was_already_over() -> None:
     assert "already over (left as they were): f failed, q exited" in text
     assert "nothing to stop" in render(views.stop_lines(StopReport()))
     assert views.stop_json(StopReport(already_over={"q": "exited"})) == {
-        "stopped": [], "already_over": {"q": "exited"}, "errors": {}}
+        "stopped": [], "cancelled": [], "already_over": {"q": "exited"}, "errors": {}}

@@ -291,6 +291,27 @@ def test_sigkill_of_the_daemon_mid_pool_runs_every_task_once(client: SupervisorC
     assert [r[0] for r in lines(marks)].count("cleanup") == 1
 
 
+def test_daemon_killed_during_setup_never_runs_it_again(client: SupervisorClient,
+                                                        node: NodeConfig,
+                                                        tmp_path: Path) -> None:
+    marks = tmp_path / "marks"
+    setup = f"echo setup >> {shlex.quote(str(marks))}; sleep 60"
+    sync(client, 1, suite=suite(marks, setup=setup), add=(task(marks, "train.0000"),))
+    settle(client, lambda p: p.setup.state is HookState.RUNNING and marks.exists(),
+           "in setup")
+    daemon = json.loads((pool_path(node) / "daemon.json").read_text())
+    hook_pid = json.loads((pool_path(node) / "state.json").read_text())["setup"]["pid"]
+    os.kill(daemon["pid"], signal.SIGKILL)
+    os.killpg(hook_pid, signal.SIGKILL)
+    settle(client, lambda p: not p.daemon_alive, "dead")
+    sync(client, 1, close=True)
+    state = finished(client)
+    assert state.phase is PoolPhase.SETUP_FAILED and state.setup.state is HookState.FAILED
+    assert state.setup.reason is not None and "setup interrupted" in state.setup.reason
+    assert [r[0] for r in lines(marks)] == ["setup"]  # not run again, no task started
+    assert state.queued == ("train.0000",)
+
+
 def test_drop_queued_tasks_and_not_started_ones(client: SupervisorClient,
                                                 tmp_path: Path) -> None:
     marks = tmp_path / "marks"
@@ -320,7 +341,8 @@ def test_cancel_drops_the_queue_stops_running_and_cleans_up_once(client: Supervi
     insts = {s.instance_id: s for s in arun(client.status(RUN))}
     assert {insts[t].status for t in ids(2)} == {InstanceStatus.STOPPED}
     assert [r[0] for r in lines(marks)].count("cleanup") == 1
-    later = sync(client, 2, add=(task(marks, "train.0009"),))  # over: nothing more starts
+    # over: nothing more starts; the refused adds are named, the ones it ran are not
+    later = sync(client, 2, add=(task(marks, "train.0009"), task(marks, "train.0000")))
     assert later.error is not None and "ignored" in later.error and later.queued == ()
     assert later.ignored == ("train.0009",)
 

@@ -88,9 +88,15 @@ def test_install_once_per_client_and_reinstall_when_wiped(tmp_path: Path) -> Non
         assert len(probes) == 1 and len(transport.puts) == len(scripts)
         installed = tmp_path / "work" / ".infra" / supervisor_filename()
         assert installed.read_bytes() == SUPERVISOR_SOURCE.read_bytes()
-        # every remote script, in one versioned directory, and nothing else left behind
+        # every remote script, in one versioned directory, byte-compiled there at install
+        # (the node runs them with -B and never writes a .pyc), and nothing else left behind
         assert installed.parent.name == f"bin-{supervisor_digest()}"
-        assert sorted(p.name for p in installed.parent.iterdir()) == [p.name for p in scripts]
+        assert sorted(p.name for p in installed.parent.iterdir()) == \
+            ["__pycache__", *(p.name for p in scripts)]
+        compiled = sorted(p.name.split(".")[0] for p in (installed.parent / "__pycache__").iterdir())
+        assert compiled == sorted(p.stem for p in scripts)
+        calls = [c for c in transport.commands if "supervisor.py" in c and " status " in f"{c} "]
+        assert calls and all(" -B " in c for c in calls), calls
         assert [p.name for p in installed.parent.parent.iterdir()] == [installed.parent.name]
         # a second client (new connection) finds it and does not upload again
         other = CountingTransport("n1")
@@ -125,8 +131,8 @@ def test_tilde_work_dir_with_space(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 def test_bad_python_is_a_command_failure(tmp_path: Path) -> None:
     node = make_node(str(tmp_path / "work"), python=str(tmp_path / "no-python"))
     client = SupervisorClient(LocalTransport("n1"), node)
-    with pytest.raises(CommandFailedError, match="printed no result"):
-        asyncio.run(client.status())
+    with pytest.raises(CommandFailedError, match=r"\(127\): .*no-python: not found"):
+        asyncio.run(client.status())  # the install's byte-compile step already says why
 
 
 @pytest.mark.parametrize("bad", ["", "../x", "a/b", "-rf", ".hidden", "a..b", "x" * 129,

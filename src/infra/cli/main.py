@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -241,17 +241,22 @@ def cli(ctx: click.Context, cluster_config: str | None, validate_config: bool,
     if specs and not validate_config:
         if dry_run:
             from infra.cli.actions import queued_work
-            from infra.runner.campaign import never_fits
+            from infra.runner.campaign import first_wave, never_fits
             queued, rest = queued_work(cluster, specs, placement, auto_place)
             waiting = {s.experiment_id for s in queued}
             context = stored_context(cluster)
-            result, _placed = make_plan(cluster, tuple(s for s in specs
-                                                       if s.experiment_id not in waiting),
-                                        rest, auto_place, force, **context)
-            show_plan(c, result, explain=explain, dry_run=True, queued=queued)
+            result, placed = make_plan(cluster, tuple(s for s in specs
+                                                      if s.experiment_id not in waiting),
+                                       rest, auto_place, force, **context)
+            by_id = {s.experiment_id: s for s in placed}
+            never = never_fits(cluster, queued, context.get("conditions"))
+            waves = first_wave(cluster, queued, context.get("conditions"),
+                               [*context.get("occupied", ()),
+                                *((by_id[p.instance_id], p.node, p.allocation)
+                                  for p in result.placements)]) if never is None else {}
+            show_plan(c, result, explain=explain, dry_run=True, queued=queued, waves=waves)
             if not result.ok:
                 raise plan_failure(result)
-            never = never_fits(cluster, queued, context.get("conditions"))
             if never is not None:
                 raise never
             return
@@ -289,17 +294,19 @@ def do_validate(c: Ctx, cluster: Cluster, specs: tuple[ExperimentSpec, ...]) -> 
 
 
 def show_plan(c: Ctx, result: Plan, *, explain: bool, dry_run: bool,
-              queued: Sequence[ExperimentSpec] = ()) -> None:
+              queued: Sequence[ExperimentSpec] = (),
+              waves: Mapping[str, Mapping[str, int]] | None = None) -> None:
     if c.json_out:
         doc = views.plan_json(result)
         doc["dry_run"] = dry_run
         doc["queued"] = [s.experiment_id for s in queued]
+        doc["first_wave"] = {k: dict(v) for k, v in (waves or {}).items()}
         c.emit_json(doc)
         return
     if result.placements or result.unplaced or result.pin_errors or not queued:
         c.console.print(views.plan_table(result))
     if queued:
-        c.console.print(views.queued_summary(queued))
+        c.console.print(views.queued_summary(queued, waves))
     if explain:
         c.console.print(views.explain(result))
     if dry_run:

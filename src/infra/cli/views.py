@@ -99,8 +99,10 @@ def plan_table(plan: Plan) -> Table:
     return table
 
 
-def queued_summary(queued: Sequence[ExperimentSpec]) -> str:
-    """One line per campaign (and per dependent experiment) that waits in the queue."""
+def queued_summary(queued: Sequence[ExperimentSpec],
+                   waves: Mapping[str, Mapping[str, int]] | None = None) -> str:
+    """One line per campaign (and per dependent experiment) that waits in the queue; with
+    ``waves``, where each campaign's first worker slots would go now."""
     lines = []
     groups: dict[str, list[ExperimentSpec]] = {}
     for spec in queued:
@@ -123,6 +125,11 @@ def queued_summary(queued: Sequence[ExperimentSpec]) -> str:
         if first.after_any:
             parts.append(f"after any end of {', '.join(first.after_any)}")
         lines.append(f"queued: {key}: {'; '.join(parts)}")
+        if waves is not None and key in waves:
+            slots = waves[key]
+            where = ", ".join(f"{n} x{k}" for n, k in sorted(slots.items())) or \
+                "no slot free now (the tasks wait)"
+            lines.append(f"  first wave: {where}")
     return "\n".join(lines)
 
 

@@ -45,10 +45,12 @@ from infra.state import FailureClass, InstancePhase, InstanceRecord
 from infra.state.store import coordinator_id
 
 FOLLOW_STREAMS_PER_NODE = 4
-HARVEST_PER_NODE = 4
-"""Ended instances whose logs and results are copied home at once, per node."""
-HARVEST_PER_TICK = 16
-"""Ended instances per node whose logs and results one tick copies home (the rest wait)."""
+HARVEST_PER_TICK = 64
+"""Ended instances per node whose logs and results one tick copies home, in one batched
+supervisor call (the rest wait for the next tick)."""
+HARVEST_LONG_LOGS = 4
+"""Ended instances per node whose logs, longer than a batch brings, are read to the end at
+once (with the old chunked reads)."""
 PROGRESS_WIDTH = 72
 """Width of a campaign's progress bar with its counts (the pool states follow it)."""
 """Long-lived follow channels per node; further instances are synced by reads each tick,
@@ -527,23 +529,14 @@ class Monitor:
                 continue
             if self._fetch_due(rec):
                 ended.append(rec)
-        limits: dict[str, asyncio.Semaphore] = {}
-
-        async def one(rec: InstanceRecord) -> None:
-            gate = limits.setdefault(rec.node, asyncio.Semaphore(HARVEST_PER_NODE))
-            async with gate:
-                if self.holding():
-                    await self._copy_log_and_results(rec)
-
-        # a bounded batch per node and tick: dispatch and the status sweep come round again
-        # soon, whatever number of short tasks ended meanwhile
-        batch: dict[str, int] = {}
-        chosen = []
+        # a bounded batch per node and tick, one supervisor call each: dispatch and the
+        # status sweep come round again soon, whatever number of short tasks ended meanwhile
+        batch: dict[str, list[InstanceRecord]] = {}
         for rec in ended:
-            if batch.get(rec.node, 0) < HARVEST_PER_TICK:
-                batch[rec.node] = batch.get(rec.node, 0) + 1
-                chosen.append(rec)
-        await asyncio.gather(*(one(r) for r in chosen))
+            recs = batch.setdefault(rec.node, [])
+            if len(recs) < HARVEST_PER_TICK:
+                recs.append(rec)
+        await asyncio.gather(*(self._harvest(node, recs) for node, recs in batch.items()))
 
     def _fetch_due(self, rec: InstanceRecord) -> bool:
         """The instance ended, its log is home, and its results are not (retries left)."""
@@ -553,25 +546,70 @@ class Monitor:
         return fetchable and copied and not rec.results_fetched \
             and self.fetch_failures.get(rec.instance_id, 0) < RESULT_FETCH_ATTEMPTS
 
-    async def _copy_log_and_results(self, rec: InstanceRecord) -> None:
-        """Bring the log up to date (no stream follows it), then the results when due."""
-        instance_id = rec.instance_id
-        if instance_id not in self.drained and instance_id not in self.log_gave_up:
-            try:
-                await self.s.sync_log(self.run_id, rec, follow=False, guard=self.holding)
-                self.log_failures.pop(instance_id, None)
-                if rec.state.finished:
-                    self.drained.add(instance_id)
-            except InfraError as exc:
-                self._log_failed(rec, exc)
-        if not self._fetch_due(rec):
+    def _results_due(self, rec: InstanceRecord) -> bool:
+        """The instance ended and its results are not home (retries left)."""
+        return rec.state in (InstancePhase.EXITED, InstancePhase.FAILED, InstancePhase.STOPPED) \
+            and not rec.results_fetched \
+            and self.fetch_failures.get(rec.instance_id, 0) < RESULT_FETCH_ATTEMPTS
+
+    def _wants_log(self, rec: InstanceRecord) -> bool:
+        return rec.instance_id not in self.drained and rec.instance_id not in self.log_gave_up
+
+    async def _harvest(self, node: str, recs: list[InstanceRecord]) -> None:
+        """Bring the logs (no stream follows them) and the due results of ``recs`` home in one
+        batched call to ``node``; failures count per instance as a single copy's would."""
+        if not self.holding():
+            return
+        want = frozenset(r.instance_id for r in recs if self._results_due(r))
+        try:
+            outcomes = await self.s.harvest(self.run_id, node, recs, results_for=want,
+                                            guard=self.holding)
+        except InfraError as exc:
+            for rec in recs:
+                if self._wants_log(rec):
+                    self._log_failed(rec, exc)
+                if rec.instance_id in want:
+                    self._fetch_failed(rec, exc)
+            return
+        longer = []
+        for rec in recs:
+            got = outcomes.get(rec.instance_id)
+            if got is None or got.deferred:
+                continue
+            if self._wants_log(rec):
+                if got.log_error is not None:
+                    self._log_failed(rec, got.log_error)
+                else:
+                    self.log_failures.pop(rec.instance_id, None)
+                    if rec.state.finished and got.eof:
+                        self.drained.add(rec.instance_id)
+                    elif rec.state.finished and got.log_size is not None:
+                        longer.append(rec)  # more than one batch's share of log
+            if rec.instance_id in want and got.results_error is not None:
+                self._fetch_failed(rec, got.results_error)
+        gate = asyncio.Semaphore(HARVEST_LONG_LOGS)
+
+        async def rest(rec: InstanceRecord) -> None:
+            async with gate:
+                await self._sync_rest(self.s.store.instance(self.run_id, rec.instance_id))
+
+        await asyncio.gather(*(rest(r) for r in longer))
+
+    async def _sync_rest(self, rec: InstanceRecord) -> None:
+        """Read the rest of a long log of an ended instance to its end (chunked reads)."""
+        if not self.holding():
             return
         try:
-            await self.s.fetch_results(self.run_id, rec)
+            await self.s.sync_log(self.run_id, rec, follow=False, guard=self.holding)
+            self.drained.add(rec.instance_id)
         except InfraError as exc:
-            self.fetch_failures[instance_id] = self.fetch_failures.get(instance_id, 0) + 1
-            self.s.event(self.run_id, "results", instance_id,
-                         f"fetching results failed: {exc.one_line()}")
+            self._log_failed(rec, exc)
+
+    def _fetch_failed(self, rec: InstanceRecord, exc: InfraError) -> None:
+        """Count a failed results fetch and say it."""
+        iid = rec.instance_id
+        self.fetch_failures[iid] = self.fetch_failures.get(iid, 0) + 1
+        self.s.event(self.run_id, "results", iid, f"fetching results failed: {exc.one_line()}")
 
     def _log_failed(self, rec: InstanceRecord, exc: InfraError) -> None:
         """Count a failed log copy; past the limit, stop asking and say why (and mark lost).

@@ -214,8 +214,8 @@ def running_tasks(pdir: str) -> list[str]:
 def describe_pool(pdir: str, dropped: list[str] | None = None,
                   not_dropped: list[str] | None = None, error: str | None = None,
                   ignored: list[str] | None = None) -> dict[str, Any]:
-    """The pool document of pool-sync and status answers (``ignored``: the adds of this
-    pool-sync that the pool refused because it is over)."""
+    """The pool document of pool-sync and status answers (``ignored``: adds refused because
+    the pool is over; none of them started here)."""
     cfg = sup.read_json(os.path.join(pdir, "config.json")) or {}
     state = sup.read_json(os.path.join(pdir, "state.json")) or {}
     alive = daemon_alive(pdir)

@@ -1499,6 +1499,24 @@ def load_pool() -> Any:
     return pool
 
 
+def load_harvest() -> Any:
+    """The sibling ``harvest`` module (installed next to this script, or in the package)."""
+    if __package__:
+        from . import harvest
+        return harvest
+    sys.modules.setdefault("supervisor", sys.modules[__name__])
+    import harvest  # type: ignore[import-not-found]  # a sibling on the node
+    return harvest
+
+
+def cmd_harvest(args: argparse.Namespace) -> int:
+    """Many instances' state, log chunks and results listings (with small files inline) in
+    one call: a campaign's ended tasks come home in batches, not four calls each."""
+    root = norm_root(args.root)
+    emit({"ok": True, "items": load_harvest().harvest(root, sys.stdin.read())})
+    return 0
+
+
 def cmd_pool_sync(args: argparse.Namespace) -> int:
     """Apply a pool-sync document (stdin) to the run's pool; start its daemon when needed."""
     root = norm_root(args.root)
@@ -1777,6 +1795,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(fences are renewed for the whole run)")
     p = sub.add_parser("pool-sync", help="hand tasks to a run's node-side pool (JSON on stdin)")
     p.add_argument("--root", required=True)
+    p = sub.add_parser("harvest", help="logs and results of many instances (JSON on stdin)")
+    p.add_argument("--root", required=True)
     p = sub.add_parser("claims", help="every live claim on this node")
     p.add_argument("--claims-dir")
     p = sub.add_parser("stop", help="stop a run or one instance (SIGTERM, then SIGKILL)")
@@ -1803,7 +1823,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"start": cmd_start, "status": cmd_status, "stop": cmd_stop, "claims": cmd_claims,
                 "prune": cmd_prune, "follow": cmd_follow, "read": cmd_read,
-                "pool-sync": cmd_pool_sync}
+                "pool-sync": cmd_pool_sync, "harvest": cmd_harvest}
     if args.command not in handlers:
         build_parser().print_usage(sys.stderr)
         return 2

@@ -506,7 +506,8 @@ class CampaignDriver:
                 return
             self.states[key] = state
             self.held[key] = set(state.queued) | set(state.running) | \
-                {a.instance_id for a in request.add if a.instance_id not in state.dropped}
+                {a.instance_id for a in request.add
+                 if a.instance_id not in state.dropped and a.instance_id not in state.ignored}
             self._fold(pool, state)
 
         await asyncio.gather(*(one(p) for p in pools))
@@ -531,14 +532,12 @@ class CampaignDriver:
         if state.phase is PoolPhase.SETUP_FAILED and not pool.abandoned:
             self._abandon(pool, f"setup failed: {reason}")
         if state.ignored:
-            # handed here after the pool had finished (it refused them): they wait again.
-            # Only those the node names: a task the pool ran and ended before the status
-            # sweep saw it start is still DISPATCHED here, and must not run twice.
-            ignored = set(state.ignored)
+            # handed here after the pool had finished: the node refused them (none started
+            # there), so they wait again for another pool
+            refused = set(state.ignored)
             for rec in self.store.instances(self.run_id):
-                if campaign_key(rec.spec) == pool.campaign and rec.node == pool.node \
-                        and rec.state is InstancePhase.DISPATCHED \
-                        and rec.instance_id in ignored:
+                if rec.instance_id in refused and rec.node == pool.node \
+                        and rec.state is InstancePhase.DISPATCHED:
                     self._requeue(rec, f"the pool on {pool.node} had finished", counts=False)
 
     def _abandon(self, pool: PoolRecord, why: str) -> None:
@@ -620,3 +619,36 @@ def rerun_failed(session: RunSession, run_id: str) -> list[str]:
                       + ", ".join(r.instance_id for r in again[:12])
                       + (f" and {len(again) - 12} more" if len(again) > 12 else ""))
     return [r.instance_id for r in again]
+
+
+def first_wave(cluster: Cluster, queued: Sequence[ExperimentSpec],
+               conditions: Mapping[str, NodeCondition] | None = None,
+               occupied: Sequence[OccupiedWork] = ()) -> dict[str, dict[str, int]]:
+    """Where each campaign's first worker slots would go now (campaign -> node -> slots):
+    what a dry run shows. Slots are placed one at a time, as the queue does, up to
+    ``max_parallel`` (and ``suite.workers`` per node)."""
+    out: dict[str, dict[str, int]] = {}
+    busy = list(occupied)
+    groups: dict[str, list[ExperimentSpec]] = {}
+    for spec in queued:
+        if spec.campaign is not None and not spec.after and not spec.after_any:
+            groups.setdefault(spec.campaign.name, []).append(spec)
+    for name, tasks in groups.items():
+        camp = tasks[0].campaign
+        assert camp is not None
+        conds = dict(conditions or {})
+        cap = min(len(tasks), camp.max_parallel or len(tasks), GROW_PER_TICK)
+        slots: dict[str, int] = {}
+        for spec in tasks[:cap]:
+            probe = replace(spec, affinity=(), anti_affinity=())
+            result = plan(cluster, [probe], conditions=conds, occupied=busy)
+            node = result.node_of(probe.experiment_id)
+            if node is None:
+                break
+            busy.append((probe, node, result.allocation_of(probe.experiment_id)))
+            slots[node] = slots.get(node, 0) + 1
+            limit = per_node_cap(camp)
+            if limit is not None and slots[node] >= limit:
+                conds[node] = NodeCondition(Condition.UNAVAILABLE, "suite.workers reached")
+        out[name] = slots
+    return out

@@ -38,9 +38,10 @@ from infra.errors import (
 )
 from infra.placement import Condition, NodeCondition, Plan, plan, why_not
 from infra.placement.allocation import Allocation, allocation_env
-from infra.runner import results
+from infra.runner import harvest, results
 from infra.runner.claims import claim_request, claims_of, occupied_work
 from infra.runner.deploy import DeployResult, deploy_all, results_protect_patterns
+from infra.runner.harvest import HarvestOutcome
 from infra.runner.results import ResultsFetch
 from infra.runner.supervisor_client import (
     InstanceState,
@@ -731,6 +732,14 @@ class RunSession:
                 self.emit("log", instance_id, f"log stream interrupted ({exc.reason}); "
                           "resuming")
             await asyncio.sleep(retry_delay)
+
+    async def harvest(self, run_id: str, node: str, records: Sequence[InstanceRecord], *,
+                      results_for: frozenset[str] = frozenset(),
+                      guard: Callable[[], bool] | None = None) -> dict[str, HarvestOutcome]:
+        """Logs (and results of ``results_for``) of many instances on one node in one call
+        (see ``infra.runner.harvest``)."""
+        return await harvest.harvest_node(self, run_id, node, records,
+                                          results_for=results_for, guard=guard)
 
     # ------------------------------------------------------------------ results
 

@@ -493,7 +493,7 @@ class PoolState:
     done: int = 0
     closed: bool = False
     cancelled: bool = False
-    ignored: tuple[str, ...] = ()  # adds of this pool-sync refused: the pool was over
+    ignored: tuple[str, ...] = ()  # adds refused because the pool is over (never started)
 
     @classmethod
     def from_json(cls, node: str, doc: Any, *, where: str = "pool") -> PoolState:
@@ -591,6 +591,13 @@ class SupervisorClient:
         for source in remote_sources():
             await self.transport.put(str(source), f"{tmp}/{source.name}",
                                      timeout=self.command_timeout)
+        # byte-compiled here, once: the scripts run with -B, so a node never writes a .pyc
+        # itself (one cut short by a full disk would break every later call)
+        await self.transport.run(
+            program_command(self.node.python_path, [
+                "-S", "-E", "-c", "import compileall, sys; "
+                "sys.exit(0 if compileall.compile_dir(sys.argv[1], quiet=1) else 1)", tmp]),
+            timeout=self.command_timeout, check=True)
         q_tmp, q_final = shlex.quote(tmp), shlex.quote(final)
         await self.transport.run(
             f"if test -f {q_final}/supervisor.py; then rm -rf {q_tmp}; "
@@ -723,6 +730,19 @@ class SupervisorClient:
         return LogChunk(data=data, offset=f.count("offset"), size=f.count("size"),
                         eof=f.flag("eof"), ended=f.flag("ended"))
 
+    async def harvest(self, request: Mapping[str, Any], *,
+                      timeout: float | None = None) -> list[Mapping[str, Any]]:
+        """One ``harvest`` call (see ``infra/remote/harvest.py``): per item, its state, a log
+        chunk and its results listings; each entry a mapping (decoded by the caller)."""
+        check_id(str(request.get("run_id")), "run id")
+        for item in request.get("items") or ():
+            check_id(str(item.get("instance")), "instance id")
+        doc = await self._call(["harvest", "--root", self.root], input=_json(request),
+                               timeout=timeout)
+        f = _Fields(self.node.name, "harvest", doc)
+        return [_mapping(self.node.name, f"harvest.items[{i}]", d)
+                for i, d in enumerate(f.items("items", required=True))]
+
     def _instances(self, doc: Mapping[str, Any]) -> list[InstanceState]:
         """The ``instances`` list of a status/stop answer, each entry type-checked."""
         f = _Fields(self.node.name, "answer", doc)
@@ -732,8 +752,9 @@ class SupervisorClient:
     async def _command(self, args: Sequence[str]) -> str:
         # -S -E: the script is stdlib only, so skip site-packages (.pth files can cost 100+ ms
         # per call) and ignore PYTHON* variables; the experiment still gets the full env.
+        # -B: read the .pyc files compiled at install, never write one (see ``_upload``).
         script = await self.ensure_installed()
-        return program_command(self.node.python_path, ["-S", "-E", script, *args])
+        return program_command(self.node.python_path, ["-S", "-E", "-B", script, *args])
 
     async def _call(self, args: Sequence[str], *, input: str | None = None,
                     timeout: float | None = None) -> dict[str, Any]:
