@@ -22,11 +22,11 @@ from typing import Any
 
 import pytest
 
+from infra.campaign.model import CpuBinding
 from infra.config.model import NodeConfig
 from infra.errors import CommandFailedError
 from infra.remote import pool as pool_script
 from infra.runner.supervisor_client import (
-    CpuBindingMode,
     HookState,
     InstanceStatus,
     PoolPhase,
@@ -77,7 +77,7 @@ def task(marks: Path, task_id: str, pause: float = 0.0, **kw: Any) -> StartReque
 
 
 def suite(marks: Path | None = None, *, setup: str | None = None, cleanup: str | None = None,
-          binding: CpuBindingMode = CpuBindingMode.ROUND_ROBIN,
+          binding: CpuBinding = CpuBinding.ROUND_ROBIN,
           cores: tuple[int, ...] = ()) -> PoolSuite:
     hook = ("echo {} $INFRA_SUITE_ID $INFRA_SUITE_NAME $INFRA_WORKER_COUNT >> "
             + shlex.quote(str(marks))) if marks is not None else None
@@ -203,25 +203,25 @@ def cpu_set(text: str) -> set[int]:
     return out
 
 
-@pytest.mark.parametrize("binding", list(CpuBindingMode))
+@pytest.mark.parametrize("binding", list(CpuBinding))
 def test_cpu_binding_read_back_from_proc(client: SupervisorClient, tmp_path: Path,
-                                         binding: CpuBindingMode) -> None:
+                                         binding: CpuBinding) -> None:
     marks = tmp_path / "marks"
     cores = sorted(os.sched_getaffinity(0))
-    workers = 1 if binding is CpuBindingMode.EXCLUSIVE else 3
+    workers = 1 if binding is CpuBinding.EXCLUSIVE else 3
     sync(client, workers, suite=suite(binding=binding),
          add=tuple(task(marks, t, 0.2) for t in ids(4)), close=True)
     state = finished(client)
     assert state.phase is PoolPhase.DONE, state
     seen = {ln[1]: cpu_set(ln[3]) for ln in lines(marks) if ln[0] == "start"}
     assert sorted(seen) == ids(4)
-    if binding is CpuBindingMode.SHARED:
+    if binding is CpuBinding.SHARED:
         assert all(s == set(cores) for s in seen.values())
         assert [set(c) for c in state.worker_cores] == [set(cores)] * 3
     else:
         assert all(len(s) == 1 and s <= set(cores) for s in seen.values())
         assert len(state.worker_cores) == workers
-        if binding is CpuBindingMode.ROUND_ROBIN:
+        if binding is CpuBinding.ROUND_ROBIN:
             assert state.worker_cores == tuple((cores[i % len(cores)],) for i in range(3))
         assert {next(iter(s)) for s in seen.values()} <= {c[0] for c in state.worker_cores}
 
@@ -230,7 +230,7 @@ def test_exclusive_with_more_workers_than_cores_fails_clearly(client: Supervisor
                                                               tmp_path: Path) -> None:
     marks = tmp_path / "marks"
     n = len(os.sched_getaffinity(0))
-    sync(client, n + 1, suite=suite(marks, binding=CpuBindingMode.EXCLUSIVE),
+    sync(client, n + 1, suite=suite(marks, binding=CpuBinding.EXCLUSIVE),
          add=(task(marks, "train.0000"),))
     state = finished(client)
     assert state.phase is PoolPhase.SETUP_FAILED
@@ -243,11 +243,11 @@ def test_exclusive_cores_are_not_bound_twice_on_the_machine(client: SupervisorCl
                                                             tmp_path: Path) -> None:
     marks = tmp_path / "marks"
     n = len(os.sched_getaffinity(0))
-    sync(client, n, suite=suite(binding=CpuBindingMode.EXCLUSIVE),
+    sync(client, n, suite=suite(binding=CpuBinding.EXCLUSIVE),
          add=(task(marks, "train.0000", 30.0),))
     settle(client, lambda p: bool(p.running), "running")
     other = arun(client.pool_sync(PoolSyncRequest(
-        run_id=RUN, pool="other", workers=1, suite=suite(binding=CpuBindingMode.EXCLUSIVE),
+        run_id=RUN, pool="other", workers=1, suite=suite(binding=CpuBinding.EXCLUSIVE),
         add=(task(marks, "other.0000"),), idle_exit_seconds=60.0)))
     deadline = time.monotonic() + BOUND
     while other.phase is not PoolPhase.SETUP_FAILED:

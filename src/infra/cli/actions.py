@@ -457,27 +457,7 @@ def _report(c: Ctx, cluster: Cluster, store: Store, run_id: str, finished: bool)
 
 def do_watch(c: Ctx, run_id: str | None, duration: float | None) -> None:
     """Attach to a run: rebuild from the store and the nodes, resume streams, apply policy."""
-    cluster = c.cluster
-    store = open_store(cluster)
-    run = store.resolve_run(run_id)
-    saved = SavedState(cluster.log_dir)
-
-    async def go() -> bool:
-        async with ConnectionPool(cluster) as pool:
-            session = RunSession(cluster, store, pool,
-                                 emit=_printer(c, saved, quiet=not c.json_out),
-                                 confirm_deletes=c.yes)
-            outcome = await _watch(c, session, run.run_id, duration, saved)
-            return outcome.finished
-
-    try:
-        finished = run_async(go)
-    except KeyboardInterrupt:
-        finished = False
-        c.err.print("detached (Ctrl-C): the experiments keep running")
-    finally:
-        saved.close()
-    _report(c, cluster, store, run.run_id, finished)
+    _attach(c, run_id, duration)
 
 
 def do_rerun(c: Ctx, run_id: str | None, duration: float | None) -> None:
@@ -485,26 +465,43 @@ def do_rerun(c: Ctx, run_id: str | None, duration: float | None) -> None:
     cluster = c.cluster
     store = open_store(cluster)
     run = store.resolve_run(run_id)
-    saved = SavedState(cluster.log_dir)
     other = store.acquire_lease(run.run_id, coordinator_id(), 120.0)
+    store.close()
     if other is not None:
-        store.close()
-        saved.close()
         raise UsageError(f"run {run.run_id} is watched by {other}: detach that watch "
                          "(Ctrl-C) first, then rerun")
     queued: list[str] = []
+
+    def requeue(session: RunSession) -> bool:
+        queued.extend(rerun_failed(session, run.run_id))
+        if not queued:
+            session.store.release_lease(run.run_id, coordinator_id())
+        elif not c.json_out:
+            c.err.print(f"queued again: {views.some(queued)}")
+        return bool(queued)
+
+    _attach(c, run.run_id, duration, before=requeue,
+            idle=f"nothing to rerun: {run.run_id} has no failed, lost, cancelled or paused work")
+
+
+def _attach(c: Ctx, run_id: str | None, duration: float | None,
+            before: Callable[[RunSession], bool] | None = None, idle: str = "") -> None:
+    """Watch a run (``watch``, ``rerun``): ``before`` runs first and may say there is
+    nothing to watch (then ``idle`` is printed)."""
+    cluster = c.cluster
+    store = open_store(cluster)
+    run = store.resolve_run(run_id)
+    saved = SavedState(cluster.log_dir)
+    watched = [True]
 
     async def go() -> bool:
         async with ConnectionPool(cluster) as pool:
             session = RunSession(cluster, store, pool,
                                  emit=_printer(c, saved, quiet=not c.json_out),
                                  confirm_deletes=c.yes)
-            queued.extend(rerun_failed(session, run.run_id))
-            if not queued:
-                store.release_lease(run.run_id, coordinator_id())
+            if before is not None and not before(session):
+                watched[0] = False
                 return True
-            if not c.json_out:
-                c.err.print(f"queued again: {views.some(queued)}")
             outcome = await _watch(c, session, run.run_id, duration, saved)
             return outcome.finished
 
@@ -515,9 +512,8 @@ def do_rerun(c: Ctx, run_id: str | None, duration: float | None) -> None:
         c.err.print("detached (Ctrl-C): the experiments keep running")
     finally:
         saved.close()
-    if not queued and not c.json_out:
-        c.console.print(f"nothing to rerun: {run.run_id} has no failed, lost, cancelled or "
-                        "paused work")
+    if not watched[0] and idle and not c.json_out:
+        c.console.print(idle)
     _report(c, cluster, store, run.run_id, finished)
 
 

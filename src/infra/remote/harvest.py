@@ -150,23 +150,6 @@ def inline_files(doc: dict[str, Any], ids: dict[str, tuple[int, int]], budget: B
         budget.inline_left -= size
 
 
-def read_log(idir: str, offset: int, most: int, ended: bool) -> dict[str, Any]:
-    """At most ``most`` log bytes from ``offset``, as ``supervisor read`` answers them."""
-    data = b""
-    size = 0
-    try:
-        with open(os.path.join(idir, "output.log"), "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(offset)
-            data = f.read(most)
-    except OSError:
-        pass
-    new_offset = offset + len(data)
-    return {"data_b64": base64.b64encode(data).decode("ascii"), "offset": new_offset,
-            "size": size, "eof": new_offset >= size, "ended": ended}
-
-
 def check_item(item: Any, index: int) -> dict[str, Any]:
     """Refuse a malformed item with one line naming it."""
     where = f"harvest: items[{index}]"
@@ -195,7 +178,7 @@ def harvest_item(root: str, run_id: str, anchor: str, item: dict[str, Any],
     state = sup.describe(idir)
     ended = state.get("state") in sup.FINAL_STATES  # before reading: see "eof"
     most = min(budget.limits["log_max"], budget.log_left)
-    log = read_log(idir, int(item.get("offset", 0)), most, ended)
+    log = sup.log_chunk(idir, int(item.get("offset", 0)), most, ended)
     budget.log_left -= log["offset"] - int(item.get("offset", 0))
     out: dict[str, Any] = {"instance": instance, "state": state, "log": log,
                            "results_dir": None, "declared": None}

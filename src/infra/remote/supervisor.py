@@ -1759,10 +1759,9 @@ def follow_file(handle: Any, idir: str, parent: int) -> int:
         idle = min(idle * 2, 0.5)
 
 
-def cmd_read(args: argparse.Namespace) -> int:
-    idir = open_instance(args)
-    ended = effective_state(idir).get("state") in FINAL_STATES  # before reading: see "eof"
-    offset = max(0, int(args.offset))
+def log_chunk(idir: str, offset: int, most: int, ended: bool) -> dict[str, Any]:
+    """At most ``most`` bytes of the instance's log from ``offset`` (``read``, ``harvest``);
+    ``ended`` is judged before reading, so ``ended and eof`` means nothing more comes."""
     data = b""
     size = 0
     try:
@@ -1770,12 +1769,19 @@ def cmd_read(args: argparse.Namespace) -> int:
             f.seek(0, os.SEEK_END)
             size = f.tell()
             f.seek(offset)
-            data = f.read(max(0, int(args.max_bytes)))
+            data = f.read(max(0, most))
     except OSError:
         pass
     new_offset = offset + len(data)
-    emit({"ok": True, "data_b64": base64.b64encode(data).decode("ascii"),
-          "offset": new_offset, "size": size, "eof": new_offset >= size, "ended": ended})
+    return {"data_b64": base64.b64encode(data).decode("ascii"), "offset": new_offset,
+            "size": size, "eof": new_offset >= size, "ended": ended}
+
+
+def cmd_read(args: argparse.Namespace) -> int:
+    idir = open_instance(args)
+    ended = effective_state(idir).get("state") in FINAL_STATES  # before reading: see "eof"
+    chunk = log_chunk(idir, max(0, int(args.offset)), int(args.max_bytes), ended)
+    emit({"ok": True, **chunk})
     return 0
 
 

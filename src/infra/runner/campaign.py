@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from infra.campaign.env import DEFAULT_ENV
-from infra.campaign.model import CampaignSpec, DispatchMode
+from infra.campaign.model import CampaignSpec, CpuBinding, DispatchMode
 from infra.campaign.queue import DepKind, TaskView, dependencies, order
 from infra.config.model import Cluster, ExperimentSpec
 from infra.errors import InfraError, PlacementError
@@ -36,7 +36,6 @@ from infra.runner.lifecycle import (
     occupied_by,
 )
 from infra.runner.supervisor_client import (
-    CpuBindingMode,
     PoolPhase,
     PoolState,
     PoolSuite,
@@ -466,8 +465,7 @@ class CampaignDriver:
                 suite_id=f"{self.run_id}/{pool.campaign}", suite_name=pool.campaign,
                 setup=suite.setup if suite else None, cleanup=suite.cleanup if suite else None,
                 cwd=instance_cwd(node, spec), env=tuple(sorted(env.items())),
-                cpu_binding=CpuBindingMode(suite.cpu_binding.value) if suite
-                else CpuBindingMode.SHARED,
+                cpu_binding=suite.cpu_binding if suite else CpuBinding.SHARED,
                 cores=suite.cores if suite else ()),
             add=tuple(adds), drop=tuple(drops), close=pool.closed or pool.abandoned,
             cancel=pool.campaign in self.cancelling,

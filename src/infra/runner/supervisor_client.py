@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from infra.campaign.model import CpuBinding
 from infra.config.model import ExperimentSpec, FailoverSection, NodeConfig
 from infra.errors import (
     CapacityRefusedError,
@@ -355,14 +356,6 @@ class PrunedRun:
                    error=f.opt_text("error"))
 
 
-class CpuBindingMode(str, enum.Enum):
-    """How a node-side pool binds its workers to cores (see docs/operations.md)."""
-
-    ROUND_ROBIN = "round_robin"
-    SHARED = "shared"
-    EXCLUSIVE = "exclusive"
-
-
 class PoolPhase(str, enum.Enum):
     """Where a node-side pool stands."""
 
@@ -422,7 +415,7 @@ class PoolSuite:
     cleanup: str | None = None
     cwd: str | None = None
     env: tuple[tuple[str, str], ...] = ()
-    cpu_binding: CpuBindingMode = CpuBindingMode.ROUND_ROBIN
+    cpu_binding: CpuBinding = CpuBinding.ROUND_ROBIN
     cores: tuple[int, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
