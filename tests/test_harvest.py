@@ -5,29 +5,27 @@ FIFO, an unreadable file; an instance the node never had is asked for too."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import os
-import time
 import uuid
-from collections.abc import Coroutine, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
 from infra.errors import CommandFailedError
 from infra.remote import harvest as node_harvest
-from infra.runner.supervisor_client import InstanceState, StartRequest, SupervisorClient
+from infra.runner.supervisor_client import StartRequest, SupervisorClient
 from infra.transport.ssh import SSHTransport
 from tests.sshfleet import SSHFleet
+from tests.test_supervisor_ssh import arun, wait_final
 
 pytestmark = pytest.mark.integration
 
 BOUND = 60.0  # only so a broken supervisor cannot hang the suite
 SEQ = b"".join(f"{i}\n".encode() for i in range(1, 1001))  # `seq 1 1000`: 3893 bytes
 
-_T = TypeVar("_T")
 
 TRAPS = """set -e
 seq 1 1000
@@ -43,20 +41,6 @@ echo locked > "$R/locked.txt"
 chmod 000 "$R/locked.txt"
 echo declared > out/d.txt
 """
-
-
-def arun(coro: Coroutine[Any, Any, _T]) -> _T:
-    return asyncio.run(coro)
-
-
-async def wait_final(client: SupervisorClient, run_id: str, instance_id: str) -> InstanceState:
-    deadline = time.monotonic() + BOUND
-    while True:
-        states = [s for s in await client.status(run_id) if s.instance_id == instance_id]
-        if states and states[0].is_final:
-            return states[0]
-        assert time.monotonic() < deadline, f"never ended: {states}"
-        await asyncio.sleep(0.1)
 
 
 def files_of(listing: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
@@ -85,7 +69,7 @@ def test_one_call_brings_log_chunks_and_safe_results(ssh_fleet: SSHFleet) -> Non
             for iid, command in (("a", TRAPS), ("b", "seq 1 1000")):
                 await client.start(StartRequest(run_id=run_id, instance_id=iid,
                                                 command=command, cwd=work))
-                await wait_final(client, run_id, iid)
+                await wait_final(client, run_id, iid, BOUND)
             common = {"run_id": run_id, "anchor": work, "log_max": 1000, "log_total": 1500,
                       "inline_max": 1000, "inline_total": 100_000}
             first = await client.harvest({**common, "items": [

@@ -34,8 +34,9 @@ def arun(coro: Coroutine[Any, Any, _T]) -> _T:
     return asyncio.run(coro)
 
 
-async def wait_final(client: SupervisorClient, run_id: str, instance_id: str) -> InstanceState:
-    deadline = time.monotonic() + BOUND
+async def wait_final(client: SupervisorClient, run_id: str, instance_id: str,
+                     bound: float = BOUND) -> InstanceState:
+    deadline = time.monotonic() + bound
     while True:
         states = [s for s in await client.status(run_id) if s.instance_id == instance_id]
         if states and states[0].is_final:

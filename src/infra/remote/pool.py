@@ -448,18 +448,7 @@ def daemon_entry(root: str, run_id: str, name: str, ready_fd: int) -> None:
     code = 0
     pdir = pool_dir(root, run_id, name)
     try:
-        null_fd = os.open(os.devnull, os.O_RDONLY)
-        log_fd = os.open(os.path.join(pdir, "daemon.log"),
-                         os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        os.dup2(null_fd, 0)
-        os.dup2(log_fd, 1)
-        os.dup2(log_fd, 2)
-        os.chdir("/")
-        for fd in [int(n) for n in os.listdir("/proc/self/fd")] if os.path.isdir(
-                "/proc/self/fd") else range(3, 256):
-            if fd not in (0, 1, 2, ready_fd):
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+        sup.detach_fds(os.path.join(pdir, "daemon.log"), keep=(ready_fd,))
         lock = FileLock(os.path.join(pdir, "daemon.lock"), wait=READY_SECONDS)
         got = lock.acquire()
         if got:

@@ -1193,24 +1193,28 @@ class Supervisor:
                 time.sleep(min(0.1, max(0.0, resume - time.time())))
 
 
-def daemon_main(idir: str, request: dict[str, Any]) -> None:
-    """Body of the detached process: redirect fds, then supervise until the instance ends."""
+def detach_fds(log_path: str, keep: tuple[int, ...] = ()) -> None:
+    """A detached daemon's descriptors: stdin from /dev/null, stdout and stderr appended to
+    ``log_path``, cwd ``/``, and every other descriptor but ``keep`` closed."""
     null_fd = os.open(os.devnull, os.O_RDONLY)
-    log_fd = os.open(os.path.join(idir, "supervisor.log"),
-                     os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(null_fd, 0)
     os.dup2(log_fd, 1)
     os.dup2(log_fd, 2)
     os.chdir("/")
-    keep = (0, 1, 2)
     try:
         fds = [int(n) for n in os.listdir("/proc/self/fd")]
     except OSError:
         fds = list(range(3, 256))
     for fd in fds:
-        if fd not in keep:
+        if fd not in (0, 1, 2, *keep):
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+def daemon_main(idir: str, request: dict[str, Any]) -> None:
+    """Body of the detached process: redirect fds, then supervise until the instance ends."""
+    detach_fds(os.path.join(idir, "supervisor.log"))
     supervisor = Supervisor(idir, request)
     try:
         supervisor.run()
