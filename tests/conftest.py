@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Generator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -69,3 +72,13 @@ def pytest_runtest_makereport(item: pytest.Item,
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
         report.outcome = "failed"
         report.longrepr = (f"integration test skipped while {REQUIRE_INTEGRATION}=1: {reason}")
+
+
+@pytest.fixture
+def go_flag() -> Iterator[Path]:
+    """A file path every node user can see (``mind.py --until``): the test creates it to end
+    a workload when the test is ready, instead of racing a fixed duration."""
+    folder = Path(tempfile.mkdtemp(prefix="infra-go-", dir="/tmp"))
+    folder.chmod(0o755)
+    yield folder / "go"
+    shutil.rmtree(folder, ignore_errors=True)

@@ -40,9 +40,10 @@ def set_lease(root: Path, seconds: float) -> None:
     (root / "cluster_config.yaml").write_text(yaml.safe_dump(cfg))
 
 
-def launch(root: Path, eid: str, node: str, duration: float) -> str:
-    """Start one instance detached (no watcher); returns the run id."""
-    s = spec(root, eid, duration=duration, interval=0.2)
+def launch(root: Path, eid: str, node: str, until: Path) -> str:
+    """Start one instance detached (no watcher) that runs until ``until`` exists (at most
+    five minutes); returns the run id."""
+    s = spec(root, eid, duration=300.0, interval=0.2, until=until)
     proc = cli(root, "--config", str(s), "--placement", f"{eid}:{node}",
                "--monitor-duration", "0")
     assert proc.returncode == 0, proc.stderr
@@ -118,9 +119,10 @@ def log_steps(path: Path) -> int:
     return path.read_text().count(" step ") if path.exists() else 0
 
 
-def test_two_watchers_one_acts_and_the_other_takes_over_after_sigkill(project: Path) -> None:
+def test_two_watchers_one_acts_and_the_other_takes_over_after_sigkill(
+        project: Path, go_flag: Path) -> None:
     set_lease(project, 300)  # takeover below is by the dead-holder rule, long before expiry
-    run_id = launch(project, "duo", "node1", duration=10.0)
+    run_id = launch(project, "duo", "node1", go_flag)
     db = project / "logs" / "state.db"
     log = project / "logs" / run_id / "duo.log"
     with watchers(project, run_id, "first", "second") as (first, second):
@@ -130,6 +132,7 @@ def test_two_watchers_one_acts_and_the_other_takes_over_after_sigkill(project: P
         first.proc.send_signal(signal.SIGKILL)
         first.proc.wait(timeout=30)
         wait_for(lambda: _lease(db, run_id) == second.holder, timeout=60)
+        go_flag.touch()  # the workload ends now
         assert second.finish() == 0, second.stderr()
     assert lease_said(project, run_id, "lease taken over: acting now")
     assert "lease taken over: acting now" in second.stderr()
@@ -140,14 +143,15 @@ def test_two_watchers_one_acts_and_the_other_takes_over_after_sigkill(project: P
     assert _lease(db, run_id) is None  # released by the one that acted last
 
 
-def test_reading_needs_no_lease_while_a_watcher_acts(project: Path) -> None:
-    run_id = launch(project, "reader", "node2", duration=6.0)
+def test_reading_needs_no_lease_while_a_watcher_acts(project: Path, go_flag: Path) -> None:
+    run_id = launch(project, "reader", "node2", go_flag)
     log = project / "logs" / run_id / "reader.log"
     with watchers(project, run_id, "watcher") as (watcher,):
         wait_for(lambda: log_steps(log) >= 2, timeout=60)  # the watcher acts
         status = cli(project, "status", run_id, "--json")
         assert status.returncode == 0, status.stderr
-        assert json.loads(status.stdout)["instances"][0]["state"] in ("running", "exited")
+        assert json.loads(status.stdout)["instances"][0]["state"] == "running"
+        go_flag.touch()  # the workload ends now: `logs -f` below follows it to its end
         followed = cli(project, "logs", run_id, "reader", "-f")
         assert followed.returncode == 0, followed.stderr
         check_log(followed.stdout, "reader")  # the copy so far, then the node's log: once
@@ -163,9 +167,10 @@ def test_reading_needs_no_lease_while_a_watcher_acts(project: Path) -> None:
     assert (project / "logs" / run_id / "reader" / "out" / "reader" / "summary.json").exists()
 
 
-def test_watcher_frozen_past_its_lease_stops_acting_when_resumed(project: Path) -> None:
+def test_watcher_frozen_past_its_lease_stops_acting_when_resumed(
+        project: Path, go_flag: Path) -> None:
     set_lease(project, 5)
-    run_id = launch(project, "frost", "node3", duration=20.0)
+    run_id = launch(project, "frost", "node3", go_flag)
     db = project / "logs" / "state.db"
     log = project / "logs" / run_id / "frost.log"
     with watchers(project, run_id, "first", "second") as both:
@@ -182,6 +187,7 @@ def test_watcher_frozen_past_its_lease_stops_acting_when_resumed(project: Path) 
             actor.proc.send_signal(signal.SIGCONT)
         lost = f"lease lost to {reporter.holder}; now only reporting"
         wait_for(lambda: lease_said(project, run_id, lost, after=mark), timeout=60)
+        go_flag.touch()  # the workload ends now
         assert reporter.finish() == 0, reporter.stderr()
         assert actor.finish() == 0, actor.stderr()
     assert lost in actor.stderr()
@@ -192,11 +198,11 @@ def test_watcher_frozen_past_its_lease_stops_acting_when_resumed(project: Path) 
 
 
 def test_monitor_stops_acting_the_tick_its_lease_is_taken_and_takes_it_back(
-        project: Path) -> None:
+        project: Path, go_flag: Path) -> None:
     """Through the library: another holder takes the lease (steal) mid-run; the monitor says
     so, cancels its stream and writes nothing more into the copy; when the lease frees it
     acts again and the copy ends complete, every line once."""
-    run_id = launch(project, "steady", "node1", duration=12.0)
+    run_id = launch(project, "steady", "node1", go_flag)
     cluster = load_cluster(project / "cluster_config.yaml")
     store = Store.for_log_dir(cluster.log_dir)
     other_store = Store.for_log_dir(cluster.log_dir)  # the other coordinator's connection
@@ -207,7 +213,8 @@ def test_monitor_stops_acting_the_tick_its_lease_is_taken_and_takes_it_back(
     reported: list[RunSnapshot] = []  # snapshots taken while the intruder held the lease
 
     def on_snapshot(snap: RunSnapshot) -> None:
-        """Called after every tick: steal the lease once lines stream, free it 4 ticks on."""
+        """Called after every tick: steal the lease once lines stream, free it 4 ticks on,
+        and end the workload once the monitor acts again."""
         if "stolen" not in sizes:
             if log_steps(log) >= 3:
                 assert other_store.acquire_lease(run_id, intruder, 600, steal=True) is None
@@ -217,6 +224,8 @@ def test_monitor_stops_acting_the_tick_its_lease_is_taken_and_takes_it_back(
             if len(reported) >= 4:
                 sizes["freed"] = log.stat().st_size
                 assert other_store.release_lease(run_id, intruder)
+        elif "freed" in sizes and snap.watcher == "":
+            go_flag.touch()  # acting again: the workload may end now
 
     async def go() -> MonitorOutcome:
         async with ConnectionPool(cluster) as pool:

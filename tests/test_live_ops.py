@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -200,20 +199,23 @@ def test_crash_loop_reasons_reach_status_and_events(project: Path) -> None:
     store.close()
 
 
-def test_watch_reattaches_after_sigkill_and_lease_says_who(project: Path) -> None:
+def test_watch_reattaches_after_sigkill_and_lease_says_who(project: Path,
+                                                          go_flag: Path) -> None:
     fast_health(project)
     # back within the fence timeout: the node has not fenced the work, the same copy runs
     cfg = yaml.safe_load((project / "cluster_config.yaml").read_text())
     cfg["failover"]["fence_timeout_seconds"] = 300
     (project / "cluster_config.yaml").write_text(yaml.safe_dump(cfg))
-    s = spec(project, "phoenix", duration=12.0, interval=0.2)
+    s = spec(project, "phoenix", duration=300.0, interval=0.2, until=go_flag)
     coord = subprocess.Popen([sys.executable, "-m", "infra.cli.main", "--config", str(s),
                               "--placement", "phoenix:node2"], cwd=project,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     db = project / "logs" / "state.db"
     try:
         wait_for(lambda: db.exists() and _instance_state(db) == "running", timeout=60)
-        time.sleep(1.0)
+        wait_for(lambda: any(" step " in p.read_text()
+                             for p in (project / "logs").glob("*/phoenix.log")),
+                 timeout=60)  # the coordinator streams the log home: it is watching
         coord.send_signal(signal.SIGKILL)
         coord.wait(timeout=10)
     finally:
@@ -229,6 +231,7 @@ def test_watch_reattaches_after_sigkill_and_lease_says_who(project: Path) -> Non
         wait_for(lambda: _lease(db, run_id) == holder, timeout=30)
         second = cli(project, "watch", run_id, "--duration", "1")
         assert f"watched by {holder}" in second.stderr
+        go_flag.touch()  # the workload ends now
         out, err = first.communicate(timeout=90)
     finally:
         if first.poll() is None:

@@ -67,10 +67,13 @@ def project(ssh_fleet: SSHFleet, tmp_path: Path) -> Iterator[Path]:
 
 
 def spec(root: Path, eid: str, *, duration: float = 2.0, interval: float = 0.2,
-         **extra: Any) -> Path:
+         until: Path | None = None, **extra: Any) -> Path:
+    """A mind.py experiment; with ``until`` it runs until that file exists (``duration``
+    only bounds it), so a test ends it when ready instead of racing a fixed duration."""
+    stop = f" --until {until}" if until is not None else ""
     doc = {"experiment_id": eid,
            "command": f"id -un; python3 workloads/mind.py --duration {duration} "
-                      f"--interval {interval} --work 100",
+                      f"--interval {interval} --work 100{stop}",
            "ram_gb": 1.0, "results": [f"out/{eid}/*"]}
     doc.update(extra)
     path = root / "experiments" / f"{eid}.json"

@@ -23,6 +23,8 @@ def main(argv=None):
     parser.add_argument("--interval", type=float, default=1.0, help="seconds between lines")
     parser.add_argument("--out", default=None, help="results directory (default out/NAME)")
     parser.add_argument("--work", type=int, default=20000, help="hash rounds per step")
+    parser.add_argument("--until", default=None, metavar="PATH",
+                        help="end early (normally, exit 0) once this file exists")
     args = parser.parse_args(argv)
 
     stopping = []
@@ -35,7 +37,8 @@ def main(argv=None):
     step = 0
     print(f"[{args.name}] role={args.role} node={os.environ.get('INFRA_NODE', '?')} "
           f"pid={os.getpid()} duration={args.duration:g}s", flush=True)
-    while time.time() - started < args.duration and not stopping:
+    while time.time() - started < args.duration and not stopping and \
+            not (args.until and os.path.exists(args.until)):
         for _ in range(args.work):
             digest = hashlib.sha256(digest).digest()
         step += 1
