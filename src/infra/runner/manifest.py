@@ -84,21 +84,34 @@ def _git(root: Path, *args: str, timeout: float = GIT_TIMEOUT, check: bool = Tru
     return proc.stdout.decode("utf-8", "replace")
 
 
-def git_state(source: Path, run_dir: Path) -> GitState:
-    """The work tree holding ``source``: commit, branch, dirty flag, untracked files, and
-    the diff against HEAD (staged and unstaged, binary-safe) written to
-    ``run_dir/code.patch`` when there is one; ``GitUnavailable`` when it cannot be read."""
+def git_state(source: Path, run_dir: Path, skip: Path | None = None) -> GitState:
+    """The work tree holding ``source``: commit, branch, dirty flag (tracked files differ
+    from HEAD, as ``git describe --dirty``), untracked files (not ignored, none under
+    ``skip``: the log directory), and the diff against HEAD (staged and unstaged,
+    binary-safe) written to ``run_dir/code.patch`` when there is one; ``GitUnavailable``
+    when it cannot be read."""
     top = Path(_git(source, "rev-parse", "--show-toplevel").strip())
     commit = _git(top, "rev-parse", "--verify", "-q", "HEAD", check=False).strip()
     if not commit:
         raise GitUnavailable(f"{top}: no commit yet")
     branch = _git(top, "symbolic-ref", "--short", "-q", "HEAD", check=False).strip() or None
-    untracked = [p for p in _git(top, "ls-files", "--others", "--exclude-standard", "-z")
-                 .split("\0") if p]
+    untracked = [p for p in _git(top, "ls-files", "--others", "--exclude-standard",
+                                     "--directory", "-z")
+                 .split("\0") if p and not _under(top / p, skip)]
     patch = write_patch(top, run_dir / PATCH_FILE)
-    return GitState(commit=commit, branch=branch, dirty=patch is not None or bool(untracked),
+    return GitState(commit=commit, branch=branch, dirty=patch is not None,
                     patch_file=PATCH_FILE if patch is not None else None, patch_sha256=patch,
                     untracked=tuple(sorted(untracked)[:UNTRACKED_SHOWN]))
+
+
+def _under(path: Path, parent: Path | None) -> bool:
+    if parent is None:
+        return False
+    try:
+        path.resolve().relative_to(parent.resolve())
+    except ValueError:
+        return False
+    return True
 
 
 def write_patch(top: Path, target: Path) -> str | None:
@@ -173,7 +186,7 @@ def build_manifest(cluster: Cluster, run_id: str, run_dir: Path, *,
                    created_at: float | None = None) -> Manifest:
     """The manifest of a run about to launch; writes ``code.patch`` into ``run_dir``."""
     try:
-        git: GitState | None = git_state(cluster.deploy_source, run_dir)
+        git: GitState | None = git_state(cluster.deploy_source, run_dir, cluster.log_dir)
         git_error = None
     except GitUnavailable as exc:
         git, git_error = None, str(exc)
