@@ -99,7 +99,7 @@ def compare(a: RunSide, b: RunSide) -> Comparison:
     note = f"no manifest recorded for {', '.join(missing)}" if missing else None
     sections: list[Section] = []
     if a.manifest is not None and b.manifest is not None:
-        sections += [code_section(a.manifest, b.manifest),
+        sections += [code_section(a.manifest, b.manifest, (a.run_id, b.run_id)),
                      config_section(a.manifest, b.manifest),
                      specs_section(a.manifest, b.manifest),
                      nodes_section(a.manifest, b.manifest)]
@@ -170,15 +170,16 @@ def _load(text: str) -> Mapping[str, Any] | None:
 
 # --------------------------------------------------------------------------- sections
 
-def code_section(a: Manifest, b: Manifest) -> Section:
+def code_section(a: Manifest, b: Manifest, names: tuple[str, str] | None = None) -> Section:
     """Commit, branch, dirty flag, the patch's hash and the untracked files."""
+    name_a, name_b = names or (a.run_id, b.run_id)
     ga = {} if a.git is None else _git_flat(a)
     gb = {} if b.git is None else _git_flat(b)
     if a.git is None and b.git is None:
         return Section("code", note="no git state recorded for either run")
     return Section("code", tuple(diff_flat("", ga, gb)),
                    note=None if a.git and b.git else
-                   f"no git state recorded for {a.run_id if a.git is None else b.run_id}")
+                   f"no git state recorded for {name_a if a.git is None else name_b}")
 
 
 def _git_flat(m: Manifest) -> dict[str, Scalar]:
