@@ -236,6 +236,9 @@ def record_manifest(session: RunSession, run_id: str, *, specs: Iterable[Experim
                       f"manifest not recorded: {exc.strerror or exc}"
                       + (f" ({exc.filename})" if exc.filename else ""))
         return None
+    except InfraError as exc:
+        session.event(run_id, "manifest", run_id, f"manifest not recorded: {exc.one_line()}")
+        return None
     session.store.set_manifest(run_id, manifest)
     if manifest.git is None:
         session.event(run_id, "manifest", run_id, f"no git state recorded: {manifest.git_error}")
