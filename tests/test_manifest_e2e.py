@@ -18,6 +18,11 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.test_run_e2e import cli as fleet_cli
+from tests.test_run_e2e import project
+from tests.test_run_e2e import spec as fleet_spec
+
+__all__ = ["project"]  # the fleet project fixture
 REPO = Path(__file__).resolve().parent.parent
 
 # A task that writes a metric from its parameter.
@@ -182,3 +187,20 @@ def test_a_bad_tag_is_one_line(lab: Path) -> None:
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and "--tag" in lines[0], proc.stderr
     assert not (lab / "logs" / "state.db").exists()
+
+
+@pytest.mark.integration
+def test_fleet_run_records_its_ssh_node_and_no_git(project: Path) -> None:
+    """On the sshd fleet: the node record comes from the node's probe over SSH, the end
+    record from a second probe; a project that is no git work tree gets `git: null`."""
+    path = fleet_spec(project, "rec", duration=0.5)
+    proc = fleet_cli(project, "--config", str(path), "--placement", "rec:node1", "--json")
+    assert proc.returncode == 0, proc.stderr
+    run_id = json.loads(proc.stdout)["run_id"]
+    m = json.loads((project / "logs" / run_id / "manifest.json").read_text())
+    assert list(m["nodes"]) == ["node1"]
+    assert m["nodes"]["node1"]["hostname"] and m["nodes"]["node1"]["kernel"]
+    assert m["finished_at"] is not None and m["nodes"]["node1"]["after_error"] is None
+    assert m["git"] is None and "not a git repository" in m["git_error"]
+    assert not (project / "logs" / run_id / "code.patch").exists()
+    assert "no git state recorded" in proc.stderr
