@@ -23,6 +23,7 @@ from tests.test_run_e2e import project
 from tests.test_run_e2e import spec as fleet_spec
 
 __all__ = ["project"]  # the fleet project fixture
+
 REPO = Path(__file__).resolve().parent.parent
 
 # A task that writes a metric from its parameter.
