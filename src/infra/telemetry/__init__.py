@@ -1,0 +1,1 @@
+"""Telemetry samples taken on the node while an instance runs: decoding and summaries (pure)."""
