@@ -151,6 +151,11 @@ def test_manifest_of_a_dirty_tree_runs_show_and_compare(lab: Path, tmp_path: Pat
     assert doc["manifest"]["git"]["commit"] == g["commit"]
     assert doc["patch_file"] == str(patch)
 
+    # each task's telemetry at home (the documented sample lines): compare summarizes it
+    for run_id, cpu in ((first, 50.0), (second, 90.0)):
+        home = lab / "logs" / run_id / f"{task_id}.telemetry.jsonl"
+        home.write_text("".join(json.dumps({"t": 1000.0 + i, "cpu_percent": cpu,
+                                            "rss_bytes": 1 << 20}) + "\n" for i in range(3)))
     proc = cli(lab, "compare", first, second, "--json")
     assert proc.returncode == 0, proc.stderr
     sections = json.loads(proc.stdout)["sections"]
@@ -161,6 +166,8 @@ def test_manifest_of_a_dirty_tree_runs_show_and_compare(lab: Path, tmp_path: Pat
     metrics = {(d["subject"], d["key"]): (d["a"], d["b"])
                for d in sections["metrics"]["differences"]}
     assert metrics[(task_id, "score")] == (1.0, 2.0)
+    assert metrics[(task_id, "telemetry.cpu_percent.mean")] == (50.0, 90.0)
+    assert (task_id, "telemetry.rss_bytes.max") not in metrics  # equal: not listed
     assert sections["code"]["differences"] == []  # same commit, same patch
     text = cli(lab, "compare", first, second)
     assert "params.lr" in text.stdout and "score" in text.stdout, text.stdout

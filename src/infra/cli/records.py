@@ -174,21 +174,10 @@ def run_side(c: Ctx, store: Store, run_id: str) -> RunSide:
 
 def telemetry_metrics(log_dir: Path, run_id: str, instance_id: str) -> dict[str, Scalar]:
     """The instance's telemetry summary as metrics (``telemetry.cpu_percent.mean`` ...);
-    nothing when it has no telemetry file or the telemetry package is not there yet."""
-    try:
-        from infra.telemetry.files import (  # type: ignore[import-not-found,unused-ignore]
-            read_samples,
-            telemetry_path,
-        )
-        from infra.telemetry.summary import (  # type: ignore[import-not-found,unused-ignore]
-            summarize,
-        )
-    except ImportError:
-        return {}
-    path = telemetry_path(log_dir, run_id, instance_id)
-    if not path.exists():
-        return {}
-    samples = read_samples(path)
+    nothing when it has no telemetry at home."""
+    from infra.telemetry.files import read_samples, telemetry_path
+    from infra.telemetry.summary import summarize
+    samples = read_samples(telemetry_path(log_dir, run_id, instance_id))
     if not samples:
         return {}
     return {str(k): v for k, v in summarize(samples).as_metrics().items()}
