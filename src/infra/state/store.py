@@ -7,6 +7,7 @@ run and instance again. The file and its directory are private to the user (0600
 from __future__ import annotations
 
 import enum
+import functools
 import json
 import os
 import secrets
@@ -230,8 +231,11 @@ class ResultIssue:
         return {"path": self.path, "reason": self.reason}
 
 
+@functools.lru_cache(maxsize=16)
 def _manifest(text: str | None) -> tuple[Manifest | None, str | None]:
-    """A stored manifest decoded once, here; an unreadable one gives None and the reason."""
+    """A stored manifest decoded once, here (cached: the watcher reads its run every tick,
+    and a sweep's manifest holds every task's spec); an unreadable one gives None and the
+    reason."""
     if text is None:
         return None, None
     try:
