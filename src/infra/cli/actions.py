@@ -337,8 +337,9 @@ def do_run(c: Ctx, cluster: Cluster, specs: tuple[ExperimentSpec, ...], *,
             session.forced = {p.instance_id for p in result.placements if p.forced}
             holder["run"] = run_id
             used = {p.node for p in result.placements}
-            record_manifest(session, run_id, specs=[*placed, *queued], tags=tags,
-                            facts={n: f for n, f in facts.items() if n in used or queued})
+            await record_manifest(session, run_id, specs=[*placed, *queued], tags=tags,
+                                  facts={n: f for n, f in facts.items()
+                                         if n in used or queued})
             # hold the run's lease while launching: a `watch` elsewhere only reports meanwhile
             store.acquire_lease(run_id, coordinator_id(), 120.0)
             session.emit("run", run_id, f"run {run_id}: {len(result.placements)} instance(s)")

@@ -219,18 +219,26 @@ def write_manifest(run_dir: Path, manifest: Manifest) -> Path:
     return target
 
 
-def record_manifest(session: RunSession, run_id: str, *, specs: Iterable[ExperimentSpec],
-                    facts: Mapping[str, NodeFacts], tags: Sequence[str]) -> Manifest | None:
+async def record_manifest(session: RunSession, run_id: str, *,
+                          specs: Iterable[ExperimentSpec], facts: Mapping[str, NodeFacts],
+                          tags: Sequence[str]) -> Manifest | None:
     """Record the manifest of a run about to launch, in its directory and in the store.
 
+    git and the file writes run in a thread, so the event loop (SSH keepalives) goes on.
     A file that cannot be written (a full disk) is said as an event and the run goes on
     without a manifest: the record must never cost the experiment."""
     cluster = session.cluster
     run_dir = cluster.log_dir / run_id
-    try:
-        manifest = build_manifest(cluster, run_id, run_dir, specs=specs, facts=facts,
-                                  tags=tags)
+    argv = list(sys.argv)
+
+    def build() -> Manifest:
+        manifest = build_manifest(cluster, run_id, run_dir, specs=list(specs), facts=facts,
+                                  tags=tags, argv=argv)
         write_manifest(run_dir, manifest)
+        return manifest
+
+    try:
+        manifest = await asyncio.to_thread(build)
     except OSError as exc:
         session.event(run_id, "manifest", run_id,
                       f"manifest not recorded: {exc.strerror or exc}"
