@@ -90,7 +90,7 @@ def test_runs_table_and_json_render_newest_first_as_given(lab: tuple[Path, Store
     assert doc["runs"][2] == {"run_id": "r-20261101-100000-aaaa", "created_at": T0,
                               "state": "failed", "instances": 2,
                               "states": {"exited": 1, "failed": 1}, "nodes": ["n1", "n2"],
-                              "pruned_at": None}
+                              "pruned_at": None, "commit": None, "tags": []}
     store.mark_pruned("r-20261101-100000-aaaa", at=T0 + 5)
     rows = [views.run_summary(r, store.instances(r.run_id)) for r in store.runs(20)]
     assert "failed (pruned)" in render(views.runs_table(rows))

@@ -276,15 +276,23 @@ async def _watch(c: Ctx, session: RunSession, run_id: str, duration: float | Non
     from infra.dashboard import Dashboard
 
     if c.json_out:
-        return await Monitor(session, run_id, saved=saved).run(duration)
-    with Dashboard(c.console) as dash:
-        return await Monitor(session, run_id, saved=saved, on_snapshot=dash.update).run(duration)
+        outcome = await Monitor(session, run_id, saved=saved).run(duration)
+    else:
+        with Dashboard(c.console) as dash:
+            outcome = await Monitor(session, run_id, saved=saved,
+                                    on_snapshot=dash.update).run(duration)
+    if outcome.finished and outcome.lease_holder is None:  # the acting watcher saw it end
+        from infra.runner.manifest import record_end
+        await record_end(session, run_id)
+    return outcome
 
 
 def do_run(c: Ctx, cluster: Cluster, specs: tuple[ExperimentSpec, ...], *,
            placement: str | None, auto_place: bool, force: bool, explain: bool,
-           monitor_duration: float | None, accept_new: bool) -> None:
+           monitor_duration: float | None, accept_new: bool,
+           tags: tuple[str, ...] = ()) -> None:
     from infra.cli.main import make_plan, plan_failure
+    from infra.runner.manifest import record_manifest
 
     cluster = with_accept_new(cluster, accept_new)
     _ = cluster.deploy_source  # a bad deploy source fails here, before any node is touched
@@ -328,6 +336,10 @@ def do_run(c: Ctx, cluster: Cluster, specs: tuple[ExperimentSpec, ...], *,
             run_id = session.record_run(placed, result, views.plan_json(result), queued=queued)
             session.forced = {p.instance_id for p in result.placements if p.forced}
             holder["run"] = run_id
+            used = {p.node for p in result.placements}
+            await record_manifest(session, run_id, specs=[*placed, *queued], tags=tags,
+                                  facts={n: f for n, f in facts.items()
+                                         if n in used or queued})
             # hold the run's lease while launching: a `watch` elsewhere only reports meanwhile
             store.acquire_lease(run_id, coordinator_id(), 120.0)
             session.emit("run", run_id, f"run {run_id}: {len(result.placements)} instance(s)")

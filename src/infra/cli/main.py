@@ -200,14 +200,17 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 
               help="Trust and record host keys of nodes seen for the first time.")
 @click.option("--yes", is_flag=True,
               help="Deploy even when it deletes more than deploy.max_deletes files on a node.")
+@click.option("--tag", "tags", multiple=True, metavar="NAME",
+              help="Label the run (repeatable); shown by `runs`, `show` and `compare`.")
 @click.version_option(package_name="lab-orchestrator", prog_name="cluster-experiment")
 @click.pass_context
 def cli(ctx: click.Context, cluster_config: str | None, validate_config: bool,
         health_check: bool, deploy_all: bool, configs: tuple[str, ...], placement: str | None,
         auto_place: bool, force: bool, dry_run: bool, explain: bool, json_out: bool,
         monitor_duration: float | None, delete: bool, accept_new_host_keys: bool,
-        yes: bool = False, strategy: str | None = None) -> None:
+        yes: bool = False, strategy: str | None = None, tags: tuple[str, ...] = ()) -> None:
     """Place, run and watch lab experiments on a small cluster over SSH."""
+    tags = check_tags(tags)
     if ctx.invoked_subcommand is not None:
         ctx.obj = Ctx(find_cluster_config(cluster_config), json_out=json_out,
                       accept_new=accept_new_host_keys, yes=yes)
@@ -263,7 +266,20 @@ def cli(ctx: click.Context, cluster_config: str | None, validate_config: bool,
         from infra.cli.actions import do_run
         do_run(c, cluster, specs, placement=placement, auto_place=auto_place, force=force,
                explain=explain, monitor_duration=monitor_duration,
-               accept_new=accept_new_host_keys)
+               accept_new=accept_new_host_keys, tags=tags)
+
+
+TAG_MAX_CHARS = 64
+
+
+def check_tags(tags: Sequence[str]) -> tuple[str, ...]:
+    """``--tag`` values: printable, no spaces or commas, at most 64 characters; each once."""
+    for tag in tags:
+        if not tag or len(tag) > TAG_MAX_CHARS or not tag.isprintable() \
+                or any(ch.isspace() or ch == "," for ch in tag):
+            raise UsageError(f"--tag {tag[:80]!r}: a tag is 1 to {TAG_MAX_CHARS} printable "
+                             "characters without spaces or commas")
+    return tuple(dict.fromkeys(tags))
 
 
 def do_validate(c: Ctx, cluster: Cluster, specs: tuple[ExperimentSpec, ...]) -> None:
@@ -376,6 +392,29 @@ def runs(c: Ctx, limit: int, json_out: bool) -> None:
     from infra.cli.actions import do_runs
     c.json_out = c.json_out or json_out
     do_runs(c, limit)
+
+
+@cli.command()
+@click.argument("run_id")
+@click.option("--json", "json_out", is_flag=True, help="The manifest document itself.")
+@click.pass_obj
+def show(c: Ctx, run_id: str, json_out: bool) -> None:
+    """Print a run's manifest: code, config, specs, command line, nodes (local only)."""
+    from infra.cli.records import do_show
+    c.json_out = c.json_out or json_out
+    do_show(c, run_id)
+
+
+@cli.command()
+@click.argument("run_a")
+@click.argument("run_b")
+@click.option("--json", "json_out", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def compare(c: Ctx, run_a: str, run_b: str, json_out: bool) -> None:
+    """Show what differs between two runs: code, config, specs, nodes, outcomes, metrics."""
+    from infra.cli.records import do_compare
+    c.json_out = c.json_out or json_out
+    do_compare(c, run_a, run_b)
 
 
 @cli.command()

@@ -471,6 +471,8 @@ class RunSummary:
     states: dict[str, int]          # instance state -> count
     nodes: tuple[str, ...]          # every node it used (moves included), sorted
     pruned_at: float | None
+    commit: str | None = None       # short commit, "+dirty" when the tree was (manifest)
+    tags: tuple[str, ...] = ()
 
 
 def run_summary(run: RunRecord, records: list[InstanceRecord]) -> RunSummary:
@@ -479,8 +481,12 @@ def run_summary(run: RunRecord, records: list[InstanceRecord]) -> RunSummary:
     for r in records:
         states[r.state.value] = states.get(r.state.value, 0) + 1
     nodes = {r.node for r in records} | {n for r in records for n in r.previous_nodes}
+    manifest = run.manifest
+    git = None if manifest is None else manifest.git
     return RunSummary(run.run_id, run.created_at, run.state.value, len(records), states,
-                      tuple(sorted(nodes)), run.pruned_at)
+                      tuple(sorted(nodes)), run.pruned_at,
+                      commit=None if git is None else git.short,
+                      tags=() if manifest is None else manifest.tags)
 
 
 def format_time(at: float) -> str:
@@ -494,8 +500,8 @@ _RUN_STYLE = {"running": "green", "finished": "cyan", "failed": "red", "stopped"
 def runs_table(rows: list[RunSummary]) -> Table:
     """The run list, newest first, as given."""
     table = Table(title="Runs (newest first)", title_justify="left")
-    for col in ("run", "started", "state", "instances", "nodes"):
-        table.add_column(col, no_wrap=col in ("run", "started"))
+    for col in ("run", "started", "state", "instances", "nodes", "commit", "tags"):
+        table.add_column(col, no_wrap=col in ("run", "started", "commit"))
     for r in rows:
         style = _RUN_STYLE.get(r.state, "")
         state = Text(r.state, style=style)
@@ -504,14 +510,16 @@ def runs_table(rows: list[RunSummary]) -> Table:
         counts = ", ".join(f"{n} {s}" for s, n in sorted(r.states.items()))
         table.add_row(Text(r.run_id), format_time(r.created_at), state,
                       Text(f"{r.instances}" + (f" ({counts})" if counts else "")),
-                      Text(", ".join(r.nodes) or "-"))
+                      Text(", ".join(r.nodes) or "-"), Text(r.commit or "-"),
+                      Text(", ".join(r.tags) or "-"))
     return table
 
 
 def runs_json(rows: list[RunSummary]) -> dict[str, Any]:
     return {"runs": [{"run_id": r.run_id, "created_at": r.created_at, "state": r.state,
                       "instances": r.instances, "states": r.states, "nodes": list(r.nodes),
-                      "pruned_at": r.pruned_at} for r in rows]}
+                      "pruned_at": r.pruned_at, "commit": r.commit, "tags": list(r.tags)}
+                     for r in rows]}
 
 
 # --------------------------------------------------------------------------- stop

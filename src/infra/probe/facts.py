@@ -36,6 +36,7 @@ class GpuInfo:
     power_w: float | None = None
     driver: str | None = None
     compute_cap: str | None = None
+    throttle_reasons: str | None = None  # nvidia-smi clocks_throttle_reasons.active ("0x...")
 
     @property
     def integrated(self) -> bool:
@@ -54,6 +55,7 @@ class JetsonInfo:
     gpu_power_mw: int | None = None
     gpu_utilization_pct: float | None = None
     compatible: tuple[str, ...] = ()
+    nvpmodel: str | None = None  # power mode, e.g. "MAXN (0)"
 
 
 @dataclass(frozen=True)
@@ -311,6 +313,7 @@ class _Reader:
                 power_w=self.opt_number(item, "power_w", "gpu"),
                 driver=self.opt_string(item, "driver"),
                 compute_cap=self.opt_string(item, "compute_cap"),
+                throttle_reasons=self.opt_string(item, "throttle_reasons"),
             ))
         return tuple(out)
 
@@ -333,6 +336,7 @@ class _Reader:
             gpu_power_mw=None if gpu_power is None else int(gpu_power),
             gpu_utilization_pct=self.opt_number(raw, "gpu_utilization_pct", "jetson"),
             compatible=tuple(str(c) for c in compatible),
+            nvpmodel=self.opt_string(raw, "nvpmodel"),
         )
 
     def pi(self, raw: Any) -> PiInfo | None:

@@ -33,7 +33,15 @@ NVIDIA_FIELDS = (
     "index", "uuid", "name", "memory.total", "memory.used", "utilization.gpu",
     "temperature.gpu", "power.draw", "driver_version", "compute_cap",
 )
-NVIDIA_OPTIONAL_FIELDS = ("compute_cap",)
+# Asked too where the driver knows it (dropped otherwise): why the clocks are held down now.
+NVIDIA_THROTTLE_FIELD = "clocks_throttle_reasons.active"
+NVIDIA_QUERY = (*NVIDIA_FIELDS, NVIDIA_THROTTLE_FIELD)
+NVIDIA_OPTIONAL_FIELDS = ("compute_cap", NVIDIA_THROTTLE_FIELD)
+
+# Jetson power mode: the daemon's state file, the mode names, and the query tool.
+NVPMODEL_STATUS = "/var/lib/nvpmodel/status"
+NVPMODEL_CONF = "/etc/nvpmodel.conf"
+NVPMODEL_TIMEOUT = 3.0
 
 # Seconds each external command may take before it is killed.
 COMMAND_TIMEOUT = 5.0
@@ -193,7 +201,8 @@ def parse_nvidia_smi_csv(text: str, fields: list[str]) -> list[dict[str, Any]]:
 
     Values like ``[N/A]`` / ``[Not Supported]`` become None; numeric fields become numbers.
     """
-    text_fields = ("uuid", "name", "driver_version", "compute_cap", "pci.bus_id", "serial")
+    text_fields = ("uuid", "name", "driver_version", "compute_cap", "pci.bus_id", "serial",
+                   NVIDIA_THROTTLE_FIELD)
     gpus: list[dict[str, Any]] = []
     for raw in text.splitlines():
         line = raw.strip()
@@ -238,6 +247,7 @@ def gpu_from_nvidia_row(row: dict[str, Any]) -> dict[str, Any]:
         "power_w": row.get("power.draw"),
         "driver": row.get("driver_version"),
         "compute_cap": row.get("compute_cap"),
+        "throttle_reasons": row.get(NVIDIA_THROTTLE_FIELD),
         "vendor": vendor,
     }
 
@@ -420,6 +430,29 @@ def parse_vcgencmd_throttled(text: str) -> int:
     if not m:
         raise ValueError(f"not a get_throttled output: {text.strip()[:80]!r}")
     return int(m.group(1), 0)
+
+
+def parse_nvpmodel_query(text: str) -> str | None:
+    """``nvpmodel -q`` output (``NV Power Mode: MAXN`` then the id) -> "MAXN (0)"."""
+    m = re.search(r"NV Power Mode:\s*(\S[^\n]*?)\s*$", text, re.MULTILINE)
+    if not m:
+        return None
+    rest = text[m.end():].split()
+    return m.group(1) + (f" ({int(rest[0])})" if rest and rest[0].isdigit() else "")
+
+
+def parse_nvpmodel_status(text: str) -> int | None:
+    """``/var/lib/nvpmodel/status`` (``pmode:0002 fmode:quiet``) -> 2."""
+    m = re.search(r"pmode:\s*(\d+)", text)
+    return int(m.group(1)) if m else None
+
+
+def parse_nvpmodel_conf(text: str) -> dict[int, str]:
+    """``/etc/nvpmodel.conf`` -> mode id -> name (``< POWER_MODEL ID=0 NAME=MAXN >``)."""
+    names: dict[int, str] = {}
+    for m in re.finditer(r"<\s*POWER_MODEL\s+ID=(\d+)\s+NAME=([^\s>]+)", text):
+        names[int(m.group(1))] = m.group(2)
+    return names
 
 
 def throttled_flags(value: int) -> list[str]:
@@ -623,12 +656,19 @@ class Probe:
         exe = self.which("nvidia-smi")
         if exe is None:
             return
-        fields = list(NVIDIA_FIELDS)
+        fields = list(NVIDIA_QUERY)
         while True:
             rc, out, err = run_command(
                 [exe, "--query-gpu=" + ",".join(fields), "--format=csv,noheader,nounits"])
             if rc == 0:
-                break
+                try:
+                    rows = parse_nvidia_smi_csv(out, fields)
+                    break
+                except ValueError:
+                    if NVIDIA_THROTTLE_FIELD not in fields:
+                        raise
+                    fields.remove(NVIDIA_THROTTLE_FIELD)  # answered without it: ask again
+                    continue
             bad = nvidia_smi_invalid_field(out + "\n" + err)
             if bad is not None and bad in NVIDIA_OPTIONAL_FIELDS and bad in fields:
                 fields.remove(bad)  # old driver: ask again without the newer field
@@ -636,7 +676,7 @@ class Probe:
             message = (err.strip() or out.strip()).splitlines()
             first = message[0] if message else "no output"
             raise RuntimeError(f"exit {rc}: {first}")
-        for row in parse_nvidia_smi_csv(out, fields):
+        for row in rows:
             self.doc["gpus"].append(gpu_from_nvidia_row(row))
 
     def rocm(self) -> None:
@@ -668,8 +708,10 @@ class Probe:
             return
         info: dict[str, Any] = {"model": model, "compatible": compatible, "l4t_release": None,
                                 "tegrastats": None, "jtop": None, "power_mw": None,
-                                "gpu_utilization_pct": None, "gpu_power_mw": None}
+                                "gpu_utilization_pct": None, "gpu_power_mw": None,
+                                "nvpmodel": None}
         self.doc["jetson"] = info
+        self.section("nvpmodel", lambda: info.update(nvpmodel=self._nvpmodel()))
         if has_release:
             self.section("nv_tegra_release", lambda: info.update(
                 l4t_release=parse_nv_tegra_release(self.read("/etc/nv_tegra_release"))["l4t"]))
@@ -677,6 +719,21 @@ class Probe:
         if info["jtop"] is None:
             self.section("tegrastats", lambda: self._tegrastats(info))
         self._tegra_gpu(info)
+
+    def _nvpmodel(self) -> str | None:
+        """The power mode: the daemon's status file (named from its config), else
+        ``nvpmodel -q``; None when neither says."""
+        if self.exists(NVPMODEL_STATUS):
+            mode = parse_nvpmodel_status(self.read(NVPMODEL_STATUS))
+            if mode is not None:
+                names = parse_nvpmodel_conf(self.read(NVPMODEL_CONF)) \
+                    if self.exists(NVPMODEL_CONF) else {}
+                return f"{names[mode]} ({mode})" if mode in names else f"mode {mode}"
+        exe = self.which("nvpmodel")
+        if exe is None:
+            return None
+        _rc, out, _err = run_command([exe, "-q"], timeout=NVPMODEL_TIMEOUT)
+        return parse_nvpmodel_query(out)
 
     def _tegrastats(self, info: dict[str, Any]) -> None:
         exe = self.which("tegrastats")

@@ -7,6 +7,7 @@ run and instance again. The file and its directory are private to the user (0600
 from __future__ import annotations
 
 import enum
+import functools
 import json
 import os
 import secrets
@@ -21,6 +22,7 @@ from typing import Any
 
 from infra.config.model import ExperimentSpec
 from infra.errors import StateError, UsageError
+from infra.manifest.model import Manifest
 from infra.placement.allocation import Allocation
 from infra.state.codec import decode_allocation, decode_spec, encode_allocation, encode_spec
 
@@ -106,6 +108,7 @@ CREATE TABLE IF NOT EXISTS pools (
 ADDED_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
     "runs": (
         ("pruned_at", "REAL"),  # when `prune` removed its directories (rows are kept)
+        ("manifest_json", "TEXT"),  # the run's manifest (infra.manifest); NULL before issue 11
     ),
     "instances": (
         ("moves", "INTEGER NOT NULL DEFAULT 0"),
@@ -209,6 +212,8 @@ class RunRecord:
     coordinator: str
     pinned: frozenset[str] = frozenset()  # instances placed with --placement (never moved)
     pruned_at: float | None = None  # its directories were removed by `prune` then
+    manifest: Manifest | None = None  # None: recorded before manifests, or unreadable
+    manifest_error: str | None = None  # why a stored manifest could not be read
 
 
 @dataclass(frozen=True)
@@ -224,6 +229,19 @@ class ResultIssue:
 
     def to_json(self) -> dict[str, str]:
         return {"path": self.path, "reason": self.reason}
+
+
+@functools.lru_cache(maxsize=16)
+def _manifest(text: str | None) -> tuple[Manifest | None, str | None]:
+    """A stored manifest decoded once, here (cached: the watcher reads its run every tick,
+    and a sweep's manifest holds every task's spec); an unreadable one gives None and the
+    reason."""
+    if text is None:
+        return None, None
+    try:
+        return Manifest.from_json(json.loads(text)), None
+    except (ValueError, StateError) as exc:
+        return None, str(exc)
 
 
 def issues_json(issues: tuple[ResultIssue, ...] | list[ResultIssue]) -> str:
@@ -489,10 +507,17 @@ class Store:
     @staticmethod
     def _run(row: sqlite3.Row) -> RunRecord:
         plan = json.loads(row["plan_json"])
+        manifest, manifest_error = _manifest(row["manifest_json"])
         return RunRecord(run_id=row["run_id"], created_at=row["created_at"],
                          cluster_config=row["cluster_config"], state=RunState(row["state"]),
                          plan=plan, coordinator=row["coordinator"], pinned=_pinned(plan),
-                         pruned_at=row["pruned_at"])
+                         pruned_at=row["pruned_at"], manifest=manifest,
+                         manifest_error=manifest_error)
+
+    def set_manifest(self, run_id: str, manifest: Manifest) -> None:
+        """Keep the run's manifest (written before launch, updated with the end record)."""
+        self.db.execute("UPDATE runs SET manifest_json=? WHERE run_id=?",
+                        (json.dumps(manifest.to_json()), run_id))
 
     def mark_pruned(self, run_id: str, at: float | None = None) -> None:
         """Record that the run's directories are gone; its rows stay (specs, states)."""
