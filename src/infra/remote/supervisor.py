@@ -125,6 +125,10 @@ FENCE_GRACE_SECONDS = 5.0       # SIGTERM -> SIGKILL when a fence expires
 WAIT_POLL_SECONDS = 0.25        # how often the supervisor looks at its fence while waiting
 EPS = 1e-9
 PR_SET_CHILD_SUBREAPER = 36
+TELEMETRY_FILE = "telemetry.jsonl"  # the sampler's file, next to output.log
+TELEMETRY_MAX_BYTES = 256 * 1024      # telemetry bytes per instance and status call (default)
+TELEMETRY_TOTAL_BYTES = 4 * 1024 * 1024  # telemetry bytes per status call (default)
+TELEMETRY_CAP_BYTES = 8 * 1024 * 1024    # what a caller may ask for at most (answer size)
 
 
 class Bad(Exception):
@@ -1472,25 +1476,68 @@ def cmd_status(args: argparse.Namespace) -> int:
             state = read_json(os.path.join(idir, "state.json")) or {}
             if state.get("fence") and state.get("state") not in FINAL_STATES:
                 set_fence(idir, seconds, args.fence_holder or "")
-    if args.run is not None and args.only_stdin:
-        wanted = parse_id_list(sys.stdin.read())  # a campaign's ended tasks are not re-read
-        dirs = [d for d in dirs if os.path.basename(d) in wanted]
-    answer: dict[str, Any] = {"ok": True, "instances": [describe(d) for d in dirs]}
+    ask = parse_status_doc(sys.stdin.read()) if args.run is not None and args.stdin_doc \
+        else StatusAsk(None, {}, TELEMETRY_MAX_BYTES, TELEMETRY_TOTAL_BYTES)
+    if ask.only is not None:  # a campaign's ended tasks are not re-read
+        dirs = [d for d in dirs
+                if os.path.basename(d) in ask.only or os.path.basename(d) in ask.telemetry]
+    budget = ask.total
+    docs = []
+    for idir in dirs:
+        doc = describe(idir)  # judged before reading: final and eof means nothing more comes
+        offset = ask.telemetry.get(os.path.basename(idir))
+        if offset is not None:
+            doc["telemetry"] = telemetry_chunk(idir, offset, min(ask.most, budget))
+            budget -= max(0, doc["telemetry"]["offset"] - offset)
+        docs.append(doc)
+    answer: dict[str, Any] = {"ok": True, "instances": docs}
     if args.run is not None:
         answer["pools"] = load_pool().pool_docs(root, args.run)
     emit(answer)
     return 0
 
 
-def parse_id_list(text: str) -> set[str]:
-    """A JSON list of instance ids (``status --only-stdin``), each checked like any id."""
+class StatusAsk:
+    """What ``status --stdin-doc`` was asked: which instances, and whose telemetry from where."""
+
+    def __init__(self, only: set[str] | None, telemetry: dict[str, int], most: int,
+                 total: int) -> None:
+        self.only = only
+        self.telemetry = telemetry
+        self.most = most
+        self.total = total
+
+
+def parse_status_doc(text: str) -> StatusAsk:
+    """``{"only": [ids] | null, "telemetry": {id: offset}, "telemetry_max": N,
+    "telemetry_total": N}`` (every key optional), each id checked like any id."""
     try:
-        ids = json.loads(text or "[]")
+        doc = json.loads(text or "{}")
     except ValueError as exc:
-        raise Bad(f"the instance list is not JSON: {exc}") from None
-    if not isinstance(ids, list):
-        raise Bad("the instance list must be a JSON array")
-    return {check_id(i, "instance id") for i in ids}
+        raise Bad(f"the status request is not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise Bad("the status request must be a JSON object")
+    only = doc.get("only")
+    if only is not None and not isinstance(only, list):
+        raise Bad("status request: only must be a JSON array or null")
+    wanted = None if only is None else {check_id(i, "instance id") for i in only}
+    tele = doc.get("telemetry") or {}
+    if not isinstance(tele, dict):
+        raise Bad("status request: telemetry must be a JSON object")
+    offsets = {}
+    for name, offset in tele.items():
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise Bad(f"status request: telemetry offset of {name!r} must be a "
+                      "non-negative integer")
+        offsets[check_id(name, "instance id")] = offset
+    caps = []
+    for key, default in (("telemetry_max", TELEMETRY_MAX_BYTES),
+                         ("telemetry_total", TELEMETRY_TOTAL_BYTES)):
+        value = doc.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise Bad(f"status request: {key} must be a non-negative integer")
+        caps.append(min(value, TELEMETRY_CAP_BYTES))
+    return StatusAsk(wanted, offsets, caps[0], caps[1])
 
 
 def load_pool() -> Any:
@@ -1781,6 +1828,29 @@ def log_chunk(idir: str, offset: int, most: int, ended: bool) -> dict[str, Any]:
             "size": size, "eof": new_offset >= size, "ended": ended}
 
 
+def telemetry_chunk(idir: str, offset: int, most: int) -> dict[str, Any]:
+    """At most ``most`` bytes of the instance's telemetry file from ``offset``, cut after the
+    last newline (a line being written is never sent half). ``eof``: no complete line is left
+    after the new offset (what follows, if anything, is a line still being written)."""
+    raw = b""
+    size = 0
+    try:
+        with open(os.path.join(idir, TELEMETRY_FILE), "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            if offset < size:
+                f.seek(offset)
+                raw = f.read(max(0, most))
+    except OSError:
+        pass
+    cut = raw.rfind(b"\n") + 1
+    data = raw[:cut]
+    new_offset = offset + len(data)
+    eof = offset + len(raw) >= size
+    return {"data_b64": base64.b64encode(data).decode("ascii"), "offset": new_offset,
+            "size": size, "eof": eof}
+
+
 def cmd_read(args: argparse.Namespace) -> int:
     idir = open_instance(args)
     ended = effective_state(idir).get("state") in FINAL_STATES  # before reading: see "eof"
@@ -1800,9 +1870,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fence-seconds", type=float, help="renew the run's fences for this long")
     p.add_argument("--fence-clear", action="store_true", help="clear the run's fences")
     p.add_argument("--fence-holder", help="who renews (host:pid of the coordinator)")
-    p.add_argument("--only-stdin", action="store_true",
-                   help="describe only the instances named in a JSON list on stdin "
-                        "(fences are renewed for the whole run)")
+    p.add_argument("--stdin-doc", action="store_true",
+                   help="read {only, telemetry, telemetry_max, telemetry_total} as JSON on "
+                        "stdin: describe only those instances (fences are renewed for the "
+                        "whole run) and send telemetry from the given offsets")
     p = sub.add_parser("pool-sync", help="hand tasks to a run's node-side pool (JSON on stdin)")
     p.add_argument("--root", required=True)
     p = sub.add_parser("harvest", help="logs and results of many instances (JSON on stdin)")
