@@ -195,7 +195,8 @@ def format_bytes(value: float | None) -> str:
         return "-"
     for unit, size in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
         if value >= size:
-            return f"{_num(value / size)}{unit}"
+            scaled = value / size
+            return f"{scaled:.1f}{unit}" if scaled < 10 else f"{scaled:.0f}{unit}"
     return f"{value:.0f}B"
 
 
