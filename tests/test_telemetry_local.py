@@ -159,3 +159,109 @@ def test_sampler_stops_with_the_instance(client: SupervisorClient) -> None:
     state = json.loads((idir / "state.json").read_text())
     assert state["telemetry_counts"]["samples"] == count
     assert state["telemetry_counts"]["errors"] == 0
+
+
+# --------------------------------------------------------------------------- board readers
+
+FAKE_SMI = """
+import os, sys, time
+ms = int(sys.argv[sys.argv.index("-lms") + 1])
+open(os.environ["FAKE_PIDS"] + "/smi", "w").write(str(os.getpid()))
+while True:
+    sys.stdout.write("0, 11, 100, 81559, 70.5, 40, 1410, 2619, GPU-aaaa\\n")
+    sys.stdout.write("1, 97, 1234, 81559, [N/A], 61, 1980, 2619, GPU-bbbb\\n")
+    sys.stdout.flush()
+    time.sleep(ms / 1000.0)
+"""
+FAKE_TEGRASTATS = """
+import os, sys, time
+ms = int(sys.argv[sys.argv.index("--interval") + 1])
+open(os.environ["FAKE_PIDS"] + "/tegrastats", "w").write(str(os.getpid()))
+while True:
+    print("RAM 1985/7620MB (lfb 3x4MB) CPU [3%@1510,2%@1510] EMC_FREQ 21%@3199 "
+          "GR3D_FREQ 55%@[1020] cpu@51.2C gpu@49.75C VDD_IN 7812mW/6001mW "
+          "VDD_CPU_GPU_CV 2331mW/1214mW", flush=True)
+    time.sleep(ms / 1000.0)
+"""
+FAKE_NVPMODEL = 'print("NV Power Mode: MAXN")\nprint(0)\n'
+FAKE_VCGENCMD = """
+import sys
+answers = {"measure_temp": "temp=52.1'C", "get_throttled": "throttled=0x50000",
+           "measure_clock": "frequency(48)=2400000000"}
+print(answers.get(sys.argv[1], "error=1"))
+"""
+BROKEN = "import sys\nprint('NVIDIA-SMI has failed: no driver')\nsys.exit(9)\n"
+
+
+def fake_tools(folder: Path, tools: dict[str, str]) -> Path:
+    """Executable stand-ins for the boards' tools (real subprocesses, public formats)."""
+    folder.mkdir()
+    for name, body in tools.items():
+        path = folder / name
+        path.write_text(f"#!{sys.executable}\n{body}")
+        path.chmod(0o755)
+    return folder
+
+
+def gone(pid: int) -> bool:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return text[text.rfind(")") + 2] in "ZX"
+
+
+def test_boards_from_long_lived_tools(client: SupervisorClient, tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """One nvidia-smi and one tegrastats child feed the samples (the allocated GPU only, the
+    Jetson fields, the nvpmodel mode), vcgencmd the Pi fields; the helpers are not counted in
+    the instance's tree, and they are gone once the instance ended."""
+    tools = fake_tools(tmp_path / "bin", {"nvidia-smi": FAKE_SMI, "tegrastats": FAKE_TEGRASTATS,
+                                          "nvpmodel": FAKE_NVPMODEL, "vcgencmd": FAKE_VCGENCMD})
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    monkeypatch.setenv("PATH", f"{tools}:{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_PIDS", str(pids))
+    state = asyncio.run(client.start(StartRequest(
+        run_id="boards", instance_id="i", command="sleep 600", gpu_ids=("1",),
+        telemetry_interval=0.25)))
+    assert state.log_path is not None
+    idir = Path(state.log_path).parent
+    got = wait_samples(idir, lambda g: any("gpus" in s and "jetson" in s and "pi" in s
+                                           for s in g), "all boards in one sample")
+    full = next(s for s in got if "gpus" in s and "jetson" in s and "pi" in s)
+    assert full["gpus"] == [{"index": "1", "util_percent": 97, "mem_used_mb": 1234,
+                             "mem_total_mb": 81559, "temp_c": 61, "sm_clock_mhz": 1980,
+                             "mem_clock_mhz": 2619}]
+    jetson = full["jetson"]
+    assert jetson["gpu_load_percent"] == 55 and jetson["power_mw"] == 7812
+    assert jetson["nvpmodel"] == "MAXN"
+    assert full["pi"] == {"temp_c": 52.1, "throttled": "0x50000", "arm_mhz": 2400}
+    assert full["procs"] <= 2  # sh and sleep at most: the helpers are not the instance's
+    helpers = [int((pids / name).read_text()) for name in ("smi", "tegrastats")]
+    asyncio.run(client.stop("boards", grace=1.0))
+    deadline = time.monotonic() + BOUND
+    while not all(gone(p) for p in helpers):
+        assert time.monotonic() < deadline, "a helper child outlived its sampler"
+        time.sleep(0.05)
+
+
+def test_broken_tools_never_harm_the_instance(client: SupervisorClient, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failing nvidia-smi and a vcgencmd that prints junk: samples go on without those
+    fields and the instance ends as it would have."""
+    tools = fake_tools(tmp_path / "bin", {"nvidia-smi": BROKEN, "vcgencmd": BROKEN})
+    monkeypatch.setenv("PATH", f"{tools}:{os.environ['PATH']}")
+    state = asyncio.run(client.start(StartRequest(
+        run_id="broken", instance_id="i", command=f"{PY} -c 'import time; time.sleep(2)'",
+        gpu_ids=("0",), telemetry_interval=0.2)))
+    assert state.log_path is not None
+    idir = Path(state.log_path).parent
+    deadline = time.monotonic() + BOUND
+    while not (final := asyncio.run(client.status("broken"))[0]).is_final:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert final.status.value == "exited", final
+    got = samples(idir)
+    assert len(got) >= 3
+    assert not any("gpus" in s or "pi" in s for s in got)

@@ -31,8 +31,11 @@ import glob
 import json
 import os
 import re
+import shutil
+import subprocess
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 FILE_NAME = "telemetry.jsonl"
@@ -443,9 +446,455 @@ class Sampler:
         self.samples += 1
 
 
+# --------------------------------------------------------------------------- board parsers
+
+def parse_nvidia_smi_line(line: str) -> dict[str, Any] | None:
+    """One GPU from ``nvidia-smi --query-gpu=NVIDIA_QUERY --format=csv,noheader,nounits``.
+
+    "[N/A]", "N/A" and "[Not Supported]" leave the field out; None for a line that is not
+    a GPU row (a warning, a blank line).
+    """
+    parts = [p.strip() for p in line.strip().split(",")]
+    if len(parts) < 8 or not parts[0].isdigit():
+        return None
+    gpu: dict[str, Any] = {"index": parts[0]}
+    for i in range(1, 8):  # (no zip: strict= is not in Python 3.8)
+        name, value = NVIDIA_FIELDS[i], number(parts[i])
+        if value is not None:
+            gpu[name] = compact(value)
+    if len(parts) > 8 and parts[8] and not parts[8].startswith("["):
+        gpu["uuid"] = parts[8]
+    return gpu
+
+
+TEGRA_RAIL = re.compile(r"(?<!\S)([A-Za-z][A-Za-z0-9_]*) (\d+)(?:mW)?/(\d+)(?:mW)?(?!\S)")
+TEGRA_TEMP = re.compile(r"(?<!\S)([A-Za-z][A-Za-z0-9_]*)@(-?\d+(?:\.\d+)?)C(?!\S)")
+TEGRA_ENGINE = re.compile(r"(?<!\S)(GR3D_FREQ|GR3D|EMC_FREQ|EMC) (\d+)%(?:@\[?([\d,]+)\]?)?")
+TEGRA_CPU = re.compile(r"(?<!\S)CPU \[([^\]]*)\](?:@(\d+))?", re.IGNORECASE)
+NOT_RAILS = ("RAM", "SWAP", "IRAM", "MTS")
+BOARD_INPUT_RAILS = ("VDD_IN", "POM_5V_IN")
+
+
+def parse_tegrastats(line: str) -> dict[str, Any]:
+    """The fields of one ``tegrastats`` line (JetPack 4, 5 and 6 formats); {} when none.
+
+    GPU load and clock from ``GR3D_FREQ 76%@[1300,1300]`` / ``GR3D_FREQ 0%@1300`` /
+    ``GR3D_FREQ 0%`` (``GR3D 3%@76`` on older releases), EMC likewise, per-core CPU clocks
+    from ``CPU [5%@1510,off,...]`` (or ``CPU [5%,3%]@1510``), rails as ``NAME cur/avg`` (mW,
+    with or without the ``mW`` suffix), temperatures ``name@48.5C`` (a switched-off sensor
+    reads -256C and is left out).
+    """
+    out: dict[str, Any] = {}
+    for m in TEGRA_ENGINE.finditer(line):
+        key = "gpu" if m.group(1).startswith("GR3D") else "emc"
+        out[f"{key}_load_percent" if key == "gpu" else "emc_percent"] = int(m.group(2))
+        if m.group(3):
+            mhz = [int(v) for v in m.group(3).split(",") if v]
+            if mhz:
+                out[f"{key}_mhz"] = max(mhz)
+    cpu = TEGRA_CPU.search(line)
+    if cpu:
+        shared = int(cpu.group(2)) if cpu.group(2) else None
+        mhz = []
+        for core in cpu.group(1).split(","):
+            core = core.strip()
+            if "@" in core:
+                value = core.split("@", 1)[1]
+                if value.isdigit():
+                    mhz.append(int(value))
+            elif core.endswith("%") and shared is not None:
+                mhz.append(shared)
+        if mhz:
+            out["cpu_mhz"] = mhz
+    rails = {m.group(1): int(m.group(2)) for m in TEGRA_RAIL.finditer(line)
+             if m.group(1).upper() not in NOT_RAILS}
+    if rails:
+        out["rails_mw"] = rails
+        power = board_input(rails)
+        if power is not None:
+            out["power_mw"] = power
+    temps = {}
+    for m in TEGRA_TEMP.finditer(line):
+        celsius = float(m.group(2))
+        if celsius > -60:
+            temps[m.group(1).lower()] = compact(celsius)
+    if temps:
+        out["temps_c"] = temps
+    return out
+
+
+def board_input(rails: dict[str, int]) -> int | None:
+    """The board's input power (mW) among the rails, when the board measures it."""
+    for name in BOARD_INPUT_RAILS:
+        if name in rails:
+            return rails[name]
+    return None
+
+
+def read_ina3221_hwmon(directory: str) -> dict[str, int]:
+    """{rail label: mW} from an INA3221 hwmon directory (JetPack 5/6): ``inN_label``,
+    ``inN_input`` (mV) and ``currN_input`` (mA); channels without a current are skipped."""
+    rails: dict[str, int] = {}
+    for label_path in sorted(glob.glob(os.path.join(directory, "in*_label"))):
+        n = os.path.basename(label_path)[2:-len("_label")]
+        if not n.isdigit():
+            continue
+        label = (read_text(label_path) or "").strip()
+        mv = number(read_text(os.path.join(directory, f"in{n}_input")))
+        ma = number(read_text(os.path.join(directory, f"curr{n}_input")))
+        if label and mv is not None and ma is not None:
+            rails[label] = round(mv * ma / 1000.0)
+    return rails
+
+
+def read_ina3221_iio(directory: str) -> dict[str, int]:
+    """{rail name: mW} from an INA3221x iio device (JetPack 4): ``rail_name_N`` with
+    ``in_power N_input`` (mW), else ``in_voltageN_input`` (mV) x ``in_currentN_input`` (mA)."""
+    rails: dict[str, int] = {}
+    for name_path in sorted(glob.glob(os.path.join(directory, "rail_name_*"))):
+        n = name_path.rsplit("_", 1)[-1]
+        if not n.isdigit():
+            continue
+        name = (read_text(name_path) or "").strip()
+        power = number(read_text(os.path.join(directory, f"in_power{n}_input")))
+        if power is None:
+            mv = number(read_text(os.path.join(directory, f"in_voltage{n}_input")))
+            ma = number(read_text(os.path.join(directory, f"in_current{n}_input")))
+            power = None if mv is None or ma is None else mv * ma / 1000.0
+        if name and power is not None:
+            rails[name] = round(power)
+    return rails
+
+
+def parse_nvpmodel_query(text: str) -> str | None:
+    """The mode name from ``nvpmodel -q`` ("NV Power Mode: MAXN")."""
+    for line in text.splitlines():
+        if line.startswith("NV Power Mode:"):
+            return line.split(":", 1)[1].strip() or None
+    return None
+
+
+def parse_nvpmodel_status(text: str) -> str | None:
+    """The mode id from /var/lib/nvpmodel/status ("pmode:0000 fmode:quiet" -> "0")."""
+    m = re.search(r"pmode:\s*(\d+)", text)
+    return str(int(m.group(1))) if m else None
+
+
+def parse_vcgencmd_temp(text: str) -> float | None:
+    """Degrees C from ``vcgencmd measure_temp`` ("temp=52.1'C")."""
+    m = re.search(r"temp=(-?\d+(?:\.\d+)?)", text)
+    return float(m.group(1)) if m else None
+
+
+def parse_vcgencmd_throttled(text: str) -> str | None:
+    """The flags from ``vcgencmd get_throttled`` ("throttled=0x50000"), as hex text."""
+    m = re.search(r"throttled=(0x[0-9a-fA-F]+|\d+)", text)
+    if not m:
+        return None
+    return hex(int(m.group(1), 0))
+
+
+def parse_vcgencmd_clock(text: str) -> int | None:
+    """MHz from ``vcgencmd measure_clock arm`` ("frequency(48)=1500398464")."""
+    m = re.search(r"frequency\(\d+\)=(\d+)", text)
+    return round(int(m.group(1)) / 1e6) if m else None
+
+
+# --------------------------------------------------------------------------- board readers
+
+def which(name: str, extra: tuple[str, ...] = ()) -> str | None:
+    """The path of a tool in PATH or in one of ``extra`` places."""
+    found = shutil.which(name)
+    if found:
+        return found
+    for path in extra:
+        if os.access(path, os.X_OK):
+            return path
+    return None
+
+
+def run_helper(argv: list[str]) -> str:
+    """The stdout of a short helper command (bounded); "" on any failure."""
+    try:
+        done = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, timeout=HELPER_TIMEOUT)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return done.stdout[:MAX_LINE].decode("utf-8", "replace")
+
+
+class LineChild:
+    """A long-lived helper (``nvidia-smi -lms``, ``tegrastats --interval``) whose stdout lines
+    a daemon thread hands to ``on_line``; killed by ``close``. If the supervisor is killed
+    the helper dies of SIGPIPE at its next line."""
+
+    def __init__(self, argv: list[str], on_line: Callable[[str], None]) -> None:
+        self.on_line = on_line
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, start_new_session=True)
+        self.thread = threading.Thread(target=self.read, name="telemetry-child", daemon=True)
+        self.thread.start()
+
+    def read(self) -> None:
+        stdout = self.proc.stdout
+        if stdout is None:
+            return
+        try:
+            for raw in stdout:
+                with contextlib.suppress(Exception):
+                    self.on_line(raw[:MAX_LINE].decode("utf-8", "replace"))
+        except (OSError, ValueError):
+            pass
+
+    def pids(self) -> list[int]:
+        return [self.proc.pid]
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def close(self) -> None:
+        """Terminate, then kill, the helper (only while it is still our unreaped child)."""
+        proc = self.proc
+        if proc.poll() is None:
+            try:
+                proc.terminate()
+                proc.wait(timeout=2.0)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=2.0)
+            except OSError:
+                pass
+        if proc.stdout is not None:
+            with contextlib.suppress(OSError):
+                proc.stdout.close()
+
+
+class NvidiaGpus:
+    """The allocated NVIDIA GPUs from one ``nvidia-smi --query-gpu ... -lms`` child."""
+
+    def __init__(self, tool: str, interval: float, gpu_ids: list[str]) -> None:
+        self.wanted = set(gpu_ids)
+        self.interval = interval
+        self.latest: dict[str, tuple[float, dict[str, Any]]] = {}
+        ms = max(100, int(interval * 1000))
+        self.child = LineChild([tool, f"--query-gpu={NVIDIA_QUERY}",
+                                "--format=csv,noheader,nounits", "-lms", str(ms)], self.on_line)
+
+    def on_line(self, line: str) -> None:
+        gpu = parse_nvidia_smi_line(line)
+        if gpu is not None:
+            self.latest[gpu["index"]] = (time.monotonic(), gpu)
+
+    def pids(self) -> list[int]:
+        return self.child.pids()
+
+    def add(self, doc: dict[str, Any]) -> None:
+        fresh = time.monotonic() - STALE_FACTOR * max(self.interval, 1.0)
+        gpus = []
+        for _index, (at, gpu) in sorted(self.latest.items(), key=lambda kv: int(kv[0])):
+            if at < fresh:
+                continue
+            if gpu["index"] in self.wanted or gpu.get("uuid") in self.wanted:
+                gpus.append({k: v for k, v in gpu.items() if k != "uuid"})
+        if gpus:
+            doc["gpus"] = gpus
+
+    def close(self) -> None:
+        self.child.close()
+
+
+class NvpModel:
+    """The Jetson power mode: ``nvpmodel -q`` (its name), else the status file (its id),
+    read once a minute."""
+
+    def __init__(self, status_file: str = "/var/lib/nvpmodel/status") -> None:
+        self.tool = which("nvpmodel", ("/usr/sbin/nvpmodel", "/usr/bin/nvpmodel"))
+        self.status_file = status_file
+        self.value: str | None = None
+        self.at = -1e18
+
+    def get(self) -> str | None:
+        now = time.monotonic()
+        if now - self.at >= NVPMODEL_EVERY_SECONDS:
+            self.at = now
+            mode = parse_nvpmodel_query(run_helper([self.tool, "-q"])) if self.tool else None
+            if mode is None:
+                mode = parse_nvpmodel_status(read_text(self.status_file) or "")
+            self.value = mode or self.value
+        return self.value
+
+
+class JetsonTegrastats:
+    """Jetson fields from one ``tegrastats --interval MS`` child, plus the nvpmodel mode."""
+
+    def __init__(self, tool: str, interval: float) -> None:
+        self.interval = interval
+        self.latest: tuple[float, dict[str, Any]] | None = None
+        self.nvp = NvpModel()
+        ms = max(100, int(interval * 1000))
+        self.child = LineChild([tool, "--interval", str(ms)], self.on_line)
+
+    def on_line(self, line: str) -> None:
+        fields = parse_tegrastats(line)
+        if fields:
+            self.latest = (time.monotonic(), fields)
+
+    def pids(self) -> list[int]:
+        return self.child.pids()
+
+    def add(self, doc: dict[str, Any]) -> None:
+        out: dict[str, Any] = {}
+        latest = self.latest
+        if latest is not None and latest[0] >= time.monotonic() - STALE_FACTOR * max(
+                self.interval, 1.0):
+            out.update(latest[1])
+        mode = self.nvp.get()
+        if mode is not None:
+            out["nvpmodel"] = mode
+        if out:
+            doc["jetson"] = out
+
+    def close(self) -> None:
+        self.child.close()
+
+
+GPU_LOAD_FILES = ("/sys/devices/gpu.0/load", "/sys/devices/platform/gpu.0/load",
+                  "/sys/devices/platform/*.ga10b/load", "/sys/devices/platform/*.gpu/load",
+                  "/sys/devices/platform/bus@0/*.gpu/load")
+GPU_DEVFREQ = re.compile(r"gpu|ga10b|gv11b|gp10b|gm20b")
+EMC_RATE_FILES = ("/sys/kernel/actmon_avg_activity/mc_all",)
+
+
+def first_existing(patterns: tuple[str, ...]) -> str | None:
+    """The first file matching one of the glob patterns, in order."""
+    for pattern in patterns:
+        for path in sorted(glob.glob(pattern)):
+            if os.path.isfile(path):
+                return path
+    return None
+
+
+class JetsonSysfs:
+    """Jetson fields from sysfs when tegrastats is missing: GPU load and clock, the INA3221
+    power rails (hwmon on JetPack 5/6, iio on JetPack 4), the nvpmodel mode."""
+
+    def __init__(self, sys_root: str = "/sys") -> None:
+        def under(path: str) -> str:
+            return sys_root.rstrip("/") + path[len("/sys"):]
+
+        self.load_file = first_existing(tuple(under(p) for p in GPU_LOAD_FILES))
+        self.freq_file = None
+        for path in sorted(glob.glob(under("/sys/class/devfreq/*/cur_freq"))):
+            if GPU_DEVFREQ.search(os.path.basename(os.path.dirname(path))):
+                self.freq_file = path
+                break
+        self.hwmon = [d for d in sorted(glob.glob(under("/sys/bus/i2c/drivers/ina3221/*/hwmon/"
+                                                        "hwmon*")))]
+        self.iio = sorted(glob.glob(under("/sys/bus/i2c/drivers/ina3221x/*/iio:device*")))
+        self.nvp = NvpModel()
+
+    def pids(self) -> list[int]:
+        return []
+
+    def fields(self) -> dict[str, Any]:
+        """The readable fields now (pure reads of sysfs files)."""
+        out: dict[str, Any] = {}
+        if self.load_file:
+            load = number(read_text(self.load_file))
+            if load is not None:
+                out["gpu_load_percent"] = compact(load / 10.0)  # per mille
+        if self.freq_file:
+            hz = number(read_text(self.freq_file))
+            if hz is not None:
+                out["gpu_mhz"] = round(hz / 1e6)
+        rails: dict[str, int] = {}
+        for d in self.hwmon:
+            rails.update(read_ina3221_hwmon(d))
+        for d in self.iio:
+            rails.update(read_ina3221_iio(d))
+        if rails:
+            out["rails_mw"] = rails
+            power = board_input(rails)
+            if power is not None:
+                out["power_mw"] = power
+        return out
+
+    def add(self, doc: dict[str, Any]) -> None:
+        out = self.fields()
+        mode = self.nvp.get()
+        if mode is not None:
+            out["nvpmodel"] = mode
+        if out:
+            doc["jetson"] = out
+
+    def close(self) -> None:
+        pass
+
+
+class RaspberryPi:
+    """``vcgencmd`` temperature, throttle flags and ARM clock, at most every 5 s."""
+
+    def __init__(self, tool: str) -> None:
+        self.tool = tool
+        self.values: dict[str, Any] = {}
+        self.at = -1e18
+
+    def pids(self) -> list[int]:
+        return []
+
+    def add(self, doc: dict[str, Any]) -> None:
+        now = time.monotonic()
+        if now - self.at >= PI_EVERY_SECONDS:
+            self.at = now
+            values: dict[str, Any] = {}
+            temp = parse_vcgencmd_temp(run_helper([self.tool, "measure_temp"]))
+            if temp is not None:
+                values["temp_c"] = temp
+            flags = parse_vcgencmd_throttled(run_helper([self.tool, "get_throttled"]))
+            if flags is not None:
+                values["throttled"] = flags
+            mhz = parse_vcgencmd_clock(run_helper([self.tool, "measure_clock", "arm"]))
+            if mhz is not None:
+                values["arm_mhz"] = mhz
+            self.values = values
+        if self.values:
+            doc["pi"] = dict(self.values)
+
+    def close(self) -> None:
+        pass
+
+
+def is_jetson() -> bool:
+    """True on an NVIDIA Jetson (L4T release file or a Tegra SoC family)."""
+    if os.path.exists("/etc/nv_tegra_release"):
+        return True
+    family = (read_text("/sys/devices/soc0/family") or "").strip().lower()
+    return family == "tegra"
+
+
 def make_boards(interval: float, gpu_ids: list[str]) -> list[Any]:
-    """The board readers this node supports (NVIDIA GPUs, Jetson, Raspberry Pi)."""
+    """The board readers this node supports (NVIDIA GPUs, Jetson, Raspberry Pi).
+
+    A reader that cannot start is left out; none of them is required.
+    """
     boards: list[Any] = []
+    smi = which("nvidia-smi") if gpu_ids else None
+    if smi:
+        with contextlib.suppress(OSError):
+            boards.append(NvidiaGpus(smi, interval, gpu_ids))
+    tegrastats = which("tegrastats", ("/usr/bin/tegrastats", "/home/nvidia/tegrastats"))
+    if tegrastats or is_jetson():
+        board: Any = None
+        if tegrastats:
+            try:
+                board = JetsonTegrastats(tegrastats, interval)
+            except OSError:
+                board = None
+        boards.append(board or JetsonSysfs())
+    vcgencmd = which("vcgencmd", ("/usr/bin/vcgencmd", "/opt/vc/bin/vcgencmd"))
+    if vcgencmd:
+        boards.append(RaspberryPi(vcgencmd))
     return boards
 
 
