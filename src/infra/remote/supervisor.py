@@ -875,6 +875,7 @@ class Supervisor:
         self.claim_path = self.state.get("claim_path")
         self.fence = bool(request.get("fence"))
         self.fenced = False
+        self.sampler: Any = None              # telemetry (telemetry.py), when requested
 
     # signal handlers: flags and signals only, never state writes
     def on_term(self, signum: int, frame: Any) -> None:
@@ -952,6 +953,9 @@ class Supervisor:
             reason = ("fenced: no word from the watching coordinator within its fence timeout; "
                       f"stopped so that a replacement may start elsewhere ({reason})")
         self.stop_watching()
+        counts = self.stop_sampler()
+        if counts is not None:
+            self.state["telemetry_counts"] = counts
         deadline = time.time() + FINAL_WRITE_SECONDS
         ended = time.time()
         while not self.save(state=state, final_reason=reason, ended_at=ended,
@@ -961,6 +965,27 @@ class Supervisor:
             time.sleep(1.0)
         release_reserve(self.reserve_path)
         release_claim(self.claim_path)
+
+    # telemetry: a sampler thread for the life of the instance (all attempts)
+    def start_sampler(self) -> None:
+        """Start the telemetry sampler when the request asks for one; never fails the start."""
+        try:
+            self.sampler = load_telemetry().start(self.idir, self.request)
+        except Exception:
+            traceback.print_exc()
+            self.sampler = None
+
+    def stop_sampler(self) -> dict[str, Any] | None:
+        """Stop the sampler and its helper children; what it did (None when there was none)."""
+        sampler, self.sampler = self.sampler, None
+        if sampler is None:
+            return None
+        try:
+            sampler.stop()
+            return dict(sampler.counters())
+        except Exception:
+            traceback.print_exc()
+            return None
 
     # disk space: a watcher thread while the instance is active, a note when an attempt ends
     def disk_paths(self) -> list[str]:
@@ -1076,6 +1101,7 @@ class Supervisor:
         update_claim(self.claim_path, supervisor_pid=os.getpid(),
                      supervisor_start_ticks=start_ticks(os.getpid()))
         self.start_watching()
+        self.start_sampler()
 
         with open(self.log_path, "ab") as log:
             self.attempts(log, auto_restart, max_retries, delay, results_dir, cwd)
@@ -1548,6 +1574,16 @@ def load_pool() -> Any:
     sys.modules.setdefault("supervisor", sys.modules[__name__])
     import pool  # type: ignore[import-not-found]  # a sibling on the node
     return pool
+
+
+def load_telemetry() -> Any:
+    """The sibling ``telemetry`` module (installed next to this script, or in the package)."""
+    if __package__:
+        from . import telemetry
+        return telemetry
+    sys.modules.setdefault("supervisor", sys.modules[__name__])
+    import telemetry  # type: ignore[import-not-found]  # a sibling on the node
+    return telemetry
 
 
 def load_harvest() -> Any:

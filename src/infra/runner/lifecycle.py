@@ -301,6 +301,7 @@ class RunSession:
             claim=claim_request(node, spec, alloc, force=rec.instance_id in self.forced),
             claims_dir=node.claims_dir,
             fence=self.fenced(spec),
+            telemetry_interval=self.cluster.telemetry.interval_seconds,
         )
 
     async def start_instance(self, run_id: str, rec: InstanceRecord, tries: int = 0) -> None:

@@ -303,6 +303,7 @@ class StartRequest:
     claim: Mapping[str, Any] | None = field(default=None, hash=False)
     claims_dir: str | None = None
     fence: bool = False
+    telemetry_interval: float = 0.0  # seconds between node-side samples; 0: no telemetry
 
     def to_json(self, node: str) -> dict[str, Any]:
         """The JSON request the script reads on stdin."""
@@ -317,6 +318,8 @@ class StartRequest:
             doc["claim"] = dict(self.claim)
         if self.claims_dir:
             doc["claims_dir"] = self.claims_dir
+        if self.telemetry_interval > 0:
+            doc["telemetry"] = {"interval": self.telemetry_interval}
         return doc
 
 
