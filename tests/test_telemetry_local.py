@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from infra.config.model import NodeConfig
-from infra.runner.supervisor_client import StartRequest, SupervisorClient
+from infra.runner.supervisor_client import PoolSyncRequest, StartRequest, SupervisorClient
 from infra.transport.local import LocalTransport
 
 PY = shlex.quote(sys.executable)
@@ -265,3 +265,24 @@ def test_broken_tools_never_harm_the_instance(client: SupervisorClient, tmp_path
     got = samples(idir)
     assert len(got) >= 3
     assert not any("gpus" in s or "pi" in s for s in got)
+
+
+def test_pool_task_samples_with_the_key_it_was_handed(client: SupervisorClient,
+                                                      node: NodeConfig) -> None:
+    """A campaign task started by a node-side pool gets telemetry as its request said; a task
+    handed over without the key gets none."""
+    command = f"{PY} -c 'import time; time.sleep(1.5)'"
+    adds = (StartRequest(run_id="pooled", instance_id="t1", command=command,
+                         telemetry_interval=0.2),
+            StartRequest(run_id="pooled", instance_id="t2", command=command))
+    asyncio.run(client.pool_sync(PoolSyncRequest(run_id="pooled", pool="p", workers=2,
+                                                 add=adds, close=True, idle_exit_seconds=60.0,
+                                                 grace=1.0)))
+    run_dir = Path(node.remote_work_dir) / ".infra" / "runs" / "pooled"
+    deadline = time.monotonic() + BOUND
+    while not all(s.is_final for s in asyncio.run(client.status("pooled"))) or \
+            len(asyncio.run(client.status("pooled"))) < 2:
+        assert time.monotonic() < deadline, "the pool's tasks never ended"
+        time.sleep(0.05)
+    assert len(samples(run_dir / "t1")) >= 2
+    assert not (run_dir / "t2" / "telemetry.jsonl").exists()
