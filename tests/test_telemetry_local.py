@@ -248,9 +248,10 @@ def test_boards_from_long_lived_tools(client: SupervisorClient, tmp_path: Path,
 
 def test_broken_tools_never_harm_the_instance(client: SupervisorClient, tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """A failing nvidia-smi and a vcgencmd that prints junk: samples go on without those
-    fields and the instance ends as it would have."""
-    tools = fake_tools(tmp_path / "bin", {"nvidia-smi": BROKEN, "vcgencmd": BROKEN})
+    """A failing nvidia-smi, tegrastats and vcgencmd: samples go on without their fields (the
+    Jetson's from sysfs, here only the nvpmodel mode) and the instance ends as it would have."""
+    tools = fake_tools(tmp_path / "bin", {"nvidia-smi": BROKEN, "vcgencmd": BROKEN,
+                                          "tegrastats": BROKEN, "nvpmodel": FAKE_NVPMODEL})
     monkeypatch.setenv("PATH", f"{tools}:{os.environ['PATH']}")
     state = asyncio.run(client.start(StartRequest(
         run_id="broken", instance_id="i", command=f"{PY} -c 'import time; time.sleep(2)'",
@@ -265,6 +266,7 @@ def test_broken_tools_never_harm_the_instance(client: SupervisorClient, tmp_path
     got = samples(idir)
     assert len(got) >= 3
     assert not any("gpus" in s or "pi" in s for s in got)
+    assert got[-1]["jetson"] == {"nvpmodel": "MAXN"}
 
 
 def test_pool_task_samples_with_the_key_it_was_handed(client: SupervisorClient,

@@ -4,6 +4,8 @@ iio sysfs layouts, nvidia-smi CSV, vcgencmd, nvpmodel."""
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import pytest
@@ -292,3 +294,40 @@ def test_interval_and_gpus_from_the_request() -> None:
     assert t.allocated_gpus({"allocation": {"gpu_ids": ["2"]}}) == ["2"]
     assert t.allocated_gpus({"env": {"CUDA_VISIBLE_DEVICES": "3,4"}}) == ["3", "4"]
     assert t.allocated_gpus({}) == []
+
+
+# --------------------------------------------------------------------------- a full disk
+
+def test_full_disk_skips_samples_and_leaves_no_partial_line(tmp_path: Path) -> None:
+    """On a real, full tmpfs the sampler's writes fail or fall short: the sample is skipped,
+    nothing half-written stays, and sampling resumes once there is room again."""
+    from tests.tmpfs import small_tmpfs
+
+    with small_tmpfs(tmp_path / "disk", size="64k") as disk:
+        sampler = t.Sampler(str(disk), {}, interval=1.0)
+        sampler.write(sampler.sample())
+        assert sampler.samples == 1
+        filler = disk / "filler"
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+        try:  # fill every block the file system has left
+            while os.write(fd, b"x" * 512) > 0:
+                pass
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        for _ in range(200):  # the file's last page still has room for a few lines
+            sampler.write(sampler.sample())
+            if sampler.skipped:
+                break
+        for _ in range(3):  # still full: each sample is skipped, none is half written
+            sampler.write(sampler.sample())
+        assert sampler.skipped >= 4 and sampler.errors == 0
+        filler.unlink()
+        sampler.write(sampler.sample())
+        sampler.stop()
+        text = (disk / t.FILE_NAME).read_text()
+        assert text.endswith("\n")
+        lines = text.splitlines()
+        assert len(lines) == sampler.samples >= 2
+        assert all(isinstance(json.loads(line)["t"], float) for line in lines)

@@ -732,6 +732,7 @@ class JetsonTegrastats:
         self.interval = interval
         self.latest: tuple[float, dict[str, Any]] | None = None
         self.nvp = NvpModel()
+        self.sysfs: JetsonSysfs | None = None
         ms = max(100, int(interval * 1000))
         self.child = LineChild([tool, "--interval", str(ms)], self.on_line)
 
@@ -749,6 +750,10 @@ class JetsonTegrastats:
         if latest is not None and latest[0] >= time.monotonic() - STALE_FACTOR * max(
                 self.interval, 1.0):
             out.update(latest[1])
+        elif not self.child.alive():  # tegrastats refused to run here: read sysfs instead
+            if self.sysfs is None:
+                self.sysfs = JetsonSysfs()
+            out.update(self.sysfs.fields())
         mode = self.nvp.get()
         if mode is not None:
             out["nvpmodel"] = mode
