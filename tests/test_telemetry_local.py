@@ -115,6 +115,33 @@ def test_busy_tree_near_one_core_and_file_is_ordered(client: SupervisorClient,
     assert 0 <= node["cpu_percent"] <= 100 and "load1" in node
 
 
+def tree_ticks(pid: int) -> int:
+    """utime+stime+cutime+cstime of one process: its own and its reaped children's CPU."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    fields = text[text.rfind(")") + 2:].split()
+    return sum(int(f) for f in fields[11:15])
+
+
+def test_short_lived_children_are_counted(client: SupervisorClient) -> None:
+    """A shell starting one short CPU-bound child after another (each far shorter than the
+    interval, so most are never seen alive by a sample): the tree's CPU is what the shell and
+    its reaped children really used."""
+    child = f"{PY} -S -c 'x = 0\nfor i in range(150000): x += i'"
+    state = asyncio.run(client.start(StartRequest(
+        run_id="short", instance_id="i", command=f"while :; do {child}; done",
+        telemetry_interval=0.5)))
+    assert state.log_path is not None and state.pid is not None
+    idir = Path(state.log_path).parent
+    wait_samples(idir, lambda g: len(with_cpu(g)) >= 2, "2 samples with cpu")
+    t0, ticks0 = time.time(), tree_ticks(state.pid)
+    wait_samples(idir, lambda g: any(s["t"] > t0 + 5.0 for s in g), "5 s of samples")
+    t1, ticks1 = time.time(), tree_ticks(state.pid)
+    window = [s for s in with_cpu(samples(idir)) if t0 + 0.5 <= s["t"] <= t1]
+    mean = sum(s["cpu_percent"] for s in window) / len(window)
+    own = 100.0 * (ticks1 - ticks0) / os.sysconf("SC_CLK_TCK") / (t1 - t0)
+    assert abs(mean - own) <= max(15.0, 0.25 * own), (mean, own, window)
+
+
 def test_sleeping_tree_near_zero(client: SupervisorClient) -> None:
     idir = start(client, "idle", "sleep 600", 0.25)
     got = wait_samples(idir, lambda g: len(with_cpu(g)) >= 6, "6 samples with cpu")

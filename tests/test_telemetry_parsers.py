@@ -176,11 +176,22 @@ STAT_LINE = ("12345 (python3 (x) y) R 678 12345 12345 0 -1 4194304 1000 0 0 0 "
 
 
 def test_cpu_times_from_stat_handles_parens_in_the_name() -> None:
-    assert t.cpu_times_from_stat(STAT_LINE) == (678, 300, 987654, 0)
+    assert t.cpu_times_from_stat(STAT_LINE) == (678, 300, 10, 987654, 0)
     zombie = STAT_LINE.replace(") R ", ") Z ")
-    assert t.cpu_times_from_stat(zombie) == (678, 300, 987654, 1)
+    assert t.cpu_times_from_stat(zombie) == (678, 300, 10, 987654, 1)
     assert t.cpu_times_from_stat("") is None
     assert t.cpu_times_from_stat("1 (x) S 0") is None
+
+
+def test_tree_delta_counts_reaped_children_once() -> None:
+    """{(pid, start): (own + reaped ticks, ppid)}: new processes count whole; a child reaped
+    by its parent in the tree moves into the parent's cutime and is not counted twice."""
+    prev = {(10, 1): (100, 1), (11, 5): (40, 10), (12, 6): (7, 1)}
+    now = {(10, 1): (100 + 5 + 40 + 3, 1),   # 5 own, reaped 11 (40 + 3 since prev)
+           (13, 9): (20, 10)}                 # new; 12 (parent 1: the supervisor) ended
+    assert t.tree_delta(prev, now) == 5 + 3 + 20
+    assert t.tree_delta(now, now) == 0
+    assert t.tree_delta({(1, 1): (50, 0)}, {(1, 2): (3, 0)}) == 3  # a reused pid is new
 
 
 def test_statm_and_loadavg() -> None:
