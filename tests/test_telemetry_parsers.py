@@ -192,6 +192,11 @@ def test_tree_delta_counts_reaped_children_once() -> None:
     assert t.tree_delta(prev, now) == 5 + 3 + 20
     assert t.tree_delta(now, now) == 0
     assert t.tree_delta({(1, 1): (50, 0)}, {(1, 2): (3, 0)}) == 3  # a reused pid is new
+    # 10 -> 11 -> 12: 11 reaped 12 and was reaped by 10 within one interval; 10's cutime
+    # now holds both whole, of which 30 + 5 were counted before
+    chain = {(10, 1): (100, 1), (11, 2): (30, 10), (12, 3): (5, 11)}
+    after = {(10, 1): (100 + 1 + (30 + 2) + (5 + 4), 1)}
+    assert t.tree_delta(chain, after) == 1 + 2 + 4
 
 
 def test_statm_and_loadavg() -> None:

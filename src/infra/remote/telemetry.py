@@ -316,9 +316,15 @@ def tree_delta(prev: dict[tuple[int, int], tuple[int, int]],
         before = prev.get(key)
         delta += ticks if before is None else max(0, ticks - before[0])
     live = {pid for pid, _start in now}
+    gone = {key[0]: ppid for key, (_ticks, ppid) in prev.items() if key not in now}
     for key, (ticks, ppid) in prev.items():
-        if key not in now and ppid in live:
-            delta -= ticks  # reaped by a parent in the tree: counted again in its cutime
+        if key in now:
+            continue
+        reaper, hops = ppid, 0
+        while reaper in gone and hops < 64:  # its parent ended too: the chain ends up in the
+            reaper, hops = gone[reaper], hops + 1  # nearest ancestor still alive
+        if reaper in live:
+            delta -= ticks  # reaped inside the tree: counted again in that ancestor's cutime
     return max(0, delta)
 
 
@@ -382,11 +388,7 @@ class Sampler:
         thread = self.thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=min(self.interval, 5.0) + 2.0)
-        for board in self.boards:
-            try:
-                board.close()
-            except Exception:
-                self.errors += 1
+        self.close_boards()
         if self.fd is not None:
             with contextlib.suppress(OSError):
                 os.close(self.fd)
@@ -414,6 +416,15 @@ class Sampler:
                 due = now + self.interval
             if self.done.wait(max(0.0, due - now)):
                 break
+        self.close_boards()  # stop() may have come before the boards existed
+
+    def close_boards(self) -> None:
+        """Kill the helper children (safe to call more than once)."""
+        for board in list(self.boards):
+            try:
+                board.close()
+            except Exception:
+                self.errors += 1
 
     def sample(self) -> dict[str, Any]:
         """One sample: the tree, the node and every board reader's fields."""
