@@ -8,7 +8,8 @@ instance ends. Every ``interval`` seconds one compact JSON object is appended to
 
     t            epoch seconds of the sample (strictly increasing within the file)
     cpu_percent  the instance's process tree (every descendant of the supervisor, which is a
-                 child subreaper), % of ONE core, from utime+stime deltas in /proc/PID/stat
+                 child subreaper), % of ONE core, from utime+stime (plus the cutime+cstime of
+                 children reaped inside the tree) deltas in /proc/PID/stat
     rss_bytes    the tree's resident memory (/proc/PID/statm, shared pages counted per process)
     procs        processes in the tree
     node         whole node: cpu_percent (all cores, 0..100), mem_used_bytes, mem_total_bytes,
@@ -797,7 +798,6 @@ GPU_LOAD_FILES = ("/sys/devices/gpu.0/load", "/sys/devices/platform/gpu.0/load",
                   "/sys/devices/platform/*.ga10b/load", "/sys/devices/platform/*.gpu/load",
                   "/sys/devices/platform/bus@0/*.gpu/load")
 GPU_DEVFREQ = re.compile(r"gpu|ga10b|gv11b|gp10b|gm20b")
-EMC_RATE_FILES = ("/sys/kernel/actmon_avg_activity/mc_all",)
 
 
 def first_existing(patterns: tuple[str, ...]) -> str | None:
@@ -823,8 +823,7 @@ class JetsonSysfs:
             if GPU_DEVFREQ.search(os.path.basename(os.path.dirname(path))):
                 self.freq_file = path
                 break
-        self.hwmon = [d for d in sorted(glob.glob(under("/sys/bus/i2c/drivers/ina3221/*/hwmon/"
-                                                        "hwmon*")))]
+        self.hwmon = sorted(glob.glob(under("/sys/bus/i2c/drivers/ina3221/*/hwmon/hwmon*")))
         self.iio = sorted(glob.glob(under("/sys/bus/i2c/drivers/ina3221x/*/iio:device*")))
         self.nvp = NvpModel()
 
