@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from infra.config.model import NodeConfig
-from infra.runner.supervisor_client import StartRequest, SupervisorClient
+from infra.runner.supervisor_client import PoolSyncRequest, StartRequest, SupervisorClient
 from infra.transport.local import LocalTransport
 
 PY = shlex.quote(sys.executable)
@@ -113,6 +113,33 @@ def test_busy_tree_near_one_core_and_file_is_ordered(client: SupervisorClient,
     node = last["node"]
     assert node["mem_total_bytes"] >= node["mem_used_bytes"] > 0
     assert 0 <= node["cpu_percent"] <= 100 and "load1" in node
+
+
+def tree_ticks(pid: int) -> int:
+    """utime+stime+cutime+cstime of one process: its own and its reaped children's CPU."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    fields = text[text.rfind(")") + 2:].split()
+    return sum(int(f) for f in fields[11:15])
+
+
+def test_short_lived_children_are_counted(client: SupervisorClient) -> None:
+    """A shell starting one short CPU-bound child after another (each far shorter than the
+    interval, so most are never seen alive by a sample): the tree's CPU is what the shell and
+    its reaped children really used."""
+    child = f"{PY} -S -c 'x = 0\nfor i in range(150000): x += i'"
+    state = asyncio.run(client.start(StartRequest(
+        run_id="short", instance_id="i", command=f"while :; do {child}; done",
+        telemetry_interval=0.5)))
+    assert state.log_path is not None and state.pid is not None
+    idir = Path(state.log_path).parent
+    wait_samples(idir, lambda g: len(with_cpu(g)) >= 2, "2 samples with cpu")
+    t0, ticks0 = time.time(), tree_ticks(state.pid)
+    wait_samples(idir, lambda g: any(s["t"] > t0 + 5.0 for s in g), "5 s of samples")
+    t1, ticks1 = time.time(), tree_ticks(state.pid)
+    window = [s for s in with_cpu(samples(idir)) if t0 + 0.5 <= s["t"] <= t1]
+    mean = sum(s["cpu_percent"] for s in window) / len(window)
+    own = 100.0 * (ticks1 - ticks0) / os.sysconf("SC_CLK_TCK") / (t1 - t0)
+    assert abs(mean - own) <= max(15.0, 0.25 * own), (mean, own, window)
 
 
 def test_sleeping_tree_near_zero(client: SupervisorClient) -> None:
@@ -248,9 +275,10 @@ def test_boards_from_long_lived_tools(client: SupervisorClient, tmp_path: Path,
 
 def test_broken_tools_never_harm_the_instance(client: SupervisorClient, tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """A failing nvidia-smi and a vcgencmd that prints junk: samples go on without those
-    fields and the instance ends as it would have."""
-    tools = fake_tools(tmp_path / "bin", {"nvidia-smi": BROKEN, "vcgencmd": BROKEN})
+    """A failing nvidia-smi, tegrastats and vcgencmd: samples go on without their fields (the
+    Jetson's from sysfs, here only the nvpmodel mode) and the instance ends as it would have."""
+    tools = fake_tools(tmp_path / "bin", {"nvidia-smi": BROKEN, "vcgencmd": BROKEN,
+                                          "tegrastats": BROKEN, "nvpmodel": FAKE_NVPMODEL})
     monkeypatch.setenv("PATH", f"{tools}:{os.environ['PATH']}")
     state = asyncio.run(client.start(StartRequest(
         run_id="broken", instance_id="i", command=f"{PY} -c 'import time; time.sleep(2)'",
@@ -265,3 +293,25 @@ def test_broken_tools_never_harm_the_instance(client: SupervisorClient, tmp_path
     got = samples(idir)
     assert len(got) >= 3
     assert not any("gpus" in s or "pi" in s for s in got)
+    assert got[-1]["jetson"] == {"nvpmodel": "MAXN"}
+
+
+def test_pool_task_samples_with_the_key_it_was_handed(client: SupervisorClient,
+                                                      node: NodeConfig) -> None:
+    """A campaign task started by a node-side pool gets telemetry as its request said; a task
+    handed over without the key gets none."""
+    command = f"{PY} -c 'import time; time.sleep(1.5)'"
+    adds = (StartRequest(run_id="pooled", instance_id="t1", command=command,
+                         telemetry_interval=0.2),
+            StartRequest(run_id="pooled", instance_id="t2", command=command))
+    asyncio.run(client.pool_sync(PoolSyncRequest(run_id="pooled", pool="p", workers=2,
+                                                 add=adds, close=True, idle_exit_seconds=60.0,
+                                                 grace=1.0)))
+    run_dir = Path(node.remote_work_dir) / ".infra" / "runs" / "pooled"
+    deadline = time.monotonic() + BOUND
+    while not all(s.is_final for s in asyncio.run(client.status("pooled"))) or \
+            len(asyncio.run(client.status("pooled"))) < 2:
+        assert time.monotonic() < deadline, "the pool's tasks never ended"
+        time.sleep(0.05)
+    assert len(samples(run_dir / "t1")) >= 2
+    assert not (run_dir / "t2" / "telemetry.jsonl").exists()

@@ -4,6 +4,8 @@ iio sysfs layouts, nvidia-smi CSV, vcgencmd, nvpmodel."""
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import pytest
@@ -174,11 +176,27 @@ STAT_LINE = ("12345 (python3 (x) y) R 678 12345 12345 0 -1 4194304 1000 0 0 0 "
 
 
 def test_cpu_times_from_stat_handles_parens_in_the_name() -> None:
-    assert t.cpu_times_from_stat(STAT_LINE) == (678, 300, 987654, 0)
+    assert t.cpu_times_from_stat(STAT_LINE) == (678, 300, 10, 987654, 0)
     zombie = STAT_LINE.replace(") R ", ") Z ")
-    assert t.cpu_times_from_stat(zombie) == (678, 300, 987654, 1)
+    assert t.cpu_times_from_stat(zombie) == (678, 300, 10, 987654, 1)
     assert t.cpu_times_from_stat("") is None
     assert t.cpu_times_from_stat("1 (x) S 0") is None
+
+
+def test_tree_delta_counts_reaped_children_once() -> None:
+    """{(pid, start): (own + reaped ticks, ppid)}: new processes count whole; a child reaped
+    by its parent in the tree moves into the parent's cutime and is not counted twice."""
+    prev = {(10, 1): (100, 1), (11, 5): (40, 10), (12, 6): (7, 1)}
+    now = {(10, 1): (100 + 5 + 40 + 3, 1),   # 5 own, reaped 11 (40 + 3 since prev)
+           (13, 9): (20, 10)}                 # new; 12 (parent 1: the supervisor) ended
+    assert t.tree_delta(prev, now) == 5 + 3 + 20
+    assert t.tree_delta(now, now) == 0
+    assert t.tree_delta({(1, 1): (50, 0)}, {(1, 2): (3, 0)}) == 3  # a reused pid is new
+    # 10 -> 11 -> 12: 11 reaped 12 and was reaped by 10 within one interval; 10's cutime
+    # now holds both whole, of which 30 + 5 were counted before
+    chain = {(10, 1): (100, 1), (11, 2): (30, 10), (12, 3): (5, 11)}
+    after = {(10, 1): (100 + 1 + (30 + 2) + (5 + 4), 1)}
+    assert t.tree_delta(chain, after) == 1 + 2 + 4
 
 
 def test_statm_and_loadavg() -> None:
@@ -292,3 +310,40 @@ def test_interval_and_gpus_from_the_request() -> None:
     assert t.allocated_gpus({"allocation": {"gpu_ids": ["2"]}}) == ["2"]
     assert t.allocated_gpus({"env": {"CUDA_VISIBLE_DEVICES": "3,4"}}) == ["3", "4"]
     assert t.allocated_gpus({}) == []
+
+
+# --------------------------------------------------------------------------- a full disk
+
+def test_full_disk_skips_samples_and_leaves_no_partial_line(tmp_path: Path) -> None:
+    """On a real, full tmpfs the sampler's writes fail or fall short: the sample is skipped,
+    nothing half-written stays, and sampling resumes once there is room again."""
+    from tests.tmpfs import small_tmpfs
+
+    with small_tmpfs(tmp_path / "disk", size="64k") as disk:
+        sampler = t.Sampler(str(disk), {}, interval=1.0)
+        sampler.write(sampler.sample())
+        assert sampler.samples == 1
+        filler = disk / "filler"
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+        try:  # fill every block the file system has left
+            while os.write(fd, b"x" * 512) > 0:
+                pass
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        for _ in range(200):  # the file's last page still has room for a few lines
+            sampler.write(sampler.sample())
+            if sampler.skipped:
+                break
+        for _ in range(3):  # still full: each sample is skipped, none is half written
+            sampler.write(sampler.sample())
+        assert sampler.skipped >= 4 and sampler.errors == 0
+        filler.unlink()
+        sampler.write(sampler.sample())
+        sampler.stop()
+        text = (disk / t.FILE_NAME).read_text()
+        assert text.endswith("\n")
+        lines = text.splitlines()
+        assert len(lines) == sampler.samples >= 2
+        assert all(isinstance(json.loads(line)["t"], float) for line in lines)

@@ -1,7 +1,8 @@
 """Node-side supervisor: runs one experiment detached, applies the restart policy, records state.
 
 Standard library only, Python 3.8+. The coordinator copies this file, with its sibling
-``pool.py`` (node-side worker pools, the ``pool-sync`` subcommand), to
+``pool.py`` (node-side worker pools, the ``pool-sync`` subcommand) and ``telemetry.py``
+(the per-instance sampler, started when the request carries ``telemetry``), to
 ``<remote_work_dir>/.infra/bin-<sha256[:12]>/`` (versioned by content) and calls it over
 SSH; every subcommand except ``follow`` prints one JSON document between the two marker
 strings, so shell noise around it cannot break parsing.
@@ -12,6 +13,7 @@ Layout under ROOT (``<remote_work_dir>/.infra``)::
     runs/RUN/INSTANCE/request.json    the start request as received
     runs/RUN/INSTANCE/output.log      the program's stdout + stderr (append only)
     runs/RUN/INSTANCE/supervisor.log  the supervisor's own output (tracebacks only)
+    runs/RUN/INSTANCE/telemetry.jsonl one JSON sample per interval (telemetry.py), when asked
     runs/RUN/INSTANCE/stop.json       present once a stop was requested
     runs/RUN/INSTANCE/reserve         64 KiB given back when the disk is full (see below)
     runs/RUN/INSTANCE/results/        default INFRA_RESULTS_DIR

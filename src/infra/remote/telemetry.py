@@ -8,7 +8,8 @@ instance ends. Every ``interval`` seconds one compact JSON object is appended to
 
     t            epoch seconds of the sample (strictly increasing within the file)
     cpu_percent  the instance's process tree (every descendant of the supervisor, which is a
-                 child subreaper), % of ONE core, from utime+stime deltas in /proc/PID/stat
+                 child subreaper), % of ONE core, from utime+stime (plus the cutime+cstime of
+                 children reaped inside the tree) deltas in /proc/PID/stat
     rss_bytes    the tree's resident memory (/proc/PID/statm, shared pages counted per process)
     procs        processes in the tree
     node         whole node: cpu_percent (all cores, 0..100), mem_used_bytes, mem_total_bytes,
@@ -116,15 +117,18 @@ def allocated_gpus(request: dict[str, Any]) -> list[str]:
 
 # --------------------------------------------------------------------------- /proc parsers
 
-def cpu_times_from_stat(text: str) -> tuple[int, int, int, int] | None:
-    """(ppid, utime+stime ticks, start ticks, state is zombie) from /proc/PID/stat text."""
+def cpu_times_from_stat(text: str) -> tuple[int, int, int, int, int] | None:
+    """(ppid, utime+stime, cutime+cstime, start ticks, 1 when a zombie) from
+    /proc/PID/stat text (times in clock ticks; the name may hold spaces and parentheses)."""
     end = text.rfind(")")
     if end < 0:
         return None
     fields = text[end + 2:].split()
     try:
-        # fields[0] is proc(5) field 3 (state); ppid 4, utime 14, stime 15, starttime 22
-        return (int(fields[1]), int(fields[11]) + int(fields[12]), int(fields[19]),
+        # fields[0] is proc(5) field 3 (state): ppid 4, utime 14, stime 15, cutime 16,
+        # cstime 17, starttime 22
+        return (int(fields[1]), int(fields[11]) + int(fields[12]),
+                int(fields[13]) + int(fields[14]), int(fields[19]),
                 1 if fields[0] in ("Z", "X") else 0)
     except (IndexError, ValueError):
         return None
@@ -266,42 +270,63 @@ def tree_by_scan(root: int, skip: Any) -> list[int]:
 class TreeMeter:
     """CPU % and RSS of a process tree between successive calls.
 
-    Each process is keyed by (pid, start ticks), so a reused pid is a new process. A process
-    that appeared since the previous sample counts all its CPU time; a process that ended
-    counts nothing more (its last moments are lost: at most one interval of it).
+    Each process is keyed by (pid, start ticks), so a reused pid is a new process, and
+    counts its own CPU time plus that of the children it reaped (cutime+cstime): a process
+    too short-lived to be seen by any sample is still counted once its parent in the tree
+    reaps it. A process that appeared since the previous sample counts all its time; one that
+    was reaped by a parent still in the tree has its whole time moved into that parent's, so
+    what was counted for it before is taken off again. One reaped by the supervisor (the top
+    process of an attempt, an orphan) loses its last moments: at most one interval of it.
     """
 
     def __init__(self, root: int) -> None:
         self.root = root
         self.children = children_supported()
-        self.prev: dict[tuple[int, int], int] | None = None
+        self.prev: dict[tuple[int, int], tuple[int, int]] | None = None
         self.prev_at = 0.0
 
     def measure(self, skip: Any) -> dict[str, Any]:
         """{"cpu_percent" (absent on the first call), "rss_bytes", "procs"}."""
         pids = (tree_by_children if self.children else tree_by_scan)(self.root, skip)
         now_at = time.monotonic()
-        ticks: dict[tuple[int, int], int] = {}
+        now: dict[tuple[int, int], tuple[int, int]] = {}
         rss = 0
         for pid in pids:
             parsed = cpu_times_from_stat(read_text(f"/proc/{pid}/stat", 1024) or "")
             if parsed is None:
                 continue  # ended between the listing and now
-            _ppid, used, started, zombie = parsed
-            ticks[(pid, started)] = used
+            ppid, own, reaped, started, zombie = parsed
+            now[(pid, started)] = (own + reaped, ppid)
             if not zombie:
                 pages = rss_from_statm(read_text(f"/proc/{pid}/statm", 256) or "")
                 rss += (pages or 0) * PAGE_SIZE
-        out: dict[str, Any] = {"rss_bytes": rss, "procs": len(ticks)}
+        out: dict[str, Any] = {"rss_bytes": rss, "procs": len(now)}
         if self.prev is not None and now_at > self.prev_at:
-            delta = 0
-            for key, used in ticks.items():
-                delta += max(0, used - self.prev.get(key, 0))
-            seconds = now_at - self.prev_at
-            out["cpu_percent"] = round(100.0 * delta / CLK_TCK / seconds, 1)
-        self.prev = ticks
+            out["cpu_percent"] = round(100.0 * tree_delta(self.prev, now) / CLK_TCK
+                                       / (now_at - self.prev_at), 1)
+        self.prev = now
         self.prev_at = now_at
         return out
+
+
+def tree_delta(prev: dict[tuple[int, int], tuple[int, int]],
+               now: dict[tuple[int, int], tuple[int, int]]) -> int:
+    """Ticks the tree used between two readings of {(pid, start): (ticks, ppid)} (pure)."""
+    delta = 0
+    for key, (ticks, _ppid) in now.items():
+        before = prev.get(key)
+        delta += ticks if before is None else max(0, ticks - before[0])
+    live = {pid for pid, _start in now}
+    gone = {key[0]: ppid for key, (_ticks, ppid) in prev.items() if key not in now}
+    for key, (ticks, ppid) in prev.items():
+        if key in now:
+            continue
+        reaper, hops = ppid, 0
+        while reaper in gone and hops < 64:  # its parent ended too: the chain ends up in the
+            reaper, hops = gone[reaper], hops + 1  # nearest ancestor still alive
+        if reaper in live:
+            delta -= ticks  # reaped inside the tree: counted again in that ancestor's cutime
+    return max(0, delta)
 
 
 class NodeMeter:
@@ -364,11 +389,7 @@ class Sampler:
         thread = self.thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=min(self.interval, 5.0) + 2.0)
-        for board in self.boards:
-            try:
-                board.close()
-            except Exception:
-                self.errors += 1
+        self.close_boards()
         if self.fd is not None:
             with contextlib.suppress(OSError):
                 os.close(self.fd)
@@ -396,6 +417,15 @@ class Sampler:
                 due = now + self.interval
             if self.done.wait(max(0.0, due - now)):
                 break
+        self.close_boards()  # stop() may have come before the boards existed
+
+    def close_boards(self) -> None:
+        """Kill the helper children (safe to call more than once)."""
+        for board in list(self.boards):
+            try:
+                board.close()
+            except Exception:
+                self.errors += 1
 
     def sample(self) -> dict[str, Any]:
         """One sample: the tree, the node and every board reader's fields."""
@@ -732,6 +762,7 @@ class JetsonTegrastats:
         self.interval = interval
         self.latest: tuple[float, dict[str, Any]] | None = None
         self.nvp = NvpModel()
+        self.sysfs: JetsonSysfs | None = None
         ms = max(100, int(interval * 1000))
         self.child = LineChild([tool, "--interval", str(ms)], self.on_line)
 
@@ -749,6 +780,10 @@ class JetsonTegrastats:
         if latest is not None and latest[0] >= time.monotonic() - STALE_FACTOR * max(
                 self.interval, 1.0):
             out.update(latest[1])
+        elif not self.child.alive():  # tegrastats refused to run here: read sysfs instead
+            if self.sysfs is None:
+                self.sysfs = JetsonSysfs()
+            out.update(self.sysfs.fields())
         mode = self.nvp.get()
         if mode is not None:
             out["nvpmodel"] = mode
@@ -763,7 +798,6 @@ GPU_LOAD_FILES = ("/sys/devices/gpu.0/load", "/sys/devices/platform/gpu.0/load",
                   "/sys/devices/platform/*.ga10b/load", "/sys/devices/platform/*.gpu/load",
                   "/sys/devices/platform/bus@0/*.gpu/load")
 GPU_DEVFREQ = re.compile(r"gpu|ga10b|gv11b|gp10b|gm20b")
-EMC_RATE_FILES = ("/sys/kernel/actmon_avg_activity/mc_all",)
 
 
 def first_existing(patterns: tuple[str, ...]) -> str | None:
@@ -789,8 +823,7 @@ class JetsonSysfs:
             if GPU_DEVFREQ.search(os.path.basename(os.path.dirname(path))):
                 self.freq_file = path
                 break
-        self.hwmon = [d for d in sorted(glob.glob(under("/sys/bus/i2c/drivers/ina3221/*/hwmon/"
-                                                        "hwmon*")))]
+        self.hwmon = sorted(glob.glob(under("/sys/bus/i2c/drivers/ina3221/*/hwmon/hwmon*")))
         self.iio = sorted(glob.glob(under("/sys/bus/i2c/drivers/ina3221x/*/iio:device*")))
         self.nvp = NvpModel()
 
