@@ -35,7 +35,7 @@ from infra.runner.supervisor_client import (
     SupervisorClient,
     TelemetryChunk,
 )
-from infra.runner.telemetry_home import append_chunk, restart_fields
+from infra.runner.telemetry_home import append_chunk, last_sample, restart_fields
 from infra.state import InstancePhase, Store
 from infra.telemetry.files import read_samples, telemetry_path
 from infra.transport.local import LocalTransport
@@ -296,3 +296,15 @@ def test_status_json_lists_the_newest_sample(tmp_path: Path) -> None:
     assert inst["telemetry"]["t"] == 11.0 and inst["telemetry"]["cpu_percent"] == 97.5
     assert inst["telemetry"]["rss_bytes"] == 3 << 20
 
+
+
+def test_the_newest_sample_is_read_from_the_tail(tmp_path: Path) -> None:
+    path = tmp_path / "a.telemetry.jsonl"
+    assert last_sample(path) is None
+    path.write_bytes(b"".join(line(float(k)) for k in range(2000)) + b'{"t": 99999')
+    found = last_sample(path)
+    assert found is not None and found.t == 1999.0  # the torn line is not a sample
+    rails = {f"RAIL_{k}": k for k in range(600)}  # one line longer than the first 4 KiB read
+    path.write_bytes(line(1.0) + line(2.0, jetson={"rails_mw": rails}))
+    found = last_sample(path)
+    assert found is not None and found.t == 2.0 and found.jetson is not None

@@ -25,8 +25,9 @@ from infra.telemetry.sample import Sample, parse_line
 
 TELEMETRY_PER_SWEEP = 256
 """At most this many instances' telemetry is asked of one node per sweep (the rest next)."""
-TAIL_BYTES = 64 << 10
-"""The newest sample of a home file is looked for in its last this many bytes."""
+TAIL_BYTES = (4 << 10, 64 << 10)
+"""The newest sample of a home file is looked for in its last 4 KiB, then 64 KiB (a
+``status --json`` of a large campaign reads many files)."""
 
 
 def home_size(path: Path) -> int:
@@ -114,13 +115,15 @@ def last_sample(path: Path) -> Sample | None:
     """The newest sample of a home telemetry file (read from its tail; None if none)."""
     try:
         with open(path, "rb") as fh:
-            fh.seek(0, 2)
-            size = fh.tell()
-            fh.seek(max(0, size - TAIL_BYTES))
-            data = fh.read(TAIL_BYTES)
+            size = fh.seek(0, 2)
+            for most in TAIL_BYTES:
+                fh.seek(max(0, size - most))
+                sample = newest_sample(fh.read(most))
+                if sample is not None or most >= size:
+                    return sample
     except OSError:
-        return None
-    return newest_sample(data)
+        pass
+    return None
 
 
 def take_telemetry(store: Store, log_dir: Path, rec: InstanceRecord, asked: int | None,
