@@ -437,7 +437,7 @@ def _report(c: Ctx, cluster: Cluster, store: Store, run_id: str, finished: bool)
     run = store.run(run_id)
     pools = store.pools(run_id)
     if c.json_out:
-        c.emit_json(views.status_json(run, records, pools))
+        c.emit_json(views.status_json(run, records, pools, cluster.log_dir))
     else:
         summaries = summarize(records, pools)
         if summaries:
@@ -555,7 +555,7 @@ def do_status(c: Ctx, run_id: str | None, refresh: bool) -> None:
     pools = store.pools(run.run_id)
     broken = {n: e for n, e in errors.items() if isinstance(e, BadAnswerError)}
     if c.json_out:
-        doc = views.status_json(run, records, pools)
+        doc = views.status_json(run, records, pools, cluster.log_dir)
         doc["unreachable"] = {n: e.one_line() for n, e in errors.items() if n not in broken}
         doc["broken"] = {n: e.one_line() for n, e in broken.items()}
         doc["runs"] = [r.run_id for r in store.runs(20)]
@@ -667,7 +667,7 @@ def do_stop(c: Ctx, run_id: str, instance_id: str | None, grace: float) -> None:
     errors = report.errors
     records = store.instances(run.run_id)
     if c.json_out:
-        doc = views.status_json(store.run(run.run_id), records)
+        doc = views.status_json(store.run(run.run_id), records, log_dir=cluster.log_dir)
         doc.update(views.stop_json(report))
         c.emit_json(doc)
     else:

@@ -26,7 +26,9 @@ from infra.runner.lifecycle import StopReport
 from infra.runner.prune import PruneReport
 from infra.runner.results import ResultsFetch
 from infra.runner.supervisor_client import PrunedRun
+from infra.runner.telemetry_home import last_sample
 from infra.state import InstanceRecord, PoolRecord, RunRecord
+from infra.telemetry.files import telemetry_path
 
 
 def _num(value: float) -> str:
@@ -436,8 +438,25 @@ def campaign_block(summaries: Sequence[CampaignSummary]) -> Text:
     return text
 
 
+def telemetry_json(log_dir: Path, rec: InstanceRecord, now: float) -> dict[str, Any] | None:
+    """The newest telemetry sample of an instance's home copy for ``status --json``: its
+    time, age and main values (None: nothing came home yet). Only a watcher brings it home."""
+    sample = last_sample(telemetry_path(log_dir, rec.run_id, rec.instance_id))
+    if sample is None:
+        return None
+    return {"t": sample.t, "age_seconds": round(max(0.0, now - sample.t), 3),
+            "cpu_percent": sample.cpu_percent, "rss_bytes": sample.rss_bytes,
+            "procs": sample.procs, "gpu_util_percent": sample.gpu_util_percent,
+            "gpu_mem_mb": sample.gpu_mem_mb, "power_w": sample.power_w,
+            "temp_c": sample.max_temp_c}
+
+
 def status_json(run: RunRecord, records: list[InstanceRecord],
-                pools: Sequence[PoolRecord] = ()) -> dict[str, Any]:
+                pools: Sequence[PoolRecord] = (), log_dir: Path | None = None,
+                ) -> dict[str, Any]:
+    """The run and its instances as ``--json`` prints them; with ``log_dir`` each instance
+    that has telemetry at home gets its newest sample under ``telemetry``."""
+    now = time.time()
     return {
         "campaigns": [c.to_json() for c in summarize(records, pools)],
         "run_id": run.run_id,
@@ -454,6 +473,7 @@ def status_json(run: RunRecord, records: list[InstanceRecord],
             "reason": r.reason, "last_line": r.last_line, "log_bytes": r.log_offset,
             "results_fetched": r.results_fetched,
             "results_missing": [i.to_json() for i in r.results_missing],
+            **({"telemetry": telemetry_json(log_dir, r, now)} if log_dir is not None else {}),
         } for r in records],
     }
 

@@ -409,6 +409,13 @@ class CampaignsSection:
 
 
 @dataclass(frozen=True)
+class TelemetrySection:
+    """Node-side sampling of each instance: ``interval_seconds`` between samples (0: off)."""
+
+    interval_seconds: float = 1.0
+
+
+@dataclass(frozen=True)
 class Cluster:
     """The whole parsed topology. ``path`` is the file it came from."""
 
@@ -423,6 +430,7 @@ class Cluster:
     placement: PlacementSection = PlacementSection()
     deploy: DeploySection = DeploySection()
     campaigns: CampaignsSection = CampaignsSection()
+    telemetry: TelemetrySection = TelemetrySection()
 
     def node(self, name: str) -> NodeConfig:
         for node in self.nodes:

@@ -30,6 +30,7 @@ from infra.config.model import (
     PlacementSection,
     PortRange,
     Strategy,
+    TelemetrySection,
 )
 from infra.config.reader import (
     DAY_SECONDS,
@@ -64,6 +65,9 @@ MAX_CORES = 4096
 MAX_INSTANCES = 10000
 MAX_TASKS_LIMIT = 1_000_000
 """Upper bound on ``campaigns.max_tasks`` (every task is a stored instance)."""
+TELEMETRY_MIN_SECONDS = 0.2
+TELEMETRY_MAX_SECONDS = 3600.0
+"""``telemetry.interval_seconds``: 0 (off) or within these bounds."""
 LEASE_MIN_SECONDS = 2.0
 """The live loop renews its lease every 1 s tick; a shorter lease would lapse between ticks."""
 
@@ -90,10 +94,12 @@ def parse_cluster(data: Any, path: Path) -> Cluster:
     placement = _placement(top.section("placement"), nodes)
     deploy = _deploy(top.section("deploy"))
     campaigns = _campaigns(top.section("campaigns"))
+    telemetry = _telemetry(top.section("telemetry"))
     top.finish()
     return Cluster(path=path.resolve(), nodes=nodes, cluster=cluster, network=network,
                    defaults=defaults, health_check=health, failover=failover,
-                   logging=logging, placement=placement, deploy=deploy, campaigns=campaigns)
+                   logging=logging, placement=placement, deploy=deploy, campaigns=campaigns,
+                   telemetry=telemetry)
 
 
 def _cluster_section(s: Section) -> ClusterSection:
@@ -361,3 +367,13 @@ def _campaigns(s: Section) -> CampaignsSection:
     )
     s.finish()
     return out
+
+
+def _telemetry(s: Section) -> TelemetrySection:
+    """``telemetry.interval_seconds``: 0 turns sampling off, else 0.2 .. 3600 seconds."""
+    interval = s.number("interval_seconds", 1.0, minimum=0.0, maximum=TELEMETRY_MAX_SECONDS)
+    if 0 < interval < TELEMETRY_MIN_SECONDS:
+        raise s.error("interval_seconds", f"must be 0 (off) or at least "
+                                          f"{TELEMETRY_MIN_SECONDS:g}, got {interval:g}")
+    s.finish()
+    return TelemetrySection(interval_seconds=interval)

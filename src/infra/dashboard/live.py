@@ -16,10 +16,18 @@ from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
-from infra.dashboard.render import render, render_event_line, render_status_line
+from infra.dashboard.render import (
+    render,
+    render_event_line,
+    render_status_line,
+    render_usage_line,
+)
 from infra.monitor.snapshot import RunSnapshot
 
 _EventKey = tuple[float, str, str]
+
+USAGE_EVERY_SECONDS = 30.0
+"""Plain mode prints the instances' usage line at most this often (logs stay readable)."""
 
 
 class Dashboard:
@@ -35,6 +43,7 @@ class Dashboard:
         self._pending: RunSnapshot | None = None
         self._printed: set[_EventKey] = set()
         self._status: str | None = None
+        self._usage_at: float | None = None
         self._closed = False
 
     @property
@@ -102,6 +111,12 @@ class Dashboard:
         if status != self._status:
             self._out(status)
             self._status = status
+        usage = render_usage_line(snapshot)
+        now = self._clock()
+        if usage is not None and (self._usage_at is None or
+                                  now - self._usage_at >= USAGE_EVERY_SECONDS):
+            self._out(usage)
+            self._usage_at = now
 
     def _out(self, line: str) -> None:
         self.console.print(Text(line), soft_wrap=True, highlight=False)

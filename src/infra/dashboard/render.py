@@ -27,6 +27,7 @@ from infra.monitor.snapshot import (
     NodeState,
     NodeView,
     RunSnapshot,
+    TelemetryView,
 )
 
 _T = TypeVar("_T")
@@ -186,6 +187,47 @@ def gpu_text(gpus: Sequence[GpuView], *, detail: bool = True) -> str:
         if temps:
             parts.append(f"{max(temps):.0f}°C")
     return " ".join(parts)
+
+
+def format_bytes(value: float | None) -> str:
+    """Compact size: 512K, 340M, 1.2G; "-" when unknown."""
+    if value is None:
+        return "-"
+    for unit, size in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if value >= size:
+            scaled = value / size
+            return f"{scaled:.1f}{unit}" if scaled < 10 else f"{scaled:.0f}{unit}"
+    return f"{value:.0f}B"
+
+
+def _aged(text: str, t: TelemetryView) -> Cell:
+    """A telemetry value: plain while current; dim with the sample's age when it is not."""
+    if text == "-":
+        return text, "dim"
+    if t.stale:
+        return f"{text} ({format_duration(t.age_seconds)} ago)", "dim"
+    return text, ""
+
+
+def usage_cells(t: TelemetryView | None, *, gpu: bool) -> list[Cell]:
+    """The CPU %, RSS (and GPU) cells of one instance from its newest telemetry sample."""
+    if t is None:
+        return [("-", "dim")] * (3 if gpu else 2)
+    cpu = "-" if t.cpu_percent is None else f"{t.cpu_percent:.0f}%"
+    cells = [_aged(cpu, t), _aged(format_bytes(t.rss_bytes), t)]
+    if gpu:
+        cells.append(_aged(gpu_usage(t), t))
+    return cells
+
+
+def gpu_usage(t: TelemetryView) -> str:
+    """GPU utilisation and memory of one instance: "97% 1.2G", "97%", "-"."""
+    parts = []
+    if t.gpu_util_percent is not None:
+        parts.append(f"{t.gpu_util_percent:.0f}%")
+    if t.gpu_mem_mb is not None:
+        parts.append(format_bytes(t.gpu_mem_mb * (1 << 20)))
+    return " ".join(parts) or "-"
 
 
 def _power(node: NodeView) -> str:
@@ -460,10 +502,17 @@ def _instances_section(instances: Sequence[InstanceView], rows: int, width: int)
         label.append(f" · {troubled} need attention", style="red")
     out = [_section_rule(label, width)]
 
+    usage = not tiny and any(i.telemetry is not None for i in instances)
+    gpu = usage and any(i.telemetry is not None and gpu_usage(i.telemetry) != "-"
+                        for i in instances)
     columns = [Column("instance", min_width=12), Column("node", min_width=6),
                Column("state", min_width=7)]
     if not tiny:
         columns += [Column("up", right=True), Column("rst" if narrow else "restarts", right=True)]
+    if usage:
+        columns += [Column("cpu", right=True), Column("rss", right=True)]
+        if gpu:
+            columns.append(Column("gpu", right=True))
     if not narrow:
         columns.append(Column("moves", right=True))
     columns += [Column("exit", right=True, min_width=4),
@@ -478,6 +527,8 @@ def _instances_section(instances: Sequence[InstanceView], rows: int, width: int)
         if not tiny:
             cells.append((format_duration(i.uptime_seconds), ""))
             cells.append((str(i.restarts), "yellow") if i.restarts else ("-", "dim"))
+        if usage:
+            cells += usage_cells(i.telemetry, gpu=gpu)
         if not narrow:
             cells.append((str(i.moves), "") if i.moves else ("-", "dim"))
         cells.append((ended, "red" if ended != "0" else "") if ended else ("-", "dim"))
@@ -616,6 +667,31 @@ def render(snapshot: RunSnapshot, *, width: int, height: int) -> RenderableType:
 def render_event_line(event: EventView) -> str:
     """One plain line for an event: "HH:MM:SS subject message" (local time)."""
     return f"{_clock(event.at)} {_clean(event.subject)} {_clean(event.message)}"
+
+
+USAGE_LINE_INSTANCES = 8
+"""Instances named in the plain mode's usage line (the busiest first)."""
+
+
+def render_usage_line(snapshot: RunSnapshot) -> str | None:
+    """One plain line of what the running instances use ("usage: a cpu 99% rss 1.2G · ..."),
+    stale values with their age; None when no instance has a sample."""
+    shown = [(i, i.telemetry) for i in snapshot.instances if i.telemetry is not None]
+    if not shown:
+        return None
+    shown.sort(key=lambda pair: -(pair[1].cpu_percent or 0.0))
+    parts = []
+    for i, t in shown[:USAGE_LINE_INSTANCES]:
+        text = f"{_clean(i.instance_id)} cpu " + \
+            ("-" if t.cpu_percent is None else f"{t.cpu_percent:.0f}%") + \
+            f" rss {format_bytes(t.rss_bytes)}"
+        if gpu_usage(t) != "-":
+            text += f" gpu {gpu_usage(t)}"
+        if t.stale:
+            text += f" ({format_duration(t.age_seconds)} ago)"
+        parts.append(text)
+    more = len(shown) - USAGE_LINE_INSTANCES
+    return "usage: " + " · ".join(parts) + (f" · +{more} more" if more > 0 else "")
 
 
 def render_status_line(snapshot: RunSnapshot) -> str:

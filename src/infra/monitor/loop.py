@@ -35,14 +35,17 @@ from infra.monitor.snapshot import (
     NodeState,
     NodeView,
     RunSnapshot,
+    TelemetryView,
 )
 from infra.placement import Condition, NodeCondition
 from infra.probe.health import NodeHealth, NodeStatus
 from infra.probe.run import check_health
 from infra.runner.campaign import CampaignDriver
 from infra.runner.lifecycle import LOG_SYNC_ATTEMPTS, RunSession
+from infra.runner.telemetry_home import Latest, last_sample
 from infra.state import FailureClass, InstancePhase, InstanceRecord
 from infra.state.store import coordinator_id
+from infra.telemetry.files import telemetry_path
 
 FOLLOW_STREAMS_PER_NODE = 4
 HARVEST_PER_TICK = 64
@@ -55,6 +58,8 @@ PROGRESS_WIDTH = 72
 """Width of a campaign's progress bar with its counts (the pool states follow it)."""
 """Long-lived follow channels per node; further instances are synced by reads each tick,
 so streams never use up the connection's channels (OpenSSH MaxSessions is 10)."""
+TELEMETRY_STALE_SECONDS = 6.0
+"""A telemetry sample older than this is shown stale (dim, with its age), never as current."""
 RESULT_FETCH_ATTEMPTS = 3
 MAX_MOVES = 3
 """An instance is moved at most this many times; after that it is paused with the reason."""
@@ -133,6 +138,7 @@ class Monitor:
         self.started = time.monotonic()
         self.fence_waits: set[str] = set()
         self.last_seen: dict[str, float] = {}  # node -> wall time it last answered
+        self.probed_at: dict[str, float] = {}  # node -> wall time of its last good probe
         self.log_failures: dict[str, int] = {}
         self.log_gave_up: dict[str, str] = {}  # instance -> the node its log was given up on
         self.kept: set[str] = set()  # failed instances said not to be moved (said once)
@@ -323,7 +329,8 @@ class Monitor:
                 if t.state in (NodeState.RECONNECTING, NodeState.DISCONNECTED,
                                NodeState.OFFLINE)}
         errors = await self.s.sweep(self.run_id, skip=down, stop_stale=acting,
-                                    fence_seconds=self.fence_seconds if acting else None)
+                                    fence_seconds=self.fence_seconds if acting else None,
+                                    telemetry=acting, guard=self.holding)
         seen = time.time()
         for name in self.trackers:
             if name not in errors and name not in down:
@@ -348,6 +355,7 @@ class Monitor:
                                             self.s.cluster.health_check))
             else:
                 self.health[health.node] = health
+                self.probed_at[health.node] = time.time()
                 degraded = "; ".join(health.reasons) if health.status is NodeStatus.DEGRADED \
                     else None
                 self._apply(*trk.on_success(t, now, degraded, self.s.cluster.health_check))
@@ -657,7 +665,9 @@ class Monitor:
                     or _never_started(rec):
                 continue
             copied = rec.instance_id in self.drained or rec.instance_id in self.log_gave_up
-            pending = not copied or not rec.results_fetched
+            # telemetry comes home with the sweeps, as the log does with the streams
+            telemetry = rec.telemetry_done or rec.instance_id in self.log_gave_up
+            pending = not copied or not rec.results_fetched or not telemetry
             retry_left = self.fetch_failures.get(rec.instance_id, 0) < RESULT_FETCH_ATTEMPTS
             if pending and retry_left and not self._node_down(rec.node):
                 return False
@@ -672,6 +682,11 @@ class Monitor:
         for rec in records.values():
             if rec.state.active:
                 count[rec.node] = count.get(rec.node, 0) + 1
+        latest = self._latest(records, now)
+        newest: dict[str, Latest] = {}
+        for got in latest.values():
+            if got.node not in newest or got.sample.t > newest[got.node].sample.t:
+                newest[got.node] = got
         for node in self.s.cluster.nodes:
             t = self.trackers.get(node.name)
             if t is None:
@@ -681,6 +696,14 @@ class Monitor:
             h = self.health.get(node.name)
             f = h.facts if h else None
             stale = self._stale(node.name, now)
+            power_mw = f.jetson.power_mw if f and f.jetson else None
+            temperature = f.max_temperature[1] if f and f.max_temperature else None
+            sampled = newest.get(node.name)
+            if sampled is not None and \
+                    sampled.arrived_at >= self.probed_at.get(node.name, 0.0):
+                watts, hottest = sampled.sample.power_w, sampled.sample.max_temp_c
+                power_mw = int(watts * 1000) if watts is not None else power_mw
+                temperature = hottest if hottest is not None else temperature
             nodes.append(NodeView(
                 name=node.name, state=t.state, reason=t.reason,
                 load1=f.load[0] if f else None, cpu_count=f.cpu_online if f else None,
@@ -689,11 +712,10 @@ class Monitor:
                 gpus=tuple(GpuView(g.name, g.utilization_pct, g.memory_used_mb,
                                    g.memory_total_mb, g.temperature_c) for g in f.gpus)
                 if f else (),
-                power_mw=f.jetson.power_mw if f and f.jetson else None,
-                temperature_c=f.max_temperature[1] if f and f.max_temperature else None,
+                power_mw=power_mw, temperature_c=temperature,
                 instances=count.get(node.name, 0), max_instances=node.max_instances,
                 stale_seconds=stale))
-        instances = tuple(self._instance_view(r, now)
+        instances = tuple(self._instance_view(r, now, latest.get(r.instance_id))
                           for r in sorted(records.values(), key=lambda r: r.instance_id))
         events = tuple(EventView(e.at, e.kind, e.subject, e.message)
                        for e in self.s.store.recent_events(self.run_id, RECENT_EVENTS))
@@ -738,7 +760,45 @@ class Monitor:
         seen = self.last_seen.get(node)
         return max(0.0, now - seen) if seen is not None else None
 
-    def _instance_view(self, r: InstanceRecord, now: float) -> InstanceView:
+    def _latest(self, records: dict[str, InstanceRecord], now: float) -> dict[str, Latest]:
+        """The newest telemetry sample of each running instance: what the sweeps brought
+        (acting), else the tail of its home copy (a reporter: the acting watcher writes it)."""
+        found: dict[str, Latest] = {}
+        for rec in records.values():
+            if not rec.state.active:
+                continue
+            got = self.s.telemetry.get((self.run_id, rec.instance_id))
+            if got is None or got.node != rec.node:
+                got = self._home_latest(rec)
+            if got is not None and got.node == rec.node:
+                found[rec.instance_id] = got
+        return found
+
+    def _home_latest(self, rec: InstanceRecord) -> Latest | None:
+        """The newest sample of an instance's home copy, arrived when the copy last grew
+        (only what its current placement wrote: the copy's part after the base)."""
+        path = telemetry_path(self.s.cluster.log_dir, self.run_id, rec.instance_id)
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        if st.st_size <= rec.telemetry_base:
+            return None
+        sample = last_sample(path)
+        return Latest(rec.node, sample, st.st_mtime) if sample is not None else None
+
+    def _telemetry_view(self, got: Latest, now: float,
+                        node_stale: float | None) -> TelemetryView:
+        """The sample's numbers, its age, and whether it is too old to show as current."""
+        age = got.age(now)
+        s = got.sample
+        return TelemetryView(
+            age_seconds=age, stale=node_stale is not None or age > TELEMETRY_STALE_SECONDS,
+            cpu_percent=s.cpu_percent, rss_bytes=s.rss_bytes,
+            gpu_util_percent=s.gpu_util_percent, gpu_mem_mb=s.gpu_mem_mb, sampled_at=s.t)
+
+    def _instance_view(self, r: InstanceRecord, now: float,
+                       latest: Latest | None = None) -> InstanceView:
         """One instance row; on a node that is not answering, its last known state and an
         uptime that stops at the last answer instead of counting on."""
         stale = self._stale(r.node, now) if r.state.active else None
@@ -748,7 +808,8 @@ class Monitor:
         return InstanceView(
             instance_id=r.instance_id, node=r.node, state=r.state.value, uptime_seconds=uptime,
             restarts=r.restarts, moves=r.moves, exit_code=r.exit_code, signal=r.signal,
-            reason=r.reason, last_line=r.last_line, stale_seconds=stale)
+            reason=r.reason, last_line=r.last_line, stale_seconds=stale,
+            telemetry=self._telemetry_view(latest, now, stale) if latest is not None else None)
 
     def publish(self, records: dict[str, InstanceRecord]) -> None:
         snap = self.snapshot(records)

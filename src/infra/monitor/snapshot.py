@@ -77,6 +77,20 @@ class InstanceView:
     reason: str = ""
     last_line: str = ""
     stale_seconds: float | None = None   # its node is not answering: last known, this old
+    telemetry: TelemetryView | None = None  # the newest sample while it runs (None: none yet)
+
+
+@dataclass(frozen=True)
+class TelemetryView:
+    """What an instance used in its newest telemetry sample, and how old that sample is."""
+
+    age_seconds: float
+    stale: bool = False                  # older than a few intervals, or its node is silent
+    cpu_percent: float | None = None     # its process tree, % of one core
+    rss_bytes: float | None = None
+    gpu_util_percent: float | None = None
+    gpu_mem_mb: float | None = None
+    sampled_at: float | None = None      # the sample's time (epoch seconds, node clock)
 
 
 @dataclass(frozen=True)

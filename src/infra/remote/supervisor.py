@@ -1,7 +1,8 @@
 """Node-side supervisor: runs one experiment detached, applies the restart policy, records state.
 
 Standard library only, Python 3.8+. The coordinator copies this file, with its sibling
-``pool.py`` (node-side worker pools, the ``pool-sync`` subcommand), to
+``pool.py`` (node-side worker pools, the ``pool-sync`` subcommand) and ``telemetry.py``
+(the per-instance sampler, started when the request carries ``telemetry``), to
 ``<remote_work_dir>/.infra/bin-<sha256[:12]>/`` (versioned by content) and calls it over
 SSH; every subcommand except ``follow`` prints one JSON document between the two marker
 strings, so shell noise around it cannot break parsing.
@@ -12,6 +13,7 @@ Layout under ROOT (``<remote_work_dir>/.infra``)::
     runs/RUN/INSTANCE/request.json    the start request as received
     runs/RUN/INSTANCE/output.log      the program's stdout + stderr (append only)
     runs/RUN/INSTANCE/supervisor.log  the supervisor's own output (tracebacks only)
+    runs/RUN/INSTANCE/telemetry.jsonl one JSON sample per interval (telemetry.py), when asked
     runs/RUN/INSTANCE/stop.json       present once a stop was requested
     runs/RUN/INSTANCE/reserve         64 KiB given back when the disk is full (see below)
     runs/RUN/INSTANCE/results/        default INFRA_RESULTS_DIR
@@ -125,6 +127,10 @@ FENCE_GRACE_SECONDS = 5.0       # SIGTERM -> SIGKILL when a fence expires
 WAIT_POLL_SECONDS = 0.25        # how often the supervisor looks at its fence while waiting
 EPS = 1e-9
 PR_SET_CHILD_SUBREAPER = 36
+TELEMETRY_FILE = "telemetry.jsonl"  # the sampler's file, next to output.log
+TELEMETRY_MAX_BYTES = 256 * 1024      # telemetry bytes per instance and status call (default)
+TELEMETRY_TOTAL_BYTES = 4 * 1024 * 1024  # telemetry bytes per status call (default)
+TELEMETRY_CAP_BYTES = 8 * 1024 * 1024    # what a caller may ask for at most (answer size)
 
 
 class Bad(Exception):
@@ -871,6 +877,7 @@ class Supervisor:
         self.claim_path = self.state.get("claim_path")
         self.fence = bool(request.get("fence"))
         self.fenced = False
+        self.sampler: Any = None              # telemetry (telemetry.py), when requested
 
     # signal handlers: flags and signals only, never state writes
     def on_term(self, signum: int, frame: Any) -> None:
@@ -948,6 +955,9 @@ class Supervisor:
             reason = ("fenced: no word from the watching coordinator within its fence timeout; "
                       f"stopped so that a replacement may start elsewhere ({reason})")
         self.stop_watching()
+        counts = self.stop_sampler()
+        if counts is not None:
+            self.state["telemetry_counts"] = counts
         deadline = time.time() + FINAL_WRITE_SECONDS
         ended = time.time()
         while not self.save(state=state, final_reason=reason, ended_at=ended,
@@ -957,6 +967,27 @@ class Supervisor:
             time.sleep(1.0)
         release_reserve(self.reserve_path)
         release_claim(self.claim_path)
+
+    # telemetry: a sampler thread for the life of the instance (all attempts)
+    def start_sampler(self) -> None:
+        """Start the telemetry sampler when the request asks for one; never fails the start."""
+        try:
+            self.sampler = load_telemetry().start(self.idir, self.request)
+        except Exception:
+            traceback.print_exc()
+            self.sampler = None
+
+    def stop_sampler(self) -> dict[str, Any] | None:
+        """Stop the sampler and its helper children; what it did (None when there was none)."""
+        sampler, self.sampler = self.sampler, None
+        if sampler is None:
+            return None
+        try:
+            sampler.stop()
+            return dict(sampler.counters())
+        except Exception:
+            traceback.print_exc()
+            return None
 
     # disk space: a watcher thread while the instance is active, a note when an attempt ends
     def disk_paths(self) -> list[str]:
@@ -1072,6 +1103,7 @@ class Supervisor:
         update_claim(self.claim_path, supervisor_pid=os.getpid(),
                      supervisor_start_ticks=start_ticks(os.getpid()))
         self.start_watching()
+        self.start_sampler()
 
         with open(self.log_path, "ab") as log:
             self.attempts(log, auto_restart, max_retries, delay, results_dir, cwd)
@@ -1472,25 +1504,68 @@ def cmd_status(args: argparse.Namespace) -> int:
             state = read_json(os.path.join(idir, "state.json")) or {}
             if state.get("fence") and state.get("state") not in FINAL_STATES:
                 set_fence(idir, seconds, args.fence_holder or "")
-    if args.run is not None and args.only_stdin:
-        wanted = parse_id_list(sys.stdin.read())  # a campaign's ended tasks are not re-read
-        dirs = [d for d in dirs if os.path.basename(d) in wanted]
-    answer: dict[str, Any] = {"ok": True, "instances": [describe(d) for d in dirs]}
+    ask = parse_status_doc(sys.stdin.read()) if args.run is not None and args.stdin_doc \
+        else StatusAsk(None, {}, TELEMETRY_MAX_BYTES, TELEMETRY_TOTAL_BYTES)
+    if ask.only is not None:  # a campaign's ended tasks are not re-read
+        dirs = [d for d in dirs
+                if os.path.basename(d) in ask.only or os.path.basename(d) in ask.telemetry]
+    budget = ask.total
+    docs = []
+    for idir in dirs:
+        doc = describe(idir)  # judged before reading: final and eof means nothing more comes
+        offset = ask.telemetry.get(os.path.basename(idir))
+        if offset is not None:
+            doc["telemetry"] = telemetry_chunk(idir, offset, min(ask.most, budget))
+            budget -= max(0, doc["telemetry"]["offset"] - offset)
+        docs.append(doc)
+    answer: dict[str, Any] = {"ok": True, "instances": docs}
     if args.run is not None:
         answer["pools"] = load_pool().pool_docs(root, args.run)
     emit(answer)
     return 0
 
 
-def parse_id_list(text: str) -> set[str]:
-    """A JSON list of instance ids (``status --only-stdin``), each checked like any id."""
+class StatusAsk:
+    """What ``status --stdin-doc`` was asked: which instances, and whose telemetry from where."""
+
+    def __init__(self, only: set[str] | None, telemetry: dict[str, int], most: int,
+                 total: int) -> None:
+        self.only = only
+        self.telemetry = telemetry
+        self.most = most
+        self.total = total
+
+
+def parse_status_doc(text: str) -> StatusAsk:
+    """``{"only": [ids] | null, "telemetry": {id: offset}, "telemetry_max": N,
+    "telemetry_total": N}`` (every key optional), each id checked like any id."""
     try:
-        ids = json.loads(text or "[]")
+        doc = json.loads(text or "{}")
     except ValueError as exc:
-        raise Bad(f"the instance list is not JSON: {exc}") from None
-    if not isinstance(ids, list):
-        raise Bad("the instance list must be a JSON array")
-    return {check_id(i, "instance id") for i in ids}
+        raise Bad(f"the status request is not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise Bad("the status request must be a JSON object")
+    only = doc.get("only")
+    if only is not None and not isinstance(only, list):
+        raise Bad("status request: only must be a JSON array or null")
+    wanted = None if only is None else {check_id(i, "instance id") for i in only}
+    tele = doc.get("telemetry") or {}
+    if not isinstance(tele, dict):
+        raise Bad("status request: telemetry must be a JSON object")
+    offsets = {}
+    for name, offset in tele.items():
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise Bad(f"status request: telemetry offset of {name!r} must be a "
+                      "non-negative integer")
+        offsets[check_id(name, "instance id")] = offset
+    caps = []
+    for key, default in (("telemetry_max", TELEMETRY_MAX_BYTES),
+                         ("telemetry_total", TELEMETRY_TOTAL_BYTES)):
+        value = doc.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise Bad(f"status request: {key} must be a non-negative integer")
+        caps.append(min(value, TELEMETRY_CAP_BYTES))
+    return StatusAsk(wanted, offsets, caps[0], caps[1])
 
 
 def load_pool() -> Any:
@@ -1501,6 +1576,16 @@ def load_pool() -> Any:
     sys.modules.setdefault("supervisor", sys.modules[__name__])
     import pool  # type: ignore[import-not-found]  # a sibling on the node
     return pool
+
+
+def load_telemetry() -> Any:
+    """The sibling ``telemetry`` module (installed next to this script, or in the package)."""
+    if __package__:
+        from . import telemetry
+        return telemetry
+    sys.modules.setdefault("supervisor", sys.modules[__name__])
+    import telemetry  # type: ignore[import-not-found]  # a sibling on the node
+    return telemetry
 
 
 def load_harvest() -> Any:
@@ -1781,6 +1866,29 @@ def log_chunk(idir: str, offset: int, most: int, ended: bool) -> dict[str, Any]:
             "size": size, "eof": new_offset >= size, "ended": ended}
 
 
+def telemetry_chunk(idir: str, offset: int, most: int) -> dict[str, Any]:
+    """At most ``most`` bytes of the instance's telemetry file from ``offset``, cut after the
+    last newline (a line being written is never sent half). ``eof``: no complete line is left
+    after the new offset (what follows, if anything, is a line still being written)."""
+    raw = b""
+    size = 0
+    try:
+        with open(os.path.join(idir, TELEMETRY_FILE), "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            if offset < size:
+                f.seek(offset)
+                raw = f.read(max(0, most))
+    except OSError:
+        pass
+    cut = raw.rfind(b"\n") + 1
+    data = raw[:cut]
+    new_offset = offset + len(data)
+    eof = offset + len(raw) >= size
+    return {"data_b64": base64.b64encode(data).decode("ascii"), "offset": new_offset,
+            "size": size, "eof": eof}
+
+
 def cmd_read(args: argparse.Namespace) -> int:
     idir = open_instance(args)
     ended = effective_state(idir).get("state") in FINAL_STATES  # before reading: see "eof"
@@ -1800,9 +1908,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fence-seconds", type=float, help="renew the run's fences for this long")
     p.add_argument("--fence-clear", action="store_true", help="clear the run's fences")
     p.add_argument("--fence-holder", help="who renews (host:pid of the coordinator)")
-    p.add_argument("--only-stdin", action="store_true",
-                   help="describe only the instances named in a JSON list on stdin "
-                        "(fences are renewed for the whole run)")
+    p.add_argument("--stdin-doc", action="store_true",
+                   help="read {only, telemetry, telemetry_max, telemetry_total} as JSON on "
+                        "stdin: describe only those instances (fences are renewed for the "
+                        "whole run) and send telemetry from the given offsets")
     p = sub.add_parser("pool-sync", help="hand tasks to a run's node-side pool (JSON on stdin)")
     p.add_argument("--root", required=True)
     p = sub.add_parser("harvest", help="logs and results of many instances (JSON on stdin)")

@@ -41,6 +41,7 @@ from infra.runner.supervisor_client import (
     PoolSuite,
     PoolSyncRequest,
 )
+from infra.runner.telemetry_home import restart_fields
 from infra.state import InstancePhase, InstanceRecord, PoolRecord, RunState, Store
 from infra.state.store import coordinator_id
 
@@ -430,6 +431,7 @@ class CampaignDriver:
             previous_nodes=(*rec.previous_nodes, rec.node), placement_seq=rec.placement_seq + 1,
             moves=rec.moves + (1 if counts else 0), pid=None, exit_code=None, signal=None,
             ended_at=None, restarts=0, failure_class=None, allocation=None,
+            **restart_fields(self.session.cluster.log_dir, self.run_id, rec.instance_id),
             reason=f"requeued: {why}")
         self.session.event(self.run_id, "requeue", rec.instance_id, f"requeued: {why}")
 
@@ -603,7 +605,8 @@ def rerun_failed(session: RunSession, run_id: str) -> list[str]:
             placement_seq=rec.placement_seq + 1, moves=0, pid=None, exit_code=None,
             signal=None, started_at=None, ended_at=None, restarts=0, failure_class=None,
             allocation=None, results_fetched=0, results_missing="[]", log_base=base,
-            log_offset=base, reason=f"rerun requested (was {rec.state.value}: {rec.reason})")
+            log_offset=base, **restart_fields(session.cluster.log_dir, run_id, rec.instance_id),
+            reason=f"rerun requested (was {rec.state.value}: {rec.reason})")
     if again:
         # the campaigns' pools have closed (cleanup ran): the rerun gets fresh ones, so each
         # node runs the suite's setup once more before the rerun's first task there

@@ -39,6 +39,7 @@ from infra.errors import (
 from infra.placement import Condition, NodeCondition, Plan, plan, why_not
 from infra.placement.allocation import Allocation, allocation_env
 from infra.runner import harvest, results
+from infra.runner import telemetry_home as tele
 from infra.runner.claims import claim_request, claims_of, occupied_work
 from infra.runner.deploy import DeployResult, deploy_all, results_protect_patterns
 from infra.runner.harvest import HarvestOutcome
@@ -165,6 +166,8 @@ class RunSession:
     renewed: dict[str, float] = field(default_factory=dict)  # node -> monotonic last renewal
     confirm_deletes: bool = False  # --yes: deploys may delete past deploy.max_deletes
     refusals: dict[str, DeployRefused] = field(default_factory=dict)
+    # (run, instance) -> the newest telemetry sample the sweeps brought home
+    telemetry: dict[tuple[str, str], tele.Latest] = field(default_factory=dict)
 
     def event(self, run_id: str | None, kind: str, subject: str, message: str) -> None:
         """Record an event durably, then show it."""
@@ -298,6 +301,7 @@ class RunSession:
             claim=claim_request(node, spec, alloc, force=rec.instance_id in self.forced),
             claims_dir=node.claims_dir,
             fence=self.fenced(spec),
+            telemetry_interval=self.cluster.telemetry.interval_seconds,
         )
 
     async def start_instance(self, run_id: str, rec: InstanceRecord, tries: int = 0) -> None:
@@ -442,7 +446,8 @@ class RunSession:
 
     async def sweep(self, run_id: str, skip: Iterable[str] = (), *,
                     fence_seconds: float | None = None, fence_clear: bool = False,
-                    stop_stale: bool = True) -> dict[str, InfraError]:
+                    stop_stale: bool = True, telemetry: bool = False,
+                    guard: Callable[[], bool] | None = None) -> dict[str, InfraError]:
         """One status call per node of the run; returns node -> error for nodes that failed.
 
         An unreachable node gives a ``TransportError``; a node whose answer is malformed or
@@ -455,7 +460,9 @@ class RunSession:
         (``status``, a second ``watch``) just records. ``skip`` names nodes not to contact
         this time (known to be down). ``fence_seconds`` renews the fences of the run's fenced
         work on each node (only the acting watcher does); ``fence_clear`` clears them (the
-        watcher detaches: work nobody watches is never fenced).
+        watcher detaches: work nobody watches is never fenced). With ``telemetry`` (the
+        acting watcher only) the same call brings the telemetry of each node's started,
+        undrained work home, appended exactly once (``guard`` is asked before each write).
         """
         records = self.store.instances(run_id)
         skipped = set(skip)
@@ -468,6 +475,7 @@ class RunSession:
                     by_node.setdefault(old, [])
 
         holder = coordinator_id()
+        asked: dict[str, dict[str, int]] = {}  # node -> instance -> telemetry offset asked
 
         pooled = {p.node for p in self.store.pools(run_id)}
         for name in pooled - skipped:
@@ -480,11 +488,14 @@ class RunSession:
                     if r.node == node_name or node_name in r.previous_nodes]
             only = [r.instance_id for r in mine if r.state not in SETTLED] \
                 if len(mine) > DESCRIBE_ALL_UP_TO else None
+            if telemetry:
+                asked[node_name] = tele.wanted(self.cluster.log_dir,
+                                               [r for r in mine if r.node == node_name])
             try:
                 client = await self.client(node_name)
                 states, pools = await client.status_with_pools(
                     run_id, fence_seconds=fence_seconds, fence_clear=fence_clear,
-                    holder=holder, only=only)
+                    holder=holder, only=only, telemetry=asked.get(node_name))
                 if node_name in pooled:  # the same one call also reports the run's pools
                     self._record_pools(run_id, node_name, pools)
             except InfraError as exc:
@@ -512,6 +523,15 @@ class RunSession:
                                                reason=f"no record of it on {node_name}")
                     self.event(run_id, "state", rec.instance_id,
                                f"lost: no record of it on {node_name}")
+            for rec in by_node[node_name]:
+                offsets = asked.get(node_name, {})
+                if rec.instance_id in offsets:
+                    try:
+                        tele.take_telemetry(self.store, self.cluster.log_dir, rec,
+                                            offsets[rec.instance_id],
+                                            found.get(rec.instance_id), guard, self.telemetry)
+                    except LeaseLostError:
+                        break  # not ours to write any more: the lease check says so next
         self._settle_run(run_id)
         return errors
 
@@ -599,6 +619,7 @@ class RunSession:
         if stop_old:
             await (await self.client(rec.node)).stop(run_id, rec.instance_id, grace=10.0)
             await self.sync_log(run_id, rec, follow=False)  # drain the old copy's last lines
+            await self.drain_telemetry(run_id, rec)
         path = local_log_path(self.cluster, run_id, rec.instance_id)
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "ab") as fh:
@@ -613,6 +634,7 @@ class RunSession:
             moves=rec.moves + (1 if count else 0), pid=None, failure_class=None,
             exit_code=None, signal=None, ended_at=None, restarts=0, log_base=base,
             log_offset=base, results_fetched=0, results_missing="[]",
+            **tele.restart_fields(self.cluster.log_dir, run_id, rec.instance_id),
             reason=f"moving from {rec.node}: {why}")
         self.event(run_id, "move", rec.instance_id, f"moving from {rec.node} to {target}: {why}")
         self.store.set_run_state(run_id, RunState.RUNNING)
@@ -691,6 +713,25 @@ class RunSession:
             size = fh.tell()
         self.store.update_instance(run_id, rec.instance_id, log_offset=size)
         return size
+
+    async def drain_telemetry(self, run_id: str, rec: InstanceRecord,
+                              guard: Callable[[], bool] | None = None) -> None:
+        """Bring a stopped copy's remaining telemetry home before it is left behind (a
+        drain's move); best effort: what a node cannot send now stays on it."""
+        asked = tele.node_offset(self.cluster.log_dir, rec)
+        for _ in range(64):  # each call brings at most the per-instance cap
+            try:
+                states, _pools = await (await self.client(rec.node)).status_with_pools(
+                    run_id, only=[rec.instance_id], telemetry={rec.instance_id: asked})
+            except InfraError:
+                return
+            mine = next((s for s in states if s.instance_id == rec.instance_id), None)
+            if mine is None or mine.telemetry is None or mine.placement != rec.placement_id:
+                return
+            if tele.append_chunk(self.store, self.cluster.log_dir, rec, asked, mine.telemetry,
+                                 guard) is None or mine.telemetry.eof:
+                return
+            asked = mine.telemetry.offset
 
     async def stream_log_until_done(self, run_id: str, instance_id: str, *,
                                     retry_delay: float = 1.0, attempts: int = LOG_SYNC_ATTEMPTS,

@@ -49,6 +49,11 @@ SUPERVISOR_SOURCE = REMOTE_DIR / "supervisor.py"
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
 """Run and instance ids become path components on the node; the script checks the same rule."""
 
+TELEMETRY_MAX_BYTES = 256 << 10
+"""Telemetry bytes per instance and status call (about four minutes of 1 s samples)."""
+TELEMETRY_TOTAL_BYTES = 4 << 20
+"""Telemetry bytes per status call: well under the transport's output cap, base64 included."""
+
 _ROOT_TAG = "@@INFRA-ROOT:"
 _SCRIPT_TAG = "@@INFRA-SCRIPT:"
 
@@ -129,6 +134,24 @@ class AttemptRecord:
 
 
 @dataclass(frozen=True)
+class TelemetryChunk:
+    """Complete lines of an instance's node-side telemetry file from an offset (never a
+    partial line); ``eof``: no complete line is left after ``offset`` (the new offset)."""
+
+    data: bytes
+    offset: int
+    size: int
+    eof: bool
+
+    @classmethod
+    def from_json(cls, node: str, doc: Any, *, where: str = "telemetry") -> TelemetryChunk:
+        """Build from the ``telemetry`` object of a status answer (types checked)."""
+        f = _Fields(node, where, _mapping(node, where, doc))
+        return cls(data=_b64(node, f"{where}.data_b64", f.text("data_b64")),
+                   offset=f.count("offset"), size=f.count("size"), eof=f.flag("eof"))
+
+
+@dataclass(frozen=True)
 class InstanceState:
     """One instance on one node: the supervisor's record plus live process checks.
 
@@ -171,6 +194,7 @@ class InstanceState:
     fenced: bool = False      # stopped by its own supervisor: the coordinator went silent
     disk_full: str | None = None
     failure_class: FailureClass | None = None  # how the latest attempt failed, if it did
+    telemetry: TelemetryChunk | None = None  # when asked for: its telemetry from an offset
 
     @property
     def broken_command(self) -> bool:
@@ -196,6 +220,7 @@ class InstanceState:
         except ValueError:
             status = InstanceStatus.LOST
         attempts = f.items("attempts")
+        tele = f.doc.get("telemetry")
         return cls(
             node=node, run_id=f.text("run_id"), instance_id=f.text("instance_id"),
             status=status, pid=f.opt_int("pid"), pid_start_ticks=f.opt_int("pid_start_ticks"),
@@ -214,6 +239,8 @@ class InstanceState:
             placement=f.text("placement") or "p0", fenced=f.flag("fenced"),
             disk_full=f.opt_text("disk_full") or None,
             failure_class=FailureClass.parse(f.opt_text("failure_class")),
+            telemetry=None if tele is None else
+            TelemetryChunk.from_json(node, tele, where=f"{where}.telemetry"),
         )
 
 
@@ -276,6 +303,7 @@ class StartRequest:
     claim: Mapping[str, Any] | None = field(default=None, hash=False)
     claims_dir: str | None = None
     fence: bool = False
+    telemetry_interval: float = 0.0  # seconds between node-side samples; 0: no telemetry
 
     def to_json(self, node: str) -> dict[str, Any]:
         """The JSON request the script reads on stdin."""
@@ -290,6 +318,8 @@ class StartRequest:
             doc["claim"] = dict(self.claim)
         if self.claims_dir:
             doc["claims_dir"] = self.claims_dir
+        if self.telemetry_interval > 0:
+            doc["telemetry"] = {"interval": self.telemetry_interval}
         return doc
 
 
@@ -625,18 +655,30 @@ class SupervisorClient:
     async def status_with_pools(self, run_id: str, *, fence_seconds: float | None = None,
                                 fence_clear: bool = False, holder: str = "",
                                 only: Sequence[str] | None = None,
+                                telemetry: Mapping[str, int] | None = None,
+                                telemetry_max: int = TELEMETRY_MAX_BYTES,
+                                telemetry_total: int = TELEMETRY_TOTAL_BYTES,
                                 ) -> tuple[list[InstanceState], list[PoolState]]:
         """One status call for a run: its instances (``only`` those, when given) and its
-        node-side pools (fences as in ``status``; a pool's own fence is pool-sync's alone)."""
+        node-side pools (fences as in ``status``; a pool's own fence is pool-sync's alone).
+
+        ``telemetry`` (instance -> offset in its node-side telemetry file) asks for those
+        instances' telemetry lines from there: each is described (even if not in ``only``)
+        with ``InstanceState.telemetry`` set, at most ``telemetry_max`` bytes each and
+        ``telemetry_total`` in all (the rest comes on the next call)."""
         args = ["status", "--root", self.root, "--run", check_id(run_id, "run id")]
         if fence_clear:
             args += ["--fence-clear", "--fence-holder", holder]
         elif fence_seconds is not None:
             args += ["--fence-seconds", repr(float(fence_seconds)), "--fence-holder", holder]
         stdin = None
-        if only is not None:
-            args.append("--only-stdin")
-            stdin = json.dumps([check_id(i, "instance id") for i in only])
+        if only is not None or telemetry:
+            args.append("--stdin-doc")
+            stdin = _json({
+                "only": None if only is None else [check_id(i, "instance id") for i in only],
+                "telemetry": {check_id(i, "instance id"): max(0, int(o))
+                              for i, o in (telemetry or {}).items()},
+                "telemetry_max": telemetry_max, "telemetry_total": telemetry_total})
         doc = await self._call(args, input=stdin)
         f = _Fields(self.node.name, "answer", doc)
         pools = [PoolState.from_json(self.node.name, d, where=f"pools[{i}]")
@@ -714,12 +756,7 @@ class SupervisorClient:
                 "--instance", check_id(instance_id, "instance id"), "--offset", str(offset),
                 "--max-bytes", str(max_bytes)]
         f = _Fields(self.node.name, "read", await self._call(args))
-        encoded = f.text("data_b64")
-        try:
-            data = base64.b64decode(encoded, validate=True)
-        except ValueError:
-            raise NodeDocumentError(self.node.name, "supervisor", "read.data_b64",
-                                    "not base64") from None
+        data = _b64(self.node.name, "read.data_b64", f.text("data_b64"))
         return LogChunk(data=data, offset=f.count("offset"), size=f.count("size"),
                         eof=f.flag("eof"), ended=f.flag("ended"))
 
@@ -777,6 +814,14 @@ class SupervisorClient:
             raise CommandFailedError(self.node.name, f"supervisor {args[0]}: {error}",
                                      exit_status=result.exit_status, stderr=result.stderr)
         return doc
+
+
+def _b64(node: str, where: str, encoded: str) -> bytes:
+    """Decode base64 text from a node's answer (``NodeDocumentError`` naming it if bad)."""
+    try:
+        return base64.b64decode(encoded, validate=True)
+    except ValueError:
+        raise NodeDocumentError(node, "supervisor", where, "not base64") from None
 
 
 def _json(document: Mapping[str, Any]) -> str:

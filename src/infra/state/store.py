@@ -118,6 +118,9 @@ ADDED_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
         ("placement_seq", "INTEGER NOT NULL DEFAULT 0"),
         ("results_missing", "TEXT NOT NULL DEFAULT '[]'"),
         ("failure_class", "TEXT"),
+        ("telemetry_offset", "INTEGER NOT NULL DEFAULT 0"),  # the home telemetry file's size
+        ("telemetry_base", "INTEGER NOT NULL DEFAULT 0"),    # its size when this placement began
+        ("telemetry_done", "INTEGER NOT NULL DEFAULT 0"),    # ended, and its telemetry is home
     ),
 }
 
@@ -280,6 +283,9 @@ class InstanceRecord:
     placement_seq: int = 0  # which placement of the instance this is: +1 on every move
     results_missing: tuple[ResultIssue, ...] = ()  # what the last fetch could not bring home
     failure_class: FailureClass | None = None  # how its latest failed attempt failed
+    telemetry_offset: int = 0  # the home telemetry file's size after the last append
+    telemetry_base: int = 0    # the home telemetry file's size when this placement began
+    telemetry_done: bool = False  # over on its node and its whole telemetry file is home
 
     @property
     def placement_id(self) -> str:
@@ -593,7 +599,8 @@ class Store:
         allowed = {"node", "state", "pid", "exit_code", "signal", "started_at", "ended_at",
                    "restarts", "reason", "last_line", "log_offset", "results_fetched", "moves",
                    "previous_nodes", "log_base", "allocation", "placement_seq",
-                   "results_missing", "failure_class"}
+                   "results_missing", "failure_class", "telemetry_offset", "telemetry_base",
+                   "telemetry_done"}
         bad = set(fields) - allowed
         if bad:
             raise ValueError(f"unknown instance fields {bad}")
@@ -630,7 +637,9 @@ class Store:
             log_base=row["log_base"], allocation=decode_allocation(row["allocation_json"]),
             placement_seq=row["placement_seq"],
             results_missing=_issues(row["results_missing"]),
-            failure_class=FailureClass.parse(row["failure_class"]))
+            failure_class=FailureClass.parse(row["failure_class"]),
+            telemetry_offset=row["telemetry_offset"], telemetry_base=row["telemetry_base"],
+            telemetry_done=bool(row["telemetry_done"]))
 
     def active_instances(self, exclude_run: str | None = None) -> list[InstanceRecord]:
         """Instances of every run that hold resources on their nodes right now."""
