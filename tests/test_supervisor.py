@@ -12,6 +12,7 @@ import json
 import os
 import shlex
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -623,3 +624,25 @@ def test_batch_clean_exit_is_final_without_always(client: SupervisorClient,
     final = run(_start_and_wait(client, request("svc", "batch", f"echo x >> {count}")))
     assert final.status is InstanceStatus.EXITED
     assert count.read_text().split() == ["x"]
+
+
+def test_an_end_written_between_reading_the_state_and_the_liveness_check_is_not_lost(
+        tmp_path: Path) -> None:
+    """The supervisor records the end, then exits: a caller that read "running" just before
+    that write sees the supervisor gone just after it. The end on record wins, not "lost"."""
+    from infra.remote import supervisor as sup
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a supervisor that has exited (its pid is free, its start ticks differ)
+    idir = tmp_path / "r1" / "a"
+    idir.mkdir(parents=True)
+    ended = {"run_id": "r1", "instance_id": "a", "state": "exited", "exit_code": 0,
+             "supervisor_pid": gone.pid, "supervisor_start_ticks": 1, "pid": gone.pid,
+             "pid_start_ticks": 1, "pgid": gone.pid, "final_reason": "exited with code 0"}
+    (idir / "state.json").write_text(json.dumps(ended))
+    read_before = {**ended, "state": "running", "exit_code": None, "final_reason": None}
+    doc = sup.effective_state(str(idir), read_before)
+    assert doc["state"] == "exited" and doc["exit_code"] == 0, doc
+    # with nothing on record but the same running state, it is lost indeed
+    (idir / "state.json").write_text(json.dumps(read_before))
+    assert sup.effective_state(str(idir), read_before)["state"] == "lost"

@@ -1261,7 +1261,26 @@ def daemon_main(idir: str, request: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- status
 
 def effective_state(idir: str, state: dict[str, Any] | None = None) -> dict[str, Any]:
-    """state.json plus live checks; an active state with nothing alive becomes "lost"."""
+    """state.json plus live checks; an active state with nothing alive becomes "lost".
+
+    The supervisor writes the instance's end and then exits: a state read just before that
+    write and a liveness check just after it would call a clean end "lost". So before
+    judging an active state lost, state.json is read once more; what it says now wins.
+    """
+    doc = judge_state(idir, state)
+    if doc.get("state") != "lost" or doc.get("final_reason") == REBOOTED_REASON:
+        return doc
+    fresh = read_state(os.path.join(idir, "state.json"))
+    if fresh is not None and fresh.get("state") not in ACTIVE_STATES:
+        return judge_state(idir, fresh)  # it ended (or was lost) on record meanwhile
+    return doc
+
+
+REBOOTED_REASON = "the node rebooted while the instance was active"
+
+
+def judge_state(idir: str, state: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One reading of ``effective_state``: the given (or read) state plus live checks."""
     doc = dict(state if state is not None else (read_state(os.path.join(idir, "state.json"))
                                                  or {}))
     if not doc:
@@ -1279,7 +1298,7 @@ def effective_state(idir: str, state: dict[str, Any] | None = None) -> dict[str,
     if doc.get("state") in ACTIVE_STATES and not sup_alive:
         if rebooted:
             doc["state"] = "lost"
-            doc["final_reason"] = "the node rebooted while the instance was active"
+            doc["final_reason"] = REBOOTED_REASON
         elif doc.get("supervisor_pid") is None:
             created = doc.get("created_at") or 0.0
             if time.time() - created > NEVER_STARTED_SECONDS:
