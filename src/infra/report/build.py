@@ -174,10 +174,11 @@ def _placement(recs: Sequence[InstanceRecord]) -> Raw:
         [r.instance_id, r.node or None, _state_cell(r.state.value), _exit(r),
          duration(r.runtime_seconds) if r.started_at is not None else None, r.restarts,
          r.moves, ", ".join(r.previous_nodes) or None,
-         r.failure_class.value if r.failure_class else None, r.reason[:300] or None]
+         r.failure_class.value if r.failure_class else None, r.reason[:300] or None,
+         _cut(r.spec.command)]
         for r in recs]
     headers = ("instance", "node", "state", "exit", "runtime", "restarts", "moves",
-               "previous nodes", "failure", "reason")
+               "previous nodes", "failure", "reason", "command")
     return section("placement", "Placement", _scroll(table(headers, rows)))
 
 
