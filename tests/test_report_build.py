@@ -387,3 +387,28 @@ def test_report_command_errors_are_one_line(
     code, _, err = run_cli(capsys, "--cluster-config", cfg, "report", "r-2026")
     assert_one_line_error(code, err, "report needs plotly: pip install "
                           "'lab-orchestrator[report]'", exit_code=1)
+
+
+def test_run_events_are_the_runs_and_the_node_events_while_it_lasted(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state.db")
+    try:
+        store.create_run("r-a", "c.yaml", {}, [("a", "n1", spec(C, "a"), None)])
+        store.create_run("r-b", "c.yaml", {}, [])
+        start = store.run("r-a").created_at
+        rows = [("r-a", start + 1, "state", "a", "running"),
+                (None, start + 2, "node", "n1", "draining: maintenance"),
+                ("r-b", start + 3, "state", "x", "another run's"),
+                ("r-a", start + 4, "state", "a", "exited"),
+                (None, start + 5, "node", "n1", "after the run: not its"),
+                (None, start - 5, "node", "n1", "before the run: not its")]
+        for row in rows:
+            store.db.execute("INSERT INTO events(run_id, at, kind, subject, message) "
+                             "VALUES (?,?,?,?,?)", row)
+        events, total = store.run_events("r-a", 100)
+        messages = [e.message for e in events if e.at > start]
+        assert messages == ["running", "draining: maintenance", "exited"]
+        assert total == len(events)
+        first, total = store.run_events("r-a", 2)
+        assert len(first) == 2 and total == len(events)
+    finally:
+        store.close()

@@ -2,8 +2,8 @@
 
 Reference-style flags on the root command (``--validate-config``, ``--health-check``,
 ``--deploy-all``, ``--config ... --auto-place``) plus subcommands for runs (``runs``,
-``status``, ``logs``, ``stop``, ``results``, ``prune``). Every ``InfraError`` becomes one
-line on stderr and a non-zero exit code; user mistakes never print a traceback.
+``status``, ``logs``, ``stop``, ``results``, ``report``, ``prune``). Every ``InfraError``
+becomes one line on stderr and a non-zero exit code; user mistakes never print a traceback.
 """
 
 from __future__ import annotations
