@@ -52,7 +52,7 @@ thead th{background:#f3f3f3;position:sticky;top:0}
 table.kv th{background:#f7f7f7;font-weight:600;white-space:nowrap}
 .scroll{max-height:32em;overflow:auto;border:1px solid #eee}
 .chart{width:100%;min-height:200px;margin:1em 0}
-td.s-exited{color:#06c}td.s-failed,td.s-lost{color:#c00}td.s-running{color:#080}
+.s-exited{color:#06c}.s-failed,.s-lost{color:#c00}.s-running{color:#080}
 """
 
 DRAW = """
