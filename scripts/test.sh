@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up everything the tests need on a fresh Debian/Ubuntu machine, then run them:
-# system packages (OpenSSH server, rsync, pssh), a virtualenv with the project and its dev
+# system packages (OpenSSH server, rsync, pssh, Chromium), a virtualenv with the project and its dev
 # extras, lint (ruff), types (mypy), and pytest -- including the integration tests that
 # start real sshd servers on 127.0.0.x loopback addresses (they need root).
 set -euo pipefail
@@ -15,6 +15,8 @@ command -v rsync >/dev/null || missing+=(rsync)
 command -v parallel-ssh >/dev/null || command -v pssh >/dev/null || missing+=(pssh)
 command -v ps >/dev/null || missing+=(procps)
 command -v ip >/dev/null || missing+=(iproute2)
+# the report's browser test drives Debian's Chromium (never a browser playwright downloads)
+[ -x /usr/bin/chromium ] || missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "== installing system packages: ${missing[*]}"
     as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq

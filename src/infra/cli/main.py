@@ -2,8 +2,8 @@
 
 Reference-style flags on the root command (``--validate-config``, ``--health-check``,
 ``--deploy-all``, ``--config ... --auto-place``) plus subcommands for runs (``runs``,
-``status``, ``logs``, ``stop``, ``results``, ``prune``). Every ``InfraError`` becomes one
-line on stderr and a non-zero exit code; user mistakes never print a traceback.
+``status``, ``logs``, ``stop``, ``results``, ``report``, ``prune``). Every ``InfraError``
+becomes one line on stderr and a non-zero exit code; user mistakes never print a traceback.
 """
 
 from __future__ import annotations
@@ -488,6 +488,29 @@ def results(c: Ctx, run_id: str, table_out: bool, csv_out: bool, no_fetch: bool,
     view: Literal["table", "csv"] | None = \
         "csv" if csv_out else "table" if table_out or no_fetch else None
     do_results(c, run_id, view, fetch=not no_fetch)
+
+
+@cli.command()
+@click.argument("run_id")
+@click.option("--out", "out", metavar="FILE", default=None,
+              help="Write the report here (default: <log_dir>/<run>/report.html).")
+@click.pass_obj
+def report(c: Ctx, run_id: str, out: str | None) -> None:
+    """Write one self-contained HTML file about a run: summary and manifest, placement,
+    events, telemetry charts per instance, and a sweep's parameters against its metrics.
+
+    Needs the report extra (plotly); the file makes no network request when opened.
+    """
+    from infra.cli.actions import open_store
+    from infra.report.files import write_report
+    cluster = c.cluster
+    path = Path(check_path_text("--out", out)) if out is not None else None
+    store = open_store(cluster)
+    try:
+        written = write_report(store, cluster.log_dir, run_id, path)
+    finally:
+        store.close()
+    click.echo(f"report of {written.run_id}: {written.path} ({written.size // 1024} KiB)")
 
 
 def _register_node_commands() -> None:

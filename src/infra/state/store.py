@@ -747,3 +747,20 @@ class Store:
                                    "LIMIT ?", (run_id, after_id, limit)).fetchall()
         return [Event(r["id"], r["run_id"], r["at"], r["kind"], r["subject"], r["message"])
                 for r in rows]
+
+    def run_events(self, run_id: str, limit: int) -> tuple[list[Event], int]:
+        """The first ``limit`` events of a run, oldest first, with the node events (no run)
+        recorded while it lasted; and how many such events there are in all (the report)."""
+        first = self.db.execute("SELECT created_at FROM runs WHERE run_id=?",
+                                (run_id,)).fetchone()
+        last = self.db.execute("SELECT MAX(at) AS at FROM events WHERE run_id=?",
+                               (run_id,)).fetchone()
+        since = first["created_at"] if first is not None else 0.0
+        until = last["at"] if last is not None and last["at"] is not None else since
+        where = "WHERE run_id=? OR (run_id IS NULL AND at BETWEEN ? AND ?)"
+        args = (run_id, since, until)
+        total = self.db.execute(f"SELECT COUNT(*) AS n FROM events {where}", args).fetchone()
+        rows = self.db.execute(f"SELECT * FROM events {where} ORDER BY id LIMIT ?",
+                               (*args, limit)).fetchall()
+        return ([Event(r["id"], r["run_id"], r["at"], r["kind"], r["subject"], r["message"])
+                 for r in rows], int(total["n"]))
