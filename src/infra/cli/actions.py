@@ -731,6 +731,27 @@ async def _fetch_all(c: Ctx, store: Store, run_id: str) -> dict[str, ResultsFetc
     return out
 
 
+def do_report_mlflow(c: Ctx, run_id: str, uri: str | None) -> None:
+    """Export a run to MLflow (``report RUN --mlflow [URI]``); mlflow is imported only here,
+    and only the local store and the run's files are read (no node is asked)."""
+    from pathlib import Path
+
+    from infra.report.mlflow_export import export_run, resolve_target, summary_doc
+    cluster = c.cluster
+    target = resolve_target(uri, Path.cwd())
+    store = open_store(cluster)
+    try:
+        run = store.resolve_run(run_id)
+        records = store.instances(run.run_id)
+    finally:
+        store.close()
+    result = export_run(cluster.log_dir, run, records, target)
+    if c.json_out:
+        c.emit_json(summary_doc(result))
+    else:
+        click.echo(result.one_line())
+
+
 def do_runs(c: Ctx, limit: int) -> None:
     """The latest ``limit`` runs of the store, newest first (no node is asked)."""
     db = c.cluster.log_dir / "state.db"

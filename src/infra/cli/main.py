@@ -451,6 +451,28 @@ def results(c: Ctx, run_id: str, table_out: bool, csv_out: bool, no_fetch: bool,
     do_results(c, run_id, view, fetch=not no_fetch)
 
 
+MLFLOW_DEFAULT = "\0default"
+"""What ``--mlflow`` holds when given without a URI (the default store in ./mlruns)."""
+
+
+@cli.command()
+@click.argument("run_id")
+@click.option("--mlflow", "mlflow_uri", is_flag=False, flag_value=MLFLOW_DEFAULT, default=None,
+              metavar="[URI]", help="Export the run to MLflow: one MLflow run per instance "
+              "(default store: ./mlruns). Needs the mlflow extra. Put RUN_ID before it: a "
+              "word right after --mlflow is its URI.")
+@click.option("--json", "json_out", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def report(c: Ctx, run_id: str, mlflow_uri: str | None, json_out: bool) -> None:
+    """Records of a run: with --mlflow, export it to MLflow (params, metrics, telemetry,
+    manifest, logs and results of every instance)."""
+    c.json_out = c.json_out or json_out
+    if mlflow_uri is None:
+        raise UsageError("report: say what to make: --mlflow [URI] exports the run to MLflow")
+    from infra.cli.actions import do_report_mlflow
+    do_report_mlflow(c, run_id, None if mlflow_uri == MLFLOW_DEFAULT else mlflow_uri)
+
+
 def _register_node_commands() -> None:
     from infra.cli.nodes import node, resource
     cli.add_command(node)
