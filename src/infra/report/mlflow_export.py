@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from infra.campaign.table import Metrics, flatten, read_metrics_file, text_form
+from infra.campaign.table import flatten, read_metrics_file, text_form
 from infra.errors import InfraError, UsageError
 from infra.state import InstancePhase, InstanceRecord, RunRecord, RunState
 from infra.telemetry.files import read_samples, telemetry_path
@@ -58,6 +58,7 @@ PARAM_MAX = 6000    # MLflow's longest param value
 TAG_MAX = 8000      # MLflow's longest tag value
 BATCH_MAX = 100     # params or tags per log_batch call (metrics: 1000)
 METRIC_BATCH_MAX = 1000
+MANIFEST_MAX_BYTES = 64 << 20  # a manifest is read up to this size (a longer one: no tags)
 SERIES_MAX_POINTS = 1000
 """A telemetry series is downsampled (evenly, first and last kept) to at most this many."""
 
@@ -209,7 +210,8 @@ def read_run_files(run_dir: Path) -> RunFiles:
     doc: Any = None
     if manifest is not None:
         try:
-            doc = json.loads(manifest.read_bytes()[: 64 << 20].decode("utf-8", "replace"))
+            with open(manifest, "rb") as fh:
+                doc = json.loads(fh.read(MANIFEST_MAX_BYTES).decode("utf-8", "replace"))
         except (OSError, ValueError, RecursionError):
             doc = None
     if isinstance(doc, dict):
@@ -269,12 +271,12 @@ def series_points(samples: Sequence[Sample]) -> tuple[Point, ...]:
     return tuple(points)
 
 
-def instance_doc(log_dir: Path, run: RunRecord, rec: InstanceRecord, files: RunFiles,
-                 metrics: Metrics | None = None) -> RunDoc:
+def instance_doc(log_dir: Path, run: RunRecord, rec: InstanceRecord,
+                 files: RunFiles) -> RunDoc:
     """One instance's MLflow run: parameters, tags, metrics, series and artifacts."""
     run_dir = log_dir / run.run_id
     spec = rec.spec
-    found = metrics if metrics is not None else read_metrics_file(run_dir, rec.instance_id)
+    found = read_metrics_file(run_dir, rec.instance_id)
     params: dict[str, str] = {}
     flat, _ = flatten(dict(spec.params))
     for key, value in flat:
