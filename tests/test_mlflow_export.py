@@ -33,6 +33,8 @@ from infra.telemetry.summary import summarize
 from tests.builders import run_cli
 
 mlflow = pytest.importorskip("mlflow")
+# the test's own MlflowClient: SQLAlchemy's deprecation notes about MLflow's store code
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:mlflow")
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 TASK = textwrap.dedent('''\
