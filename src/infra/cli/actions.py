@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal, TypeVar
 
 import click
@@ -741,6 +742,41 @@ async def _fetch_all(c: Ctx, store: Store, run_id: str) -> dict[str, ResultsFetc
             except InfraError as exc:
                 out[rec.instance_id] = exc
     return out
+
+
+def do_report_html(c: Ctx, run_id: str, out: Path | None) -> None:
+    """Write a run's self-contained HTML report (``report RUN [--out FILE]``); plotly is
+    imported only here, and only the local store and the run's files are read."""
+    from infra.report.files import write_report
+    store = open_store(c.cluster)
+    try:
+        written = write_report(store, c.cluster.log_dir, run_id, out)
+    finally:
+        store.close()
+    if c.json_out:
+        c.emit_json({"run_id": written.run_id, "path": str(written.path),
+                     "size": written.size})
+    else:
+        click.echo(f"report of {written.run_id}: {written.path} ({written.size // 1024} KiB)")
+
+
+def do_report_mlflow(c: Ctx, run_id: str, uri: str | None) -> None:
+    """Export a run to MLflow (``report RUN --mlflow [URI]``); mlflow is imported only here,
+    and only the local store and the run's files are read (no node is asked)."""
+    from infra.report.mlflow_export import export_run, resolve_target, summary_doc
+    cluster = c.cluster
+    target = resolve_target(uri, Path.cwd())
+    store = open_store(cluster)
+    try:
+        run = store.resolve_run(run_id)
+        records = store.instances(run.run_id)
+    finally:
+        store.close()
+    result = export_run(cluster.log_dir, run, records, target)
+    if c.json_out:
+        c.emit_json(summary_doc(result))
+    else:
+        click.echo(result.one_line())
 
 
 def do_runs(c: Ctx, limit: int) -> None:

@@ -490,27 +490,37 @@ def results(c: Ctx, run_id: str, table_out: bool, csv_out: bool, no_fetch: bool,
     do_results(c, run_id, view, fetch=not no_fetch)
 
 
+MLFLOW_DEFAULT = "\0default"
+"""What ``--mlflow`` holds when given without a URI (the default store in ./mlruns)."""
+
+
 @cli.command()
 @click.argument("run_id")
 @click.option("--out", "out", metavar="FILE", default=None,
               help="Write the report here (default: <log_dir>/<run>/report.html).")
+@click.option("--mlflow", "mlflow_uri", is_flag=False, flag_value=MLFLOW_DEFAULT, default=None,
+              metavar="[URI]", help="Export the run to MLflow instead: one MLflow run per "
+              "instance (default store: ./mlruns). Needs the mlflow extra. Put RUN_ID before "
+              "it: a word right after --mlflow is its URI. With --out, the HTML is written too.")
+@click.option("--json", "json_out", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
-def report(c: Ctx, run_id: str, out: str | None) -> None:
+def report(c: Ctx, run_id: str, out: str | None, mlflow_uri: str | None,
+           json_out: bool) -> None:
     """Write one self-contained HTML file about a run: summary and manifest, placement,
     events, telemetry charts per instance, and a sweep's parameters against its metrics.
+    With --mlflow, export the run to MLflow (params, metrics, telemetry, manifest, logs and
+    results of every instance).
 
-    Needs the report extra (plotly); the file makes no network request when opened.
+    The HTML needs the report extra (plotly); the file makes no network request when opened.
     """
-    from infra.cli.actions import open_store
-    from infra.report.files import write_report
-    cluster = c.cluster
-    path = Path(check_path_text("--out", out)) if out is not None else None
-    store = open_store(cluster)
-    try:
-        written = write_report(store, cluster.log_dir, run_id, path)
-    finally:
-        store.close()
-    click.echo(f"report of {written.run_id}: {written.path} ({written.size // 1024} KiB)")
+    c.json_out = c.json_out or json_out
+    if mlflow_uri is None or out is not None:
+        from infra.cli.actions import do_report_html
+        do_report_html(c, run_id, Path(check_path_text("--out", out))
+                       if out is not None else None)
+    if mlflow_uri is not None:
+        from infra.cli.actions import do_report_mlflow
+        do_report_mlflow(c, run_id, None if mlflow_uri == MLFLOW_DEFAULT else mlflow_uri)
 
 
 def _register_node_commands() -> None:
