@@ -161,6 +161,6 @@ def test_the_report_of_a_real_sweep_renders_offline_in_chromium(lab: Path, brows
     assert seen["event_rows"] == len(events)
     text = seen["text"]
     for fragment in (run_id, *tasks, "metric.y", "metric.loss", "param.x", "param.label",
-                     "no manifest recorded", EVIL):  # the hostile text is shown as text
+                     "Manifest", "--auto-place", "Nodes", EVIL):  # the hostile text is shown as text
         assert fragment in text, fragment
     assert seen["traces"][0] >= 1  # the events chart has a trace per event kind

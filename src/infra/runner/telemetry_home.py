@@ -73,16 +73,21 @@ def append_chunk(store: Store, log_dir: Path, rec: InstanceRecord, asked: int,
     if chunk.offset - len(chunk.data) != asked:
         return None
     path = telemetry_path(log_dir, rec.run_id, rec.instance_id)
+    if not chunk.data:  # nothing new: no empty file for work that was never sampled
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            size = 0
+        return size if max(0, size - rec.telemetry_base) == asked else None
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "ab") as fh:
         if max(0, fh.tell() - rec.telemetry_base) != asked:
             return None
-        if chunk.data:
-            if guard is not None and not guard():
-                raise LeaseLostError(f"{rec.run_id}: the run's lease was lost; not writing "
-                                     f"{rec.instance_id}'s telemetry copy")
-            fh.write(chunk.data)
-            fh.flush()
+        if guard is not None and not guard():
+            raise LeaseLostError(f"{rec.run_id}: the run's lease was lost; not writing "
+                                 f"{rec.instance_id}'s telemetry copy")
+        fh.write(chunk.data)
+        fh.flush()
         size = fh.tell()
     store.update_instance(rec.run_id, rec.instance_id, telemetry_offset=size)
     return size
