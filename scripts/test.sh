@@ -36,4 +36,6 @@ echo "== ruff"
 echo "== mypy"
 .venv/bin/mypy
 echo "== pytest"
-.venv/bin/python -m pytest -p no:cacheprovider "$@"
+# three workers (pytest-xdist): the integration tests mostly wait on sshd hosts and
+# subprocesses, so they overlap well even on two cores; INFRA_TEST_WORKERS=0 runs serially
+.venv/bin/python -m pytest -p no:cacheprovider -n "${INFRA_TEST_WORKERS:-3}" "$@"
