@@ -179,6 +179,8 @@ def test_manifest_of_a_dirty_tree_runs_show_and_compare(lab: Path, tmp_path: Pat
     db.close()
     old = cli(lab, "show", second)
     assert old.returncode == 0 and "no manifest recorded" in old.stdout
+    latest = cli(lab, "show")  # the latest run: the second
+    assert latest.returncode == 0 and "no manifest recorded" in latest.stdout
     cmp_old = json.loads(cli(lab, "compare", first, second, "--json").stdout)["sections"]
     assert "no manifest recorded" in (cmp_old["specs"]["note"] or "")
     assert cmp_old["metrics"]["differences"]  # outcomes and metrics still compared

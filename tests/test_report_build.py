@@ -367,6 +367,10 @@ def test_report_command_writes_the_default_file_and_out(
     assert code == 0, err
     assert other.read_text().startswith("<!DOCTYPE html>")
 
+    path.unlink()
+    code, out, err = run_cli(capsys, "--cluster-config", cfg, "report")  # the latest run
+    assert code == 0 and path.exists(), err
+
 
 def test_report_command_errors_are_one_line(
         tmp_path: Path, capsys: pytest.CaptureFixture[str],

@@ -744,7 +744,7 @@ async def _fetch_all(c: Ctx, store: Store, run_id: str) -> dict[str, ResultsFetc
     return out
 
 
-def do_report_html(c: Ctx, run_id: str, out: Path | None) -> None:
+def do_report_html(c: Ctx, run_id: str | None, out: Path | None) -> None:
     """Write a run's self-contained HTML report (``report RUN [--out FILE]``); plotly is
     imported only here, and only the local store and the run's files are read."""
     from infra.report.files import write_report
@@ -760,7 +760,7 @@ def do_report_html(c: Ctx, run_id: str, out: Path | None) -> None:
         click.echo(f"report of {written.run_id}: {written.path} ({written.size // 1024} KiB)")
 
 
-def do_report_mlflow(c: Ctx, run_id: str, uri: str | None) -> None:
+def do_report_mlflow(c: Ctx, run_id: str | None, uri: str | None) -> None:
     """Export a run to MLflow (``report RUN --mlflow [URI]``); mlflow is imported only here,
     and only the local store and the run's files are read (no node is asked)."""
     from infra.report.mlflow_export import export_run, resolve_target, summary_doc

@@ -395,11 +395,12 @@ def runs(c: Ctx, limit: int, json_out: bool) -> None:
 
 
 @cli.command()
-@click.argument("run_id")
+@click.argument("run_id", required=False)
 @click.option("--json", "json_out", is_flag=True, help="The manifest document itself.")
 @click.pass_obj
-def show(c: Ctx, run_id: str, json_out: bool) -> None:
-    """Print a run's manifest: code, config, specs, command line, nodes (local only)."""
+def show(c: Ctx, run_id: str | None, json_out: bool) -> None:
+    """Print a run's manifest (the latest run's by default): code, config, specs, command
+    line, nodes (local only)."""
     from infra.cli.records import do_show
     c.json_out = c.json_out or json_out
     do_show(c, run_id)
@@ -495,7 +496,7 @@ MLFLOW_DEFAULT = "\0default"
 
 
 @cli.command()
-@click.argument("run_id")
+@click.argument("run_id", required=False)
 @click.option("--out", "out", metavar="FILE", default=None,
               help="Write the report here (default: <log_dir>/<run>/report.html).")
 @click.option("--mlflow", "mlflow_uri", is_flag=False, flag_value=MLFLOW_DEFAULT, default=None,
@@ -504,10 +505,11 @@ MLFLOW_DEFAULT = "\0default"
               "it: a word right after --mlflow is its URI. With --out, the HTML is written too.")
 @click.option("--json", "json_out", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
-def report(c: Ctx, run_id: str, out: str | None, mlflow_uri: str | None,
+def report(c: Ctx, run_id: str | None, out: str | None, mlflow_uri: str | None,
            json_out: bool) -> None:
-    """Write one self-contained HTML file about a run: summary and manifest, placement,
-    events, telemetry charts per instance, and a sweep's parameters against its metrics.
+    """Write one self-contained HTML file about a run (the latest by default): summary and
+    manifest, placement, events, telemetry charts per instance, and a sweep's parameters
+    against its metrics.
     With --mlflow, export the run to MLflow (params, metrics, telemetry, manifest, logs and
     results of every instance).
 

@@ -25,6 +25,10 @@ NO_MANIFEST = "no manifest recorded"
 CELL_MAX = 80
 
 
+SHOW_EXPERIMENTS = 20
+"""``show`` lists this many experiments (a sweep's tasks); ``--json`` has them all."""
+
+
 def _open(c: Ctx) -> Store:
     from infra.cli.actions import open_store
     return open_store(c.cluster)
@@ -41,7 +45,7 @@ def no_manifest_line(run: RunRecord) -> str:
 
 # --------------------------------------------------------------------------- show
 
-def do_show(c: Ctx, run_id: str) -> None:
+def do_show(c: Ctx, run_id: str | None) -> None:
     """Print a run's manifest, and where its manifest.json and code.patch are."""
     store = _open(c)
     try:
@@ -107,29 +111,46 @@ def manifest_view(m: Manifest, run_dir: Path) -> RenderableType:
         exps = Table(title="Experiments", title_justify="left")
         for col in ("id", "command", "params"):
             exps.add_column(col)
-        for eid, doc in m.experiments.items():
+        shown = list(m.experiments.items())[:SHOW_EXPERIMENTS]
+        for eid, doc in shown:
             params = doc.get("params") or {}
             exps.add_row(Text(eid), Text(_cut(str(doc.get("command", "")))),
                          Text(_cut(", ".join(f"{k}={v}" for k, v in params.items())
                                    if isinstance(params, dict) else str(params)) or "-"))
         parts.append(exps)
+        if len(m.experiments) > len(shown):
+            parts.append(Text(f"... and {len(m.experiments) - len(shown)} more experiments "
+                              "(show RUN --json lists them all)", style="dim"))
     if m.nodes:
-        nodes = Table(title="Nodes", title_justify="left")
-        for col in ("node", "host", "os / kernel", "arch", "python", "L4T / JetPack",
-                    "nvpmodel", "GPUs", "throttled before", "after"):
-            nodes.add_column(col)
-        for name, n in m.nodes.items():
-            after = n.after_error if n.after_error is not None else (
-                "-" if n.throttled_after is None else n.throttled_after.describe())
-            nodes.add_row(
-                name, n.hostname, f"{n.os} / {n.kernel}", n.arch, n.python,
-                " / ".join(x for x in (n.l4t, n.jetpack) if x) or "-", n.nvpmodel or "-",
-                ", ".join(g.name + (f" ({g.driver})" if g.driver else "")
-                          for g in n.gpus) or "-",
-                "-" if n.throttled_before is None else n.throttled_before.describe(),
-                Text(after if m.finished_at is not None else "(run not seen finished)"))
-        parts.append(nodes)
+        parts.append(Text("Nodes", style="italic"))
+        parts.append(_nodes_text(m))
     return Group(*parts)
+
+
+def _nodes_text(m: Manifest) -> Text:
+    """One block per node: what it was (a table this wide would not fit a terminal)."""
+    out = Text()
+    for name, n in m.nodes.items():
+        after = n.after_error if n.after_error is not None else (
+            "-" if n.throttled_after is None else n.throttled_after.describe())
+        rows = [("host", f"{n.hostname} ({n.arch}), python {n.python}"),
+                ("system", f"{n.os}, kernel {n.kernel}")]
+        if n.l4t or n.jetpack or n.nvpmodel:
+            rows.append(("jetson", ", ".join(x for x in (
+                f"L4T {n.l4t}" if n.l4t else "", f"JetPack {n.jetpack}" if n.jetpack else "",
+                f"nvpmodel {n.nvpmodel}" if n.nvpmodel else "") if x)))
+        if n.gpus:
+            rows.append(("gpus", ", ".join(g.name + (f" (driver {g.driver})" if g.driver
+                                                     else "") for g in n.gpus)))
+        rows.append(("throttled", "before: " + ("-" if n.throttled_before is None
+                                                 else n.throttled_before.describe())
+                     + "; after: " + (after if m.finished_at is not None
+                                      else "(run not seen finished)")))
+        out.append(f"  {name}\n", style="bold")
+        for label, value in rows:
+            out.append(f"{label:>12}: ", style="dim")
+            out.append(value + "\n")
+    return out
 
 
 def _cut(text: str, limit: int = CELL_MAX) -> str:

@@ -201,10 +201,15 @@ def _events(inputs: ReportInputs, found: list[charts.Chart]) -> Raw:
 
 # --------------------------------------------------------------------------- telemetry
 
+def _r1(value: float | None) -> float | None:
+    """A measured value to one decimal: sensors and deltas are not more precise than that."""
+    return None if value is None else round(value, 1)
+
+
 def _summary_row(instance_id: str, s: Summary) -> list[Cell]:
-    return [instance_id, s.samples, duration(s.duration_s), s.cpu_mean, s.cpu_max,
-            size(s.rss_max_bytes), s.gpu_util_mean, s.gpu_util_max, s.gpu_mem_max_mb,
-            s.power_mean_w, s.energy_j, s.temp_max_c]
+    return [instance_id, s.samples, duration(s.duration_s), _r1(s.cpu_mean), _r1(s.cpu_max),
+            size(s.rss_max_bytes), _r1(s.gpu_util_mean), _r1(s.gpu_util_max),
+            _r1(s.gpu_mem_max_mb), _r1(s.power_mean_w), _r1(s.energy_j), _r1(s.temp_max_c)]
 
 
 SUMMARY_HEADERS = ("instance", "samples", "span", "CPU % mean", "CPU % max", "RSS max",

@@ -49,8 +49,10 @@ def read_manifest(path: Path) -> ManifestDoc:
     return ManifestDoc(doc=doc)
 
 
-def gather(store: Store, log_dir: Path, run_id: str, now: float | None = None) -> ReportInputs:
-    """Everything the report of ``run_id`` (exact id, unique prefix) shows."""
+def gather(store: Store, log_dir: Path, run_id: str | None,
+           now: float | None = None) -> ReportInputs:
+    """Everything the report of ``run_id`` (exact id, unique prefix; None: the latest run)
+    shows."""
     run = store.resolve_run(run_id)
     records = tuple(store.instances(run.run_id))
     events, total = store.run_events(run.run_id, MAX_EVENTS)
@@ -107,7 +109,8 @@ def report_path(log_dir: Path, run_id: str, out: Path | None) -> Path:
     return out
 
 
-def write_report(store: Store, log_dir: Path, run_id: str, out: Path | None = None) -> Written:
+def write_report(store: Store, log_dir: Path, run_id: str | None,
+                 out: Path | None = None) -> Written:
     """Gather, build and write one run's report."""
     require_plotly()  # before any work: the one line that says how to install it
     inputs = gather(store, log_dir, run_id)
