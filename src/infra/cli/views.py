@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from rich import box
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
@@ -519,16 +520,20 @@ _RUN_STYLE = {"running": "green", "finished": "cyan", "failed": "red", "stopped"
 
 def runs_table(rows: list[RunSummary]) -> Table:
     """The run list, newest first, as given."""
-    table = Table(title="Runs (newest first)", title_justify="left")
+    # no vertical rules: seven columns fit an 80-column terminal
+    table = Table(title="Runs (newest first)", title_justify="left", box=box.SIMPLE_HEAD,
+                  show_edge=False, padding=(0, 1, 0, 0))
+    fixed = {"run": 22, "started": 11, "state": 8, "commit": 10}
     for col in ("run", "started", "state", "instances", "nodes", "commit", "tags"):
-        table.add_column(col, no_wrap=col in ("run", "started", "commit"))
+        table.add_column(col, no_wrap=col in fixed, min_width=fixed.get(col))
     for r in rows:
         style = _RUN_STYLE.get(r.state, "")
         state = Text(r.state, style=style)
         if r.pruned_at is not None:
             state.append(" (pruned)", style="dim")
         counts = ", ".join(f"{n} {s}" for s, n in sorted(r.states.items()))
-        table.add_row(Text(r.run_id), format_time(r.created_at), state,
+        table.add_row(Text(r.run_id), time.strftime("%m-%d %H:%M", time.localtime(r.created_at)),
+                      state,
                       Text(f"{r.instances}" + (f" ({counts})" if counts else "")),
                       Text(", ".join(r.nodes) or "-"), Text(r.commit or "-"),
                       Text(", ".join(r.tags) or "-"))
