@@ -3,10 +3,12 @@ runs (code, config, specs, nodes, outcomes, metrics). Local only: no node is ask
 
 from __future__ import annotations
 
+import math
 import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rich import box
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
@@ -221,8 +223,8 @@ def comparison_view(result: Comparison) -> RenderableType:
         line.append(f"{len(section.differences)} difference(s)"
                     + (f" ({section.note})" if section.note else ""))
         parts.append(line)
-        table = Table(show_edge=False, pad_edge=False)
-        for col in ("", "key", "A", "B"):
+        table = Table(box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1, 0, 0))
+        for col in ("of", "key", "A", "B"):
             table.add_column(col, overflow="fold")
         for d in section.differences:
             table.add_row(Text(d.subject), Text(d.key), _value(d.a), _value(d.b))
@@ -231,6 +233,9 @@ def comparison_view(result: Comparison) -> RenderableType:
 
 
 def _value(value: Any) -> Text:
+    """One side's value: numbers to 6 significant digits (a mean is not more exact)."""
     if value is None:
         return Text("(absent)", style="dim")
+    if isinstance(value, float) and math.isfinite(value):
+        return Text(str(int(value)) if value.is_integer() else format(value, ".6g"))
     return Text(_cut(text_form(value), 120))
