@@ -11,7 +11,7 @@ import os
 import shlex
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,28 +19,12 @@ import pytest
 
 from infra.config.model import NodeConfig
 from infra.runner.supervisor_client import PoolSyncRequest, StartRequest, SupervisorClient
-from infra.transport.local import LocalTransport
+from tests.test_supervisor import NODE_PYTHON, client, node
+
+__all__ = ["NODE_PYTHON", "client", "node"]  # the fixtures, re-used
 
 PY = shlex.quote(sys.executable)
 BOUND = 60.0  # upper bound for waits, only so a broken sampler cannot hang the suite
-NODE_PYTHON = os.environ.get("INFRA_TEST_NODE_PYTHON", sys.executable)
-
-
-@pytest.fixture
-def node(tmp_path: Path) -> NodeConfig:
-    return NodeConfig(name="local", host="localhost", remote_work_dir=str(tmp_path / "work"),
-                      python_path=NODE_PYTHON)
-
-
-@pytest.fixture
-def client(node: NodeConfig) -> Iterator[SupervisorClient]:
-    c = SupervisorClient(LocalTransport(node.name), node)
-    yield c
-    root = Path(node.remote_work_dir) / ".infra" / "runs"
-    if root.is_dir():
-        for run in root.iterdir():
-            if not run.name.startswith("."):
-                asyncio.run(c.stop(run.name, grace=0.2))
 
 
 def start(client: SupervisorClient, run_id: str, command: str, interval: float) -> Path:
