@@ -784,14 +784,19 @@ class JetsonTegrastats:
             if self.sysfs is None:
                 self.sysfs = JetsonSysfs()
             out.update(self.sysfs.fields())
-        mode = self.nvp.get()
-        if mode is not None:
-            out["nvpmodel"] = mode
-        if out:
-            doc["jetson"] = out
+        put_jetson(doc, out, self.nvp)
 
     def close(self) -> None:
         self.child.close()
+
+
+def put_jetson(doc: dict[str, Any], fields: dict[str, Any], nvp: NvpModel) -> None:
+    """A sample's ``jetson`` object: the board's fields and the nvpmodel mode (if any)."""
+    mode = nvp.get()
+    if mode is not None:
+        fields["nvpmodel"] = mode
+    if fields:
+        doc["jetson"] = fields
 
 
 GPU_LOAD_FILES = ("/sys/devices/gpu.0/load", "/sys/devices/platform/gpu.0/load",
@@ -854,12 +859,7 @@ class JetsonSysfs:
         return out
 
     def add(self, doc: dict[str, Any]) -> None:
-        out = self.fields()
-        mode = self.nvp.get()
-        if mode is not None:
-            out["nvpmodel"] = mode
-        if out:
-            doc["jetson"] = out
+        put_jetson(doc, self.fields(), self.nvp)
 
     def close(self) -> None:
         pass
