@@ -248,11 +248,13 @@ def test_a_move_left_half_done_by_a_dead_coordinator_is_finished_by_watch(
 # --------------------------------------------------------------------------- fencing
 
 def test_a_partitioned_node_fences_its_copy_before_another_starts(
-        project: Path, ssh_fleet: SSHFleet) -> None:
+        project: Path, ssh_fleet: SSHFleet, go_flag: Path) -> None:
     fast_health(project, failover={"auto_restart": True, "retry_delay_seconds": 0.2,
                                    "fence_timeout_seconds": 4})
     edit_config(project, nodes={"node3": {"enabled": False}, "local": {"enabled": False}})
-    job = spec(project, "solo", duration=20.0, interval=0.2, recover="cluster")
+    # runs until the test says so: the copy on node1 must be fenced, not end by itself first
+    job = spec(project, "solo", duration=300.0, interval=0.2, recover="cluster",
+               until=go_flag)
     proc = cli(project, "--config", str(job), "--placement", "solo:node1",
                "--monitor-duration", "0")
     assert proc.returncode == 0, proc.stderr
@@ -263,8 +265,11 @@ def test_a_partitioned_node_fences_its_copy_before_another_starts(
 
     def watch_copies() -> None:  # both copies alive at once, ever?
         while not stop_watching.is_set():
-            if workloads_of(node1) and workloads_of(node2):
+            on_node2 = workloads_of(node2)
+            if workloads_of(node1) and on_node2:
                 overlap.set()
+            if on_node2:
+                go_flag.touch()  # the replacement runs: it may end now
             time.sleep(0.05)
 
     watcher = threading.Thread(target=watch_copies, daemon=True)
