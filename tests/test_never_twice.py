@@ -296,11 +296,13 @@ def test_a_partitioned_node_fences_its_copy_before_another_starts(
 
 
 def test_work_of_a_killed_watcher_is_fenced_then_restarted_by_the_next_watch(
-        project: Path, ssh_fleet: SSHFleet) -> None:
+        project: Path, ssh_fleet: SSHFleet, go_flag: Path) -> None:
     fast_health(project)
     edit_config(project, nodes={"node2": {"enabled": False}, "node3": {"enabled": False},
                                 "local": {"enabled": False}})
-    job = spec(project, "orphan", duration=20.0, interval=0.2, recover="cluster")
+    # runs until the test says so: it must be fenced, not end by itself first
+    job = spec(project, "orphan", duration=300.0, interval=0.2, recover="cluster",
+               until=go_flag)
     coord = subprocess.Popen([sys.executable, "-m", "infra.cli.main", "--config", str(job),
                               "--placement", "orphan:node1", "--monitor-duration", "300"],
                              cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -317,6 +319,7 @@ def test_work_of_a_killed_watcher_is_fenced_then_restarted_by_the_next_watch(
     run_id = status_json(project)["run_id"]
     state = node_file(project, node1, ".infra", "runs", run_id, "orphan", "state.json")
     wait_for(lambda: json.loads(state.read_text()).get("fenced"), timeout=60)
+    go_flag.touch()  # the copy the next watch starts may end now
     proc = cli(project, "watch", run_id, "--duration", "120", "--json", timeout=180)
     assert proc.returncode == 0, proc.stderr
     inst = json.loads(proc.stdout)["instances"][0]
