@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -70,6 +71,27 @@ def test_validate_config_loads_no_ssh_planner_or_store() -> None:
     present = sorted(m for m in HEAVY if m in loaded["validate"])
     assert not present, f"after --validate-config: {present} loaded"
     assert "infra.config" in loaded["validate"]  # it did validate
+
+
+def closed_loopback_port() -> int:
+    """A loopback port nothing listens on (bound once, then closed)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_health_check_loads_no_planner_store_or_dashboard(tmp_path: Path) -> None:
+    config = tmp_path / "cluster.yaml"
+    config.write_text(json.dumps({"nodes": [{
+        "name": "n1", "host": "127.0.0.1", "ssh_port": closed_loopback_port(), "ram_gb": 8.0,
+        "max_instances": 2, "remote_work_dir": "~/lab"}]}))
+    loaded = loaded_after({"health": ["--cluster-config", str(config), "--health-check",
+                                      "--json"]})["health"]
+    assert "infra.probe.run" in loaded and "asyncssh" in loaded  # it did probe
+    lean = ("rich.live", "infra.placement.engine", "sqlite3", "infra.state.store",
+            "infra.cli.actions", "infra.monitor.loop", "plotly", "mlflow")
+    present = sorted(m for m in lean if m in loaded)
+    assert not present, f"after --health-check: {present} loaded"
 
 
 def test_strategy_choices_match_the_enum() -> None:

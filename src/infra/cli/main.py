@@ -50,7 +50,7 @@ class Ctx:
             from infra.config import load_cluster
             cluster = load_cluster(self.cluster_config)
             if self.accept_new:
-                from infra.cli.actions import with_accept_new
+                from infra.cli.health import with_accept_new
                 cluster = with_accept_new(cluster, True)
             self._cluster = cluster
         return self._cluster
@@ -252,7 +252,7 @@ def cli(ctx: click.Context, cluster_config: str | None, validate_config: bool,
         if not (health_check or deploy_all):
             return
     if health_check:
-        from infra.cli.actions import do_health_check
+        from infra.cli.health import do_health_check
         do_health_check(c, cluster, accept_new_host_keys)
     if deploy_all:
         from infra.cli.actions import do_deploy_all

@@ -83,7 +83,8 @@ def _source(name: str, enabled: bool, refresh: bool, unreachable: dict[str, str]
 
 async def _conditions(cluster: Cluster, store: Store,
                       pool: ConnectionPool) -> dict[str, Any]:
-    from infra.cli.actions import conditions_from, probe_nodes
+    from infra.cli.actions import conditions_from
+    from infra.cli.health import probe_nodes
     from infra.runner.nodeops import admin_conditions, merge_conditions
     health = await probe_nodes(cluster, pool)
     return merge_conditions(conditions_from(health), admin_conditions(cluster, store))
@@ -283,7 +284,7 @@ def reconcile(c: Ctx, name: str, reason: str, dry_run: bool) -> None:
     """Check the work placed on a node; recover it by policy if the node is gone (JSON)."""
     import asyncio
 
-    from infra.cli.actions import probe_nodes
+    from infra.cli.health import probe_nodes
     from infra.runner.lifecycle import RunSession
     from infra.runner.nodeops import reconcile_node
     from infra.transport.pool import ConnectionPool
