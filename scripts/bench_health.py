@@ -221,7 +221,7 @@ def python_startup() -> dict[str, float]:
         walls = []
         for _ in range(3):
             t0 = time.perf_counter()
-            subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
+            subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
             walls.append(time.perf_counter() - t0)
         return statistics.median(walls)
 
@@ -352,6 +352,6 @@ def main() -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (BenchFailure, FleetError) as exc:
-        print(f"FAILED: {exc}", file=sys.stderr)
+    except (BenchFailure, FleetError, subprocess.SubprocessError) as exc:
+        print(f"FAILED: {type(exc).__name__}: {exc}", file=sys.stderr)
         sys.exit(1)
