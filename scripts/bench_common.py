@@ -26,24 +26,34 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tests.sshfleet import FleetError, SSHFleet, unavailable_reason  # noqa: E402
+from tests.sshfleet import (  # noqa: E402
+    FIRST_HOST_OCTET,
+    MAX_HOSTS,
+    FleetError,
+    SSHFleet,
+    unavailable_reason,
+)
 
 __all__ = [
+    "IDLE_START_S",
     "REPO",
     "BenchFailure",
     "FleetError",
     "SSHFleet",
     "Sample",
     "Series",
+    "check_hosts",
     "cluster_yaml",
     "deadline",
     "load_note",
+    "load_scale",
     "measure",
     "node_python",
     "paired_ratio",
     "print_table",
     "ratio",
     "require_fleet",
+    "scaled_deadline",
 ]
 
 
@@ -119,6 +129,49 @@ def load_note() -> str:
     return f"load average {one:.1f} {five:.1f} {fifteen:.1f} on {os.cpu_count()} cores"
 
 
+IDLE_START_S = 0.025
+"""Wall seconds of ``python3 -c pass`` on an idle machine of this kind: the load reference."""
+LOAD_SCALE_MAX = 10.0
+"""A limit grows at most tenfold with load: a hung benchmark still ends."""
+
+
+@dataclass(frozen=True)
+class LoadScale:
+    """How much slower this machine runs now than idle, and the two measures behind it."""
+
+    factor: float
+    start_s: float  # median wall of `python -c pass`, measured now
+    load_per_core: float  # 1-minute load average over the core count
+
+    def describe(self) -> str:
+        return (f"load factor {self.factor:.2f} (python -c pass {self.start_s * 1000:.0f} ms "
+                f"against {IDLE_START_S * 1000:.0f} ms idle; 1-min load {self.load_per_core:.2f} "
+                "per core)")
+
+
+def load_scale(runs: int = 5) -> LoadScale:
+    """Measure the machine's slowdown now: max(1, interpreter start / idle start, load/core)."""
+    import subprocess
+    walls = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "pass"], check=True, timeout=60)
+        walls.append(time.perf_counter() - t0)
+    start = statistics.median(walls)
+    per_core = os.getloadavg()[0] / (os.cpu_count() or 1)
+    factor = min(LOAD_SCALE_MAX, max(1.0, start / IDLE_START_S, per_core))
+    return LoadScale(factor, start, per_core)
+
+
+@contextlib.contextmanager
+def scaled_deadline(base_s: float, scale: LoadScale) -> Iterator[None]:
+    """``deadline`` of ``base_s`` (an idle machine's limit) times the load factor; says so."""
+    limit = math.ceil(base_s * scale.factor)
+    print(f"time limit {limit} s = {base_s:g} s (idle) x {scale.describe()}", flush=True)
+    with deadline(limit):
+        yield
+
+
 def ratio(a: float, b: float) -> str:
     """``a / b`` formatted as ``1.23x`` (``n/a`` when b is zero)."""
     return f"{a / b:.2f}x" if b > 0 and not math.isnan(a) else "n/a"
@@ -161,6 +214,15 @@ def require_fleet() -> None:
     why = unavailable_reason()
     if why is not None:
         print(f"cannot run: {why}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def check_hosts(n: int) -> None:
+    """Exit 2 with one line when ``--hosts`` is outside what the loopback fleet can start."""
+    if not 1 <= n <= MAX_HOSTS:
+        last = FIRST_HOST_OCTET + MAX_HOSTS - 1
+        print(f"--hosts {n}: at most {MAX_HOSTS} hosts (the loopback fleet runs 1..{MAX_HOSTS} "
+              f"sshd hosts on 127.0.0.{FIRST_HOST_OCTET}..127.0.0.{last})", file=sys.stderr)
         raise SystemExit(2)
 
 

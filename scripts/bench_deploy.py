@@ -44,13 +44,15 @@ from bench_common import (
     FleetError,
     Series,
     SSHFleet,
-    deadline,
+    check_hosts,
     load_note,
+    load_scale,
     measure,
     paired_ratio,
     print_table,
     ratio,
     require_fleet,
+    scaled_deadline,
 )
 
 from infra.config.model import HealthCheckSection, NodeConfig
@@ -66,7 +68,9 @@ from infra.runner.deploy import (
 SEED = 20240601
 LARGE_FILES = 20
 METHOD_TIMEOUT_S = 120
-BENCH_LIMIT_S = 170
+BENCH_LIMIT_IDLE_S = 120
+"""Time limit on an idle machine at the default sizes (10 hosts, 3,000 files, 2 cold and 3
+other rounds); it grows with the sizes asked for and with the load factor measured at start."""
 CHANGED = 10
 
 _WORDS = ("experiment", "node", "cluster", "deploy", "rsync", "probe", "memory", "gpu",
@@ -328,7 +332,9 @@ def main() -> int:
                         help="timed rounds of the unchanged and changed cases")
     parser.add_argument("--cold-repeat", type=int, default=2, help="timed cold rounds")
     args = parser.parse_args()
+    check_hosts(args.hosts)
     require_fleet()
+    scale = load_scale()
     if args.repeat < 1 or args.cold_repeat < 1:
         parser.error("--repeat and --cold-repeat must be at least 1")
     if args.files < LARGE_FILES + CHANGED * args.repeat:
@@ -361,7 +367,9 @@ def main() -> int:
                   f"{args.repeat} unchanged and changed rounds, order rotating", flush=True)
             bench = Bench(fleet, source, args.files, small, errdir, version)
             try:
-                with deadline(BENCH_LIMIT_S):  # the fleet's teardown stays outside the alarm
+                size = max(1.0, args.hosts * args.files / 30000) * \
+                    max(1.0, (args.repeat + args.cold_repeat) / 5)
+                with scaled_deadline(BENCH_LIMIT_IDLE_S * size, scale):  # teardown outside
                     bench.run(args.repeat, args.cold_repeat)
             finally:
                 t0 = time.monotonic()

@@ -28,13 +28,15 @@ from bench_common import (
     FleetError,
     Series,
     SSHFleet,
-    deadline,
+    check_hosts,
     load_note,
+    load_scale,
     measure,
     paired_ratio,
     print_table,
     ratio,
     require_fleet,
+    scaled_deadline,
 )
 from bench_deploy import change_files, make_tree
 
@@ -65,13 +67,20 @@ def main() -> int:
     parser.add_argument("--files", type=int, default=3000)
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
+    check_hosts(args.hosts)
+    if args.repeat < 1 or args.files < args.repeat * 5 + 1:
+        print("--repeat must be at least 1 and --files above 5 per round", file=sys.stderr)
+        return 2
     require_fleet()
+    scale = load_scale()
+    # 100 s on an idle machine at the defaults (3 hosts, 3,000 files, 5 rounds), then scaled
+    size = max(1.0, args.hosts * args.files / 9000) * max(1.0, args.repeat / 5)
     work = Path(tempfile.mkdtemp(prefix="bench-deploy-check-"))
     try:
         source = work / "src"
         small, total = make_tree(source, args.files, random.Random(SEED))
         print(f"tree: {args.files} files, {total / 1e6:.1f} MB; {load_note()}")
-        with deadline(300), SSHFleet.start(args.hosts, work / "fleet") as fleet:
+        with scaled_deadline(100 * size, scale), SSHFleet.start(args.hosts, work / "fleet") as fleet:
             health = fleet.health_section()
             nodes = {m: [fleet.node_config(h, remote_work_dir=str(h.home / f"bench-{i}"))
                          for h in fleet.hosts] for i, m in enumerate(METHODS)}

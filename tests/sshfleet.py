@@ -37,7 +37,8 @@ from infra.config.model import HealthCheckSection, NodeConfig
 
 SSHD = "/usr/sbin/sshd"
 FIRST_HOST_OCTET = 21
-MAX_HOSTS = 40
+MAX_HOSTS = 64
+"""Hosts 127.0.0.21 .. 127.0.0.84: all of 127.0.0.0/8 reaches loopback on Linux."""
 GECOS_TAG = "infra-fleet"
 _START_ATTEMPTS = 20
 _READY_TIMEOUT_S = 10.0

@@ -6,7 +6,13 @@ anything else is a bug and may show a traceback.
 
 from __future__ import annotations
 
-import asyncio
+import sys
+
+if sys.version_info >= (3, 11):  # asyncio.TimeoutError is the builtin: no asyncio import
+    _AsyncTimeout = TimeoutError
+else:  # pragma: no cover - Python 3.10
+    import asyncio
+    _AsyncTimeout = asyncio.TimeoutError
 
 
 class InfraError(Exception):
@@ -84,7 +90,7 @@ class HostKeyError(TransportError):
     """The node's host key is unknown or changed; we refuse to talk to it."""
 
 
-class TransportTimeoutError(TransportError, asyncio.TimeoutError):
+class TransportTimeoutError(TransportError, _AsyncTimeout):
     """An operation on a node took longer than allowed."""
 
 

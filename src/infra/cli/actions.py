@@ -6,12 +6,11 @@ does its work with asyncio, and renders through ``infra.cli.views``.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, TypeVar
@@ -30,6 +29,12 @@ from infra.campaign.table import (
 )
 from infra.campaign.table import to_json as table_json
 from infra.cli import views
+from infra.cli.health import (
+    probe_nodes,
+    report_new_host_keys,
+    run_async,
+    with_accept_new,
+)
 from infra.config import Cluster, ExperimentSpec
 from infra.errors import (
     BadAnswerError,
@@ -44,7 +49,6 @@ from infra.monitor.loop import Monitor, MonitorOutcome
 from infra.monitor.saved import SavedState
 from infra.placement import Condition, NodeCondition
 from infra.probe.health import NodeHealth, NodeStatus
-from infra.probe.run import check_health
 from infra.runner.campaign import CampaignDriver, is_queued_work, never_fits, rerun_failed
 from infra.runner.claims import claims_of, occupied_work
 from infra.runner.deploy import DeployResult, deploy_all
@@ -69,57 +73,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
-def with_accept_new(cluster: Cluster, accept_new: bool) -> Cluster:
-    """The cluster with first-contact host keys accepted when the flag asks for it."""
-    if not accept_new:
-        return cluster
-    return dataclasses.replace(cluster, health_check=dataclasses.replace(
-        cluster.health_check, accept_new_host_keys=True))
-
-
-def run_async(factory: Callable[[], Awaitable[T]]) -> T:
-    """Run the command's coroutine. After Ctrl-C the processes it started are killed, but
-    asyncio may still report their transports as collected after the loop closed: noise that
-    must not look like a crash ("Event loop is closed"), so it is not printed."""
-    try:
-        return asyncio.run(factory())  # type: ignore[arg-type]
-    except KeyboardInterrupt:
-        quiet_closed_loop_noise()
-        raise
-
-
-def quiet_closed_loop_noise() -> None:
-    """Drop asyncio's leftovers of an interrupted loop: unraisable 'Event loop is closed'
-    from transport finalizers, and the child watcher's 'loop ... is closed' warnings."""
-    import logging
-    logging.getLogger("asyncio").setLevel(logging.ERROR + 10)
-    previous = sys.unraisablehook
-
-    def hook(unraisable: sys.UnraisableHookArgs) -> None:
-        exc = unraisable.exc_value
-        if isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc):
-            return
-        previous(unraisable)
-
-    sys.unraisablehook = hook
-
-
 # --------------------------------------------------------------------------- health
-
-async def probe_nodes(cluster: Cluster, pool: ConnectionPool,
-                      names: list[str] | None = None) -> dict[str, NodeHealth]:
-    """Probe enabled nodes (or the named ones) concurrently: one probe call per node."""
-    nodes = [n for n in cluster.nodes if (n.enabled if names is None else n.name in names)]
-    timeout = cluster.health_check.timeout_seconds
-
-    async def one(node_name: str) -> NodeHealth:
-        node = cluster.node(node_name)
-        transport = await pool.get(node)
-        return await check_health(transport, node, cluster.health_check.checks, timeout)
-
-    results = await asyncio.gather(*(one(n.name) for n in nodes))
-    return {h.node: h for h in results}
-
 
 def conditions_from(health: dict[str, NodeHealth]) -> dict[str, NodeCondition]:
     mapping = {NodeStatus.HEALTHY: Condition.HEALTHY, NodeStatus.DEGRADED: Condition.DEGRADED,
@@ -129,55 +83,12 @@ def conditions_from(health: dict[str, NodeHealth]) -> dict[str, NodeCondition]:
             for name, h in health.items()}
 
 
-def report_new_host_keys(c: Ctx) -> None:
-    """Show every host key recorded on first contact (accept-new), so it can be checked."""
-    from infra.transport.ssh import RECORDED_KEYS
-    while RECORDED_KEYS:
-        key = RECORDED_KEYS.pop(0)
-        c.err.print(f"[yellow]new host key recorded[/] for {escape(key.host)} in "
-                    f"{escape(key.known_hosts)}: {key.algorithm} {key.fingerprint} "
-                    "(compare with `ssh-keygen -lf /etc/ssh/ssh_host_*_key.pub` on the node)",
-                    soft_wrap=True)
-
-
 def probing(c: Ctx, cluster: Cluster) -> AbstractContextManager[object]:
     """A spinner line on stderr while the enabled nodes are probed (none with --json)."""
     if c.json_out:
         return contextlib.nullcontext()
     enabled = sum(1 for n in cluster.nodes if n.enabled)
     return c.err.status(f"probing {enabled} node(s) and reading their claims...")
-
-
-def do_health_check(c: Ctx, cluster: Cluster, accept_new: bool) -> None:
-    cluster = with_accept_new(cluster, accept_new)
-    enabled = [n for n in cluster.nodes if n.enabled]
-    if not enabled:
-        raise UsageError(f"{cluster.path}: no node is enabled")
-
-    async def go() -> dict[str, NodeHealth]:
-        async with ConnectionPool(cluster) as pool:
-            return await probe_nodes(cluster, pool)
-
-    started = time.monotonic()
-    try:
-        if c.json_out:
-            health = run_async(go)
-        else:
-            with c.err.status(f"probing {len(enabled)} node(s)..."):
-                health = run_async(go)
-    finally:
-        report_new_host_keys(c)
-    elapsed = time.monotonic() - started
-    if c.json_out:
-        c.emit_json({"nodes": {name: views.health_json(h) for name, h in health.items()},
-                     "ok": all(h.reachable for h in health.values()),
-                     "seconds": round(elapsed, 3)})
-    else:
-        c.console.print(views.health_table(cluster, health))
-    down = [n for n, h in health.items() if not h.reachable]
-    if down:
-        raise InfraError(f"{len(down)} of {len(health)} enabled node(s) unavailable: "
-                         + ", ".join(f"{n} ({health[n].error})" for n in down))
 
 
 # --------------------------------------------------------------------------- deploy

@@ -8,33 +8,25 @@ becomes one line on stderr and a non-zero exit code; user mistakes never print a
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import click
-from rich.console import Console
 
-from infra.campaign.sweep import expand_all
-from infra.cli import views
-from infra.cli.params import GRACE_MAX_SECONDS, WATCH_MAX_SECONDS, Seconds
-from infra.config import (
-    Cluster,
-    ExperimentSpec,
-    check_spec_set,
-    load_cluster,
-    load_spec,
-    parse_pins,
-)
-from infra.config.model import JobType, Strategy
-from infra.config.reader import check_path_text
+from infra import __version__
+from infra.cli.params import GRACE_MAX_SECONDS, STRATEGY_CHOICES, WATCH_MAX_SECONDS, Seconds
 from infra.errors import InfraError, PlacementError, UsageError
-from infra.placement import Plan, plan, why_not
-from infra.placement.jobs import expand_system_jobs
+
+if TYPE_CHECKING:  # the heavy modules load inside the commands that need them (fast --help)
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from infra.config import Cluster, ExperimentSpec
+    from infra.placement import Plan
 
 DEFAULT_CLUSTER_CONFIG = "cluster_config.yaml"
 SPEC_SUFFIXES = (".json", ".yaml", ".yml")
@@ -48,26 +40,37 @@ class Ctx:
     json_out: bool = False
     accept_new: bool = False  # --accept-new-host-keys: record first-contact host keys
     yes: bool = False  # --yes: deploys may delete more than deploy.max_deletes files
-    console: Console = field(default_factory=lambda: Console(highlight=False))
-    err: Console = field(default_factory=lambda: Console(stderr=True, highlight=False))
+    console: Console = field(default_factory=lambda: _console())
+    err: Console = field(default_factory=lambda: _console(stderr=True))
     _cluster: Cluster | None = None
 
     @property
     def cluster(self) -> Cluster:
         if self._cluster is None:
+            from infra.config import load_cluster
             cluster = load_cluster(self.cluster_config)
             if self.accept_new:
-                from infra.cli.actions import with_accept_new
+                from infra.cli.health import with_accept_new
                 cluster = with_accept_new(cluster, True)
             self._cluster = cluster
         return self._cluster
 
     def emit_json(self, document: Any) -> None:
+        import json
         click.echo(json.dumps(document, indent=2, sort_keys=False, default=str))
+
+
+def _console(stderr: bool = False) -> Console:
+    """A rich console without highlighting (rich loads only when a command prints)."""
+    from rich.console import Console
+    return Console(stderr=stderr, highlight=False)
 
 
 def find_cluster_config(explicit: str | None) -> str:
     """The topology file: the flag, else $INFRA_CLUSTER_CONFIG, else ./cluster_config.yaml."""
+    from pathlib import Path
+
+    from infra.config.reader import check_path_text
     if explicit is not None:
         return check_path_text("--cluster-config", explicit)
     env = os.environ.get("INFRA_CLUSTER_CONFIG")
@@ -82,6 +85,9 @@ def find_cluster_config(explicit: str | None) -> str:
 def expand_spec_paths(paths: Sequence[str], skip: Path | None = None) -> list[Path]:
     """``--config`` takes files or directories (every *.json / *.yaml inside, except the
     cluster config itself)."""
+    from pathlib import Path
+
+    from infra.config.reader import check_path_text
     out: list[Path] = []
     for raw in paths:
         p = Path(check_path_text("--config", raw))
@@ -102,6 +108,8 @@ def expand_spec_paths(paths: Sequence[str], skip: Path | None = None) -> list[Pa
 
 def load_specs(cluster: Cluster, paths: Sequence[str]) -> tuple[ExperimentSpec, ...]:
     """Every spec of ``paths``, sweeps expanded into their tasks, checked as one set."""
+    from infra.campaign.sweep import expand_all
+    from infra.config import check_spec_set, load_spec
     specs = [load_spec(p, cluster) for p in expand_spec_paths(paths, skip=cluster.path)]
     return check_spec_set(expand_all(specs, cluster.campaigns.max_tasks))
 
@@ -113,6 +121,10 @@ def make_plan(cluster: Cluster, specs: tuple[ExperimentSpec, ...], placement: st
 
     Returns the plan and the specs it placed (system jobs replaced by their copies).
     """
+    from infra.config import parse_pins
+    from infra.config.model import JobType
+    from infra.placement import plan
+    from infra.placement.jobs import expand_system_jobs
     pins = parse_pins(placement, cluster, specs)
     system = [s.experiment_id for s in specs if s.job_type in (JobType.SYSTEM, JobType.SYSBATCH)]
     pinned_system = sorted(set(system) & set(pins))
@@ -160,6 +172,7 @@ UNREACHABLE_FIX = ("a node that cannot be reached takes no work, not even with -
 
 def plan_failure(result: Plan) -> PlacementError:
     """One line: what could not be placed and why, with the fix that applies."""
+    from infra.placement import why_not
     parts = [f"{i} pinned to {r}" for i, r in result.pin_errors.items()]
     parts += [f"cannot place {i} ({why_not(result, i)})" for i in result.unplaced]
     reasons = [r.split(" ", 1)[1] if " " in r else r for r in result.pin_errors.values()]
@@ -185,7 +198,7 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 
               help="Experiment spec file or directory (repeatable).")
 @click.option("--placement", metavar="ID:NODE,...", help="Pin instances to nodes.")
 @click.option("--auto-place", is_flag=True, help="Let the scheduler place unpinned instances.")
-@click.option("--strategy", type=click.Choice([s.value for s in Strategy]), default=None,
+@click.option("--strategy", type=click.Choice(STRATEGY_CHOICES), default=None,
               help="Placement strategy (default: placement.strategy in the config, else score).")
 @click.option("--force", is_flag=True, help="Accept pins that break hard constraints.")
 @click.option("--dry-run", is_flag=True, help="Show the plan (or deploy changes); change nothing.")
@@ -202,7 +215,9 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 
               help="Deploy even when it deletes more than deploy.max_deletes files on a node.")
 @click.option("--tag", "tags", multiple=True, metavar="NAME",
               help="Label the run (repeatable); shown by `runs`, `show` and `compare`.")
-@click.version_option(package_name="lab-orchestrator", prog_name="cluster-experiment")
+# the version as a constant (a test checks it against the installed metadata): looking it up
+# with importlib.metadata costs --version more than the rest of its start-up
+@click.version_option(version=__version__, prog_name="cluster-experiment")
 @click.pass_context
 def cli(ctx: click.Context, cluster_config: str | None, validate_config: bool,
         health_check: bool, deploy_all: bool, configs: tuple[str, ...], placement: str | None,
@@ -220,6 +235,8 @@ def cli(ctx: click.Context, cluster_config: str | None, validate_config: bool,
     if not (validate_config or health_check or deploy_all or configs):
         click.echo(ctx.get_help())
         return
+    from infra.config import parse_pins
+    from infra.config.model import Strategy
     c = Ctx(find_cluster_config(cluster_config), json_out=json_out,
             accept_new=accept_new_host_keys, yes=yes)
     ctx.obj = c
@@ -235,7 +252,7 @@ def cli(ctx: click.Context, cluster_config: str | None, validate_config: bool,
         if not (health_check or deploy_all):
             return
     if health_check:
-        from infra.cli.actions import do_health_check
+        from infra.cli.health import do_health_check
         do_health_check(c, cluster, accept_new_host_keys)
     if deploy_all:
         from infra.cli.actions import do_deploy_all
@@ -283,6 +300,7 @@ def check_tags(tags: Sequence[str]) -> tuple[str, ...]:
 
 
 def do_validate(c: Ctx, cluster: Cluster, specs: tuple[ExperimentSpec, ...]) -> None:
+    from infra.cli import views
     from infra.config.keyfiles import check_key_files
     check_key_files(cluster)
     if c.json_out:
@@ -312,6 +330,7 @@ def do_validate(c: Ctx, cluster: Cluster, specs: tuple[ExperimentSpec, ...]) -> 
 def show_plan(c: Ctx, result: Plan, *, explain: bool, dry_run: bool,
               queued: Sequence[ExperimentSpec] = (),
               waves: Mapping[str, Mapping[str, int]] | None = None) -> None:
+    from infra.cli import views
     if c.json_out:
         doc = views.plan_json(result)
         doc["dry_run"] = dry_run
@@ -515,6 +534,9 @@ def report(c: Ctx, run_id: str | None, out: str | None, mlflow_uri: str | None,
 
     The HTML needs the report extra (plotly); the file makes no network request when opened.
     """
+    from pathlib import Path
+
+    from infra.config.reader import check_path_text
     c.json_out = c.json_out or json_out
     if mlflow_uri is None or out is not None:
         from infra.cli.actions import do_report_html

@@ -6,36 +6,23 @@ probe never clears maintenance or draining.
 
 from __future__ import annotations
 
-import asyncio
 import re
 import time
 from typing import TYPE_CHECKING, Any
 
 import click
-from rich.table import Table
 
 from infra.cli.params import GRACE_MAX_SECONDS, Seconds
-from infra.config import Cluster
 from infra.errors import InfraError, UsageError
-from infra.placement.snapshot import demand_on
-from infra.runner.claims import OccupiedWork, claims_of, occupied_work
-from infra.runner.lifecycle import RunSession
-from infra.runner.nodeops import (
-    ActionKind,
-    DrainReport,
-    admin_conditions,
-    admin_summary,
-    drain_pass,
-    merge_conditions,
-    reconcile_node,
-)
-from infra.runner.supervisor_client import Claim
-from infra.state import Store
-from infra.state.store import AdminState
-from infra.transport.pool import ConnectionPool
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # loaded by the commands themselves, so that ``--help`` stays fast
     from infra.cli.main import Ctx
+    from infra.config import Cluster
+    from infra.runner.claims import OccupiedWork
+    from infra.runner.nodeops import DrainReport
+    from infra.state import Store
+    from infra.state.store import AdminState
+    from infra.transport.pool import ConnectionPool
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd]?)$")
 DEADLINE_MAX_SECONDS = 30 * 86400.0
@@ -55,6 +42,7 @@ def parse_duration(text: str, flag: str = "--deadline") -> float:
 
 
 def _store(cluster: Cluster) -> Store:
+    from infra.state import Store
     return Store.for_log_dir(cluster.log_dir)
 
 
@@ -67,6 +55,12 @@ def _held_work(cluster: Cluster, store: Store,
                refresh: bool) -> tuple[list[OccupiedWork], dict[str, str]]:
     """Work holding capacity per node: the enabled nodes' own claims (any coordinator's),
     this store's records for nodes that could not be asked; and those nodes' errors."""
+    import asyncio
+
+    from infra.runner.claims import claims_of, occupied_work
+    from infra.runner.lifecycle import RunSession
+    from infra.runner.supervisor_client import Claim
+    from infra.transport.pool import ConnectionPool
     stored = store.active_instances()
     if not refresh:
         return occupied_work(cluster, {}, stored), {}
@@ -89,7 +83,9 @@ def _source(name: str, enabled: bool, refresh: bool, unreachable: dict[str, str]
 
 async def _conditions(cluster: Cluster, store: Store,
                       pool: ConnectionPool) -> dict[str, Any]:
-    from infra.cli.actions import conditions_from, probe_nodes
+    from infra.cli.actions import conditions_from
+    from infra.cli.health import probe_nodes
+    from infra.runner.nodeops import admin_conditions, merge_conditions
     health = await probe_nodes(cluster, pool)
     return merge_conditions(conditions_from(health), admin_conditions(cluster, store))
 
@@ -123,6 +119,9 @@ REFRESH = click.option("--refresh/--no-refresh", default=True, show_default=True
 @click.pass_obj
 def node_list(c: Ctx, json_out: bool, refresh: bool) -> None:
     """Every node: health state, operator state, eligibility, active work."""
+    from rich.table import Table
+
+    from infra.state.store import AdminState
     cluster = c.cluster
     store = _store(cluster)
     health = store.node_states()
@@ -168,6 +167,7 @@ def node_list(c: Ctx, json_out: bool, refresh: bool) -> None:
 @click.pass_obj
 def maintenance(c: Ctx, name: str, enable: bool, reason: str) -> None:
     """Stop (or resume) new placements on a node; its current work stays where it is."""
+    from infra.state.store import AdminState
     if enable:
         _set_admin(c, name, AdminState.MAINTENANCE, False, reason, "maintenance enabled")
     else:
@@ -175,6 +175,7 @@ def maintenance(c: Ctx, name: str, enable: bool, reason: str) -> None:
 
 
 def _print_drain(c: Ctx, report: DrainReport, dry_run: bool) -> None:
+    from rich.table import Table
     table = Table(title=f"Drain {report.node}" + (" (dry run)" if dry_run else ""),
                   title_justify="left")
     for col in ("run", "instance", "action", "detail"):
@@ -198,6 +199,12 @@ def _print_drain(c: Ctx, report: DrainReport, dry_run: bool) -> None:
 def drain(c: Ctx, name: str, reason: str, deadline: str, dry_run: bool, wait: bool,
           grace: float, json_out: bool) -> None:
     """Mark a node draining (no new work) and move its work off (reference semantics)."""
+    import asyncio
+
+    from infra.runner.lifecycle import RunSession
+    from infra.runner.nodeops import ActionKind, drain_pass
+    from infra.state.store import AdminState
+    from infra.transport.pool import ConnectionPool
     cluster = c.cluster
     _node(cluster, name)
     seconds = parse_duration(deadline)
@@ -260,6 +267,7 @@ def drain(c: Ctx, name: str, reason: str, deadline: str, dry_run: bool, wait: bo
 @click.pass_obj
 def undrain(c: Ctx, name: str, reason: str, mark_eligible: bool) -> None:
     """Cancel a drain (the node stays in maintenance unless --mark-eligible)."""
+    from infra.state.store import AdminState
     if mark_eligible:
         _set_admin(c, name, AdminState.NONE, True, reason, "undrained and eligible")
     else:
@@ -274,7 +282,12 @@ def undrain(c: Ctx, name: str, reason: str, mark_eligible: bool) -> None:
 @click.pass_obj
 def reconcile(c: Ctx, name: str, reason: str, dry_run: bool) -> None:
     """Check the work placed on a node; recover it by policy if the node is gone (JSON)."""
-    from infra.cli.actions import probe_nodes
+    import asyncio
+
+    from infra.cli.health import probe_nodes
+    from infra.runner.lifecycle import RunSession
+    from infra.runner.nodeops import reconcile_node
+    from infra.transport.pool import ConnectionPool
     cluster = c.cluster
     _node(cluster, name)
     store = _store(cluster)
@@ -308,6 +321,10 @@ def resource() -> None:
 @click.pass_obj
 def resource_list(c: Ctx, json_out: bool, refresh: bool) -> None:
     """Per node and in total: capacity, what active work holds, what is free, eligibility."""
+    from rich.table import Table
+
+    from infra.placement.snapshot import demand_on
+    from infra.runner.nodeops import admin_summary
     cluster = c.cluster
     store = _store(cluster)
     held: dict[str, dict[str, float]] = {}

@@ -45,3 +45,6 @@ WATCH_MAX_SECONDS = 30 * 86400.0
 """--monitor-duration / --duration: at most 30 days."""
 GRACE_MAX_SECONDS = 3600.0
 """--grace: at most an hour between SIGTERM and SIGKILL."""
+STRATEGY_CHOICES = ("score", "binpack", "spread")
+"""--strategy: the values of ``config.model.Strategy``, spelled here so that ``--help`` need
+not load the config package (a test checks that the two agree)."""

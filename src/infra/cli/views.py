@@ -9,27 +9,26 @@ import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich import box
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from infra.campaign.summary import CampaignSummary, shown_rows, summarize
-from infra.config.model import Cluster, ExperimentSpec
-from infra.dashboard.render import format_duration
 from infra.errors import DeployRefused, InfraError
-from infra.placement import NodeEvaluation, Plan, ScorePart, why_not
-from infra.probe.health import NodeHealth
-from infra.runner.deploy import DeployResult
-from infra.runner.lifecycle import StopReport
-from infra.runner.prune import PruneReport
-from infra.runner.results import ResultsFetch
-from infra.runner.supervisor_client import PrunedRun
-from infra.runner.telemetry_home import last_sample
-from infra.state import InstanceRecord, PoolRecord, RunRecord
-from infra.telemetry.files import telemetry_path
+
+if TYPE_CHECKING:  # the renderers' inputs; their modules load with the commands that use them
+    from infra.campaign.summary import CampaignSummary
+    from infra.config.model import Cluster, ExperimentSpec
+    from infra.placement import NodeEvaluation, Plan, ScorePart
+    from infra.probe.health import NodeHealth
+    from infra.runner.deploy import DeployResult
+    from infra.runner.lifecycle import StopReport
+    from infra.runner.prune import PruneReport
+    from infra.runner.results import ResultsFetch
+    from infra.runner.supervisor_client import PrunedRun
+    from infra.state import InstanceRecord, PoolRecord, RunRecord
 
 
 def _num(value: float) -> str:
@@ -86,6 +85,7 @@ def _ids(ids: tuple[str, ...], limit: int = 4) -> str:
 
 
 def plan_table(plan: Plan) -> Table:
+    from infra.placement import why_not
     table = Table(title="Placement plan", title_justify="left")
     for col in ("instance", "node", "score", "how"):
         table.add_column(col)
@@ -195,6 +195,7 @@ def explain(plan: Plan) -> RenderableType:
 
 def plan_json(plan: Plan) -> dict[str, Any]:
     """The plan as JSON: ``placements`` maps instance -> node; per-instance node details."""
+    from infra.placement import why_not
     instances: dict[str, Any] = {}
     by_id = {p.instance_id: p for p in plan.placements}
     for instance, evals in plan.evaluations.items():
@@ -309,6 +310,7 @@ def over_limit(r: DeployResult, max_deletes: int | None) -> bool:
 def deletions_text(results: Mapping[str, DeployResult | InfraError],
                    max_deletes: int | None) -> Text:
     """A dry run's full list of what ``--delete`` would remove, per node (plain text)."""
+    from infra.runner.deploy import DeployResult
     text = Text()
     for node, r in results.items():
         if isinstance(r, DeployResult) and r.stats is not None and r.stats.deleted:
@@ -349,6 +351,8 @@ def _ended(rec: InstanceRecord) -> str:
 
 
 def instances_table(run: RunRecord, records: list[InstanceRecord]) -> Table:
+    from infra.campaign.summary import shown_rows
+    from infra.dashboard.render import format_duration
     stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.created_at))
     table = Table(title=f"Run {run.run_id} ({run.state.value}, started {stamp})",
                   title_justify="left")
@@ -442,6 +446,8 @@ def campaign_block(summaries: Sequence[CampaignSummary]) -> Text:
 def telemetry_json(log_dir: Path, rec: InstanceRecord, now: float) -> dict[str, Any] | None:
     """The newest telemetry sample of an instance's home copy for ``status --json``: its
     time, age and main values (None: nothing came home yet). Only a watcher brings it home."""
+    from infra.runner.telemetry_home import last_sample
+    from infra.telemetry.files import telemetry_path
     sample = last_sample(telemetry_path(log_dir, rec.run_id, rec.instance_id))
     if sample is None:
         return None
@@ -457,6 +463,7 @@ def status_json(run: RunRecord, records: list[InstanceRecord],
                 ) -> dict[str, Any]:
     """The run and its instances as ``--json`` prints them; with ``log_dir`` each instance
     that has telemetry at home gets its newest sample under ``telemetry``."""
+    from infra.campaign.summary import summarize
     now = time.time()
     return {
         "campaigns": [c.to_json() for c in summarize(records, pools)],
@@ -627,10 +634,12 @@ def prune_lines(report: PruneReport) -> Text:
 
 
 def _gone(answer: PrunedRun | str) -> bool:
+    from infra.runner.supervisor_client import PrunedRun
     return isinstance(answer, PrunedRun) and answer.state.value in ("pruned", "would_prune")
 
 
 def _nodes_total(report: PruneReport) -> int:
+    from infra.runner.supervisor_client import PrunedRun
     return sum(a.bytes for r in report.runs for a in r.nodes.values()
                if isinstance(a, PrunedRun) and _gone(a))
 
