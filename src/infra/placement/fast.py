@@ -111,8 +111,16 @@ class _Classes:
     groups: dict[Hashable, list[int]] = field(default_factory=dict)
 
     def state_key(self, i: int) -> Hashable:
-        name = self.live.snap.nodes[i].name
+        """The node's class now. A node no instance can get (switched off, cordoned, not
+        schedulable, full) is refused by checks that read only static facts before any load
+        fact, so its load no longer splits it from its static class."""
+        node = self.live.snap.nodes[i]
+        name = node.name
         load = self.live.loads[name]
+        if (not node.enabled or not node.scheduling_eligible
+                or not self.live.snap.conditions[name].condition.schedulable
+                or load.count >= node.max_instances):
+            return (self.static[i], "dead")
         devices = self.live.devices.get(name)
         ports = self.live.ports.get(name)
         return (self.static[i], load.count, load.ram_gb, load.gpu_memory_gb, load.cpu_cores,
