@@ -133,16 +133,19 @@ class _Classes:
             self.keys.append(key)
             self.groups.setdefault(key, []).append(i)
 
-    def moved(self, i: int) -> None:
-        """Node ``i``'s load changed: move it to the group of its new state."""
+    def moved(self, i: int) -> Hashable | None:
+        """Node ``i``'s load changed: move it to the group of its new state. Returns the
+        old class's key when no node is left in it."""
         old = self.keys[i]
         members = self.groups[old]
         members.remove(i)
-        if not members:
-            del self.groups[old]
         key = self.state_key(i)
         self.keys[i] = key
         bisect.insort(self.groups.setdefault(key, []), i)
+        if not members and old != key:
+            del self.groups[old]
+            return old
+        return None
 
 
 def _judge(snap: Snapshot, node: NodeConfig, spec: ExperimentSpec,
@@ -173,6 +176,8 @@ class _Planner:
         self.classes = _Classes(self.live, static)
         self.classes.build()
         self.distinct_nodes: set[int] = set()
+        # class key -> instance shape -> verdict; a class's entry goes when it empties
+        self.memo: dict[Hashable, dict[Hashable, tuple[str | None, float]]] = {}
         for name, load in snap.loads.items():
             for iid in load.instance_ids - snap.occupied_ids:
                 peer = snap.specs.get(iid)
@@ -194,12 +199,22 @@ class _Planner:
             out |= self.distinct_nodes
         return out
 
+    @staticmethod
+    def shape(spec: ExperimentSpec) -> Hashable:
+        """What decides an instance's verdict on a node that holds none of its peers and is
+        not its preferred node: its demands and requests (its id only for port holders)."""
+        res = spec.resources
+        return (spec.ram_gb, spec.gpu_required, spec.gpu_memory_gb, spec.cpu_cores, res,
+                spec.constraints, spec.experiment_id if res.ports else None)
+
     def best(self, spec: ExperimentSpec) -> tuple[int | None, dict[str, int]]:
         """The node the reference loop would pick (or None), and rejection counts."""
         snap = self.live.snap
         special = self.special(spec)
+        shape = self.shape(spec)
+        memo = self.memo
         candidates: list[tuple[int, str | None, float, int]] = []
-        for members in self.classes.groups.values():
+        for key, members in self.classes.groups.items():
             rep = members[0]
             if special:
                 rest = [i for i in members if i not in special]
@@ -209,8 +224,14 @@ class _Planner:
                 weight = len(rest)
             else:
                 weight = len(members)
-            why, total = _judge(snap, self.nodes[rep], spec, self.checks, self.points)
-            candidates.append((rep, why, total, weight))
+            known = memo.get(key)
+            if known is None:
+                known = memo[key] = {}
+            verdict = known.get(shape)
+            if verdict is None:
+                verdict = known[shape] = _judge(snap, self.nodes[rep], spec, self.checks,
+                                                self.points)
+            candidates.append((rep, verdict[0], verdict[1], weight))
         for i in special:
             why, total = _judge(snap, self.nodes[i], spec, self.checks, self.points)
             candidates.append((i, why, total, 1))
@@ -228,7 +249,9 @@ class _Planner:
     def place(self, spec: ExperimentSpec, node: NodeConfig, alloc: Allocation) -> None:
         self.live.place(spec, node, alloc)
         i = self.index[node.name]
-        self.classes.moved(i)
+        gone = self.classes.moved(i)
+        if gone is not None:
+            self.memo.pop(gone, None)
         if _distinct(self.live.snap, spec):
             self.distinct_nodes.add(i)
 
