@@ -19,7 +19,7 @@ from infra.config.model import Cluster, ExperimentSpec, Strategy
 from infra.config.specs import check_spec_set, parse_spec
 from infra.config.topology import parse_cluster
 from infra.placement import Condition, NodeCondition, Plan, plan
-from infra.placement.fast import LazyEvaluations
+from infra.placement.fast import LazyEvaluations, _first_best
 
 CONFIG_PATH = Path("/tmp/placement-fast/cluster_config.yaml")
 SPEC_DIR = Path("/tmp/placement-fast/experiments")
@@ -173,3 +173,22 @@ def test_a_distinct_hosts_peer_splits_nodes_with_equal_loads() -> None:
     result = plan(cluster, specs, pins={"a": "n0", "b": "n1"})
     assert result.as_dict() == {"a": "n0", "b": "n1", "c": "n1"}
     assert result.rejections["c"] == {"distinct_hosts": 1}
+
+
+def reference_scan(feasible: list[tuple[int, float]]) -> int | None:
+    """The reference loop's pick: topology order, replaced only when better by > 1e-9."""
+    best: tuple[int, float] | None = None
+    for i, total in sorted(feasible):
+        if best is None or total > best[1] + 1e-9:
+            best = (i, total)
+    return None if best is None else best[0]
+
+
+@PROPS
+@given(st.lists(st.tuples(st.integers(0, 30), st.sampled_from(
+    [10.0, 10.0 + 0.6e-9, 10.0 + 1.2e-9, 10.0 - 1e-6, 10.0 - 1e-6 - 0.5e-9, 9.5, 45.0])),
+    max_size=12, unique_by=lambda c: c[0]))
+def test_first_best_is_the_reference_scan_even_with_near_ties(
+        feasible: list[tuple[int, float]]) -> None:
+    """Only the totals near the maximum are scanned, with the same chained-tie outcome."""
+    assert _first_best(list(feasible)) == reference_scan(feasible)

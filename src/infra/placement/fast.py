@@ -158,6 +158,31 @@ def _judge(snap: Snapshot, node: NodeConfig, spec: ExperimentSpec,
     return None, sum(p(snap, node, spec) for p in points)
 
 
+WINDOW = 1e-6  # totals this close to the maximum are scanned in topology order
+
+
+def _first_best(feasible: list[tuple[int, float]]) -> int | None:
+    """What the reference scan (topology order, replace only when better by > 1e-9) picks.
+
+    Only totals within WINDOW of the maximum can win, provided none lies just below the
+    window (within 1e-9 of its edge, where the scan could chain); otherwise scan them all.
+    """
+    if not feasible:
+        return None
+    top = max(t for _i, t in feasible)
+    edge = top - WINDOW
+    if any(edge - 1e-9 <= t < edge for _i, t in feasible):
+        near = feasible
+    else:
+        near = [c for c in feasible if c[1] >= edge]
+    near.sort(key=lambda c: c[0])
+    best, best_total = near[0]
+    for i, total in near[1:]:
+        if total > best_total + 1e-9:
+            best, best_total = i, total
+    return best
+
+
 class _Planner:
     """State of one fast plan: the live snapshot, node classes, distinct-hosts nodes."""
 
@@ -213,7 +238,8 @@ class _Planner:
         special = self.special(spec)
         shape = self.shape(spec)
         memo = self.memo
-        candidates: list[tuple[int, str | None, float, int]] = []
+        counts: dict[str, int] = {}
+        feasible: list[tuple[int, float]] = []
         for key, members in self.classes.groups.items():
             rep = members[0]
             if special:
@@ -231,20 +257,18 @@ class _Planner:
             if verdict is None:
                 verdict = known[shape] = _judge(snap, self.nodes[rep], spec, self.checks,
                                                 self.points)
-            candidates.append((rep, verdict[0], verdict[1], weight))
+            why = verdict[0]
+            if why is None:
+                feasible.append((rep, verdict[1]))
+            else:
+                counts[why] = counts.get(why, 0) + weight
         for i in special:
             why, total = _judge(snap, self.nodes[i], spec, self.checks, self.points)
-            candidates.append((i, why, total, 1))
-        candidates.sort(key=lambda c: c[0])
-        counts: dict[str, int] = {}
-        best: int | None = None
-        best_total = 0.0
-        for i, why, total, weight in candidates:  # strict '>' keeps the first-listed node
-            if why is not None:
-                counts[why] = counts.get(why, 0) + weight
-            elif best is None or total > best_total + 1e-9:
-                best, best_total = i, total
-        return best, counts
+            if why is None:
+                feasible.append((i, total))
+            else:
+                counts[why] = counts.get(why, 0) + 1
+        return _first_best(feasible), counts
 
     def place(self, spec: ExperimentSpec, node: NodeConfig, alloc: Allocation) -> None:
         self.live.place(spec, node, alloc)
