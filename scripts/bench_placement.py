@@ -9,6 +9,11 @@ Part B solves many small capacity-tight cases exactly with ``scipy.optimize.milp
     python scripts/bench_placement.py --sizes 1000x100 --cases 50
     python scripts/bench_placement.py --profile 2000x200   # cProfile top 10 of one run
 
+Part A runs a first-fit-decreasing baseline (RAM, GPU, cores, max_instances, anti-affinity)
+on the same inputs in the same process and prints plan()'s CPU time, its peak Python heap
+(tracemalloc, a second run; ``--no-memory`` skips it) and the ratio to FFD, then PASS/FAIL
+lines against the targets (<= 20x FFD at every size; 10,000 x 1,000 under 2 s, 300 MB).
+
 Everything is seeded and deterministic; inputs go through the real parsers.
 """
 
@@ -27,6 +32,7 @@ import resource
 import statistics
 import sys
 import time
+import tracemalloc
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,20 +120,77 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def scale_run(instances: int, nodes: int, seed: int) -> dict[str, float]:
+def ffd(cluster: Cluster, specs: tuple[ExperimentSpec, ...]) -> dict[str, str]:
+    """Baseline: first-fit-decreasing on RAM over enabled nodes in topology order, with the
+    GPU, GPU memory, cores, max_instances and (two-way) anti-affinity checks."""
+    nodes = [n for n in cluster.nodes if n.enabled]
+    ram = {n.name: 0.0 for n in nodes}
+    gpu = {n.name: 0.0 for n in nodes}
+    cores = {n.name: 0.0 for n in nodes}
+    here: dict[str, set[str]] = {n.name: set() for n in nodes}
+    anti: dict[str, set[str]] = {}
+    for s in specs:
+        for peer in s.anti_affinity:
+            anti.setdefault(s.experiment_id, set()).add(peer)
+            anti.setdefault(peer, set()).add(s.experiment_id)
+    where: dict[str, str] = {}
+    for s in sorted(specs, key=lambda x: (-x.ram_gb, x.experiment_id)):
+        avoid = anti.get(s.experiment_id, set())
+        for n in nodes:
+            name = n.name
+            if len(here[name]) >= n.max_instances or (s.gpu_required and not n.gpu):
+                continue
+            if ram[name] + ram_on(n, s) > n.available_ram_gb + 1e-9:
+                continue
+            g = s.gpu_memory_gb if s.gpu_required and not n.unified_memory else 0.0
+            if g and gpu[name] + g > n.gpu_memory_gb + 1e-9:
+                continue
+            if s.cpu_cores > 0 and cores[name] + s.cpu_cores > n.cpu_cores + 1e-9:
+                continue
+            if avoid & here[name]:
+                continue
+            ram[name] += ram_on(n, s)
+            gpu[name] += g
+            cores[name] += s.cpu_cores
+            here[name].add(s.experiment_id)
+            where[s.experiment_id] = name
+            break
+    return where
+
+
+def timed(fn: Any, *args: Any) -> tuple[Any, float, float]:
+    """(result, wall s, CPU s) of one call, after a garbage collection."""
+    gc.collect()
+    w0, c0 = time.perf_counter(), time.process_time()
+    out = fn(*args)
+    return out, time.perf_counter() - w0, time.process_time() - c0
+
+
+def traced_peak_mb(fn: Any, *args: Any) -> float:
+    """Peak Python heap (tracemalloc) of one more call, in MB: what the call itself holds."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        fn(*args)
+        return tracemalloc.get_traced_memory()[1] / 1e6
+    finally:
+        tracemalloc.stop()
+
+
+def scale_run(instances: int, nodes: int, seed: int, memory: bool) -> dict[str, float]:
     rng = random.Random(seed)
     t0 = time.perf_counter()
     cluster = big_cluster(rng, nodes)
     specs = big_specs(rng, cluster, instances)
     build_s = time.perf_counter() - t0
-    gc.collect()
-    w0, c0 = time.perf_counter(), time.process_time()
-    result = plan(cluster, specs)
-    wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+    baseline, _ffd_wall, ffd_cpu = timed(ffd, cluster, specs)
+    result, wall, cpu = timed(plan, cluster, specs)
     check_hard_constraints(cluster, specs, result)
     return {"instances": instances, "nodes": nodes, "build_s": build_s, "wall_s": wall,
             "cpu_s": cpu, "per_s": instances / wall, "placed": len(result.placements),
-            "unplaced": len(result.unplaced), "rss_mb": peak_rss_mb()}
+            "unplaced": len(result.unplaced), "rss_mb": peak_rss_mb(),
+            "ffd_cpu_s": ffd_cpu, "ffd_placed": len(baseline),
+            "peak_mb": traced_peak_mb(plan, cluster, specs) if memory else float("nan")}
 
 
 def check_hard_constraints(cluster: Cluster, specs: tuple[ExperimentSpec, ...],
@@ -152,18 +215,47 @@ def check_hard_constraints(cluster: Cluster, specs: tuple[ExperimentSpec, ...],
                 or where[s.experiment_id] != where[peer], (s.experiment_id, peer)
 
 
-def part_a(sizes: list[tuple[int, int]], seed: int) -> None:
-    print("Part A: scale (seeded random lab mix; wall and CPU time of plan() alone)")
-    header = (f"{'instances':>9} {'nodes':>6} {'build s':>8} {'plan wall s':>11} "
-              f"{'plan cpu s':>10} {'inst/s':>8} {'placed':>7} {'unplaced':>8} {'peak RSS MB':>11}")
+CPU_TARGET_S = 2.0  # at 10,000 x 1,000
+MEMORY_TARGET_MB = 300.0
+RATIO_TARGET = 20.0  # plan() CPU / FFD CPU, every size
+
+
+def part_a(sizes: list[tuple[int, int]], seed: int, memory: bool) -> list[str]:
+    """The scale table, plan() against the FFD baseline in the same process; verdict lines."""
+    print("Part A: scale (seeded random lab mix; CPU time of plan() alone, FFD baseline "
+          "on the same inputs)")
+    header = (f"{'instances':>9} {'nodes':>6} {'plan cpu s':>10} {'ffd cpu s':>9} "
+              f"{'ratio':>7} {'placed':>7} {'ffd placed':>10} {'peak MB':>8} "
+              f"{'RSS MB':>7}")
     print(header)
     print("-" * len(header))
+    verdicts: list[str] = []
     for instances, nodes in sizes:
-        r = scale_run(instances, nodes, seed)
-        print(f"{instances:>9} {nodes:>6} {r['build_s']:>8.2f} {r['wall_s']:>11.2f} "
-              f"{r['cpu_s']:>10.2f} {r['per_s']:>8.0f} {int(r['placed']):>7} "
-              f"{int(r['unplaced']):>8} {r['rss_mb']:>11.0f}", flush=True)
+        r = scale_run(instances, nodes, seed, memory)
+        ratio = r["cpu_s"] / max(r["ffd_cpu_s"], 1e-6)
+        print(f"{instances:>9} {nodes:>6} {r['cpu_s']:>10.3f} {r['ffd_cpu_s']:>9.3f} "
+              f"{ratio:>6.1f}x {int(r['placed']):>7} {int(r['ffd_placed']):>10} "
+              f"{r['peak_mb']:>8.1f} {r['rss_mb']:>7.0f}", flush=True)
+        size = f"{instances}x{nodes}"
+        verdicts.append(verdict(ratio <= RATIO_TARGET,
+                                f"{size}: plan() CPU {ratio:.1f}x FFD (target <= "
+                                f"{RATIO_TARGET:g}x)"))
+        if (instances, nodes) == (10_000, 1_000):
+            verdicts.append(verdict(r["cpu_s"] < CPU_TARGET_S,
+                                    f"{size}: plan() CPU {r['cpu_s']:.2f} s (target < "
+                                    f"{CPU_TARGET_S:g} s)"))
+            if memory:
+                verdicts.append(verdict(r["peak_mb"] < MEMORY_TARGET_MB,
+                                        f"{size}: plan() peak {r['peak_mb']:.0f} MB "
+                                        f"(tracemalloc; target < {MEMORY_TARGET_MB:g} MB)"))
+    print("\n".join(verdicts))
     print()
+    return verdicts
+
+
+def verdict(ok: bool, text: str) -> str:
+    """One PASS/FAIL line."""
+    return f"{'PASS' if ok else 'FAIL'} {text}"
 
 
 def profile(size: tuple[int, int], seed: int) -> None:
@@ -401,6 +493,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default="1000x100,10000x1000",
                     help="comma list of INSTANCESxNODES for part A ('' to skip)")
     ap.add_argument("--cases", type=int, default=200, help="part B cases (0 to skip)")
+    ap.add_argument("--no-memory", action="store_true",
+                    help="skip the tracemalloc run of plan() (peak memory) in part A")
     ap.add_argument("--profile", default="", metavar="INSTANCESxNODES",
                     help="also print a cProfile top 10 of one plan() of this size")
     args = ap.parse_args(argv)
@@ -408,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"python {sys.version.split()[0]}, seed {args.seed}")
     print()
     if sizes:
-        part_a(sizes, args.seed)
+        part_a(sizes, args.seed, not args.no_memory)
     if args.profile:
         profile(parse_size(args.profile), args.seed)
     if args.cases:

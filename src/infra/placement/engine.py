@@ -67,6 +67,8 @@ class Plan:
     unplaced: tuple[str, ...] = ()
     pin_errors: Mapping[str, str] = field(default_factory=dict)
     strategy: Strategy = Strategy.SCORE
+    # instance -> check name -> how many nodes that check refused it on (cheap "why not")
+    rejections: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -161,7 +163,8 @@ def plan(cluster: Cluster, specs: Iterable[ExperimentSpec], *,
          occupied: Iterable[Occupied] = (),
          checks: tuple[tuple[str, Check], ...] = DEFAULT_CHECKS,
          facts: Mapping[str, NodeFacts] | None = None,
-         peers: Iterable[Occupied] = ()) -> Plan:
+         peers: Iterable[Occupied] = (),
+         reference: bool = False) -> Plan:
     """Place every spec. Pins are checked against the hard constraints unless ``force``.
 
     ``occupied`` is work already running, as (spec, node) or (spec, node, allocation): it
@@ -171,7 +174,18 @@ def plan(cluster: Cluster, specs: Iterable[ExperimentSpec], *,
     ``strategy`` overrides the config's ``placement.strategy``. ``peers`` are already placed
     instances of the same plan (a moved instance's run-mates): every check that relates
     instances of one plan (``distinct_hosts``, anti-affinity) applies to them as well.
+
+    ``reference=True`` runs the original, slow decision path (every node judged for every
+    instance, every evaluation kept); the default path makes the same decisions with node
+    classes and lazy explanations (see ``infra.placement.fast``).
     """
+    if not reference:
+        from infra.placement.fast import fast_plan, supports
+        chosen = strategy or cluster.placement.strategy
+        if supports(checks, STRATEGIES[chosen]):
+            return fast_plan(cluster, specs, pins=pins, conditions=conditions, force=force,
+                             strategy=chosen, occupied=occupied, checks=checks, facts=facts,
+                             peers=peers)
     spec_list = sorted(specs, key=lambda s: s.experiment_id)
     pins = dict(pins or {})
     chosen_strategy = strategy or cluster.placement.strategy

@@ -27,6 +27,38 @@ class ScorePart:
 
 
 Scorer = Callable[[Snapshot, NodeConfig, ExperimentSpec], ScorePart]
+Points = Callable[[Snapshot, NodeConfig, ExperimentSpec], float]
+
+
+def ram_efficiency_points(snap: Snapshot, node: NodeConfig, spec: ExperimentSpec) -> float:
+    """``ram_efficiency``'s points without its detail text (the planner's fast path)."""
+    need = demand_on(node, spec).ram_gb
+    free = snap.free_ram_gb(node)
+    util = need / free if free > 0 else float("inf")
+    return 30.0 if 0.3 <= util <= 0.7 else 20.0 if util < 0.3 else 10.0
+
+
+def load_balance_points(snap: Snapshot, node: NodeConfig, spec: ExperimentSpec) -> float:
+    """``load_balance``'s points without its detail text."""
+    return max(0.0, 20.0 * (1.0 - snap.load(node.name).count / node.max_instances))
+
+
+def gpu_match_points(snap: Snapshot, node: NodeConfig, spec: ExperimentSpec) -> float:
+    """``gpu_match``'s points without its detail text."""
+    if spec.gpu_required and node.gpu:
+        return 15.0
+    return 5.0 if not spec.gpu_required and not node.gpu else 0.0
+
+
+def affinity_points(snap: Snapshot, node: NodeConfig, spec: ExperimentSpec) -> float:
+    """``affinity``'s points without its detail text."""
+    here = snap.load(node.name).instance_ids
+    return min(25.0, 10.0 * sum(1 for p in spec.affinity if p in here))
+
+
+def preferred_node_points(snap: Snapshot, node: NodeConfig, spec: ExperimentSpec) -> float:
+    """``preferred_node``'s points without its detail text."""
+    return 10.0 if spec.preferred_node == node.name else 0.0
 
 
 def ram_efficiency(snap: Snapshot, node: NodeConfig, spec: ExperimentSpec) -> ScorePart:
@@ -114,6 +146,37 @@ def binpack_cpu(snap: Snapshot, node: NodeConfig, spec: ExperimentSpec) -> Score
     return ScorePart("binpack_cpu", _binpack_points(free), detail)
 
 
+def _fit_fractions(snap: Snapshot, node: NodeConfig, spec: ExperimentSpec) -> tuple[float, float]:
+    """``_free_fractions`` without the detail text (same arithmetic, same floats)."""
+    load = snap.load(node.name)
+    cpu_used = load.cpu_cores + spec.cpu_cores
+    cpu_free = 1.0 - cpu_used / node.cpu_cores if node.cpu_cores > 0 else 0.0
+    mem_used = load.ram_gb + demand_on(node, spec).ram_gb
+    cap = node.available_ram_gb
+    mem_free = 1.0 - mem_used / cap if cap > 0 else 0.0
+    return min(1.0, max(0.0, cpu_free)), min(1.0, max(0.0, mem_free))
+
+
+def binpack_cpu_points(snap: Snapshot, node: NodeConfig, spec: ExperimentSpec) -> float:
+    """``binpack_cpu``'s points without its detail text."""
+    return _binpack_points(_fit_fractions(snap, node, spec)[0])
+
+
+def binpack_memory_points(snap: Snapshot, node: NodeConfig, spec: ExperimentSpec) -> float:
+    """``binpack_memory``'s points without its detail text."""
+    return _binpack_points(_fit_fractions(snap, node, spec)[1])
+
+
+def spread_cpu_points(snap: Snapshot, node: NodeConfig, spec: ExperimentSpec) -> float:
+    """``spread_cpu``'s points without its detail text."""
+    return _spread_points(_fit_fractions(snap, node, spec)[0])
+
+
+def spread_memory_points(snap: Snapshot, node: NodeConfig, spec: ExperimentSpec) -> float:
+    """``spread_memory``'s points without its detail text."""
+    return _spread_points(_fit_fractions(snap, node, spec)[1])
+
+
 def binpack_memory(snap: Snapshot, node: NodeConfig, spec: ExperimentSpec) -> ScorePart:
     """More points the fuller the node's memory would be."""
     _, _, free, detail = _free_fractions(snap, node, spec)
@@ -139,4 +202,18 @@ STRATEGIES: dict[Strategy, tuple[Scorer, ...]] = {
     Strategy.SCORE: REFERENCE_SCORERS,
     Strategy.BINPACK: BINPACK_SCORERS,
     Strategy.SPREAD: SPREAD_SCORERS,
+}
+
+# Each scorer's points-only twin: the planner judges nodes with these and builds the
+# ScoreParts (with their detail text) only for the node it picks, or when asked to explain.
+POINTS: dict[Scorer, Points] = {
+    ram_efficiency: ram_efficiency_points,
+    load_balance: load_balance_points,
+    gpu_match: gpu_match_points,
+    affinity: affinity_points,
+    preferred_node: preferred_node_points,
+    binpack_cpu: binpack_cpu_points,
+    binpack_memory: binpack_memory_points,
+    spread_cpu: spread_cpu_points,
+    spread_memory: spread_memory_points,
 }

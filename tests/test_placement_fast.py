@@ -1,0 +1,194 @@
+"""The fast planner (node classes, lazy explanations, in-place bookkeeping) against the
+reference loop (``plan(..., reference=True)``: every node judged for every instance).
+
+Clusters are drawn from a few node templates so many nodes are identical (classes collapse),
+with pins, forced pins, occupied work, strategies, ``distinct_hosts``, ports and devices:
+placements (scores, parts with their detail text, allocations), failures and every node's
+explanation must be the same.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from infra.config.model import Cluster, ExperimentSpec, Strategy
+from infra.config.specs import check_spec_set, parse_spec
+from infra.config.topology import parse_cluster
+from infra.placement import Condition, NodeCondition, Plan, plan
+from infra.placement.fast import LazyEvaluations, _first_best
+
+CONFIG_PATH = Path("/tmp/placement-fast/cluster_config.yaml")
+SPEC_DIR = Path("/tmp/placement-fast/experiments")
+
+PROPS = settings(max_examples=150, deadline=None,
+                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+TEMPLATES: tuple[dict[str, Any], ...] = (
+    {"ram_gb": 8, "cpu_cores": 4, "max_instances": 3},
+    {"ram_gb": 16, "cpu_cores": 8, "max_instances": 4, "gpu": True, "gpu_memory_gb": 8,
+     "devices": [{"id": "gpu0", "kind": "gpu", "index": 0},
+                 {"id": "gpu1", "kind": "gpu", "index": 1}]},
+    {"ram_gb": 6, "cpu_cores": 4, "max_instances": 2, "type": "jetson_orin", "gpu": True},
+    {"ram_gb": 4, "cpu_cores": 2, "max_instances": 2, "tags": ["pi"]},
+)
+
+
+@st.composite
+def clusters(draw: st.DrawFn) -> Cluster:
+    """2-9 nodes, each a copy of one of a few templates (sometimes disabled)."""
+    count = draw(st.integers(2, 9))
+    docs = []
+    for i in range(count):
+        doc = {"name": f"n{i}", "host": f"127.0.0.{20 + i}",
+               **draw(st.sampled_from(TEMPLATES))}
+        if draw(st.integers(0, 9)) == 0:
+            doc["enabled"] = False
+        docs.append(doc)
+    data: dict[str, Any] = {"nodes": docs}
+    if draw(st.booleans()):
+        data["placement"] = {"preferences": draw(st.permutations([d["name"] for d in docs]))}
+    return parse_cluster(data, CONFIG_PATH)
+
+
+@st.composite
+def spec_sets(draw: st.DrawFn, cluster: Cluster) -> tuple[ExperimentSpec, ...]:
+    """1-14 specs: equal sizes, GPUs, ports, devices, (anti-)affinity, distinct_hosts."""
+    count = draw(st.integers(1, 14))
+    ids = [f"e{i:02d}" for i in range(count)]
+    specs = []
+    for eid in ids:
+        others = [x for x in ids if x != eid]
+        doc: dict[str, Any] = {"experiment_id": eid, "command": ["python3", "run.py"],
+                               "ram_gb": draw(st.sampled_from([0.5, 1.0, 1.0, 2.0, 3.0])),
+                               "cpu_cores": draw(st.sampled_from([0, 0, 1, 2]))}
+        if draw(st.integers(0, 3)) == 0:
+            doc.update(gpu_required=True, gpu_memory_gb=draw(st.sampled_from([0, 1, 2])))
+        if draw(st.integers(0, 5)) == 0:
+            doc["preferred_node"] = draw(st.sampled_from(cluster.node_names))
+        if others and draw(st.booleans()):
+            doc["affinity"] = draw(st.lists(st.sampled_from(others), max_size=2, unique=True))
+        if others and draw(st.booleans()):
+            doc["anti_affinity"] = draw(st.lists(st.sampled_from(others), max_size=2,
+                                                 unique=True))
+        if draw(st.integers(0, 4)) == 0:
+            doc["constraints"] = [{"operator": "distinct_hosts"}]
+        if draw(st.integers(0, 5)) == 0:
+            doc["resources"] = {"ports": [{"label": "http", "port": 8080}]}
+        elif draw(st.integers(0, 5)) == 0:
+            doc["resources"] = {"devices": [{"kind": "gpu", "count": 1}]}
+        specs.append(parse_spec(doc, SPEC_DIR / f"{eid}.json", cluster))
+    return check_spec_set(specs)
+
+
+def signature(result: Plan) -> tuple[object, ...]:
+    """Everything a plan says, in comparable form (explanations included)."""
+    return (result.placements, result.unplaced, dict(result.pin_errors), result.strategy,
+            dict(result.evaluations.items()))
+
+
+@PROPS
+@given(data=st.data())
+def test_fast_plan_equals_the_reference_loop(data: st.DataObject) -> None:
+    """Same placements, scores, parts, allocations, failures and explanations."""
+    cluster = data.draw(clusters())
+    specs = data.draw(spec_sets(cluster))
+    conditions = {n: NodeCondition(c, "generated") for n in cluster.node_names
+                  if (c := data.draw(st.sampled_from([None, None, None, *Condition])))
+                  is not None}
+    pins = {s.experiment_id: data.draw(st.sampled_from(cluster.node_names))
+            for s in specs if data.draw(st.integers(0, 4)) == 0}
+    occupied = [(s, data.draw(st.sampled_from(cluster.node_names)))
+                for s in specs if data.draw(st.integers(0, 6)) == 0]
+    busy = {s.experiment_id for s, _ in occupied}
+    todo = [s for s in specs if s.experiment_id not in busy]
+    kwargs: dict[str, Any] = {
+        "pins": {k: v for k, v in pins.items() if k not in busy},
+        "conditions": conditions, "force": data.draw(st.booleans()),
+        "strategy": data.draw(st.sampled_from([None, *Strategy])), "occupied": occupied}
+    fast = plan(cluster, todo, **kwargs)
+    slow = plan(cluster, todo, reference=True, **kwargs)
+    assert signature(fast) == signature(slow)
+    for iid, evals in slow.evaluations.items():  # counts agree with the explanations
+        refused = sum(1 for e in evals if not e.feasible)
+        if iid not in kwargs["pins"]:
+            assert sum(fast.rejections.get(iid, {}).values()) == refused
+
+
+def test_classes_collapse_identical_nodes_and_explanations_are_lazy() -> None:
+    """Twenty identical nodes: every instance lands as the reference says; nothing is
+    explained until asked, and asking for one instance explains only that one."""
+    cluster = parse_cluster({"nodes": [{"name": f"n{i:02d}", "host": f"127.0.0.{20 + i}",
+                                        "ram_gb": 8, "cpu_cores": 4, "max_instances": 4}
+                                       for i in range(20)]}, CONFIG_PATH)
+    specs = check_spec_set(parse_spec({"experiment_id": f"e{i:02d}", "command": ["true"],
+                                       "ram_gb": 1 + i % 3}, SPEC_DIR / f"e{i:02d}.json",
+                                      cluster) for i in range(30))
+    fast = plan(cluster, specs)
+    slow = plan(cluster, specs, reference=True)
+    assert fast.placements == slow.placements
+    lazy = fast.evaluations
+    assert isinstance(lazy, LazyEvaluations)
+    assert lazy.explained == frozenset()
+    assert lazy["e05"] == slow.evaluations["e05"]
+    assert lazy.explained == {"e05"}
+
+
+def two_twins() -> Cluster:
+    """Two identical nodes (4 GB, up to 4 instances each)."""
+    return parse_cluster({"nodes": [{"name": n, "host": h, "ram_gb": 4, "cpu_cores": 4,
+                                     "max_instances": 4}
+                                    for n, h in (("n0", "127.0.0.20"), ("n1", "127.0.0.21"))]},
+                         CONFIG_PATH)
+
+
+def specs_of(cluster: Cluster, *docs: dict[str, Any]) -> tuple[ExperimentSpec, ...]:
+    """Parse spec documents (command filled in) through the real parser."""
+    return check_spec_set(parse_spec({"command": ["true"], **d},
+                                     SPEC_DIR / f"{d['experiment_id']}.json", cluster)
+                          for d in docs)
+
+
+def test_nodes_with_the_same_count_but_different_ram_are_not_one_class() -> None:
+    """n0 holds 3 GB, n1 1 GB (one instance each): a 2 GB instance fits n1 only."""
+    cluster = two_twins()
+    specs = specs_of(cluster, {"experiment_id": "a", "ram_gb": 3},
+                     {"experiment_id": "b", "ram_gb": 1}, {"experiment_id": "c", "ram_gb": 2})
+    result = plan(cluster, specs, pins={"a": "n0", "b": "n1"})
+    assert result.as_dict() == {"a": "n0", "b": "n1", "c": "n1"}
+    assert result.placements == plan(cluster, specs, pins={"a": "n0", "b": "n1"},
+                                     reference=True).placements
+
+
+def test_a_distinct_hosts_peer_splits_nodes_with_equal_loads() -> None:
+    """n0 and n1 hold the same load, but only n0's instance is under distinct_hosts."""
+    cluster = two_twins()
+    distinct = [{"operator": "distinct_hosts"}]
+    specs = specs_of(cluster, {"experiment_id": "a", "ram_gb": 1, "constraints": distinct},
+                     {"experiment_id": "b", "ram_gb": 1},
+                     {"experiment_id": "c", "ram_gb": 1, "constraints": distinct})
+    result = plan(cluster, specs, pins={"a": "n0", "b": "n1"})
+    assert result.as_dict() == {"a": "n0", "b": "n1", "c": "n1"}
+    assert result.rejections["c"] == {"distinct_hosts": 1}
+
+
+def reference_scan(feasible: list[tuple[int, float]]) -> int | None:
+    """The reference loop's pick: topology order, replaced only when better by > 1e-9."""
+    best: tuple[int, float] | None = None
+    for i, total in sorted(feasible):
+        if best is None or total > best[1] + 1e-9:
+            best = (i, total)
+    return None if best is None else best[0]
+
+
+@PROPS
+@given(st.lists(st.tuples(st.integers(0, 30), st.sampled_from(
+    [10.0, 10.0 + 0.6e-9, 10.0 + 1.2e-9, 10.0 - 1e-6, 10.0 - 1e-6 - 0.5e-9, 9.5, 45.0])),
+    max_size=12, unique_by=lambda c: c[0]))
+def test_first_best_is_the_reference_scan_even_with_near_ties(
+        feasible: list[tuple[int, float]]) -> None:
+    """Only the totals near the maximum are scanned, with the same chained-tie outcome."""
+    assert _first_best(list(feasible)) == reference_scan(feasible)
