@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -218,6 +219,35 @@ async def floor_status(fleet: SSHFleet, commands: dict[str, str], rounds: int,
             await asyncio.gather(*(once(h) for h in fleet.hosts))
 
 
+# --------------------------------------------------------------------------- watch
+
+def cli_cpu(cwd: Path, *args: str) -> tuple[float, float, str]:
+    """(wall, CPU) seconds of one CLI run in a subprocess, and its stderr tail."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "infra.cli.main", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=METHOD_TIMEOUT_S + 120,
+                          check=False)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    if proc.returncode != 0:
+        raise BenchFailure(f"{' '.join(args)}: exit {proc.returncode}: "
+                           f"{proc.stderr.strip()[-300:]}")
+    return wall, cpu, proc.stderr.strip()[-300:]
+
+
+def watch_share(cwd: Path, run_id: str, seconds: int) -> str:
+    """The CPU share of one core a ``watch`` of the run costs over ``seconds``."""
+    wall, cpu, _ = cli_cpu(cwd, "watch", run_id, "--duration", str(seconds), "--json")
+    _w, start_cpu, _ = cli_cpu(cwd, "--version")
+    steady = max(0.0, cpu - start_cpu)
+    return (f"watch of the run (--duration {seconds}): {cpu:.2f} s CPU in {wall:.1f} s wall, "
+            f"{start_cpu:.2f} s of it the CLI's start-up (as --version costs); the rest over "
+            f"the watched {seconds} s = {100 * steady / seconds:.1f}% of a core "
+            f"(all of it over the wall time: {100 * cpu / wall:.1f}%); target < 5%")
+
+
 # --------------------------------------------------------------------------- main
 
 def main() -> int:
@@ -226,6 +256,8 @@ def main() -> int:
                         help=f"loopback sshd hosts (the fleet allows 1..{MAX_HOSTS})")
     parser.add_argument("--per-host", type=int, default=3, help="instances per host")
     parser.add_argument("--repeat", type=int, default=3, help="timed rounds per method")
+    parser.add_argument("--watch-seconds", type=int, default=30,
+                        help="time a watch of the run this long (0: skip)")
     args = parser.parse_args()
     require_fleet()
     hosts = max(1, min(args.hosts, MAX_HOSTS))
@@ -279,6 +311,8 @@ def main() -> int:
                 commands = asyncio.run(status_commands(cluster, store, last_run))
                 asyncio.run(floor_status(fleet, commands, args.repeat,
                                          status["floor_warm"], status["floor_cold"]))
+                watched = watch_share(config.parent, last_run, args.watch_seconds) \
+                    if args.watch_seconds > 0 else ""
                 asyncio.run(stop_run(cluster, store, last_run))
             store.close()
 
@@ -301,6 +335,8 @@ def main() -> int:
         print(f"status ({kind}): ours / asyncssh floor = {ratio(mine.median(), floor.median())}"
               f" wall, {ratio(mine.median('cpu'), floor.median('cpu'))} CPU; "
               f"target <= {STATUS_TARGET}x")
+    if watched:
+        print(watched)
     print("The launch includes the deploy (rsync of a small tree: a check pass and, on the "
           "first round only, the transfer); the ssh loop deploys nothing.")
     print(f"{load_note()} at the end ({start_load} at the start)")
