@@ -8,6 +8,7 @@ the node's idempotent supervisor, so retrying after a crash never starts a secon
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import posixpath
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -357,6 +358,12 @@ class RunSession:
             answer = exc
         await self._started(run_id, rec, request, answer, tries)
 
+    async def _ready(self, node_name: str) -> None:
+        """Connect to the node and install its scripts if missing (errors come again, and
+        are reported, at the start that follows)."""
+        with contextlib.suppress(InfraError):
+            await (await self.client(node_name)).ensure_installed()
+
     async def start_node(self, run_id: str, node_name: str,
                          records: Sequence[InstanceRecord]) -> None:
         """Start all of one node's instances in one batched call (one lock, one round trip);
@@ -454,17 +461,25 @@ class RunSession:
         for name in by_node:
             self.refusals.pop(name, None)  # an earlier launch's refusal is not this one's
         gate = _CheckGate(set(by_node))
+        # connect and check the node-side scripts while the tree is being deployed
+        ready = {name: asyncio.create_task(self._ready(name)) for name in by_node}
 
         async def then(node_name: str, why: str | None) -> None:
             gate.passed(node_name)
             if why is not None:
                 return  # failed here: recorded below, once refusals are known
             await gate.wait()
+            await ready[node_name]
             if not self.refusals.keys() & by_node.keys():
                 await self.start_node(run_id, node_name, by_node[node_name])
 
-        failed_nodes = await self.deploy_for_run(run_id, by_node, on_checked=gate.passed,
-                                                 then=then)
+        try:
+            failed_nodes = await self.deploy_for_run(run_id, by_node, on_checked=gate.passed,
+                                                     then=then)
+        finally:
+            for task in ready.values():
+                task.cancel()
+            await asyncio.gather(*ready.values(), return_exceptions=True)
         refused = sorted(n for n in failed_nodes if n in self.refusals)
         if refused:  # the run refuses as a whole: nothing starts until deletions are confirmed
             for rec in records:
