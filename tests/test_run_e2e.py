@@ -315,3 +315,63 @@ def test_system_job_runs_on_every_node_with_allocation_hints(project: Path,
     assert "port 18088 held by holder" in proc.stderr
     holder_run = status_json(project)["run_id"]
     cli(project, "stop", holder_run, "--grace", "1")
+
+
+def test_launch_starts_each_node_as_soon_as_its_own_deploy_is_done(
+        project: Path, ssh_fleet: SSHFleet) -> None:
+    """Several instances per node start in one batched call per node, each node on its own:
+    node1's three start while the deploy to a node that never answers is still waiting."""
+    import socket
+
+    from infra.cli.views import plan_json
+    from infra.config.specs import load_spec
+    from infra.placement import Condition, NodeCondition, plan
+
+    silent = socket.socket()  # accepts connections and never says a word: a hung node
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    cfg = yaml.safe_load((project / "cluster_config.yaml").read_text())
+    for entry in cfg["nodes"]:
+        if entry["name"] == "node1":
+            entry["max_instances"] = 3
+            silent_node = {**entry, "name": "silent", "host": "127.0.0.1",
+                           "ssh_port": silent.getsockname()[1], "max_instances": 1}
+    cfg["nodes"].append(silent_node)
+    cfg["health_check"]["timeout_seconds"] = 3
+    (project / "cluster_config.yaml").write_text(yaml.safe_dump(cfg))
+    cluster = load_cluster(project / "cluster_config.yaml")
+    until = project / "release"
+    specs = [load_spec(spec(project, f"b{i}", duration=60, until=until), cluster)
+             for i in range(4)]
+    conds = {n.name: NodeCondition(Condition.HEALTHY if n.name in ("node1", "silent")
+                                   else Condition.UNAVAILABLE, "off") for n in cluster.nodes}
+    result = plan(cluster, specs, conditions=conds, pins={"b3": "silent"})
+    assert sorted(p.node for p in result.placements) == ["node1"] * 3 + ["silent"]
+    store = Store.for_log_dir(cluster.log_dir)
+
+    async def launch() -> str:
+        async with ConnectionPool(cluster) as pool:
+            # --yes: no deletion check to wait for (with one, every node's check must pass
+            # first, so that a refused deploy still starts nothing anywhere)
+            session = RunSession(cluster, store, pool, confirm_deletes=True)
+            run_id = session.record_run(specs, result, plan_json(result))
+            await session.launch(run_id)
+            return run_id
+
+    try:
+        run_id = asyncio.run(launch())
+        recs = {r.instance_id: r for r in store.instances(run_id)}
+        assert all(recs[f"b{i}"].state is InstancePhase.RUNNING for i in range(3)), recs
+        assert len({recs[f"b{i}"].pid for i in range(3)}) == 3
+        assert recs["b3"].state is InstancePhase.FAILED
+        assert "deploy to silent failed" in (recs["b3"].reason or "")
+        events = [(e.kind, e.subject, e.message) for e in store.events(run_id)]
+        starts = [i for i, e in enumerate(events) if e[0] == "start" and "started on" in e[2]]
+        silent_deploy = [i for i, e in enumerate(events) if e[0] == "deploy" and
+                         e[1] == "silent"]
+        assert len(starts) == 3 and len(silent_deploy) == 1, events
+        assert max(starts) < silent_deploy[0], events  # no barrier across the cluster
+    finally:
+        silent.close()
+        until.touch()
+        store.close()

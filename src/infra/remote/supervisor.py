@@ -1400,62 +1400,161 @@ def archive_previous(idir: str, placement: str) -> None:
     os.rename(idir, os.path.join(keep, f"{name}.{placement}.{int(time.time() * 1000)}"))
 
 
-def cmd_start(args: argparse.Namespace) -> int:
-    root = norm_root(args.root)
-    req = parse_request(sys.stdin.read())
+class ClaimBook:
+    """The live claims per claims directory, read once under its lock; starts add theirs."""
+
+    def __init__(self) -> None:
+        self.known: dict[str, list[dict[str, Any]]] = {}
+
+    def claims(self, cdir: str) -> list[dict[str, Any]]:
+        if cdir not in self.known:
+            self.known[cdir] = live_claims(cdir, prune=True)
+        return self.known[cdir]
+
+    def add(self, cdir: str, path: str) -> None:
+        """Count a claim just written (by a start earlier in the same batch)."""
+        doc = read_json(path)
+        if doc is not None and cdir in self.known:
+            self.known[cdir].append(doc)
+
+
+class Begun:
+    """One start request judged under the node lock: refused (``answer``) or to finish."""
+
+    def __init__(self, idir: str, existing: bool, req: dict[str, Any],
+                 answer: dict[str, Any] | None = None, code: int = 0) -> None:
+        self.idir = idir
+        self.existing = existing
+        self.req = req
+        self.answer = answer
+        self.code = code
+
+
+def request_claims_dir(req: dict[str, Any]) -> str:
+    """The request's claims directory, created if missing."""
+    cdir, shared = claims_dir(req.get("claims_dir"))
+    ensure_claims_dir(cdir, shared)
+    return cdir
+
+
+def begin_start(root: str, req: dict[str, Any], cdir: str, book: ClaimBook) -> Begun:
+    """Under the node lock: refuse, find the existing copy, or claim and write a new one."""
     placement = check_id(req.get("placement") or "p0", "placement")
     idir = instance_dir(root, req["run_id"], req["instance_id"])
     os.makedirs(os.path.dirname(idir), exist_ok=True)
-    cdir, shared = claims_dir(req.get("claims_dir"))
-    ensure_claims_dir(cdir, shared)
+    if os.path.isdir(idir):
+        current = read_json(os.path.join(idir, "state.json")) or {}
+        had = current.get("placement", "p0")
+        if had == placement:
+            return Begun(idir, True, req)
+        if effective_state(idir).get("state") not in FINAL_STATES:
+            return Begun(idir, False, req, {
+                "ok": False, "stale": True,
+                "error": f"an earlier copy ({had}) of {req['instance_id']} still runs "
+                         "on this node; stop it first"}, 2)
+        archive_previous(idir, had)
+    claim = req.get("claim")
+    claim_path = None
+    if isinstance(claim, dict):
+        why = None if claim.get("force") else claim_refusal(
+            str(req.get("node") or "node"), claim.get("capacity") or {},
+            claim.get("demand") or {}, book.claims(cdir))
+        if why is not None:
+            return Begun(idir, False, req, {"ok": False, "refused": True, "error": why}, 3)
+    os.mkdir(idir)
+    try:
+        if isinstance(claim, dict):
+            claim_path = write_claim(cdir, idir, req, placement)
+            book.add(cdir, claim_path)
+        start_new(idir, req, placement, claim_path)
+    except OSError:
+        # e.g. a full disk: leave nothing half made, so a retried start starts afresh
+        release_claim(claim_path)
+        shutil.rmtree(idir, ignore_errors=True)
+        raise
+    return Begun(idir, False, req)
+
+
+def started_answer(begun: Begun) -> dict[str, Any]:
+    """The answer for a started (or already running) instance, as ``start`` prints it."""
+    doc = describe(begun.idir)
+    doc["already"] = begun.existing
+    return {"ok": True, "instance": doc}
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    root = norm_root(args.root)
+    req = parse_request(sys.stdin.read())
+    cdir = request_claims_dir(req)
     with NodeLock(cdir):
-        if os.path.isdir(idir):
-            current = read_json(os.path.join(idir, "state.json")) or {}
-            had = current.get("placement", "p0")
-            if had == placement:
-                existing = True
-            elif effective_state(idir).get("state") not in FINAL_STATES:
-                emit({"ok": False, "stale": True,
-                      "error": f"an earlier copy ({had}) of {req['instance_id']} still runs "
-                               "on this node; stop it first"})
-                return 2
-            else:
-                archive_previous(idir, had)
-                existing = False
-        else:
-            existing = False
-        if not existing:
-            claim = req.get("claim")
-            claim_path = None
-            if isinstance(claim, dict):
-                claims = live_claims(cdir, prune=True)
-                why = None if claim.get("force") else claim_refusal(
-                    str(req.get("node") or "node"), claim.get("capacity") or {},
-                    claim.get("demand") or {}, claims)
-                if why is not None:
-                    emit({"ok": False, "refused": True, "error": why})
-                    return 3
-            os.mkdir(idir)
+        begun = begin_start(root, req, cdir, ClaimBook())
+    if begun.answer is not None:
+        emit(begun.answer)
+        return begun.code
+    if not begun.existing:
+        spawn_supervisor(begun.idir, req)
+    wait_for_start(begun.idir, START_WAIT_SECONDS)
+    emit(started_answer(begun))
+    return 0
+
+
+def parse_batch(text: str) -> list[Any]:
+    """The start-batch input: a JSON list of start requests (each checked on its own)."""
+    try:
+        reqs = json.loads(text)
+    except ValueError as exc:
+        raise Bad(f"the start-batch input is not JSON: {exc}") from None
+    if not isinstance(reqs, list):
+        raise Bad("the start-batch input must be a JSON list of start requests")
+    return reqs
+
+
+def batch_item(raw: Any) -> tuple[dict[str, Any] | None, str | None, dict[str, Any] | None]:
+    """(request, claims dir, None) for a good batch entry, or (None, None, error answer)."""
+    try:
+        if not isinstance(raw, dict):
+            raise Bad("the start request must be a JSON object")
+        req = check_request(raw)
+        return req, request_claims_dir(req), None
+    except Bad as exc:
+        return None, None, {"ok": False, "error": str(exc)}
+    except Exception as exc:
+        return None, None, {"ok": False, "error": error_text(exc, "")}
+
+
+def cmd_start_batch(args: argparse.Namespace) -> int:
+    """Start many instances in one call: each node lock taken once, every request judged in
+    order against the live claims and those accepted before it, each answered as ``start``."""
+    root = norm_root(args.root)
+    items = [batch_item(raw) for raw in parse_batch(sys.stdin.read())]
+    answers: list[dict[str, Any] | None] = [error for _r, _c, error in items]
+    begun: list[Begun | None] = [None] * len(items)
+    book = ClaimBook()
+    with contextlib.ExitStack() as locks:
+        for cdir in sorted({c for _r, c, _e in items if c is not None}):
+            locks.enter_context(NodeLock(cdir))  # sorted: two batches never deadlock
+        for i, (req, cdir, _error) in enumerate(items):
+            if req is None or cdir is None:
+                continue
             try:
-                if isinstance(claim, dict):
-                    claim_path = write_claim(cdir, idir, req, placement)
-                start_new(idir, req, placement, claim_path)
-            except OSError:
-                # e.g. a full disk: leave nothing half made, so a retried start starts afresh
-                release_claim(claim_path)
-                shutil.rmtree(idir, ignore_errors=True)
-                raise
-    if existing:
-        wait_for_start(idir, START_WAIT_SECONDS)
-        doc = describe(idir)
-        doc["already"] = True
-        emit({"ok": True, "instance": doc})
-        return 0
-    spawn_supervisor(idir, req)
-    wait_for_start(idir, START_WAIT_SECONDS)
-    doc = describe(idir)
-    doc["already"] = False
-    emit({"ok": True, "instance": doc})
+                one = begin_start(root, req, cdir, book)
+            except Bad as exc:
+                answers[i] = {"ok": False, "error": str(exc)}
+                continue
+            except Exception as exc:
+                answers[i] = {"ok": False, "error": error_text(exc, root)}
+                continue
+            answers[i] = one.answer
+            begun[i] = one if one.answer is None else None
+    for one in begun:
+        if one is not None and not one.existing:
+            spawn_supervisor(one.idir, one.req)
+    deadline = time.time() + START_WAIT_SECONDS
+    for i, one in enumerate(begun):
+        if one is not None:
+            wait_for_start(one.idir, max(0.0, deadline - time.time()))
+            answers[i] = started_answer(one)
+    emit({"ok": True, "results": answers})
     return 0
 
 
@@ -1921,6 +2020,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
     p = sub.add_parser("start", help="start one instance detached (request JSON on stdin)")
     p.add_argument("--root", required=True)
+    p = sub.add_parser("start-batch", help="start many instances (a JSON list of start "
+                                           "requests on stdin), one answer per request")
+    p.add_argument("--root", required=True)
     p = sub.add_parser("status", help="every instance on this node, with live checks")
     p.add_argument("--root", required=True)
     p.add_argument("--run")
@@ -1959,8 +2061,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"start": cmd_start, "status": cmd_status, "stop": cmd_stop, "claims": cmd_claims,
-                "prune": cmd_prune, "follow": cmd_follow, "read": cmd_read,
+    handlers = {"start": cmd_start, "start-batch": cmd_start_batch, "status": cmd_status,
+                "stop": cmd_stop, "claims": cmd_claims, "prune": cmd_prune,
+                "follow": cmd_follow, "read": cmd_read,
                 "pool-sync": cmd_pool_sync, "harvest": cmd_harvest}
     if args.command not in handlers:
         build_parser().print_usage(sys.stderr)

@@ -25,13 +25,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fnmatch
+import functools
 import hashlib
 import math
 import os
 import posixpath
 import re
 import signal
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -533,7 +534,11 @@ def nothing_to_change(stats: DeployStats) -> bool:
 
 async def _deploy(node: NodeConfig, health: HealthCheckSection, source: Path, opts: _Options,
                   *, dry_run: bool, fingerprint: str | None,
-                  last_fingerprint: str | None) -> DeployResult:
+                  last_fingerprint: str | None,
+                  checked: Callable[[], None] | None = None) -> DeployResult:
+    """One node's deploy; ``checked`` is called once its deletions are known to be allowed."""
+    if checked is not None and not (opts.delete and opts.max_deletes is not None):
+        checked()  # no deletion check to wait for
     if not source.is_dir():
         raise DeployError(node.name, f"source {source} is not a directory")
     if node.is_local:
@@ -556,6 +561,8 @@ async def _deploy(node: NodeConfig, health: HealthCheckSection, source: Path, op
         if len(check.deleted) > opts.max_deletes:
             raise DeployRefused(node.name, len(check.deleted), opts.max_deletes,
                                 check.deleted[:20])
+        if checked is not None:
+            checked()
         if nothing_to_change(check):  # the real pass would be a no-op: spare the round
             return DeployResult(node.name, check, fingerprint=fingerprint)
     stats = parse_rsync_stats(await _rsync_pass(node, health, source, opts, dry_run=False))
@@ -586,14 +593,20 @@ async def deploy_all(nodes: Sequence[NodeConfig], health: HealthCheckSection, so
                      on_progress: ProgressCallback | None = None,
                      last_fingerprints: Mapping[str, str] | None = None,
                      max_parallel: int | None = None, protect: Sequence[str] = (),
-                     max_deletes: int | None = None) -> dict[str, DeployResult | InfraError]:
+                     max_deletes: int | None = None,
+                     on_checked: Callable[[str], None] | None = None,
+                     then: Callable[[str, DeployResult | InfraError], Awaitable[None]] | None
+                     = None) -> dict[str, DeployResult | InfraError]:
     """Deploy to every node concurrently: node name -> result or the error for that node.
 
     One failing node never hides the others (Fabric's ``GroupResult``). ``on_progress`` is
     called with (node name, "started" | "done" | "failed") and must not raise.
     ``max_parallel`` bounds simultaneous rsync/ssh processes (default: one per node, at
     least 8, at most 32; a lab has few nodes and a second wave costs a full rsync round).
-    ``protect`` and ``max_deletes`` as for ``deploy_node``, per node.
+    ``protect`` and ``max_deletes`` as for ``deploy_node``, per node. ``on_checked`` is
+    called with a node's name once its deletion check passed (at once without one);
+    ``then`` is awaited with each node's result as soon as that node is done, outside the
+    parallel bound (a launch starts a node's instances there without waiting for the rest).
     """
     fingerprint = await asyncio.to_thread(source_fingerprint, source, excludes) \
         if source.is_dir() else None
@@ -604,13 +617,21 @@ async def deploy_all(nodes: Sequence[NodeConfig], health: HealthCheckSection, so
     opts = _Options(tuple(excludes), tuple(protect), delete, max_deletes)
 
     async def one(node: NodeConfig) -> DeployResult | InfraError:
+        result = await bounded(node)
+        if then is not None:
+            await then(node.name, result)
+        return result
+
+    async def bounded(node: NodeConfig) -> DeployResult | InfraError:
         async with limit:
             if on_progress:
                 on_progress(node.name, "started")
             try:
                 result = await _deploy(node, health, source, opts, dry_run=dry_run,
                                        fingerprint=fingerprint,
-                                       last_fingerprint=last.get(node.name))
+                                       last_fingerprint=last.get(node.name),
+                                       checked=None if on_checked is None
+                                       else functools.partial(on_checked, node.name))
             except InfraError as exc:
                 if on_progress:
                     on_progress(node.name, "failed")

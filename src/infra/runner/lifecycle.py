@@ -8,9 +8,10 @@ the node's idempotent supervisor, so retrying after a crash never starts a secon
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import posixpath
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,6 +144,24 @@ def local_log_path(cluster: Cluster, run_id: str, instance_id: str) -> Path:
     return cluster.log_dir / run_id / f"{instance_id}.log"
 
 
+class _CheckGate:
+    """Opens once every node of a launch passed its deletion check (or ended its deploy)."""
+
+    def __init__(self, nodes: set[str]) -> None:
+        self.pending = set(nodes)
+        self.opened = asyncio.Event()
+        if not self.pending:
+            self.opened.set()
+
+    def passed(self, node: str) -> None:
+        self.pending.discard(node)
+        if not self.pending:
+            self.opened.set()
+
+    async def wait(self) -> None:
+        await self.opened.wait()
+
+
 @dataclass
 class StopReport:
     """What a stop did: instances it stopped, those already over (their state), node errors."""
@@ -206,12 +225,16 @@ class RunSession:
         return run_id
 
     async def deploy_for_run(self, run_id: str, node_names: Iterable[str],
-                             only: str | None = None) -> dict[str, str]:
+                             only: str | None = None, *,
+                             on_checked: Callable[[str], None] | None = None,
+                             then: Callable[[str, str | None], Awaitable[None]] | None = None,
+                             ) -> dict[str, str]:
         """Deploy the tree to the nodes of a run; returns why each failed node failed.
 
         Results globs of every stored run are protected; a node where the deploy would
         delete more than ``deploy.max_deletes`` is refused (kept in ``refusals``) unless
-        ``confirm_deletes``.
+        ``confirm_deletes``. ``on_checked`` and ``then`` (node, why it failed or None) as for
+        ``deploy_all``: each node's next step runs as soon as its own deploy is done.
         """
         nodes = [self.cluster.node(n) for n in sorted(set(node_names))]
         for rec in self.store.instances(run_id):
@@ -223,31 +246,47 @@ class RunSession:
         except InfraError as exc:
             for node in nodes:
                 self.event(run_id, "deploy", node.name, f"deploy failed: {exc.one_line()}")
-            return {node.name: exc.one_line() for node in nodes}
+            failed = {node.name: exc.one_line() for node in nodes}
+            for node in nodes:
+                if on_checked is not None:
+                    on_checked(node.name)
+                if then is not None:
+                    await then(node.name, failed[node.name])
+            return failed
         deploy = self.cluster.deploy
-        results = await deploy_all(nodes, self.cluster.health_check, source,
-                                   excludes=deploy_excludes(self.cluster, source), delete=True,
-                                   protect=deploy_protect(self.cluster, stored_specs(self.store)),
-                                   max_deletes=None if self.confirm_deletes
-                                   else deploy.max_deletes)
-        failed: dict[str, str] = {}
-        for name, res in results.items():
-            if isinstance(res, DeployResult):
-                if res.skipped:
-                    self.event(run_id, "deploy", name, f"deploy skipped: {res.reason}")
-                else:
-                    stats = res.stats
-                    sent = f"{stats.files_transferred} files, {stats.bytes_sent} bytes" \
-                        if stats else "done"
-                    self.event(run_id, "deploy", name, f"deployed ({sent})")
-            else:
-                why = res.reason if isinstance(res, TransportError) else res.one_line()
+        failed = {}
+
+        async def done(name: str, res: DeployResult | InfraError) -> None:
+            why = self._deployed(run_id, name, res)
+            if why is not None:
                 failed[name] = why
-                if isinstance(res, DeployRefused):
-                    self.refusals[name] = res
-                self.event(run_id, "deploy", name, f"deploy "
-                           f"{'refused' if isinstance(res, DeployRefused) else 'failed'}: {why}")
+            if then is not None:
+                await then(name, why)
+
+        await deploy_all(nodes, self.cluster.health_check, source,
+                         excludes=deploy_excludes(self.cluster, source), delete=True,
+                         protect=deploy_protect(self.cluster, stored_specs(self.store)),
+                         max_deletes=None if self.confirm_deletes else deploy.max_deletes,
+                         on_checked=on_checked, then=done)
         return failed
+
+    def _deployed(self, run_id: str, name: str, res: DeployResult | InfraError) -> str | None:
+        """Record one node's deploy (an event; a refusal kept); why it failed, or None."""
+        if isinstance(res, DeployResult):
+            if res.skipped:
+                self.event(run_id, "deploy", name, f"deploy skipped: {res.reason}")
+            else:
+                stats = res.stats
+                sent = f"{stats.files_transferred} files, {stats.bytes_sent} bytes" \
+                    if stats else "done"
+                self.event(run_id, "deploy", name, f"deployed ({sent})")
+            return None
+        why = res.reason if isinstance(res, TransportError) else res.one_line()
+        if isinstance(res, DeployRefused):
+            self.refusals[name] = res
+        self.event(run_id, "deploy", name, f"deploy "
+                   f"{'refused' if isinstance(res, DeployRefused) else 'failed'}: {why}")
+        return why
 
     def pinned(self, run_id: str, instance_id: str) -> bool:
         """Whether the instance was placed with ``--placement`` (a pin: exhausted restarts never
@@ -310,29 +349,62 @@ class RunSession:
         The node checks the start against its live claims under its node-wide lock; when it
         refuses (another coordinator's work took the room), the instance is placed again.
         """
-        node = self.cluster.node(rec.node)
         self.store.update_instance(run_id, rec.instance_id, state=InstancePhase.STARTING)
         request = self.start_request(run_id, rec)
+        answer: InstanceState | InfraError
         try:
-            client = await self.client(node.name)
-            try:
-                state = await client.start(request)
-            except StaleCopyError as exc:
-                self.event(run_id, "stale", rec.instance_id, f"{exc.one_line()}: stopping it")
-                await client.stop(run_id, rec.instance_id, grace=10.0)
-                state = await client.start(request)
-        except CapacityRefusedError as exc:
-            await self._place_refused(run_id, rec, exc.reason, tries)
-            return
+            answer = await (await self.client(rec.node)).start(request)
         except InfraError as exc:
-            self.store.update_instance(run_id, rec.instance_id, state=InstancePhase.FAILED,
-                                       reason=f"start failed on {node.name}: {node_reason(exc)}")
-            self.event(run_id, "start", rec.instance_id, f"start failed on {node.name}: "
-                       f"{node_reason(exc)}")
+            answer = exc
+        await self._started(run_id, rec, request, answer, tries)
+
+    async def _ready(self, node_name: str) -> None:
+        """Connect to the node and install its scripts if missing (errors come again, and
+        are reported, at the start that follows)."""
+        with contextlib.suppress(InfraError):
+            await (await self.client(node_name)).ensure_installed()
+
+    async def start_node(self, run_id: str, node_name: str,
+                         records: Sequence[InstanceRecord]) -> None:
+        """Start all of one node's instances in one batched call (one lock, one round trip);
+        each instance's refusal or failure stays its own."""
+        for rec in records:
+            self.store.update_instance(run_id, rec.instance_id, state=InstancePhase.STARTING)
+        requests = [self.start_request(run_id, rec) for rec in records]
+        answers: list[InstanceState | InfraError]
+        try:
+            answers = await (await self.client(node_name)).start_batch(requests)
+        except InfraError as exc:
+            answers = [exc] * len(records)
+        await asyncio.gather(*(self._started(run_id, rec, request, answer, 0)
+                               for rec, request, answer in zip(records, requests, answers,
+                                                               strict=True)))
+
+    async def _started(self, run_id: str, rec: InstanceRecord, request: StartRequest,
+                       answer: InstanceState | InfraError, tries: int) -> None:
+        """Fold a start's answer in: a stale copy stopped and started again, a refusal
+        placed again, a failure recorded, a start applied."""
+        node = rec.node
+        if isinstance(answer, StaleCopyError):
+            self.event(run_id, "stale", rec.instance_id, f"{answer.one_line()}: stopping it")
+            try:
+                client = await self.client(node)
+                await client.stop(run_id, rec.instance_id, grace=10.0)
+                answer = await client.start(request)
+            except InfraError as exc:
+                answer = exc
+        if isinstance(answer, CapacityRefusedError):
+            await self._place_refused(run_id, rec, answer.reason, tries)
             return
-        self.apply_state(run_id, rec, state)
-        verb = "already started" if state.already else "started"
-        self.event(run_id, "start", rec.instance_id, f"{verb} on {node.name} (pid {state.pid})")
+        if isinstance(answer, InfraError):
+            self.store.update_instance(run_id, rec.instance_id, state=InstancePhase.FAILED,
+                                       reason=f"start failed on {node}: {node_reason(answer)}")
+            self.event(run_id, "start", rec.instance_id, f"start failed on {node}: "
+                       f"{node_reason(answer)}")
+            return
+        self.apply_state(run_id, rec, answer)
+        verb = "already started" if answer.already else "started"
+        self.event(run_id, "start", rec.instance_id, f"{verb} on {node} (pid {answer.pid})")
 
     def deploy_failed(self, run_id: str, rec: InstanceRecord, why: str) -> None:
         """The instance cannot start: its node did not take the tree. Failed, with why."""
@@ -378,10 +450,36 @@ class RunSession:
                                   tries + 1)
 
     async def launch(self, run_id: str) -> None:
-        """Deploy to the run's nodes, then start every planned instance."""
+        """Deploy to the run's nodes and start their instances, each node on its own: a node's
+        instances start in one batched call as soon as its own deploy is done and every
+        node's deletion check has passed (a refused deploy still starts nothing anywhere)."""
         self.store.set_run_state(run_id, RunState.STARTING)
         records = [r for r in self.store.instances(run_id) if r.node]  # not queued work
-        failed_nodes = await self.deploy_for_run(run_id, (r.node for r in records))
+        by_node: dict[str, list[InstanceRecord]] = {}
+        for rec in records:
+            by_node.setdefault(rec.node, []).append(rec)
+        for name in by_node:
+            self.refusals.pop(name, None)  # an earlier launch's refusal is not this one's
+        gate = _CheckGate(set(by_node))
+        # connect and check the node-side scripts while the tree is being deployed
+        ready = {name: asyncio.create_task(self._ready(name)) for name in by_node}
+
+        async def then(node_name: str, why: str | None) -> None:
+            gate.passed(node_name)
+            if why is not None:
+                return  # failed here: recorded below, once refusals are known
+            await gate.wait()
+            await ready[node_name]
+            if not self.refusals.keys() & by_node.keys():
+                await self.start_node(run_id, node_name, by_node[node_name])
+
+        try:
+            failed_nodes = await self.deploy_for_run(run_id, by_node, on_checked=gate.passed,
+                                                     then=then)
+        finally:
+            for task in ready.values():
+                task.cancel()
+            await asyncio.gather(*ready.values(), return_exceptions=True)
         refused = sorted(n for n in failed_nodes if n in self.refusals)
         if refused:  # the run refuses as a whole: nothing starts until deletions are confirmed
             for rec in records:
@@ -392,13 +490,9 @@ class RunSession:
                                            reason=why)
             self.store.set_run_state(run_id, RunState.FAILED)
             return
-        starts = []
         for rec in records:
             if rec.node in failed_nodes:
                 self.deploy_failed(run_id, rec, failed_nodes[rec.node])
-                continue
-            starts.append(self.start_instance(run_id, rec))
-        await asyncio.gather(*starts)
         self.store.set_run_state(run_id, RunState.RUNNING)
 
     # ------------------------------------------------------------------ status

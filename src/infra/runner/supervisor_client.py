@@ -28,6 +28,7 @@ from infra.config.model import ExperimentSpec, FailoverSection, NodeConfig
 from infra.errors import (
     CapacityRefusedError,
     CommandFailedError,
+    InfraError,
     NodeDocumentError,
     StaleCopyError,
     StateError,
@@ -49,6 +50,7 @@ SUPERVISOR_SOURCE = REMOTE_DIR / "supervisor.py"
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
 """Run and instance ids become path components on the node; the script checks the same rule."""
 
+START_BATCH_SECONDS_EACH = 2.0  # a batched start's timeout grows by this per request
 TELEMETRY_MAX_BYTES = 256 << 10
 """Telemetry bytes per instance and status call (about four minutes of 1 s samples)."""
 TELEMETRY_TOTAL_BYTES = 4 << 20
@@ -636,6 +638,31 @@ class SupervisorClient:
                                input=_json(request.to_json(self.node.name)))
         return InstanceState.from_json(self.node.name, doc.get("instance"))
 
+    async def start_batch(self, requests: Sequence[StartRequest],
+                          ) -> list[InstanceState | InfraError]:
+        """Start many instances in one call (the node lock taken once, each claim judged
+        against the live ones and those accepted before it): per request, in order, its
+        state or its own error (``CapacityRefusedError``, ``StaleCopyError``, ...)."""
+        if not requests:
+            return []
+        for request in requests:
+            check_id(request.run_id, "run id")
+            check_id(request.instance_id, "instance id")
+        stdin = json.dumps([r.to_json(self.node.name) for r in requests], sort_keys=True)
+        timeout = self.command_timeout + START_BATCH_SECONDS_EACH * len(requests)
+        doc = await self._call(["start-batch", "--root", self.root], input=stdin,
+                               timeout=timeout)
+        answers = _Fields(self.node.name, "answer", doc).items("results", required=True)
+        if len(answers) != len(requests):
+            raise NodeDocumentError(self.node.name, "supervisor", "results",
+                                    f"{len(answers)} answers for {len(requests)} requests")
+        out: list[InstanceState | InfraError] = []
+        for i, answer in enumerate(answers):
+            failure = _answer_error(self.node.name, "start", answer)
+            out.append(failure if failure is not None else InstanceState.from_json(
+                self.node.name, answer.get("instance"), where=f"results[{i}].instance"))
+        return out
+
     async def status(self, run_id: str | None = None, *, fence_seconds: float | None = None,
                      fence_clear: bool = False, holder: str = "",
                      only: Sequence[str] | None = None) -> list[InstanceState]:
@@ -803,17 +830,24 @@ class SupervisorClient:
             raise CommandFailedError(
                 self.node.name, f"supervisor {args[0]} printed no result: {_tail(result)}",
                 exit_status=result.exit_status, stderr=result.stderr) from None
-        if isinstance(doc, dict) and not doc.get("ok") and doc.get("refused"):
-            raise CapacityRefusedError(self.node.name, str(doc.get("error")),
-                                       exit_status=result.exit_status)
-        if isinstance(doc, dict) and not doc.get("ok") and doc.get("stale"):
-            raise StaleCopyError(self.node.name, str(doc.get("error")),
-                                 exit_status=result.exit_status)
-        if not isinstance(doc, dict) or not doc.get("ok"):
-            error = doc.get("error") if isinstance(doc, dict) else doc
-            raise CommandFailedError(self.node.name, f"supervisor {args[0]}: {error}",
-                                     exit_status=result.exit_status, stderr=result.stderr)
+        failure = _answer_error(self.node.name, args[0], doc, result.exit_status, result.stderr)
+        if failure is not None or not isinstance(doc, dict):
+            raise failure or CommandFailedError(self.node.name, f"supervisor {args[0]}: {doc}")
         return doc
+
+
+def _answer_error(node: str, what: str, doc: Any, exit_status: int | None = None,
+                  stderr: str = "") -> CommandFailedError | None:
+    """The error a supervisor answer stands for (refused, stale copy, failed), or None."""
+    if isinstance(doc, dict) and doc.get("ok"):
+        return None
+    if isinstance(doc, dict) and doc.get("refused"):
+        return CapacityRefusedError(node, str(doc.get("error")), exit_status=exit_status)
+    if isinstance(doc, dict) and doc.get("stale"):
+        return StaleCopyError(node, str(doc.get("error")), exit_status=exit_status)
+    error = doc.get("error") if isinstance(doc, dict) else doc
+    return CommandFailedError(node, f"supervisor {what}: {error}", exit_status=exit_status,
+                              stderr=stderr)
 
 
 def _b64(node: str, where: str, encoded: str) -> bytes:
