@@ -254,3 +254,21 @@ def test_failure_class_round_trip_and_an_older_store(tmp_path: Path) -> None:
     finally:
         store.close()
     assert FailureClass.parse("from-a-newer-node") is None
+
+
+def test_processes_opening_one_new_store_at_once_all_get_it(tmp_path: Path) -> None:
+    """A coordinator creating the store while `status` opens it: both add the columns an
+    older store lacks; only one may (the other then sees them), never 'duplicate column'."""
+    script = ("import sys, time\n"
+              "from pathlib import Path\n"
+              "from infra.state import Store\n"
+              "start = float(sys.argv[2])\n"
+              "while time.time() < start: pass\n"
+              "Store(Path(sys.argv[1])).close()\n")
+    for round_ in range(12):
+        db = tmp_path / f"state{round_}.db"
+        start = f"{__import__('time').time() + 1.5:.3f}"  # all of them open it together
+        procs = [subprocess.Popen([sys.executable, "-c", script, str(db), start],
+                                  stderr=subprocess.PIPE, text=True) for _ in range(6)]
+        errors = [p.communicate(timeout=120)[1] for p in procs]
+        assert [p.returncode for p in procs] == [0] * 6, errors

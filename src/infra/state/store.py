@@ -104,6 +104,9 @@ CREATE TABLE IF NOT EXISTS pools (
 """
 
 
+OPEN_BUSY_SECONDS = 30.0
+"""How long opening a store waits for another process creating or upgrading it."""
+
 # Columns added after the first release: opening an older store adds them in place.
 ADDED_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
     "runs": (
@@ -400,26 +403,60 @@ class Store:
         except (OSError, sqlite3.Error) as exc:
             raise StateError(f"{path}: cannot open the state store: {exc}") from None
         self.db.row_factory = sqlite3.Row
-        try:
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
-            self.db.executescript(SCHEMA)
-            self._migrate()
-        except sqlite3.Error as exc:  # not a database, or a damaged one: say which file
-            self.db.close()
-            raise StateError(f"{path}: not a usable state store ({exc}); move it aside to "
-                             "start a new one") from None
+        deadline = time.monotonic() + OPEN_BUSY_SECONDS
+        while True:
+            try:
+                self._prepare()
+                break
+            except sqlite3.OperationalError as exc:
+                # another process is creating or upgrading the same store right now: SQLite
+                # answers "locked" at once for a journal-mode switch or a lock upgrade it
+                # cannot wait for; the schema steps are idempotent, so try again
+                if "locked" in str(exc) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                self.db.close()
+                raise StateError(f"{path}: not a usable state store ({exc}); move it aside "
+                                 "to start a new one") from None
+            except sqlite3.Error as exc:  # not a database, or a damaged one: say which file
+                self.db.close()
+                raise StateError(f"{path}: not a usable state store ({exc}); move it aside "
+                                 "to start a new one") from None
         for suffix in ("-wal", "-shm"):
             side = Path(str(path) + suffix)
             if side.exists():
                 os.chmod(side, 0o600)
 
+    def _prepare(self) -> None:
+        """WAL mode, the schema and the added columns (each step idempotent)."""
+        if self.db.in_transaction:
+            self.db.execute("ROLLBACK")  # a step that failed half way
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(SCHEMA)
+        self._migrate()
+
     def _migrate(self) -> None:
+        """Add the columns an older store lacks, under the write lock: two processes opening
+        one new store at once (a coordinator and a ``status``) must not both add a column."""
+        if not self._missing_columns():
+            return
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            for table, name, decl in self._missing_columns():  # again, under the lock
+                self.db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def _missing_columns(self) -> list[tuple[str, str, str]]:
+        """(table, column, declaration) of every added column this store does not have."""
+        missing = []
         for table, columns in ADDED_COLUMNS.items():
             have = {r["name"] for r in self.db.execute(f"PRAGMA table_info({table})")}
-            for name, decl in columns:
-                if name not in have:
-                    self.db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
+            missing += [(table, name, decl) for name, decl in columns if name not in have]
+        return missing
 
     @classmethod
     def for_log_dir(cls, log_dir: Path) -> Store:
