@@ -94,7 +94,10 @@ def test_burning_and_sleeping_instances_show_live_cpu(project: Path) -> None:
                 return None
             b, n = tele["burn"], tele["nap"]
             fresh = b["age_seconds"] <= 5 and n["age_seconds"] <= 5
-            return tele if fresh and b["cpu_percent"] >= 20 and b["rss_bytes"] > 0 else None
+            # The first sample of a tree has no CPU figure yet (no interval to measure over).
+            measured = b["cpu_percent"] is not None and n["cpu_percent"] is not None
+            busy = measured and b["cpu_percent"] >= 20 and b["rss_bytes"] > 0
+            return tele if fresh and busy else None
 
         tele = wait_for(live, timeout=90, interval=0.5)
         assert tele["nap"]["cpu_percent"] <= 10 and tele["nap"]["rss_bytes"] > 0
