@@ -1,30 +1,45 @@
 """The planner's fast path: the same decisions as the reference loop in ``engine.plan``.
 
-Three ideas, after Nomad's scheduler:
+After Nomad's scheduler, but incremental:
 
-* **Node classes.** Nodes with identical static attributes (capacity, flags, condition,
-  inventory) and identical load state (count, RAM, GPU memory, cores, disk, held devices and
-  ports) are judged once per instance; a node changes class when something is placed on it.
-  Nodes where the instance's affinity/anti-affinity peers or ``distinct_hosts`` peers sit,
-  and its preferred node, are judged one by one.
-* **Lazy explanations.** Nodes are judged with points-only scorers and the first failing
-  check's *name*; ``Plan.evaluations`` (every node's reason or score parts, with detail
-  text) is rebuilt on demand by replaying the decisions, only for the instances asked about.
-  ``Plan.rejections`` keeps counts per check per instance.
-* **Incremental bookkeeping.** One snapshot whose maps are updated in place instead of a new
-  snapshot per placement.
+* **Views per instance shape.** An instance's verdict on a node (first failing check, or
+  total points) depends only on its *shape* (demands and requests) and the node's state,
+  unless one of its peers sits there or it is its preferred node. Each shape keeps every
+  node's verdict, with the feasible nodes bucketed by exact total (a heap of node indices
+  per total, a heap of totals), so a decision is a few heap operations. A placement changes
+  one node; a view judges again only the nodes changed since it was last asked.
+* **Static classes.** Checks that read only fixed facts (flags, condition, inventory,
+  constraints) are judged once per class of identical nodes and per static request.
+* **Special nodes** (an instance's affinity/anti-affinity peers' nodes, its preferred
+  node) are judged one by one with every check and scorer.
+* **Lazy explanations.** ``Plan.evaluations`` (every node's reason or score parts, with
+  detail text) is rebuilt on demand by replaying the decisions, only for the instances
+  asked about. ``Plan.rejections`` keeps counts per check per instance.
+* **Incremental bookkeeping.** One snapshot whose maps are updated in place, and per-node
+  free RAM, GPU memory, cores, disk and counts kept beside it.
+
+Ties: the reference takes the first node in topology order, replacing it only when beaten
+by more than 1e-9; the views hand over the first node of each distinct total near the top
+and the same scan runs on those (see ``_scan``).
 """
 
 from __future__ import annotations
 
-import bisect
-from collections.abc import Hashable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field, replace
+import heapq
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
+from dataclasses import replace
 from types import MappingProxyType
 
 from infra.config.model import Cluster, ExperimentSpec, NodeConfig, Strategy
 from infra.placement.allocation import Allocation, Holder
-from infra.placement.checks import DEFAULT_CHECKS, Check, _distinct, all_rejections
+from infra.placement.checks import (
+    DEFAULT_CHECKS,
+    Check,
+    _distinct,
+    all_rejections,
+    devices_available,
+    ports_free,
+)
 from infra.placement.constraints import attribute_name
 from infra.placement.engine import (
     NodeEvaluation,
@@ -33,14 +48,22 @@ from infra.placement.engine import (
     Plan,
     base_key,
     evaluate,
-    placement_order,
     starting_snapshot,
 )
-from infra.placement.scoring import POINTS, STRATEGIES, Points, ScorePart, Scorer
+from infra.placement.scoring import (
+    POINTS,
+    REFERENCE_SCORERS,
+    STRATEGIES,
+    Points,
+    ScorePart,
+    Scorer,
+    affinity_points,
+    preferred_node_points,
+)
 from infra.placement.snapshot import NodeCondition, NodeLoad, Snapshot, demand_on
 from infra.probe.facts import NodeFacts
 
-__all__ = ["LiveSnapshot", "fast_plan", "supports"]
+__all__ = ["LiveSnapshot", "fast_order", "fast_plan", "shape_of", "supports"]
 
 # attributes unique to a node: left out of its class unless some constraint names them
 _UNIQUE_ATTRS = frozenset({"name", "host", "hostname"})
@@ -101,53 +124,6 @@ def _static_key(snap: Snapshot, node: NodeConfig, named: frozenset[str]) -> Hash
             inv.disk_gb, attrs)
 
 
-@dataclass
-class _Classes:
-    """Nodes grouped by (static class, load state); each group's indices in topology order."""
-
-    live: LiveSnapshot
-    static: list[int]
-    keys: list[Hashable] = field(default_factory=list)
-    groups: dict[Hashable, list[int]] = field(default_factory=dict)
-
-    def state_key(self, i: int) -> Hashable:
-        """The node's class now. A node no instance can get (switched off, cordoned, not
-        schedulable, full) is refused by checks that read only static facts before any load
-        fact, so its load no longer splits it from its static class."""
-        node = self.live.snap.nodes[i]
-        name = node.name
-        load = self.live.loads[name]
-        if (not node.enabled or not node.scheduling_eligible
-                or not self.live.snap.conditions[name].condition.schedulable
-                or load.count >= node.max_instances):
-            return (self.static[i], "dead")
-        devices = self.live.devices.get(name)
-        ports = self.live.ports.get(name)
-        return (self.static[i], load.count, load.ram_gb, load.gpu_memory_gb, load.cpu_cores,
-                load.disk_gb, frozenset(devices.items()) if devices else None,
-                frozenset(ports.items()) if ports else None)
-
-    def build(self) -> None:
-        for i in range(len(self.static)):
-            key = self.state_key(i)
-            self.keys.append(key)
-            self.groups.setdefault(key, []).append(i)
-
-    def moved(self, i: int) -> Hashable | None:
-        """Node ``i``'s load changed: move it to the group of its new state. Returns the
-        old class's key when no node is left in it."""
-        old = self.keys[i]
-        members = self.groups[old]
-        members.remove(i)
-        key = self.state_key(i)
-        self.keys[i] = key
-        bisect.insort(self.groups.setdefault(key, []), i)
-        if not members and old != key:
-            del self.groups[old]
-            return old
-        return None
-
-
 def _judge(snap: Snapshot, node: NodeConfig, spec: ExperimentSpec,
            checks: tuple[tuple[str, Check], ...], points: tuple[Points, ...]
            ) -> tuple[str | None, float]:
@@ -170,112 +146,421 @@ def _first_best(feasible: list[tuple[int, float]]) -> int | None:
     if not feasible:
         return None
     top = max(t for _i, t in feasible)
+    if _in_band(feasible, top):
+        return _scan(feasible)
+    return _scan([c for c in feasible if c[1] >= top - WINDOW])
+
+
+def _ram_need(spec: ExperimentSpec, *, unified: bool) -> float:
+    """``demand_on(node, spec).ram_gb`` for a node with or without unified memory."""
+    if unified:
+        return spec.ram_gb + (spec.gpu_memory_gb if spec.gpu_required else 0.0)
+    return spec.ram_gb
+
+
+# The default checks that read only what does not change during a plan (node flags,
+# condition, inventory, the spec's static requests): judged once per static class.
+STATIC_CHECKS = frozenset({"enabled", "eligible", "healthy", "gpu", "constraints",
+                           "runtime_driver", "volumes"})
+# Checks and scorers that depend on which instances sit on a node: the nodes where they can
+# bite (an instance's peers' nodes, its preferred node) are judged one by one.
+RELATIONAL_POINTS = frozenset({affinity_points, preferred_node_points})
+
+
+def fast_order(specs: Iterable[ExperimentSpec]) -> list[ExperimentSpec]:
+    """``engine.placement_order`` in O(n log n): base order, but an instance waits for the
+    affinity peers it names (the first ready one in base order goes next; when none is
+    ready, the first remaining one, which breaks cycles exactly as the reference does)."""
+    remaining = sorted(specs, key=base_key)
+    ids = {s.experiment_id for s in remaining}
+    waiting: dict[str, list[int]] = {}
+    need = [0] * len(remaining)
+    for pos, spec in enumerate(remaining):
+        peers = {p for p in spec.affinity if p in ids}
+        need[pos] = len(peers)
+        for p in peers:
+            waiting.setdefault(p, []).append(pos)
+    ready = [pos for pos, n in enumerate(need) if n == 0]  # ascending: already a heap
+    taken = [False] * len(remaining)
+    done: set[str] = set()
+    first = 0  # every position below it is taken
+    order: list[ExperimentSpec] = []
+    while len(order) < len(remaining):
+        while ready and taken[ready[0]]:
+            heapq.heappop(ready)
+        if ready:
+            pos = heapq.heappop(ready)
+        else:
+            while taken[first]:
+                first += 1
+            pos = first
+        taken[pos] = True
+        spec = remaining[pos]
+        order.append(spec)
+        if spec.experiment_id not in done:
+            done.add(spec.experiment_id)
+            for w in waiting.get(spec.experiment_id, ()):
+                need[w] -= 1
+                if need[w] == 0:
+                    heapq.heappush(ready, w)
+    return order
+
+
+def shape_of(spec: ExperimentSpec) -> Hashable:
+    """What decides an instance's verdict on a node that holds none of its peers and is not
+    its preferred node: its demands and requests (its id only when it asks for ports)."""
+    res = spec.resources
+    return (spec.ram_gb, spec.gpu_required, spec.gpu_memory_gb, spec.cpu_cores, res,
+            spec.constraints, spec.experiment_id if res.ports else None)
+
+
+class _NodeState:
+    """Per-node numbers the checks read, by topology index, kept current per placement.
+
+    Each is computed with the same expression the checks use (``snapshot.free_ram_gb`` and
+    friends), so comparisons on them give the checks' answers to the last bit.
+    """
+
+    def __init__(self, live: LiveSnapshot) -> None:
+        nodes = live.snap.nodes
+        self.live = live
+        self.gpu = [n.gpu for n in nodes]
+        self.unified = [n.unified_memory for n in nodes]
+        self.maxi = [n.max_instances for n in nodes]
+        self.count = [0] * len(nodes)
+        self.free_ram = [0.0] * len(nodes)
+        self.free_gpu = [0.0] * len(nodes)
+        self.free_cpu = [0.0] * len(nodes)
+        self.free_disk: list[float | None] = [None] * len(nodes)
+        for i in range(len(nodes)):
+            self.refresh(i)
+
+    def refresh(self, i: int) -> None:
+        """Recompute node ``i``'s numbers from its load."""
+        snap = self.live.snap
+        node = snap.nodes[i]
+        load = self.live.loads[node.name]
+        self.count[i] = load.count
+        self.free_ram[i] = snap.free_ram_gb(node)
+        self.free_gpu[i] = snap.free_gpu_memory_gb(node)
+        self.free_cpu[i] = node.cpu_cores - load.cpu_cores
+        self.free_disk[i] = snap.free_disk_gb(node)
+
+
+Judge = Callable[[int], tuple[int, float]]
+
+
+class _View:
+    """One instance shape's verdict on every node, brought up to date lazily.
+
+    ``reason[i]`` is the index of the first failing check on node ``i`` (``FEASIBLE`` when
+    none) and ``total[i]`` its points; feasible nodes sit in ``buckets`` by exact total, each
+    a heap of node indices, with ``tops`` a heap of the negated distinct totals. Stale heap
+    entries (a node whose total changed) are dropped when met. ``cursor`` is how much of the
+    planner's change log the view has seen: only nodes changed since are judged again.
+    """
+
+    __slots__ = ("buckets", "counts", "cursor", "judge", "reason", "static", "tops", "total")
+
+    def __init__(self, judge: Judge, static: list[int], size: int, cursor: int) -> None:
+        self.judge = judge
+        self.static = static
+        self.cursor = cursor
+        self.reason = list(static)
+        self.total: list[float | None] = [None] * len(static)
+        self.counts = [0] * size
+        self.buckets: dict[float, list[int]] = {}
+        tops: list[float] = []
+        feasible = size - 1
+        for i, why in enumerate(static):
+            if why < 0:
+                why, points = judge(i)
+                self.reason[i] = why
+                if why == feasible:
+                    self.total[i] = points
+                    bucket = self.buckets.get(points)
+                    if bucket is None:
+                        self.buckets[points] = [i]  # ascending indices: already a heap
+                        tops.append(-points)
+                    else:
+                        bucket.append(i)
+            self.counts[why] += 1
+        heapq.heapify(tops)
+        self.tops = tops
+
+    def update(self, i: int) -> None:
+        """Judge node ``i`` again (its load changed)."""
+        old = self.reason[i]
+        why, points = self.judge(i)
+        self.counts[old] -= 1
+        self.counts[why] += 1
+        self.reason[i] = why
+        if why != len(self.counts) - 1:
+            self.total[i] = None
+            return
+        if old == why and self.total[i] == points:
+            return  # its bucket entry still holds
+        self.total[i] = points
+        bucket = self.buckets.get(points)
+        if bucket is None:
+            self.buckets[points] = [i]
+            heapq.heappush(self.tops, -points)
+        else:
+            heapq.heappush(bucket, i)
+
+    def leaders(self, special: set[int], floor: Callable[[float], float]
+                ) -> list[tuple[int, float]]:
+        """(first node in topology order, total) of each distinct total from the highest
+        down to ``floor(highest)``, skipping the ``special`` nodes."""
+        tops, buckets, total = self.tops, self.buckets, self.total
+        out: list[tuple[int, float]] = []
+        kept: list[float] = []
+        held: list[tuple[list[int], int]] = []
+        limit: float | None = None
+        while tops:
+            points = -tops[0]
+            if limit is not None and points < limit:
+                break
+            heapq.heappop(tops)
+            bucket = buckets[points]
+            while bucket:
+                j = bucket[0]
+                if total[j] != points:
+                    heapq.heappop(bucket)  # stale: the node's total moved on
+                elif j in special:
+                    held.append((bucket, heapq.heappop(bucket)))
+                else:
+                    break
+            if not bucket and not any(b is bucket for b, _ in held):
+                del buckets[points]
+                continue
+            kept.append(-points)
+            if bucket:
+                out.append((bucket[0], points))
+                if limit is None:
+                    limit = floor(points)
+        for negated in kept:
+            heapq.heappush(tops, negated)
+        for bucket, j in held:
+            heapq.heappush(bucket, j)
+        return out
+
+    def everything(self, special: set[int]) -> list[tuple[int, float]]:
+        """Every feasible node but the special ones, with its total."""
+        return [(i, t) for i, t in enumerate(self.total) if t is not None and i not in special]
+
+
+def _scan(feasible: list[tuple[int, float]]) -> int | None:
+    """The reference scan: topology order, the best replaced only when beaten by > 1e-9."""
+    best: tuple[int, float] | None = None
+    for i, total in sorted(feasible):
+        if best is None or total > best[1] + 1e-9:
+            best = (i, total)
+    return None if best is None else best[0]
+
+
+def _in_band(feasible: list[tuple[int, float]], top: float) -> bool:
+    """Whether a total lies just below the window (where the scan could chain past it)."""
     edge = top - WINDOW
-    if any(edge - 1e-9 <= t < edge for _i, t in feasible):
-        near = feasible
-    else:
-        near = [c for c in feasible if c[1] >= edge]
-    near.sort(key=lambda c: c[0])
-    best, best_total = near[0]
-    for i, total in near[1:]:
-        if total > best_total + 1e-9:
-            best, best_total = i, total
-    return best
+    return any(edge - 1e-9 <= t < edge for _i, t in feasible)
 
 
 class _Planner:
-    """State of one fast plan: the live snapshot, node classes, distinct-hosts nodes."""
+    """State of one fast plan: the live snapshot, per-node numbers, one view per shape."""
 
     def __init__(self, snap: Snapshot, checks: tuple[tuple[str, Check], ...],
                  scorers: tuple[Scorer, ...], specs: list[ExperimentSpec]) -> None:
         self.live = LiveSnapshot(snap)
+        self.state = _NodeState(self.live)
         self.checks = checks
-        self.scorers = scorers
+        self.names = tuple(name for name, _ in checks)
+        self.feasible = len(checks)  # the reason index that means "no check failed"
         self.points = tuple(POINTS[s] for s in scorers)
+        self.base_points = tuple(p for p in self.points if p not in RELATIONAL_POINTS)
+        self.inline = scorers == REFERENCE_SCORERS
         self.nodes = snap.nodes
         self.index = {n.name: i for i, n in enumerate(snap.nodes)}
         named = _named_attributes(snap, [*specs, *snap.specs.values()])
         statics: dict[Hashable, int] = {}
-        static = [statics.setdefault(_static_key(snap, n, named), len(statics))
-                  for n in snap.nodes]
-        self.classes = _Classes(self.live, static)
-        self.classes.build()
+        self.static = [statics.setdefault(_static_key(snap, n, named), len(statics))
+                       for n in snap.nodes]
+        self.static_lists: dict[Hashable, list[int]] = {}
+        self.log: list[int] = []  # node index per placement, in order
+        self.views: dict[Hashable, _View] = {}
+        self.left: dict[Hashable, int] = {}  # shape -> instances still to decide
         self.distinct_nodes: set[int] = set()
-        # class key -> instance shape -> verdict; a class's entry goes when it empties
-        self.memo: dict[Hashable, dict[Hashable, tuple[str | None, float]]] = {}
         for name, load in snap.loads.items():
             for iid in load.instance_ids - snap.occupied_ids:
                 peer = snap.specs.get(iid)
                 if peer is not None and _distinct(snap, peer):
                     self.distinct_nodes.add(self.index[name])
 
-    def special(self, spec: ExperimentSpec) -> set[int]:
-        """Nodes whose verdict for ``spec`` depends on which instances sit there."""
+    def expect(self, shapes: Iterable[Hashable]) -> None:
+        """Say which shapes will be asked for (a view is dropped after its last one)."""
+        for shape in shapes:
+            self.left[shape] = self.left.get(shape, 0) + 1
+
+    def static_reasons(self, spec: ExperimentSpec) -> list[int]:
+        """Per node, the first failing static check for ``spec`` (-1: none), judged once
+        per static class."""
+        res = spec.resources
+        part = (spec.gpu_required, spec.constraints, res.runtime_driver, res.volumes)
+        found = self.static_lists.get(part)
+        if found is not None:
+            return found
         snap = self.live.snap
-        out: set[int] = set()
-        ids = [*spec.affinity, *spec.anti_affinity, *snap.anti_of.get(spec.experiment_id, ())]
-        for iid in ids:
-            where = self.live.placed.get(iid)
-            if where is not None:
-                out.add(self.index[where])
-        if spec.preferred_node is not None and spec.preferred_node in self.index:
-            out.add(self.index[spec.preferred_node])
-        if self.distinct_nodes and _distinct(snap, spec):
-            out |= self.distinct_nodes
+        statics = [(k, check) for k, (name, check) in enumerate(self.checks)
+                   if name in STATIC_CHECKS]
+        per_class: dict[int, int] = {}
+        out: list[int] = []
+        for i, node in enumerate(self.nodes):
+            why = per_class.get(self.static[i])
+            if why is None:
+                why = next((k for k, check in statics if check(snap, node, spec) is not None),
+                           -1)
+                per_class[self.static[i]] = why
+            out.append(why)
+        self.static_lists[part] = out
         return out
 
-    @staticmethod
-    def shape(spec: ExperimentSpec) -> Hashable:
-        """What decides an instance's verdict on a node that holds none of its peers and is
-        not its preferred node: its demands and requests (its id only for port holders)."""
-        res = spec.resources
-        return (spec.ram_gb, spec.gpu_required, spec.gpu_memory_gb, spec.cpu_cores, res,
-                spec.constraints, spec.experiment_id if res.ports else None)
+    def judge_for(self, spec: ExperimentSpec) -> Judge:
+        """Node index -> (first failing non-static check, points) for ``spec``'s shape, on
+        a node where none of its peers sits and that is not its preferred node."""
+        k = {name: n for n, name in enumerate(self.names)}
+        full, ram, gpu_memory, cpu, disk = (k["max_instances"], k["ram"], k["gpu_memory"],
+                                            k["cpu"], k["disk"])
+        devices, ports, distinct = k["devices"], k["ports"], k["distinct_hosts"]
+        ok = self.feasible
+        st = self.state
+        count, maxi, gpu, unified = st.count, st.maxi, st.gpu, st.unified
+        free_ram, free_gpu, free_cpu, free_disk = (st.free_ram, st.free_gpu, st.free_cpu,
+                                                   st.free_disk)
+        snap, nodes = self.live.snap, self.nodes
+        need_plain = _ram_need(spec, unified=False)
+        need_unified = _ram_need(spec, unified=True)
+        gpu_required, gpu_gb, cores = spec.gpu_required, spec.gpu_memory_gb, spec.cpu_cores
+        disk_gb = spec.resources.disk_gb
+        want_devices, want_ports = bool(spec.resources.devices), bool(spec.resources.ports)
+        under_distinct = _distinct(snap, spec)
+        distinct_nodes = self.distinct_nodes
+        inline, base_points = self.inline, self.base_points
+        inf = float("inf")
 
-    def best(self, spec: ExperimentSpec) -> tuple[int | None, dict[str, int]]:
+        def judge(i: int) -> tuple[int, float]:
+            n = count[i]
+            if n >= maxi[i]:
+                return full, 0.0
+            need = need_unified if unified[i] else need_plain
+            free = free_ram[i]
+            if not need <= free + 1e-9:
+                return ram, 0.0
+            if (gpu_required and gpu[i] and not unified[i]
+                    and not gpu_gb <= free_gpu[i] + 1e-9):
+                return gpu_memory, 0.0
+            if cores > 0 and not cores <= free_cpu[i] + 1e-9:
+                return cpu, 0.0
+            if disk_gb > 0:
+                left = free_disk[i]
+                if left is not None and not disk_gb <= left + 1e-9:
+                    return disk, 0.0
+            if want_devices and devices_available(snap, nodes[i], spec) is not None:
+                return devices, 0.0
+            if want_ports and ports_free(snap, nodes[i], spec) is not None:
+                return ports, 0.0
+            if under_distinct and i in distinct_nodes:
+                return distinct, 0.0
+            if not inline:
+                node = nodes[i]
+                return ok, sum(p(snap, node, spec) for p in base_points)
+            # the reference points (scoring.REFERENCE_SCORERS), same arithmetic
+            util = need / free if free > 0 else inf
+            efficiency = 30.0 if 0.3 <= util <= 0.7 else 20.0 if util < 0.3 else 10.0
+            balance = max(0.0, 20.0 * (1.0 - n / maxi[i]))
+            match = (15.0 if gpu[i] else 0.0) if gpu_required else (0.0 if gpu[i] else 5.0)
+            return ok, efficiency + balance + match
+
+        return judge
+
+    def view(self, shape: Hashable, spec: ExperimentSpec) -> _View:
+        """The shape's view, built now or brought up to date with the nodes changed since."""
+        view = self.views.get(shape)
+        log = self.log
+        if view is None:
+            view = self.views[shape] = _View(self.judge_for(spec), self.static_reasons(spec),
+                                             self.feasible + 1, len(log))
+            return view
+        start = view.cursor
+        if start < len(log):
+            view.cursor = len(log)
+            static = view.static
+            for i in (set(log[start:]) if len(log) - start > 1 else (log[start],)):
+                if static[i] < 0:
+                    view.update(i)
+        return view
+
+    def special(self, spec: ExperimentSpec) -> set[int]:
+        """Nodes whose verdict for ``spec`` depends on which instances sit there, or that
+        are its preferred node: judged one by one with every check and scorer."""
+        placed = self.live.placed
+        out: set[int] = set()
+        for ids in (spec.affinity, spec.anti_affinity,
+                    self.live.snap.anti_of.get(spec.experiment_id, ())):
+            for iid in ids:
+                where = placed.get(iid)
+                if where is not None:
+                    out.add(self.index[where])
+        if spec.preferred_node is not None and spec.preferred_node in self.index:
+            out.add(self.index[spec.preferred_node])
+        return out
+
+    def best(self, spec: ExperimentSpec, shape: Hashable
+             ) -> tuple[int | None, dict[str, int]]:
         """The node the reference loop would pick (or None), and rejection counts."""
-        snap = self.live.snap
+        view = self.view(shape, spec)
         special = self.special(spec)
-        shape = self.shape(spec)
-        memo = self.memo
-        counts: dict[str, int] = {}
-        feasible: list[tuple[int, float]] = []
-        for key, members in self.classes.groups.items():
-            rep = members[0]
-            if special:
-                rest = [i for i in members if i not in special]
-                if not rest:
-                    continue
-                rep = rest[0]
-                weight = len(rest)
+        counts = view.counts
+        mine: list[tuple[int, float]] = []
+        if special:
+            counts = list(counts)
+            snap = self.live.snap
+            for i in special:
+                counts[view.reason[i]] -= 1
+                why = view.static[i]
+                points = 0.0
+                if why < 0:
+                    name, points = _judge(snap, self.nodes[i], spec, self.checks, self.points)
+                    why = self.feasible if name is None else self.names.index(name)
+                counts[why] += 1
+                if why == self.feasible:
+                    mine.append((i, points))
+        top_mine = max((t for _i, t in mine), default=None)
+
+        def floor(highest: float) -> float:
+            top = highest if top_mine is None else max(highest, top_mine)
+            return top - WINDOW - 1e-9
+
+        feasible = view.leaders(special, floor) + mine
+        choice: int | None = None
+        if feasible:
+            top = max(t for _i, t in feasible)
+            if _in_band(feasible, top):
+                choice = _scan(view.everything(special) + mine)
             else:
-                weight = len(members)
-            known = memo.get(key)
-            if known is None:
-                known = memo[key] = {}
-            verdict = known.get(shape)
-            if verdict is None:
-                verdict = known[shape] = _judge(snap, self.nodes[rep], spec, self.checks,
-                                                self.points)
-            why = verdict[0]
-            if why is None:
-                feasible.append((rep, verdict[1]))
-            else:
-                counts[why] = counts.get(why, 0) + weight
-        for i in special:
-            why, total = _judge(snap, self.nodes[i], spec, self.checks, self.points)
-            if why is None:
-                feasible.append((i, total))
-            else:
-                counts[why] = counts.get(why, 0) + 1
-        return _first_best(feasible), counts
+                choice = _scan([c for c in feasible if c[1] >= top - WINDOW])
+        left = self.left[shape] - 1
+        if left:
+            self.left[shape] = left
+        else:
+            del self.left[shape]
+            self.views.pop(shape, None)
+        return choice, {self.names[k]: c for k, c in enumerate(counts[:-1]) if c}
 
     def place(self, spec: ExperimentSpec, node: NodeConfig, alloc: Allocation) -> None:
+        """Commit ``spec`` to ``node``: the snapshot, the node's numbers, the change log."""
         self.live.place(spec, node, alloc)
         i = self.index[node.name]
-        gone = self.classes.moved(i)
-        if gone is not None:
-            self.memo.pop(gone, None)
+        self.state.refresh(i)
+        self.log.append(i)
         if _distinct(self.live.snap, spec):
             self.distinct_nodes.add(i)
 
@@ -342,7 +627,7 @@ def fast_plan(cluster: Cluster, specs: Iterable[ExperimentSpec], *,
               force: bool, strategy: Strategy, occupied: Iterable[Occupied],
               checks: tuple[tuple[str, Check], ...], facts: Mapping[str, NodeFacts] | None,
               peers: Iterable[Occupied]) -> Plan:
-    """``engine.plan``'s decisions, with node classes and lazy explanations."""
+    """``engine.plan``'s decisions, with shape views and lazy explanations."""
     spec_list = sorted(specs, key=lambda s: s.experiment_id)
     pins = dict(pins or {})
     scorers = STRATEGIES[strategy]
@@ -378,9 +663,12 @@ def fast_plan(cluster: Cluster, specs: Iterable[ExperimentSpec], *,
             continue
         commit(spec, node, True, violations)
 
-    for spec in placement_order(s for s in spec_list if s.experiment_id not in pins):
+    order = fast_order(s for s in spec_list if s.experiment_id not in pins)
+    shapes = [shape_of(s) for s in order]
+    planner.expect(shapes)
+    for spec, shape in zip(order, shapes, strict=True):
         steps[spec.experiment_id] = (spec, len(placed))
-        best, counts = planner.best(spec)
+        best, counts = planner.best(spec, shape)
         if counts:
             rejections[spec.experiment_id] = counts
         if best is None:
