@@ -9,6 +9,7 @@ explanation must be the same.
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,8 @@ from hypothesis import strategies as st
 from infra.config.model import Cluster, ExperimentSpec, Strategy
 from infra.config.specs import check_spec_set, parse_spec
 from infra.config.topology import parse_cluster
-from infra.placement import Condition, NodeCondition, Plan, plan
-from infra.placement.fast import LazyEvaluations, _first_best
+from infra.placement import Condition, NodeCondition, Plan, placement_order, plan
+from infra.placement.fast import LazyEvaluations, _choose, _first_best, _View, fast_order
 
 CONFIG_PATH = Path("/tmp/placement-fast/cluster_config.yaml")
 SPEC_DIR = Path("/tmp/placement-fast/experiments")
@@ -192,3 +193,190 @@ def test_first_best_is_the_reference_scan_even_with_near_ties(
         feasible: list[tuple[int, float]]) -> None:
     """Only the totals near the maximum are scanned, with the same chained-tie outcome."""
     assert _first_best(list(feasible)) == reference_scan(feasible)
+
+
+# ---- the shape views: many identical nodes, repeated shapes, ties ---------------------
+
+CROWD_TEMPLATES: tuple[dict[str, Any], ...] = (
+    {"ram_gb": 8, "cpu_cores": 4, "max_instances": 3, "disk_gb": 20},
+    {"ram_gb": 8, "cpu_cores": 4, "max_instances": 3, "disk_gb": 20},  # twins: ties
+    {"ram_gb": 16, "reserved_ram_gb": 1, "cpu_cores": 8, "max_instances": 4, "gpu": True,
+     "gpu_memory_gb": 8, "devices": [{"id": "gpu0", "kind": "gpu", "index": 0},
+                                     {"id": "gpu1", "kind": "gpu", "index": 1}]},
+    {"ram_gb": 12, "cpu_cores": 6, "max_instances": 3, "type": "jetson_orin", "gpu": True},
+    {"ram_gb": 6, "cpu_cores": 2, "max_instances": 6, "tags": ["pi"]},
+)
+
+
+@st.composite
+def crowds(draw: st.DrawFn) -> Cluster:
+    """8-30 nodes from two or three templates: long runs of identical nodes."""
+    kinds = draw(st.lists(st.sampled_from(CROWD_TEMPLATES), min_size=1, max_size=3))
+    docs = []
+    for i in range(draw(st.integers(8, 30))):
+        doc = {"name": f"n{i:02d}", "host": f"127.0.1.{20 + i}", **draw(st.sampled_from(kinds))}
+        if draw(st.integers(0, 14)) == 0:
+            doc[draw(st.sampled_from(["enabled", "scheduling_eligible"]))] = False
+        docs.append(doc)
+    data: dict[str, Any] = {"nodes": docs}
+    if draw(st.integers(0, 3)) == 0:
+        data["placement"] = {"preferences": draw(st.permutations([d["name"] for d in docs]))}
+    return parse_cluster(data, CONFIG_PATH)
+
+
+@st.composite
+def crowd_specs(draw: st.DrawFn, cluster: Cluster) -> tuple[ExperimentSpec, ...]:
+    """15-45 instances drawn from a handful of shapes (so views are reused and refreshed),
+    with peers, preferred nodes, distinct_hosts, disk, devices and ports on some."""
+    shapes = draw(st.lists(st.fixed_dictionaries({
+        "ram_gb": st.sampled_from([0.5, 1.0, 2.0, 3.0, 5.0]),
+        "cpu_cores": st.sampled_from([0, 0, 1, 2.5]),
+        "gpu": st.sampled_from([False, False, True]),
+        "gpu_memory_gb": st.sampled_from([0, 1, 3]),
+        "disk": st.sampled_from([0, 0, 4, 9])}), min_size=1, max_size=4))
+    ids = [f"e{i:02d}" for i in range(draw(st.integers(15, 45)))]
+    specs = []
+    for eid in ids:
+        shape = draw(st.sampled_from(shapes))
+        others = [x for x in ids if x != eid]
+        doc: dict[str, Any] = {"experiment_id": eid, "command": ["true"],
+                               "ram_gb": shape["ram_gb"], "cpu_cores": shape["cpu_cores"]}
+        if shape["gpu"]:
+            doc.update(gpu_required=True, gpu_memory_gb=shape["gpu_memory_gb"])
+        if shape["disk"]:
+            doc["resources"] = {"disk_gb": shape["disk"]}
+        if draw(st.integers(0, 9)) == 0:
+            doc["preferred_node"] = draw(st.sampled_from(cluster.node_names))
+        if draw(st.integers(0, 5)) == 0:
+            doc["affinity"] = [draw(st.sampled_from(others))]
+        if draw(st.integers(0, 5)) == 0:
+            doc["anti_affinity"] = [draw(st.sampled_from(others))]
+        if draw(st.integers(0, 7)) == 0:
+            doc["constraints"] = [{"operator": "distinct_hosts"}]
+        extra = draw(st.integers(0, 11))
+        if extra == 0:
+            doc["resources"] = {**doc.get("resources", {}),
+                                "ports": [{"label": "http", "port": 9000}]}
+        elif extra == 1:
+            doc["resources"] = {**doc.get("resources", {}),
+                                "devices": [{"kind": "gpu", "count": 1}]}
+        specs.append(parse_spec(doc, SPEC_DIR / f"{eid}.json", cluster))
+    return check_spec_set(specs)
+
+
+CROWD_PROPS = settings(max_examples=60, deadline=None,
+                       suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+@CROWD_PROPS
+@given(data=st.data())
+def test_fast_plan_equals_the_reference_loop_on_crowds(data: st.DataObject) -> None:
+    """Many identical nodes and repeated shapes (the views' home ground), pins, forced
+    pins, occupied work, every strategy: the same plan, explanations and counts."""
+    cluster = data.draw(crowds())
+    specs = data.draw(crowd_specs(cluster))
+    conditions = {n: NodeCondition(c, "generated") for n in cluster.node_names
+                  if (c := data.draw(st.sampled_from([None] * 8 + [*Condition])))
+                  is not None}
+    pins = {s.experiment_id: data.draw(st.sampled_from(cluster.node_names))
+            for s in specs if data.draw(st.integers(0, 9)) == 0}
+    occupied = [(s, data.draw(st.sampled_from(cluster.node_names)))
+                for s in specs if data.draw(st.integers(0, 9)) == 0]
+    busy = {s.experiment_id for s, _ in occupied}
+    todo = [s for s in specs if s.experiment_id not in busy]
+    kwargs: dict[str, Any] = {
+        "pins": {k: v for k, v in pins.items() if k not in busy},
+        "conditions": conditions, "force": data.draw(st.booleans()),
+        "strategy": data.draw(st.sampled_from([None, *Strategy])), "occupied": occupied}
+    fast = plan(cluster, todo, **kwargs)
+    slow = plan(cluster, todo, reference=True, **kwargs)
+    assert signature(fast) == signature(slow)
+    names = {"enabled", "eligible", "healthy", "gpu", "constraints", "runtime_driver",
+             "volumes", "max_instances", "ram", "gpu_memory", "cpu", "disk", "devices",
+             "ports", "anti_affinity", "distinct_hosts"}
+    for iid, evals in slow.evaluations.items():
+        if iid in kwargs["pins"]:
+            continue
+        assert set(fast.rejections.get(iid, {})) <= names
+        refused = sum(1 for e in evals if not e.feasible)
+        assert sum(fast.rejections.get(iid, {}).values()) == refused
+
+
+def test_ties_between_identical_nodes_go_to_the_first_listed() -> None:
+    """Forty identical empty nodes listed out of name order: each instance of one shape
+    takes the first node in topology (preferences) order that scores best, as the loop."""
+    names = [f"n{i:02d}" for i in range(40)]
+    order = list(reversed(names[:10])) + names[10:]
+    cluster = parse_cluster({"nodes": [{"name": n, "host": f"127.0.2.{20 + i}", "ram_gb": 8,
+                                        "cpu_cores": 4, "max_instances": 2}
+                                       for i, n in enumerate(names)],
+                             "placement": {"preferences": order}}, CONFIG_PATH)
+    specs = specs_of(cluster, *({"experiment_id": f"e{i:02d}", "ram_gb": 2}
+                                for i in range(50)))
+    fast = plan(cluster, specs)
+    slow = plan(cluster, specs, reference=True)
+    assert fast.placements == slow.placements
+    assert fast.node_of("e00") == "n09"  # the first preference, though not the first name
+    full = sum(1 for e in slow.evaluations["e49"] if not e.feasible)
+    assert 0 < full < 40
+    assert fast.rejections["e49"] == {"max_instances": full}
+
+
+def reference_placement_order(specs: list[ExperimentSpec]) -> list[str]:
+    """``engine.placement_order``'s result, as ids."""
+    return [s.experiment_id for s in placement_order(specs)]
+
+
+@PROPS
+@given(st.data())
+def test_fast_order_is_the_reference_placement_order(data: st.DataObject) -> None:
+    """Affinity waits, chains, cycles, self-references, unknown peers and equal keys."""
+    count = data.draw(st.integers(0, 25))
+    ids = [f"e{i:02d}" for i in range(count)]
+    specs = []
+    for eid in ids:
+        peers = data.draw(st.lists(st.sampled_from([*ids, "elsewhere"]) if ids
+                                   else st.just("elsewhere"), max_size=3))
+        specs.append(ExperimentSpec(experiment_id=eid, command="true",
+                                    source=SPEC_DIR / f"{eid}.json",
+                                    ram_gb=data.draw(st.sampled_from([1.0, 2.0, 4.0])),
+                                    gpu_required=data.draw(st.booleans()),
+                                    affinity=tuple(peers)))
+    random.Random(count).shuffle(specs)
+    assert [s.experiment_id for s in fast_order(specs)] == reference_placement_order(specs)
+
+
+NEAR = [None, None, 10.0, 10.0, 10.0 + 0.6e-9, 10.0 + 1.2e-9, 10.0 - 1e-6,
+        10.0 - 1e-6 - 0.5e-9, 9.5, 45.0, 45.0]
+
+
+@PROPS
+@given(st.data())
+def test_a_view_picks_what_the_reference_scan_picks(data: st.DataObject) -> None:
+    """A view refreshed node by node (stale heap entries, totals that come back, nodes
+    judged one by one as special) always hands over what scanning every node gives, near
+    ties and chained ties included; its counts match the nodes' reasons."""
+    size = data.draw(st.integers(1, 25))
+    table: list[float | None] = [data.draw(st.sampled_from(NEAR)) for _ in range(size)]
+    feasible = 3  # reasons 0..2, 3 = no check failed
+
+    def judge(i: int) -> tuple[int, float]:
+        points = table[i]
+        return (2, 0.0) if points is None else (feasible, points)
+
+    static = [data.draw(st.sampled_from([-1, -1, -1, 0])) for _ in range(size)]
+    view = _View(judge, static, feasible + 1, 0)
+    for _step in range(data.draw(st.integers(1, 10))):
+        changed = data.draw(st.lists(st.integers(0, size - 1), max_size=5))
+        for i in changed:
+            table[i] = data.draw(st.sampled_from(NEAR))
+        view.update(set(changed))
+        special = set(data.draw(st.lists(st.integers(0, size - 1), max_size=3)))
+        mine = [(i, t) for i in sorted(special)
+                if (t := data.draw(st.sampled_from(NEAR))) is not None]
+        rest = [(i, t) for i, t in enumerate(table)
+                if static[i] < 0 and t is not None and i not in special]
+        assert _choose(view, special, mine) == reference_scan(rest + mine)
+        reasons = [0 if static[i] >= 0 else 2 if table[i] is None else feasible
+                   for i in range(size)]
+        assert view.counts == [reasons.count(k) for k in range(feasible + 1)]

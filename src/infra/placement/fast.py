@@ -288,25 +288,32 @@ class _View:
         heapq.heapify(tops)
         self.tops = tops
 
-    def update(self, i: int) -> None:
-        """Judge node ``i`` again (its load changed)."""
-        old = self.reason[i]
-        why, points = self.judge(i)
-        self.counts[old] -= 1
-        self.counts[why] += 1
-        self.reason[i] = why
-        if why != len(self.counts) - 1:
-            self.total[i] = None
-            return
-        if old == why and self.total[i] == points:
-            return  # its bucket entry still holds
-        self.total[i] = points
-        bucket = self.buckets.get(points)
-        if bucket is None:
-            self.buckets[points] = [i]
-            heapq.heappush(self.tops, -points)
-        else:
-            heapq.heappush(bucket, i)
+    def update(self, changed: Iterable[int]) -> None:
+        """Judge the ``changed`` nodes again (their loads moved on)."""
+        static, reason, total, counts = self.static, self.reason, self.total, self.counts
+        buckets, tops, judge = self.buckets, self.tops, self.judge
+        feasible = len(counts) - 1
+        for i in changed:
+            if static[i] >= 0:
+                continue  # refused by a static check: that never changes
+            why, points = judge(i)
+            old = reason[i]
+            if old != why:
+                counts[old] -= 1
+                counts[why] += 1
+                reason[i] = why
+            if why != feasible:
+                total[i] = None
+                continue
+            if old == feasible and total[i] == points:
+                continue  # its bucket entry still holds
+            total[i] = points
+            bucket = buckets.get(points)
+            if bucket is None:
+                buckets[points] = [i]
+                heapq.heappush(tops, -points)
+            else:
+                heapq.heappush(bucket, i)
 
     def leaders(self, special: set[int], floor: Callable[[float], float]
                 ) -> list[tuple[int, float]]:
@@ -363,6 +370,24 @@ def _in_band(feasible: list[tuple[int, float]], top: float) -> bool:
     """Whether a total lies just below the window (where the scan could chain past it)."""
     edge = top - WINDOW
     return any(edge - 1e-9 <= t < edge for _i, t in feasible)
+
+
+def _choose(view: _View, special: set[int], mine: list[tuple[int, float]]) -> int | None:
+    """What the reference scan picks among the view's feasible nodes other than the
+    ``special`` ones, plus ``mine`` (the special nodes' own feasible totals)."""
+    top_mine = max((t for _i, t in mine), default=None)
+
+    def floor(highest: float) -> float:
+        top = highest if top_mine is None else max(highest, top_mine)
+        return top - WINDOW - 1e-9
+
+    feasible = view.leaders(special, floor) + mine
+    if not feasible:
+        return None
+    top = max(t for _i, t in feasible)
+    if _in_band(feasible, top):
+        return _scan(view.everything(special) + mine)
+    return _scan([c for c in feasible if c[1] >= top - WINDOW])
 
 
 class _Planner:
@@ -492,10 +517,7 @@ class _Planner:
         start = view.cursor
         if start < len(log):
             view.cursor = len(log)
-            static = view.static
-            for i in (set(log[start:]) if len(log) - start > 1 else (log[start],)):
-                if static[i] < 0:
-                    view.update(i)
+            view.update(set(log[start:]) if len(log) - start > 1 else (log[start],))
         return view
 
     def special(self, spec: ExperimentSpec) -> set[int]:
@@ -533,20 +555,7 @@ class _Planner:
                 counts[why] += 1
                 if why == self.feasible:
                     mine.append((i, points))
-        top_mine = max((t for _i, t in mine), default=None)
-
-        def floor(highest: float) -> float:
-            top = highest if top_mine is None else max(highest, top_mine)
-            return top - WINDOW - 1e-9
-
-        feasible = view.leaders(special, floor) + mine
-        choice: int | None = None
-        if feasible:
-            top = max(t for _i, t in feasible)
-            if _in_band(feasible, top):
-                choice = _scan(view.everything(special) + mine)
-            else:
-                choice = _scan([c for c in feasible if c[1] >= top - WINDOW])
+        choice = _choose(view, special, mine)
         left = self.left[shape] - 1
         if left:
             self.left[shape] = left

@@ -145,9 +145,11 @@ class Snapshot:
         """Start from an empty cluster. ``preferences`` reorders nodes for tie-breaking;
         ``facts`` (probe results by node) refine the inventories."""
         order = {name: i for i, name in enumerate(preferences)}
-        nodes = tuple(sorted(cluster.nodes,
-                             key=lambda n: (order.get(n.name, len(order)),
-                                            cluster.nodes.index(n))))
+        # preferred nodes first, the rest in topology order (position, not .index(): that
+        # compares whole node configs and made this quadratic)
+        ranked = sorted(enumerate(cluster.nodes),
+                        key=lambda pn: (order.get(pn[1].name, len(order)), pn[0]))
+        nodes = tuple(n for _pos, n in ranked)
         conds = {n.name: (conditions or {}).get(n.name, NodeCondition(Condition.UNKNOWN))
                  for n in nodes}
         probed = facts or {}
