@@ -380,3 +380,20 @@ def test_a_view_picks_what_the_reference_scan_picks(data: st.DataObject) -> None
         reasons = [0 if static[i] >= 0 else 2 if table[i] is None else feasible
                    for i in range(size)]
         assert view.counts == [reasons.count(k) for k in range(feasible + 1)]
+
+
+def test_a_chain_of_near_ties_from_below_the_window_is_followed() -> None:
+    """1,252 totals climbing 0.8e-9 at a time from just below the window's edge: the
+    reference scan leapfrogs up the chain, so a total below the window changes which node
+    wins; the view notices (a total in the band) and scans everything."""
+    start = 10.0 - 1e-6
+    table = [start - 0.5e-9] + [start + 0.8e-9 * k for k in range(1, 1253)]
+    feasible = list(enumerate(table))
+    edge = max(table) - 1e-6
+    assert any(edge - 1e-9 <= t < edge for t in table)  # just below the window
+    near_only = reference_scan([c for c in feasible if c[1] >= edge])
+    assert reference_scan(feasible) != near_only  # the case is the one it claims to be
+    assert _first_best(feasible) == reference_scan(feasible)
+    view = _View(lambda i: (1, table[i]), [-1] * len(table), 2, 0)
+    assert _choose(view, set(), []) == reference_scan(feasible)
+    assert _choose(view, {0}, [(0, table[0])]) == reference_scan(feasible)
