@@ -260,10 +260,13 @@ class _View:
     planner's change log the view has seen: only nodes changed since are judged again.
     """
 
-    __slots__ = ("buckets", "counts", "cursor", "judge", "reason", "static", "tops", "total")
+    __slots__ = ("buckets", "counts", "cursor", "final", "judge", "reason", "static", "tops",
+                 "total")
 
-    def __init__(self, judge: Judge, static: list[int], size: int, cursor: int) -> None:
+    def __init__(self, judge: Judge, static: list[int], size: int, cursor: int,
+                 final: int = -1) -> None:
         self.judge = judge
+        self.final = final  # a reason that never changes once given (a full node), or -1
         self.static = static
         self.cursor = cursor
         self.reason = list(static)
@@ -291,13 +294,13 @@ class _View:
     def update(self, changed: Iterable[int]) -> None:
         """Judge the ``changed`` nodes again (their loads moved on)."""
         static, reason, total, counts = self.static, self.reason, self.total, self.counts
-        buckets, tops, judge = self.buckets, self.tops, self.judge
+        buckets, tops, judge, final = self.buckets, self.tops, self.judge, self.final
         feasible = len(counts) - 1
         for i in changed:
-            if static[i] >= 0:
-                continue  # refused by a static check: that never changes
-            why, points = judge(i)
             old = reason[i]
+            if static[i] >= 0 or old == final:
+                continue  # a static refusal, or a full node: loads only grow
+            why, points = judge(i)
             if old != why:
                 counts[old] -= 1
                 counts[why] += 1
@@ -369,7 +372,8 @@ def _scan(feasible: list[tuple[int, float]]) -> int | None:
 def _in_band(feasible: list[tuple[int, float]], top: float) -> bool:
     """Whether a total lies just below the window (where the scan could chain past it)."""
     edge = top - WINDOW
-    return any(edge - 1e-9 <= t < edge for _i, t in feasible)
+    low = edge - 1e-9
+    return any(low <= t < edge for _i, t in feasible)
 
 
 def _choose(view: _View, special: set[int], mine: list[tuple[int, float]]) -> int | None:
@@ -512,7 +516,8 @@ class _Planner:
         log = self.log
         if view is None:
             view = self.views[shape] = _View(self.judge_for(spec), self.static_reasons(spec),
-                                             self.feasible + 1, len(log))
+                                             self.feasible + 1, len(log),
+                                             self.names.index("max_instances"))
             return view
         start = view.cursor
         if start < len(log):
