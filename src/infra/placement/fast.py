@@ -25,6 +25,7 @@ and the same scan runs on those (see ``_scan``).
 
 from __future__ import annotations
 
+import gc
 import heapq
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import replace
@@ -641,7 +642,30 @@ def fast_plan(cluster: Cluster, specs: Iterable[ExperimentSpec], *,
               force: bool, strategy: Strategy, occupied: Iterable[Occupied],
               checks: tuple[tuple[str, Check], ...], facts: Mapping[str, NodeFacts] | None,
               peers: Iterable[Occupied]) -> Plan:
-    """``engine.plan``'s decisions, with shape views and lazy explanations."""
+    """``engine.plan``'s decisions, with shape views and lazy explanations.
+
+    The cyclic garbage collector is paused meanwhile: a plan makes about fifteen lasting
+    objects per placement and no reference cycles, and the collections they set off (each
+    a scan of the whole heap) cost about a fifth of the plan's time at 10,000 instances.
+    """
+    paused = gc.isenabled()
+    if paused:
+        gc.disable()
+    try:
+        return _fast_plan(cluster, specs, pins=pins, conditions=conditions, force=force,
+                          strategy=strategy, occupied=occupied, checks=checks, facts=facts,
+                          peers=peers)
+    finally:
+        if paused:
+            gc.enable()
+
+
+def _fast_plan(cluster: Cluster, specs: Iterable[ExperimentSpec], *,
+               pins: Mapping[str, str] | None, conditions: Mapping[str, NodeCondition] | None,
+               force: bool, strategy: Strategy, occupied: Iterable[Occupied],
+               checks: tuple[tuple[str, Check], ...], facts: Mapping[str, NodeFacts] | None,
+               peers: Iterable[Occupied]) -> Plan:
+    """``fast_plan`` with the collector as it is."""
     spec_list = sorted(specs, key=lambda s: s.experiment_id)
     pins = dict(pins or {})
     scorers = STRATEGIES[strategy]
