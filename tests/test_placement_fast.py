@@ -1,5 +1,6 @@
-"""The fast planner (node classes, lazy explanations, in-place bookkeeping) against the
-reference loop (``plan(..., reference=True)``: every node judged for every instance).
+"""The fast planner (shape views, static classes, lazy explanations, in-place bookkeeping)
+against the reference loop (``plan(..., reference=True)``: every node judged for every
+instance), and its parts (``fast_order``, a view's pick) against the reference's.
 
 Clusters are drawn from a few node templates so many nodes are identical (classes collapse),
 with pins, forced pins, occupied work, strategies, ``distinct_hosts``, ports and devices:
