@@ -398,3 +398,20 @@ def test_a_chain_of_near_ties_from_below_the_window_is_followed() -> None:
     view = _View(lambda i: (1, table[i]), [-1] * len(table), 2, 0)
     assert _choose(view, set(), []) == reference_scan(feasible)
     assert _choose(view, {0}, [(0, table[0])]) == reference_scan(feasible)
+
+
+def test_a_peer_id_running_on_two_nodes_counts_on_both() -> None:
+    """Occupied work of two runs can share an instance id: anti-affinity to it refuses
+    both nodes, affinity to it draws to both, as in the loop (it reads each node's ids)."""
+    cluster = two_twins()
+    by_id = {s.experiment_id: s for s in specs_of(
+        cluster, {"experiment_id": "x", "ram_gb": 1},
+        {"experiment_id": "a", "ram_gb": 1, "anti_affinity": ["x"]},
+        {"experiment_id": "b", "ram_gb": 1, "affinity": ["x"]})}
+    x, a, b = by_id["x"], by_id["a"], by_id["b"]
+    busy = [(x, "n0"), (x, "n1")]
+    for todo in ([a], [b], [a, b]):
+        fast = plan(cluster, todo, occupied=busy)
+        assert signature(fast) == signature(plan(cluster, todo, occupied=busy,
+                                                 reference=True))
+    assert plan(cluster, [a], occupied=busy).rejections["a"] == {"anti_affinity": 2}

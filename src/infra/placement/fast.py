@@ -254,11 +254,12 @@ Judge = Callable[[int], tuple[int, float]]
 class _View:
     """One instance shape's verdict on every node, brought up to date lazily.
 
-    ``reason[i]`` is the index of the first failing check on node ``i`` (``FEASIBLE`` when
-    none) and ``total[i]`` its points; feasible nodes sit in ``buckets`` by exact total, each
-    a heap of node indices, with ``tops`` a heap of the negated distinct totals. Stale heap
-    entries (a node whose total changed) are dropped when met. ``cursor`` is how much of the
-    planner's change log the view has seen: only nodes changed since are judged again.
+    ``reason[i]`` is the index of the first failing check on node ``i`` (the last index,
+    ``len(counts) - 1``, when none) and ``total[i]`` its points; feasible nodes sit in
+    ``buckets`` by exact total, each a heap of node indices, with ``tops`` a heap of the
+    negated distinct totals. Stale heap entries (a node whose total changed) are dropped
+    when met. ``cursor`` is how much of the planner's change log the view has seen: only
+    nodes changed since are judged again.
     """
 
     __slots__ = ("buckets", "counts", "cursor", "final", "judge", "reason", "static", "tops",
@@ -419,7 +420,12 @@ class _Planner:
         self.views: dict[Hashable, _View] = {}
         self.left: dict[Hashable, int] = {}  # shape -> instances still to decide
         self.distinct_nodes: set[int] = set()
+        # instance id -> every node holding an instance of that id (occupied work of two
+        # runs may share one; the checks read each node's ids)
+        self.where: dict[str, set[int]] = {}
         for name, load in snap.loads.items():
+            for iid in load.instance_ids:
+                self.where.setdefault(iid, set()).add(self.index[name])
             for iid in load.instance_ids - snap.occupied_ids:
                 peer = snap.specs.get(iid)
                 if peer is not None and _distinct(snap, peer):
@@ -529,14 +535,14 @@ class _Planner:
     def special(self, spec: ExperimentSpec) -> set[int]:
         """Nodes whose verdict for ``spec`` depends on which instances sit there, or that
         are its preferred node: judged one by one with every check and scorer."""
-        placed = self.live.placed
+        where = self.where
         out: set[int] = set()
         for ids in (spec.affinity, spec.anti_affinity,
                     self.live.snap.anti_of.get(spec.experiment_id, ())):
             for iid in ids:
-                where = placed.get(iid)
-                if where is not None:
-                    out.add(self.index[where])
+                nodes = where.get(iid)
+                if nodes is not None:
+                    out |= nodes
         if spec.preferred_node is not None and spec.preferred_node in self.index:
             out.add(self.index[spec.preferred_node])
         return out
@@ -576,6 +582,7 @@ class _Planner:
         i = self.index[node.name]
         self.state.refresh(i)
         self.log.append(i)
+        self.where.setdefault(spec.experiment_id, set()).add(i)
         if _distinct(self.live.snap, spec):
             self.distinct_nodes.add(i)
 
