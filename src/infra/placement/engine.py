@@ -56,6 +56,7 @@ class Placement:
     pinned: bool = False
     forced: tuple[str, ...] = ()  # hard constraints a --force pin overrode
     allocation: Allocation | None = None  # always set by plan()
+    repair: str = ""  # set when the repair step moved or placed it: what it did and why
 
 
 @dataclass(frozen=True)
@@ -164,7 +165,8 @@ def plan(cluster: Cluster, specs: Iterable[ExperimentSpec], *,
          checks: tuple[tuple[str, Check], ...] = DEFAULT_CHECKS,
          facts: Mapping[str, NodeFacts] | None = None,
          peers: Iterable[Occupied] = (),
-         reference: bool = False) -> Plan:
+         reference: bool = False,
+         repair: bool = True) -> Plan:
     """Place every spec. Pins are checked against the hard constraints unless ``force``.
 
     ``occupied`` is work already running, as (spec, node) or (spec, node, allocation): it
@@ -178,7 +180,21 @@ def plan(cluster: Cluster, specs: Iterable[ExperimentSpec], *,
     ``reference=True`` runs the original, slow decision path (every node judged for every
     instance, every evaluation kept); the default path makes the same decisions with node
     classes and lazy explanations (see ``infra.placement.fast``).
+
+    When the greedy pass leaves instances unplaced, a bounded repair step moves one or two
+    unpinned instances to make room (``infra.placement.repair``); ``repair=False`` skips it.
     """
+    specs, occupied, peers = tuple(specs), tuple(occupied), tuple(peers)  # read twice
+    if repair:
+        greedy = plan(cluster, specs, pins=pins, conditions=conditions, force=force,
+                      strategy=strategy, occupied=occupied, checks=checks, facts=facts,
+                      peers=peers, reference=reference, repair=False)
+        if not greedy.unplaced:
+            return greedy
+        from infra.placement.repair import repair_plan
+        return repair_plan(greedy, cluster, specs, conditions=conditions, facts=facts,
+                           occupied=occupied, peers=peers, checks=checks,
+                           strategy=greedy.strategy)
     if not reference:
         from infra.placement.fast import fast_plan, supports
         chosen = strategy or cluster.placement.strategy
