@@ -70,6 +70,8 @@ class Plan:
     strategy: Strategy = Strategy.SCORE
     # instance -> check name -> how many nodes that check refused it on (cheap "why not")
     rejections: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    # unplaced instance -> why the repair left it out (it fitted, others fit in its stead)
+    left_out: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -254,7 +256,10 @@ def plan(cluster: Cluster, specs: Iterable[ExperimentSpec], *,
 
 
 def why_not(plan_: Plan, instance_id: str) -> str:
-    """One line: every node's reason for refusing the instance."""
+    """One line: every node's reason for refusing the instance (or why the repair left it
+    out: then it fitted when the greedy pass judged it)."""
+    if instance_id in plan_.left_out:
+        return plan_.left_out[instance_id]
     evals = plan_.evaluations.get(instance_id, ())
     reasons = [f"{e.node}: {e.rejection}" for e in evals if not e.feasible]
     return "; ".join(reasons) if reasons else "no nodes"

@@ -20,7 +20,7 @@ loop runs in a fixed order, so the same inputs still give the same plan.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any
@@ -49,6 +49,8 @@ class RepairLimits:
     checks_per_instance: int = 1_500
     checks: int = 12_000  # for the whole plan
     candidates_per_node: int = 6  # movable instances tried per node, smallest first
+    trades: bool = True  # last resort: leave one placed instance out to place two or more
+    trade_candidates: int = 12  # placed instances tried as the one left out, largest first
 
 
 LIMITS = RepairLimits()
@@ -143,6 +145,15 @@ class _Step:
     alloc: Allocation
 
 
+# a fix: the unplaced instance's step, and each moved instance's step with its old node
+_Fix = tuple[_Step, list[tuple[_Step, str]]]
+
+
+def _moved(moves: list[tuple[_Step, str]]) -> str:
+    """'e5 to n4 and e3 to n1': what the moves did."""
+    return " and ".join(f"{m.spec.experiment_id} to {m.node.name}" for m, _o in moves)
+
+
 class _Repair:
     """State of one repair: the board, the placements, what may move, the budget."""
 
@@ -163,6 +174,7 @@ class _Repair:
         self.movable = {p.instance_id for p in result.placements if not p.pinned}
         self.stats = RepairStats()
         self.left = 0  # checks left for the current instance
+        self.dropped: dict[str, str] = {}  # instance traded out -> why
 
     # ---- judging ----------------------------------------------------------------
 
@@ -225,47 +237,107 @@ class _Repair:
     # ---- the search -------------------------------------------------------------
 
     def run(self, unplaced: tuple[str, ...]) -> list[str]:
-        """Try every unplaced instance until a pass places none; returns those still left."""
+        """Try every unplaced instance until a pass places none, then trades; returns the
+        instances still left out (in decision order, those traded out last)."""
         left = list(unplaced)
-        progress = True
-        while left and progress:
-            progress = False
-            for iid in list(left):
-                if self.stats.checks >= self.limits.checks:
-                    return left
-                self.left = self.limits.checks_per_instance
-                mark = self.board.mark()
-                try:
-                    done = self.make_room(self.specs[iid])
-                except _Spent:
-                    self.board.undo(mark)
-                    done = False
-                if done:
-                    left.remove(iid)
-                    progress = True
+        while left and self.stats.checks < self.limits.checks:
+            if self.moves_pass(left):
+                continue
+            if not self.limits.trades or not self.trade(left):
+                break
         return left
 
-    def make_room(self, spec: ExperimentSpec) -> bool:
-        """Cheapest first: fits as is, one move, two off one node, a chain of two."""
+    def moves_pass(self, left: list[str]) -> bool:
+        """One try per instance in ``left`` (removed from it when placed); True on progress."""
+        progress = False
+        for iid in list(left):
+            if self.stats.checks >= self.limits.checks:
+                break
+            if self.attempt(lambda spec=self.specs[iid]: self.fix(spec)):
+                left.remove(iid)
+                progress = True
+        return progress
+
+    def attempt(self, action: Callable[[], bool]) -> bool:
+        """Run one try with a fresh per-instance budget; undo it all if the budget runs out."""
+        self.left = self.limits.checks_per_instance
+        mark = self.board.mark()
+        try:
+            return action()
+        except _Spent:
+            self.board.undo(mark)
+            return False
+
+    def trade(self, left: list[str]) -> bool:
+        """Leave one placed instance out when that lets two or more of ``left`` be placed
+        where they now fit (one more instance placed in all). Largest candidates first."""
+        ranked = sorted(self.movable, key=lambda iid: (-self.specs[iid].ram_gb,
+                                                       -self.specs[iid].cpu_cores, iid))
+        for victim in ranked[: self.limits.trade_candidates]:
+            if self.stats.checks >= self.limits.checks:
+                return False
+            if self.attempt(lambda v=victim: self.trade_one(v, left)):
+                return True
+        return False
+
+    def fix(self, spec: ExperimentSpec) -> bool:
+        """Place ``spec`` (with moves if need be) and record it."""
+        found = self.make_room(spec)
+        if found is None:
+            return False
+        self.commit(*found)
+        return True
+
+    def trade_one(self, victim: str, left: list[str]) -> bool:
+        """``victim`` leaves; each of ``left``, smallest first (the most instances), is
+        placed as a move-free, one- or two-move fix would; kept when two or more get a node."""
+        mark = self.board.mark()
+        origin = self.where(victim)
+        self.board.remove(victim)
+        small_first = sorted(left, key=lambda iid: (self.specs[iid].ram_gb,
+                                                   self.specs[iid].cpu_cores, iid))
+        fixes = [fix for iid in small_first
+                 if (fix := self.make_room(self.specs[iid])) is not None]
+        if len(fixes) < 2:
+            self.board.undo(mark)
+            return False
+        names = " and ".join(step.spec.experiment_id for step, _moves in fixes)
+        self.dropped[victim] = (f"left out by the repair: without it on {origin}, {names} "
+                                "could be placed (one more instance in all)")
+        del self.placements[victim]
+        self.order.remove(victim)
+        self.movable.discard(victim)
+        for step, moves in fixes:
+            self.commit(step, moves, note=f"placed by the repair in place of {victim}"
+                        + (f" (after moving {_moved(moves)})" if moves else ""))
+            left.remove(step.spec.experiment_id)
+        left.append(victim)
+        return True
+
+    def make_room(self, spec: ExperimentSpec) -> _Fix | None:
+        """Cheapest first: fits as is, one move, two off one node, a chain of two. The
+        board holds the result; nothing is recorded yet."""
         direct = self.home(spec, ())
         if direct is not None:
-            self.commit(direct, [])
-            return True
+            return direct, []
         targets = [n for n in self.nodes if self.could_fit(n, spec)]
         loose: list[tuple[NodeConfig, ExperimentSpec]] = []
         for target in targets:
             for mover in self.movers(target.name):
-                if self.one_move(spec, target, mover, loose):
-                    return True
+                if (found := self.one_move(spec, target, mover, loose)) is not None:
+                    return found
         for target in targets:
             movers = self.movers(target.name)
             for a, b in itertools.combinations(movers, 2):
-                if self.two_off(spec, target, a, b):
-                    return True
-        return any(self.chain(spec, target, mover) for target, mover in loose)
+                if (found := self.two_off(spec, target, a, b)) is not None:
+                    return found
+        for target, mover in loose:
+            if (found := self.chain(spec, target, mover)) is not None:
+                return found
+        return None
 
     def one_move(self, spec: ExperimentSpec, target: NodeConfig, mover: ExperimentSpec,
-                 loose: list[tuple[NodeConfig, ExperimentSpec]]) -> bool:
+                 loose: list[tuple[NodeConfig, ExperimentSpec]]) -> _Fix | None:
         """``mover`` leaves ``target`` for another node, ``spec`` takes its place."""
         mark = self.board.mark()
         self.board.remove(mover.experiment_id)
@@ -273,14 +345,13 @@ class _Repair:
             step = self.place(spec, target)
             moved = self.home(mover, (target.name,))
             if moved is not None:
-                self.commit(step, [(moved, target.name)])
-                return True
+                return step, [(moved, target.name)]
             loose.append((target, mover))  # room enough, but no home: try a chain later
         self.board.undo(mark)
-        return False
+        return None
 
     def two_off(self, spec: ExperimentSpec, target: NodeConfig, a: ExperimentSpec,
-                b: ExperimentSpec) -> bool:
+                b: ExperimentSpec) -> _Fix | None:
         """Both ``a`` and ``b`` leave ``target`` for other nodes, ``spec`` takes it."""
         mark = self.board.mark()
         self.board.remove(a.experiment_id)
@@ -290,12 +361,12 @@ class _Repair:
             first = self.home(a, (target.name,))
             second = self.home(b, (target.name,)) if first is not None else None
             if first is not None and second is not None:
-                self.commit(step, [(first, target.name), (second, target.name)])
-                return True
+                return step, [(first, target.name), (second, target.name)]
         self.board.undo(mark)
-        return False
+        return None
 
-    def chain(self, spec: ExperimentSpec, target: NodeConfig, mover: ExperimentSpec) -> bool:
+    def chain(self, spec: ExperimentSpec, target: NodeConfig, mover: ExperimentSpec
+              ) -> _Fix | None:
         """``mover`` leaves ``target`` for a node where a second instance makes room for it
         by moving on to a third node."""
         for via in self.nodes:
@@ -311,31 +382,30 @@ class _Repair:
                         first = self.place(mover, via)
                         last = self.home(second, (via.name,))
                         if last is not None:
-                            self.commit(step, [(first, target.name), (last, via.name)])
-                            return True
+                            return step, [(first, target.name), (last, via.name)]
                 self.board.undo(mark)
-        return False
+        return None
 
     # ---- results ----------------------------------------------------------------
 
-    def commit(self, step: _Step, moves: list[tuple[_Step, str]]) -> None:
+    def commit(self, step: _Step, moves: list[tuple[_Step, str]], note: str = "") -> None:
         """Record a successful try: the moved instances' new placements and the new one."""
         iid = step.spec.experiment_id
+        self.dropped.pop(iid, None)  # traded out earlier, placed again now
         for moved, origin in moves:
             mid = moved.spec.experiment_id
             old = self.placements[mid]
-            note = (f"moved by the repair from {origin} to {moved.node.name} "
-                    f"to make room for {iid}")
+            why = (f"moved by the repair from {origin} to {moved.node.name} "
+                   f"to make room for {iid}")
             self.placements[mid] = replace(
                 old, node=moved.node.name, parts=moved.parts,
                 score=sum(p.points for p in moved.parts), allocation=moved.alloc,
-                repair=f"{old.repair}; {note}" if old.repair else note)
-        what = " and ".join(f"{m.spec.experiment_id} to {m.node.name}" for m, _o in moves)
+                repair=f"{old.repair}; {why}" if old.repair else why)
         self.placements[iid] = Placement(
             iid, step.node.name, sum(p.points for p in step.parts), step.parts,
             allocation=step.alloc,
-            repair=f"placed by the repair after moving {what}" if moves
-            else "placed by the repair (room made by an earlier move)")
+            repair=note or (f"placed by the repair after moving {_moved(moves)}" if moves
+                            else "placed by the repair (room made by an earlier repair)"))
         self.order.append(iid)
         self.movable.add(iid)
         self.stats.placed += 1
@@ -374,4 +444,4 @@ def repair_plan(result: Plan, cluster: Cluster, specs: Iterable[ExperimentSpec],
     if len(left) == len(result.unplaced):
         return result
     return replace(result, placements=tuple(work.placements[i] for i in work.order),
-                   unplaced=tuple(left))
+                   unplaced=tuple(left), left_out=MappingProxyType(dict(work.dropped)))
