@@ -19,6 +19,7 @@ loop runs in a fixed order, so the same inputs still give the same plan.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -31,7 +32,7 @@ from infra.placement.checks import Check, first_rejection
 from infra.placement.engine import Occupied, Placement, Plan, starting_snapshot
 from infra.placement.fast import LiveSnapshot
 from infra.placement.scoring import STRATEGIES, ScorePart, Scorer
-from infra.placement.snapshot import NodeCondition, NodeLoad, Snapshot, demand_on
+from infra.placement.snapshot import NodeCondition, NodeLoad, demand_on
 from infra.probe.facts import NodeFacts
 
 __all__ = ["STATIC_CHECKS", "RepairLimits", "RepairStats", "repair_plan"]
@@ -253,7 +254,7 @@ class _Repair:
         for iid in list(left):
             if self.stats.checks >= self.limits.checks:
                 break
-            if self.attempt(lambda spec=self.specs[iid]: self.fix(spec)):
+            if self.attempt(functools.partial(self.fix, self.specs[iid])):
                 left.remove(iid)
                 progress = True
         return progress
@@ -276,7 +277,7 @@ class _Repair:
         for victim in ranked[: self.limits.trade_candidates]:
             if self.stats.checks >= self.limits.checks:
                 return False
-            if self.attempt(lambda v=victim: self.trade_one(v, left)):
+            if self.attempt(functools.partial(self.trade_one, victim, left)):
                 return True
         return False
 
