@@ -10,12 +10,14 @@ and no single move could place an instance it left unplaced.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -26,6 +28,7 @@ from infra.placement import Plan, expand_system_jobs, plan, why_not
 from infra.placement.checks import DEFAULT_CHECKS, first_rejection
 from infra.placement.engine import normalize_occupied, starting_snapshot
 from infra.placement.snapshot import Snapshot
+from tests.builders import run_cli
 
 CONFIG_PATH = Path("/tmp/placement-repair/cluster_config.yaml")
 SPEC_DIR = Path("/tmp/placement-repair/experiments")
@@ -421,3 +424,34 @@ def test_repaired_plans_pass_every_check_place_no_fewer_and_leave_no_single_move
     # local optimality: no unplaced instance fits as is or after one unpinned instance
     # moves (brute force over every placed instance and node)
     assert one_move_would_place(case.cluster, case.specs, result, case.occupied) is None
+
+
+# ---- what the CLI shows ---------------------------------------------------------
+
+def test_dry_run_shows_what_the_repair_did(tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """The plan table, --explain and --json say which instance the repair moved and why."""
+    nodes, docs = one_move()
+    for n in nodes:
+        n.update(host="localhost", remote_work_dir=".")
+    config = tmp_path / "cluster.yaml"
+    config.write_text(yaml.safe_dump({"nodes": nodes,
+                                      "logging": {"log_dir": str(tmp_path / "logs")}}))
+    args = ["--cluster-config", str(config), "--auto-place", "--dry-run"]
+    for d in docs:
+        path = tmp_path / f"{d['experiment_id']}.json"
+        path.write_text(json.dumps({"command": "true", **d}))
+        args += ["--config", str(path)]
+    code, out, err = run_cli(capsys, *args, "--explain")
+    assert code == 0, err
+    text = " ".join(out.split())  # rich wraps long cells
+    assert "moved by the repair from n1 to n2 to make room for big" in text
+    assert "big -> n1 (placed by the repair after moving small to n2; the table shows the " \
+           "greedy pass's view)" in text
+    code, out, err = run_cli(capsys, *args, "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["placements"] == {"small": "n2", "big": "n1"} and doc["ok"]
+    assert doc["instances"]["small"]["repair"] == \
+        "moved by the repair from n1 to n2 to make room for big"
+    assert doc["order"] == ["small", "big"]
