@@ -6,8 +6,14 @@ For each unplaced instance (in decision order), cheapest first:
 1. one move: a node where it would fit once one placed instance leaves, that instance
    going to another node where it passes every check;
 2. two moves: two instances leaving the node, or a chain (the displaced instance itself
-   makes room on its new node by moving one more instance on).
+   makes room on its new node by moving one more instance on);
+3. when a whole pass places nothing, a trade: leave one placed instance out (largest
+   first) when that lets two or more unplaced ones (smallest first, each as in 0-2) be
+   placed: one more instance placed in all. Passes repeat while they place something.
 
+Moves alone cannot do what an optimum often does in an overfull cluster (run two small
+instances instead of a large one); trades can, and ``RepairLimits(trades=False)`` turns
+them off. An instance left out keeps its reason in ``Plan.left_out``.
 Every step is judged by the planner's own checks (``first_rejection`` with the plan's
 checks) on the state as it is at that step, so a repaired plan passes every hard check.
 Only unpinned instances of this plan move: pins, forced pins and system-job copies are
@@ -164,7 +170,6 @@ class _Repair:
         self.board = board
         self.snap = board.snap
         self.nodes = board.snap.nodes
-        self.by_name = {n.name: n for n in self.nodes}
         self.specs = specs
         self.checks = checks
         self.static = tuple(c for c in checks if c[0] in STATIC_CHECKS)
@@ -209,22 +214,17 @@ class _Repair:
         """Place ``spec`` on its best feasible node outside ``avoid`` (the planner's rule:
         highest total, first node in order on ties), or None when there is none."""
         skip = set(avoid)
-        best: tuple[NodeConfig, tuple[ScorePart, ...], float] | None = None
+        best: tuple[NodeConfig, float] | None = None
         for node in self.nodes:
             if node.name in skip or not self.fits(node, spec):
                 continue
-            parts = tuple(score(self.snap, node, spec) for score in self.scorers)
-            total = sum(p.points for p in parts)
-            if best is None or total > best[2] + 1e-9:
-                best = (node, parts, total)
-        if best is None:
-            return None
-        node, parts, _total = best
-        alloc, _short = self.snap.allocate(node, spec)
-        self.board.add(spec, node, alloc)
-        return _Step(spec, node, parts, alloc)
+            total = sum(score(self.snap, node, spec).points for score in self.scorers)
+            if best is None or total > best[1] + 1e-9:
+                best = (node, total)
+        return None if best is None else self.place(spec, best[0])
 
     def where(self, instance_id: str) -> str:
+        """The node an instance is on now."""
         return self.board.live.placed[instance_id]
 
     def movers(self, node: str, exclude: Iterable[str] = ()) -> list[ExperimentSpec]:
