@@ -184,7 +184,8 @@ def plan(cluster: Cluster, specs: Iterable[ExperimentSpec], *,
     classes and lazy explanations (see ``infra.placement.fast``).
 
     When the greedy pass leaves instances unplaced, a bounded repair step moves one or two
-    unpinned instances to make room (``infra.placement.repair``); ``repair=False`` skips it.
+    unpinned instances to make room, or leaves one out when two or more then fit
+    (``infra.placement.repair``); ``repair=False`` gives the greedy pass alone.
     """
     specs, occupied, peers = tuple(specs), tuple(occupied), tuple(peers)  # read twice
     if repair:
