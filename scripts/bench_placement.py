@@ -3,11 +3,15 @@
 Part A plans seeded random workloads (10% GPU nodes, some unified, anti-affinity pairs,
 affinity chains) and prints wall time, CPU time, instances/second and placed count.
 Part B solves many small capacity-tight cases exactly with ``scipy.optimize.milp``
-(maximum number of placeable instances under the same hard constraints) and compares.
+(maximum number of placeable instances under the same hard constraints) and compares the
+greedy pass, the greedy pass + the repair step with moves only, and ``plan()`` (greedy +
+repair with moves and trades), with the repair's CPU time per case and a PASS/FAIL line for
+the 0.98 target; then the repair's cost on part A's workloads (``--repair-sizes``).
 
     python scripts/bench_placement.py                  # both parts, default sizes
     python scripts/bench_placement.py --sizes 1000x100 --cases 50
     python scripts/bench_placement.py --profile 2000x200   # cProfile top 10 of one run
+    python scripts/bench_placement.py --sizes '' --cases 200   # part B and the repair only
 
 Part A runs a first-fit-decreasing baseline (RAM, GPU, cores, max_instances, anti-affinity)
 on the same inputs in the same process and prints plan()'s CPU time, its peak Python heap
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
+import functools
 import gc
 import io
 import itertools
@@ -47,6 +52,8 @@ from infra.config.model import Cluster, ExperimentSpec, NodeConfig
 from infra.config.specs import check_spec_set, parse_spec
 from infra.config.topology import parse_cluster
 from infra.placement import Plan, plan
+from infra.placement.checks import DEFAULT_CHECKS
+from infra.placement.repair import RepairLimits, RepairStats, repair_plan
 
 CONFIG_PATH = Path("/tmp/bench-placement/cluster_config.yaml")
 SPEC_DIR = Path("/tmp/bench-placement/experiments")
@@ -420,20 +427,96 @@ def optimum(case: QualityCase, by_ram: bool = False) -> float:
     return float(-res.fun)
 
 
+def repair_args(case: QualityCase) -> dict[str, Any]:
+    """What ``plan`` passes to the repair for a plain plan of the case."""
+    return {"conditions": None, "facts": None, "occupied": (), "peers": (),
+            "checks": DEFAULT_CHECKS, "strategy": case.cluster.placement.strategy}
+
+
+def optimum_keeping(case: QualityCase, keep: set[str]) -> float:
+    """Most instances placeable at once while every instance in ``keep`` stays placed (on
+    any node): the ceiling of any repair that only moves instances (exact, MILP)."""
+    specs, nodes = case.specs, case.cluster.nodes
+    ni, nn = len(specs), len(nodes)
+    upper = np.ones(ni * nn)
+    rows: list[np.ndarray] = []
+    low: list[float] = []
+    high: list[float] = []
+
+    def row(coeffs: dict[int, float], lo: float, hi: float) -> None:
+        r = np.zeros(ni * nn)
+        for k, v in coeffs.items():
+            r[k] = v
+        rows.append(r)
+        low.append(lo)
+        high.append(hi)
+
+    for i, s in enumerate(specs):
+        for n, node in enumerate(nodes):
+            if not node.enabled or (s.gpu_required and not node.gpu):
+                upper[i * nn + n] = 0.0
+        row({i * nn + n: 1.0 for n in range(nn)},
+            1.0 if s.experiment_id in keep else 0.0, 1.0)
+    for n, node in enumerate(nodes):
+        row({i * nn + n: 1.0 for i in range(ni)}, -np.inf, float(node.max_instances))
+        row({i * nn + n: ram_on(node, s) for i, s in enumerate(specs)}, -np.inf,
+            node.available_ram_gb)
+        if not node.unified_memory:
+            row({i * nn + n: s.gpu_memory_gb for i, s in enumerate(specs) if s.gpu_required},
+                -np.inf, node.gpu_memory_gb)
+        row({i * nn + n: s.cpu_cores for i, s in enumerate(specs)}, -np.inf,
+            float(node.cpu_cores))
+    index = {s.experiment_id: i for i, s in enumerate(specs)}
+    for a, b in sorted({tuple(sorted((index[s.experiment_id], index[p])))
+                        for s in specs for p in s.anti_affinity}):
+        for n in range(nn):
+            row({a * nn + n: 1.0, b * nn + n: 1.0}, -np.inf, 1.0)
+    with quiet_stdout():
+        res = milp(c=-np.ones(ni * nn), integrality=np.ones(ni * nn),
+                   bounds=Bounds(np.zeros(ni * nn), upper),
+                   constraints=LinearConstraint(np.array(rows), np.array(low), np.array(high)))
+    if res.status != 0:
+        raise RuntimeError(f"milp failed on case seed {case.seed}: {res.message}")
+    return float(-res.fun)
+
+
+QUALITY_TARGET = 0.98  # repaired mean placed / optimum mean placed
+
+
 def part_b(count: int, seed: int) -> None:
     print(f"Part B: quality vs exact optimum (scipy milp), {count} tight cases, "
           f"3-5 nodes, 5-10 instances")
+    greedy_n: list[int] = []
+    moves_n: list[int] = []
     placed: list[int] = []
     best: list[int] = []
+    ceiling: list[int] = []
     sizes: list[int] = []
     gaps: list[tuple[int, int]] = []
     ram_got: list[float] = []
     ram_best: list[float] = []
+    repair_cpu: list[float] = []
+    checks_spent: list[int] = []
+    moved = traded = 0
+    moves_only = RepairLimits(trades=False)
     t0 = time.perf_counter()
     for k in range(count):
         case = tight_case(seed * 100_000 + k)
-        result = plan(case.cluster, case.specs)
-        check_hard_constraints(case.cluster, case.specs, result)
+        greedy = plan(case.cluster, case.specs, repair=False)
+        stats = RepairStats()
+        c0 = time.process_time()
+        result = repair_plan(greedy, case.cluster, case.specs, stats=stats,
+                             **repair_args(case))
+        repair_cpu.append(time.process_time() - c0)
+        checks_spent.append(stats.checks)
+        if plan(case.cluster, case.specs).placements != result.placements:
+            raise AssertionError(f"plan() and plan + repair_plan differ (seed {case.seed})")
+        by_moves = repair_plan(greedy, case.cluster, case.specs, limits=moves_only,
+                               **repair_args(case))
+        for r in (greedy, by_moves, result):
+            check_hard_constraints(case.cluster, case.specs, r)
+        moved += stats.moved
+        traded += len(result.left_out)
         got = len(result.placements)
         opt = round(optimum(case))
         by_id = {s.experiment_id: s for s in case.specs}
@@ -442,6 +525,9 @@ def part_b(count: int, seed: int) -> None:
         if got > opt or gb > gb_opt + 1e-6:
             raise AssertionError(f"engine beat the optimum (seed {case.seed}): "
                                  "the engine broke a constraint or the MILP is wrong")
+        greedy_n.append(len(greedy.placements))
+        moves_n.append(len(by_moves.placements))
+        ceiling.append(round(optimum_keeping(case, set(greedy.as_dict()))))
         placed.append(got)
         best.append(opt)
         sizes.append(len(case.specs))
@@ -455,18 +541,35 @@ def part_b(count: int, seed: int) -> None:
     ratios = [g / o if o else 1.0 for g, o in zip(placed, best, strict=True)]
     opt_all = sum(1 for o, n in zip(best, sizes, strict=True) if o == n)
     both_all = sum(1 for g, n in zip(placed, sizes, strict=True) if g == n)
+    greedy_all = sum(1 for g, n in zip(greedy_n, sizes, strict=True) if g == n)
+    repaired = sum(1 for g, r in zip(greedy_n, placed, strict=True) if r > g)
+
+    def vs_opt(values: list[int]) -> str:
+        return f"{statistics.fmean(values):.3f} = {statistics.fmean(values) / mean_opt:.4f}"
+
+    ran = [t for t, g, n in zip(repair_cpu, greedy_n, sizes, strict=True) if g < n]
     rows = [
         ("cases", f"{count}"),
-        ("mean instances placed by engine", f"{mean_got:.3f}"),
         ("mean optimum (max placeable)", f"{mean_opt:.3f}"),
-        ("engine / optimum (ratio of means)", f"{mean_got / mean_opt:.4f}"),
-        ("mean of per-case ratio", f"{statistics.fmean(ratios):.4f}"),
+        ("mean placed / optimum: greedy pass", vs_opt(greedy_n)),
+        ("  greedy + repair, moves only", vs_opt(moves_n)),
+        ("  greedy + repair (plan(), moves and trades)", vs_opt(placed)),
+        ("  moves-only ceiling (MILP, greedy's instances kept)", vs_opt(ceiling)),
+        ("mean of per-case ratio (repaired)", f"{statistics.fmean(ratios):.4f}"),
         ("cases where engine matches optimum", f"{matches}/{count} = {matches / count:.1%}"),
-        ("cases where everything fits (optimum / engine)", f"{opt_all} / {both_all}"),
+        ("cases where everything fits (optimum / greedy / repaired)",
+         f"{opt_all} / {greedy_all} / {both_all}"),
+        ("cases the repair improved; instances moved; left out by trades",
+         f"{repaired}; {moved}; {traded}"),
+        ("repair CPU per case that had unplaced instances, median / max",
+         f"{statistics.median(ran) * 1e3:.2f} / {max(ran) * 1e3:.2f} ms ({len(ran)} cases)"
+         if ran else "-"),
+        ("repair node checks per case, median / max",
+         f"{statistics.median(checks_spent):.0f} / {max(checks_spent)}"),
         ("worst gap (instances)", f"{worst_gap} (case seed {worst_seed})"),
         ("placed RAM: engine / max placeable RAM (sum)",
          f"{sum(ram_got):.1f} / {sum(ram_best):.1f} GB = {sum(ram_got) / sum(ram_best):.4f}"),
-        ("total time (engine + 2 milp per case)", f"{elapsed:.1f} s"),
+        ("total time (engine, repair, 3 milp per case)", f"{elapsed:.1f} s"),
     ]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
@@ -478,6 +581,37 @@ def part_b(count: int, seed: int) -> None:
           + ", ".join(f"{g}: {c}" for g, c in sorted(hist.items())))
     if worst_gap > 0:
         describe(tight_case(worst_seed))
+    print(verdict(mean_got / mean_opt >= QUALITY_TARGET,
+                  f"repaired mean placed / optimum {mean_got / mean_opt:.4f} (target >= "
+                  f"{QUALITY_TARGET:g}; greedy alone "
+                  f"{statistics.fmean(greedy_n) / mean_opt:.4f})"))
+    print()
+
+
+def repair_at_scale(sizes: list[tuple[int, int]], seed: int) -> None:
+    """What the repair costs on part A's workloads: the greedy plan's CPU against the
+    repair's (called on the greedy plan, as ``plan`` does), and what it placed."""
+    print("Repair at scale (part A's workloads; plan(repair=False) then repair_plan)")
+    header = (f"{'instances':>9} {'nodes':>6} {'greedy cpu s':>12} {'repair cpu s':>12} "
+              f"{'share':>6} {'unplaced':>8} {'placed':>6} {'moved':>5} {'left out':>8} "
+              f"{'checks':>7}")
+    print(header)
+    print("-" * len(header))
+    for instances, nodes in sizes:
+        rng = random.Random(seed)
+        cluster = big_cluster(rng, nodes)
+        specs = big_specs(rng, cluster, instances)
+        greedy, _wall, greedy_cpu = timed(functools.partial(plan, repair=False), cluster,
+                                          specs)
+        stats = RepairStats()
+        result, _wall, cpu = timed(functools.partial(
+            repair_plan, stats=stats, conditions=None, facts=None, occupied=(), peers=(),
+            checks=DEFAULT_CHECKS, strategy=cluster.placement.strategy), greedy, cluster, specs)
+        check_hard_constraints(cluster, specs, result)
+        print(f"{instances:>9} {nodes:>6} {greedy_cpu:>12.3f} {cpu:>12.3f} "
+              f"{cpu / max(greedy_cpu, 1e-9):>5.0%} {len(greedy.unplaced):>8} "
+              f"{stats.placed:>6} {stats.moved:>5} {len(result.left_out):>8} "
+              f"{stats.checks:>7}{' (cap)' if stats.exhausted else ''}", flush=True)
     print()
 
 
@@ -505,6 +639,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default="1000x100,10000x1000",
                     help="comma list of INSTANCESxNODES for part A ('' to skip)")
     ap.add_argument("--cases", type=int, default=200, help="part B cases (0 to skip)")
+    ap.add_argument("--repair-sizes", default="1000x100", metavar="INSTANCESxNODES,...",
+                    help="after part B, the repair's cost on part A's workloads ('' to skip)")
     ap.add_argument("--no-memory", action="store_true",
                     help="skip the tracemalloc run of plan() (peak memory) in part A")
     ap.add_argument("--profile", default="", metavar="INSTANCESxNODES",
@@ -519,6 +655,9 @@ def main(argv: list[str] | None = None) -> int:
         profile(parse_size(args.profile), args.seed)
     if args.cases:
         part_b(args.cases, args.seed)
+    repair_sizes = [parse_size(s) for s in args.repair_sizes.split(",") if s.strip()]
+    if repair_sizes:
+        repair_at_scale(repair_sizes, args.seed)
     return 0
 
 

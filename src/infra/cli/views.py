@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from rich import box
 from rich.console import Group, RenderableType
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -93,6 +94,8 @@ def plan_table(plan: Plan) -> Table:
         how = "pinned" if p.pinned else "auto"
         if p.forced:
             how += " [red](forced: " + "; ".join(p.forced) + ")[/]"
+        if p.repair:
+            how += f" ({escape(p.repair)})"
         table.add_row(p.instance_id, p.node, _num(round(p.score, 2)), how)
     for instance in plan.unplaced:
         why = why_not(plan, instance)
@@ -172,6 +175,10 @@ def explain(plan: Plan) -> RenderableType:
         title = f"{instance} -> {p.node if p else 'NOT PLACED'}"
         if p is not None and p.allocation is not None and p.allocation.summary():
             title += f" [{p.allocation.summary()}]"
+        if p is not None and p.repair:
+            title += f" ({p.repair}; the table shows the greedy pass's view)"
+        elif instance in plan.left_out:
+            title += f" ({plan.left_out[instance]})"
         table = Table(title=Text(title), title_justify="left")
         names = _part_names(evals)
         table.add_column("node")
@@ -216,6 +223,8 @@ def plan_json(plan: Plan) -> dict[str, Any]:
             entry.update(score=round(placed.score, 6), pinned=placed.pinned,
                          forced=list(placed.forced),
                          allocation=placed.allocation.to_json() if placed.allocation else None)
+            if placed.repair:
+                entry["repair"] = placed.repair
         elif instance in plan.pin_errors:
             entry["error"] = f"pin refused: {plan.pin_errors[instance]}"
         else:

@@ -56,6 +56,7 @@ class Placement:
     pinned: bool = False
     forced: tuple[str, ...] = ()  # hard constraints a --force pin overrode
     allocation: Allocation | None = None  # always set by plan()
+    repair: str = ""  # set when the repair step moved or placed it: what it did and why
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,8 @@ class Plan:
     strategy: Strategy = Strategy.SCORE
     # instance -> check name -> how many nodes that check refused it on (cheap "why not")
     rejections: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    # unplaced instance -> why the repair left it out (it fitted, others fit in its stead)
+    left_out: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -164,7 +167,8 @@ def plan(cluster: Cluster, specs: Iterable[ExperimentSpec], *,
          checks: tuple[tuple[str, Check], ...] = DEFAULT_CHECKS,
          facts: Mapping[str, NodeFacts] | None = None,
          peers: Iterable[Occupied] = (),
-         reference: bool = False) -> Plan:
+         reference: bool = False,
+         repair: bool = True) -> Plan:
     """Place every spec. Pins are checked against the hard constraints unless ``force``.
 
     ``occupied`` is work already running, as (spec, node) or (spec, node, allocation): it
@@ -178,7 +182,22 @@ def plan(cluster: Cluster, specs: Iterable[ExperimentSpec], *,
     ``reference=True`` runs the original, slow decision path (every node judged for every
     instance, every evaluation kept); the default path makes the same decisions with node
     classes and lazy explanations (see ``infra.placement.fast``).
+
+    When the greedy pass leaves instances unplaced, a bounded repair step moves one or two
+    unpinned instances to make room, or leaves one out when two or more then fit
+    (``infra.placement.repair``); ``repair=False`` gives the greedy pass alone.
     """
+    specs, occupied, peers = tuple(specs), tuple(occupied), tuple(peers)  # read twice
+    if repair:
+        greedy = plan(cluster, specs, pins=pins, conditions=conditions, force=force,
+                      strategy=strategy, occupied=occupied, checks=checks, facts=facts,
+                      peers=peers, reference=reference, repair=False)
+        if not greedy.unplaced:
+            return greedy
+        from infra.placement.repair import repair_plan
+        return repair_plan(greedy, cluster, specs, conditions=conditions, facts=facts,
+                           occupied=occupied, peers=peers, checks=checks,
+                           strategy=greedy.strategy)
     if not reference:
         from infra.placement.fast import fast_plan, supports
         chosen = strategy or cluster.placement.strategy
@@ -238,7 +257,10 @@ def plan(cluster: Cluster, specs: Iterable[ExperimentSpec], *,
 
 
 def why_not(plan_: Plan, instance_id: str) -> str:
-    """One line: every node's reason for refusing the instance."""
+    """One line: every node's reason for refusing the instance (or why the repair left it
+    out: then it fitted when the greedy pass judged it)."""
+    if instance_id in plan_.left_out:
+        return plan_.left_out[instance_id]
     evals = plan_.evaluations.get(instance_id, ())
     reasons = [f"{e.node}: {e.rejection}" for e in evals if not e.feasible]
     return "; ".join(reasons) if reasons else "no nodes"
