@@ -44,6 +44,7 @@ __all__ = [
     "Series",
     "check_hosts",
     "cluster_yaml",
+    "compile_package",
     "deadline",
     "load_note",
     "load_scale",
@@ -207,6 +208,18 @@ def deadline(seconds: int) -> Iterator[None]:
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def compile_package() -> None:
+    """Byte-compile the ``infra`` package the CLI runs from, as an installed package is.
+
+    With PYTHONDONTWRITEBYTECODE set (or a tree edited since its last run) every CLI
+    subprocess would compile its sources again: start-up figures would count the compiler.
+    """
+    import compileall
+
+    import infra
+    compileall.compile_dir(str(Path(infra.__file__).parent), quiet=1)
 
 
 def require_fleet() -> None:

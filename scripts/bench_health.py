@@ -40,6 +40,7 @@ from bench_common import (
     SSHFleet,
     check_hosts,
     cluster_yaml,
+    compile_package,
     load_note,
     load_scale,
     measure,
@@ -241,6 +242,7 @@ def main() -> int:
     if args.repeat < 1:
         print("--repeat: at least 1", file=sys.stderr)
         return 2
+    compile_package()  # the CLI runs from byte code, as installed
     require_fleet()
     scale = load_scale()
 

@@ -41,6 +41,7 @@ from bench_common import (
     Series,
     SSHFleet,
     cluster_yaml,
+    compile_package,
     deadline,
     load_note,
     measure,
@@ -260,6 +261,7 @@ def main() -> int:
                         help="time a watch of the run this long (0: skip)")
     args = parser.parse_args()
     require_fleet()
+    compile_package()  # the CLI runs from byte code, as installed
     hosts = max(1, min(args.hosts, MAX_HOSTS))
     if hosts != args.hosts:
         print(f"note: the loopback fleet allows 1..{MAX_HOSTS} hosts; running {hosts} "
