@@ -46,6 +46,7 @@ __all__ = [
     "cluster_yaml",
     "compile_package",
     "deadline",
+    "finish",
     "load_note",
     "load_scale",
     "measure",
@@ -208,6 +209,19 @@ def deadline(seconds: int) -> Iterator[None]:
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def finish(start_load: str, started: float, failures: Sequence[str]) -> int:
+    """The closing lines every fleet benchmark prints (load, total time, failures); its exit
+    status: 1 when a method returned wrong results, else 0."""
+    print(f"{load_note()} at the end ({start_load} at the start)")
+    print(f"total {time.monotonic() - started:.1f} s")
+    if failures:
+        print("\nFAILURES:")
+        for line in failures:
+            print("  " + line)
+        return 1
+    return 0
 
 
 def compile_package() -> None:

@@ -41,6 +41,7 @@ from bench_common import (
     check_hosts,
     cluster_yaml,
     compile_package,
+    finish,
     load_note,
     load_scale,
     measure,
@@ -341,14 +342,7 @@ def main() -> int:
           "child processes (python, ssh). Server-side sshd/python CPU is not counted.\n"
           "parallel-ssh starts each ssh in its own session (setsid): with autogroup "
           "scheduling that gives it more CPU share on a loaded machine, not less.")
-    print(f"{load_note()} at the end ({start_load} at the start)")
-    print(f"total {time.monotonic() - started:.1f} s")
-    if failures:
-        print("\nFAILURES:")
-        for line in failures:
-            print("  " + line)
-        return 1
-    return 0
+    return finish(start_load, started, failures)
 
 
 if __name__ == "__main__":

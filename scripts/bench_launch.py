@@ -12,8 +12,8 @@ In the same run, interleaved round by round:
                     over held connections (warm) and with connect + close (cold)
 
 Each launch must leave K running instances on every host, else the script reports it and
-exits 1. The fleet has at most ``tests.sshfleet.MAX_HOSTS`` hosts: a larger ``--hosts`` is
-cut to it, and the output says so. Run as root:
+exits 1. The fleet has at most ``tests.sshfleet.MAX_HOSTS`` (64) hosts: a larger ``--hosts``
+exits 2 with one line saying so. Run as root:
 
     python scripts/bench_launch.py [--hosts 50] [--per-host 3] [--repeat 3]
 """
@@ -40,9 +40,11 @@ from bench_common import (
     FleetError,
     Series,
     SSHFleet,
+    check_hosts,
     cluster_yaml,
     compile_package,
     deadline,
+    finish,
     load_note,
     measure,
     paired_ratio,
@@ -260,12 +262,10 @@ def main() -> int:
     parser.add_argument("--watch-seconds", type=int, default=30,
                         help="time a watch of the run this long (0: skip)")
     args = parser.parse_args()
+    check_hosts(args.hosts)  # outside 1..MAX_HOSTS: one line, exit 2 (as bench_health)
     require_fleet()
     compile_package()  # the CLI runs from byte code, as installed
-    hosts = max(1, min(args.hosts, MAX_HOSTS))
-    if hosts != args.hosts:
-        print(f"note: the loopback fleet allows 1..{MAX_HOSTS} hosts; running {hosts} "
-              f"instead of {args.hosts}")
+    hosts = args.hosts
     total = hosts * args.per_host
     launch = {"ours": Series("ours: plan + record + launch (library)"),
               "loop": Series(f"ssh loop: 1 ssh per host, {args.per_host} nohup each")}
@@ -341,14 +341,7 @@ def main() -> int:
         print(watched)
     print("The launch includes the deploy (rsync of a small tree: a check pass and, on the "
           "first round only, the transfer); the ssh loop deploys nothing.")
-    print(f"{load_note()} at the end ({start_load} at the start)")
-    print(f"total {time.monotonic() - started:.1f} s")
-    if failures:
-        print("\nFAILURES:")
-        for line in failures:
-            print("  " + line)
-        return 1
-    return 0
+    return finish(start_load, started, failures)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import pytest
 
 from infra.config.model import ExperimentSpec
 from infra.errors import StateError, UsageError
-from infra.state import FailureClass, Store
+from infra.state import FailureClass, InstancePhase, Store
 from infra.state.store import Lease, holder_is_dead, may_take
 
 HOST = socket.gethostname()
@@ -272,3 +272,35 @@ def test_processes_opening_one_new_store_at_once_all_get_it(tmp_path: Path) -> N
                                   stderr=subprocess.PIPE, text=True) for _ in range(6)]
         errors = [p.communicate(timeout=120)[1] for p in procs]
         assert [p.returncode for p in procs] == [0] * 6, errors
+
+
+def test_an_unchanged_instance_is_not_written_again(store: Store) -> None:
+    """A watch tick that hears the same state writes nothing: ``updated_at`` stays."""
+    run_id = add_run(store, "r-same")
+    store.update_instance(run_id, "a", state=InstancePhase.RUNNING, pid=41, exit_code=None,
+                          started_at=T0 + 0.25, reason="", failure_class=None)
+    first = store.instance(run_id, "a").updated_at
+    db = sqlite3.connect(str(store.path))
+    db.execute("UPDATE instances SET updated_at=? WHERE instance_id='a'", (T0,))
+    db.commit()
+    db.close()
+    store.update_instance(run_id, "a", changed_only=True, state=InstancePhase.RUNNING, pid=41,
+                          exit_code=None, started_at=T0 + 0.25, reason="",
+                          failure_class=None)
+    assert store.instance(run_id, "a").updated_at == T0  # the same values: no write
+    store.update_instance(run_id, "a", changed_only=True, state=InstancePhase.EXITED, pid=41,
+                          exit_code=0, started_at=T0 + 0.25, reason="", failure_class=None)
+    now = store.instance(run_id, "a")
+    assert (now.state, now.exit_code) == (InstancePhase.EXITED, 0) and now.updated_at > T0
+    assert first > T0
+
+
+def test_a_run_record_decodes_its_plan_only_when_asked(store: Store) -> None:
+    """A watch reads the run every tick; its stored plan (every node's evaluation of every
+    instance: megabytes for a large run) is decoded on first use only, pins included."""
+    spec = ExperimentSpec(experiment_id="a", command="true", source=Path("."))
+    plan = {"instances": {"a": {"node": "node1", "pinned": True}}, "big": ["x" * 100] * 1000}
+    store.create_run("r-lazy", "cluster_config.yaml", plan, [("a", "node1", spec, None)])
+    run = store.run("r-lazy")
+    assert "plan" not in vars(run) and run.state.value
+    assert run.pinned == frozenset({"a"}) and run.plan == plan

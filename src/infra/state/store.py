@@ -214,12 +214,25 @@ class RunRecord:
     created_at: float
     cluster_config: str
     state: RunState
-    plan: dict[str, Any]
+    stored_plan: dict[str, Any] | str  # the plan, or its stored JSON text (see ``plan``)
     coordinator: str
-    pinned: frozenset[str] = frozenset()  # instances placed with --placement (never moved)
     pruned_at: float | None = None  # its directories were removed by `prune` then
     manifest: Manifest | None = None  # None: recorded before manifests, or unreadable
     manifest_error: str | None = None  # why a stored manifest could not be read
+
+    @functools.cached_property
+    def plan(self) -> dict[str, Any]:
+        """The stored plan, decoded on first use: it holds every node's evaluation of every
+        instance (megabytes for a large run), and most readers of a run never look at it
+        (a watch reads the run's state every tick)."""
+        if isinstance(self.stored_plan, str):
+            return json.loads(self.stored_plan)  # type: ignore[no-any-return]
+        return self.stored_plan
+
+    @functools.cached_property
+    def pinned(self) -> frozenset[str]:
+        """Instances placed with --placement (never moved)."""
+        return _pinned(self.plan)
 
 
 @dataclass(frozen=True)
@@ -255,7 +268,14 @@ def issues_json(issues: tuple[ResultIssue, ...] | list[ResultIssue]) -> str:
     return json.dumps([i.to_json() for i in issues])
 
 
+def _previous_nodes(text: str) -> tuple[str, ...]:
+    """The nodes an instance was moved away from (``[]`` for nearly every row)."""
+    return () if text == "[]" else tuple(json.loads(text))
+
+
 def _issues(text: str | None) -> tuple[ResultIssue, ...]:
+    if not text or text == "[]":  # nearly every row: no JSON to decode
+        return ()
     return tuple(ResultIssue(str(d["path"]), str(d["reason"])) for d in json.loads(text or "[]"))
 
 
@@ -549,11 +569,10 @@ class Store:
 
     @staticmethod
     def _run(row: sqlite3.Row) -> RunRecord:
-        plan = json.loads(row["plan_json"])
         manifest, manifest_error = _manifest(row["manifest_json"])
         return RunRecord(run_id=row["run_id"], created_at=row["created_at"],
                          cluster_config=row["cluster_config"], state=RunState(row["state"]),
-                         plan=plan, coordinator=row["coordinator"], pinned=_pinned(plan),
+                         stored_plan=str(row["plan_json"]), coordinator=row["coordinator"],
                          pruned_at=row["pruned_at"], manifest=manifest,
                          manifest_error=manifest_error)
 
@@ -632,7 +651,11 @@ class Store:
             raise UsageError(f"run {run_id} has no instance {instance_id!r}")
         return self._instance(row)
 
-    def update_instance(self, run_id: str, instance_id: str, **fields: Any) -> None:
+    def update_instance(self, run_id: str, instance_id: str, *, changed_only: bool = False,
+                        **fields: Any) -> None:
+        """Set ``fields`` of one instance (and its ``updated_at``). With ``changed_only`` the
+        row is left alone when it holds these values already: a watch tick that hears the
+        same state again writes nothing (no WAL page, no commit of a changed row)."""
         allowed = {"node", "state", "pid", "exit_code", "signal", "started_at", "ended_at",
                    "restarts", "reason", "last_line", "log_offset", "results_fetched", "moves",
                    "previous_nodes", "log_base", "allocation", "placement_seq",
@@ -649,6 +672,12 @@ class Store:
                   json.dumps(list(v)) if isinstance(v, (tuple, list)) else v
                   for v in fields.values()]
         cols = ", ".join(f"{k}=?" for k in fields)
+        if changed_only:  # IS compares NULLs as equal: any difference makes the row match
+            same = " AND ".join(f"{k} IS ?" for k in fields)
+            self.db.execute(f"UPDATE instances SET {cols}, updated_at=? "
+                            f"WHERE run_id=? AND instance_id=? AND NOT ({same})",
+                            (*values, time.time(), run_id, instance_id, *values))
+            return
         self.db.execute(f"UPDATE instances SET {cols}, updated_at=? "
                         "WHERE run_id=? AND instance_id=?",
                         (*values, time.time(), run_id, instance_id))
@@ -670,7 +699,7 @@ class Store:
             started_at=row["started_at"], ended_at=row["ended_at"], restarts=row["restarts"],
             reason=row["reason"], last_line=row["last_line"], log_offset=row["log_offset"],
             results_fetched=bool(row["results_fetched"]), updated_at=row["updated_at"],
-            moves=row["moves"], previous_nodes=tuple(json.loads(row["previous_nodes"])),
+            moves=row["moves"], previous_nodes=_previous_nodes(row["previous_nodes"]),
             log_base=row["log_base"], allocation=decode_allocation(row["allocation_json"]),
             placement_seq=row["placement_seq"],
             results_missing=_issues(row["results_missing"]),
