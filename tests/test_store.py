@@ -8,6 +8,7 @@ expiry rules are checked without waiting.
 
 from __future__ import annotations
 
+import json
 import socket
 import sqlite3
 import subprocess
@@ -304,3 +305,19 @@ def test_a_run_record_decodes_its_plan_only_when_asked(store: Store) -> None:
     run = store.run("r-lazy")
     assert "plan" not in vars(run) and run.state.value
     assert run.pinned == frozenset({"a"}) and run.plan == plan
+
+
+def test_the_plan_is_kept_out_of_the_runs_row(store: Store) -> None:
+    """The lease columns sit in the runs row: a large plan there would be read past on every
+    lease check and copied again by every renewal. A run recorded before (plan inline) reads
+    as before."""
+    spec = ExperimentSpec(experiment_id="a", command="true", source=Path("."))
+    plan = {"instances": {"a": {"node": "node1", "pinned": True}}, "big": ["x" * 100] * 1000}
+    store.create_run("r-side", "cluster_config.yaml", plan, [("a", "node1", spec, None)])
+    row = store.db.execute("SELECT length(plan_json) AS n FROM runs WHERE run_id='r-side'")
+    assert row.fetchone()["n"] < 10
+    assert store.run("r-side").plan == plan and store.run_state("r-side")[0].value == "planned"
+    old = {"instances": {"a": {"node": "node1", "pinned": True}}}
+    store.create_run("r-inline", "cluster_config.yaml", {}, [("a", "node1", spec, None)])
+    store.db.execute("UPDATE runs SET plan_json=? WHERE run_id='r-inline'", (json.dumps(old),))
+    assert store.run("r-inline").plan == old and store.run("r-inline").pinned == {"a"}

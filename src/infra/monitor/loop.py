@@ -740,9 +740,9 @@ class Monitor:
                           for r in sorted(records.values(), key=lambda r: r.instance_id))
         events = tuple(EventView(e.at, e.kind, e.subject, e.message)
                        for e in self.s.store.recent_events(self.run_id, RECENT_EVENTS))
-        run = self.s.store.run(self.run_id)
-        progress, plain = self._progress(records, run.created_at, now)
-        return RunSnapshot(run_id=self.run_id, run_state=run.state.value, taken_at=now,
+        run_state, created_at = self.s.store.run_state(self.run_id)
+        progress, plain = self._progress(records, created_at, now)
+        return RunSnapshot(run_id=self.run_id, run_state=run_state.value, taken_at=now,
                            nodes=tuple(nodes), instances=instances, events=events,
                            watcher=self.other or "", footer=DASHBOARD_KEYS,
                            progress=progress, progress_plain=plain)

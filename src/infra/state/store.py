@@ -37,6 +37,10 @@ CREATE TABLE IF NOT EXISTS runs (
     lease_holder TEXT,
     lease_expires REAL
 );
+CREATE TABLE IF NOT EXISTS run_plans (
+    run_id TEXT PRIMARY KEY REFERENCES runs(run_id),
+    plan_json TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS instances (
     run_id TEXT NOT NULL REFERENCES runs(run_id),
     instance_id TEXT NOT NULL,
@@ -214,7 +218,7 @@ class RunRecord:
     created_at: float
     cluster_config: str
     state: RunState
-    stored_plan: dict[str, Any] | str  # the plan, or its stored JSON text (see ``plan``)
+    stored_plan: dict[str, Any] | str | Callable[[], str]  # the plan, its JSON, or a reader
     coordinator: str
     pruned_at: float | None = None  # its directories were removed by `prune` then
     manifest: Manifest | None = None  # None: recorded before manifests, or unreadable
@@ -225,9 +229,12 @@ class RunRecord:
         """The stored plan, decoded on first use: it holds every node's evaluation of every
         instance (megabytes for a large run), and most readers of a run never look at it
         (a watch reads the run's state every tick)."""
-        if isinstance(self.stored_plan, str):
-            return json.loads(self.stored_plan)  # type: ignore[no-any-return]
-        return self.stored_plan
+        stored = self.stored_plan
+        if callable(stored):
+            stored = stored()
+        if isinstance(stored, str):
+            return json.loads(stored)  # type: ignore[no-any-return]
+        return stored
 
     @functools.cached_property
     def pinned(self) -> frozenset[str]:
@@ -507,7 +514,12 @@ class Store:
             db.execute("INSERT INTO runs(run_id, created_at, cluster_config, state, plan_json,"
                        " coordinator) VALUES (?,?,?,?,?,?)",
                        (run_id, now, cluster_config, RunState.PLANNED.value,
-                        json.dumps(plan), coordinator_id()))
+                        "{}", coordinator_id()))
+            # the plan in a table of its own: in the runs row its megabytes (every node's
+            # evaluation of every instance) would be read past for the lease columns, and
+            # copied again by each lease renewal (SQLite rewrites a changed row whole)
+            db.execute("INSERT INTO run_plans(run_id, plan_json) VALUES (?,?)",
+                       (run_id, json.dumps(plan)))
             for instance_id, node, spec, alloc in instances:
                 db.execute("INSERT INTO instances(run_id, instance_id, node, state, spec_json,"
                            " allocation_json, updated_at) VALUES (?,?,?,?,?,?,?)",
@@ -567,14 +579,31 @@ class Store:
         raise UsageError(f"run id {run_id!r} is ambiguous ({len(rows)} runs match): "
                          f"{shown}{more}")
 
-    @staticmethod
-    def _run(row: sqlite3.Row) -> RunRecord:
+    def _run(self, row: sqlite3.Row) -> RunRecord:
         manifest, manifest_error = _manifest(row["manifest_json"])
-        return RunRecord(run_id=row["run_id"], created_at=row["created_at"],
+        run_id = str(row["run_id"])
+        inline = str(row["plan_json"])  # runs recorded before run_plans keep it here
+        return RunRecord(run_id=run_id, created_at=row["created_at"],
                          cluster_config=row["cluster_config"], state=RunState(row["state"]),
-                         stored_plan=str(row["plan_json"]), coordinator=row["coordinator"],
+                         stored_plan=inline if inline != "{}" else
+                         functools.partial(self._plan_text, run_id),
+                         coordinator=row["coordinator"],
                          pruned_at=row["pruned_at"], manifest=manifest,
                          manifest_error=manifest_error)
+
+    def _plan_text(self, run_id: str) -> str:
+        """A run's stored plan as JSON text (``{}`` when none was kept)."""
+        row = self.db.execute("SELECT plan_json FROM run_plans WHERE run_id=?",
+                              (run_id,)).fetchone()
+        return str(row["plan_json"]) if row is not None else "{}"
+
+    def run_state(self, run_id: str) -> tuple[RunState, float]:
+        """A run's state and creation time alone: what a watch needs every tick."""
+        row = self.db.execute("SELECT state, created_at FROM runs WHERE run_id=?",
+                              (run_id,)).fetchone()
+        if row is None:
+            raise UsageError(f"no run {run_id!r} in {self.path}")
+        return RunState(row["state"]), float(row["created_at"])
 
     def set_manifest(self, run_id: str, manifest: Manifest) -> None:
         """Keep the run's manifest (written before launch, updated with the end record)."""
