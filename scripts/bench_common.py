@@ -44,7 +44,9 @@ __all__ = [
     "Series",
     "check_hosts",
     "cluster_yaml",
+    "compile_package",
     "deadline",
+    "finish",
     "load_note",
     "load_scale",
     "measure",
@@ -207,6 +209,31 @@ def deadline(seconds: int) -> Iterator[None]:
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def finish(start_load: str, started: float, failures: Sequence[str]) -> int:
+    """The closing lines every fleet benchmark prints (load, total time, failures); its exit
+    status: 1 when a method returned wrong results, else 0."""
+    print(f"{load_note()} at the end ({start_load} at the start)")
+    print(f"total {time.monotonic() - started:.1f} s")
+    if failures:
+        print("\nFAILURES:")
+        for line in failures:
+            print("  " + line)
+        return 1
+    return 0
+
+
+def compile_package() -> None:
+    """Byte-compile the ``infra`` package the CLI runs from, as an installed package is.
+
+    With PYTHONDONTWRITEBYTECODE set (or a tree edited since its last run) every CLI
+    subprocess would compile its sources again: start-up figures would count the compiler.
+    """
+    import compileall
+
+    import infra
+    compileall.compile_dir(str(Path(infra.__file__).parent), quiet=1)
 
 
 def require_fleet() -> None:

@@ -40,6 +40,8 @@ from bench_common import (
     SSHFleet,
     check_hosts,
     cluster_yaml,
+    compile_package,
+    finish,
     load_note,
     load_scale,
     measure,
@@ -241,6 +243,7 @@ def main() -> int:
     if args.repeat < 1:
         print("--repeat: at least 1", file=sys.stderr)
         return 2
+    compile_package()  # the CLI runs from byte code, as installed
     require_fleet()
     scale = load_scale()
 
@@ -339,14 +342,7 @@ def main() -> int:
           "child processes (python, ssh). Server-side sshd/python CPU is not counted.\n"
           "parallel-ssh starts each ssh in its own session (setsid): with autogroup "
           "scheduling that gives it more CPU share on a loaded machine, not less.")
-    print(f"{load_note()} at the end ({start_load} at the start)")
-    print(f"total {time.monotonic() - started:.1f} s")
-    if failures:
-        print("\nFAILURES:")
-        for line in failures:
-            print("  " + line)
-        return 1
-    return 0
+    return finish(start_load, started, failures)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from bench_common import (
     REPO,
     BenchFailure,
     Series,
+    compile_package,
     load_note,
     measure,
     paired_ratio,
@@ -94,6 +95,10 @@ def main() -> int:
     if not 1 <= args.repeat <= 1000:
         print("--repeat: 1..1000", file=sys.stderr)
         return 2
+    compile_package()  # the CLI runs from byte code, as installed
+    if args.before is not None:
+        import compileall
+        compileall.compile_dir(str(args.before), quiet=1)
     start_load = load_note()
     started = time.monotonic()
     argvs = commands(args.before)

@@ -10,8 +10,10 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 from infra import __version__
 from infra.cli.params import STRATEGY_CHOICES
@@ -65,12 +67,39 @@ def test_subcommand_help_loads_nothing_heavy() -> None:
         assert not present, f"after {step} --help: {present} loaded"
 
 
+NOT_FOR_VALIDATE = (*HEAVY, "asyncio", "infra.config.specs", "infra.campaign.sweep",
+                    "infra.cli.actions", "infra.cli.health", "infra.probe", "infra.runner")
+"""``--validate-config`` of a topology alone: the topology parser and rich, not the spec
+parser (no ``--config``), the event loop, the probe or anything that runs work."""
+
+NO_RICH = ("rich", "rich.console", "rich.table", "rich.markup", "infra.cli.views")
+"""``--json`` output needs no rich console or table."""
+
+
 def test_validate_config_loads_no_ssh_planner_or_store() -> None:
     loaded = loaded_after({"validate": ["--cluster-config", str(SHIPPED_CONFIG),
-                                        "--validate-config"]})
-    present = sorted(m for m in HEAVY if m in loaded["validate"])
+                                        "--validate-config"]})["validate"]
+    present = sorted(m for m in NOT_FOR_VALIDATE if m in loaded)
     assert not present, f"after --validate-config: {present} loaded"
-    assert "infra.config" in loaded["validate"]  # it did validate
+    assert "infra.config.topology" in loaded and "rich.table" in loaded  # it did validate
+
+
+def test_validate_config_json_loads_no_rich() -> None:
+    loaded = loaded_after({"validate": ["--cluster-config", str(SHIPPED_CONFIG),
+                                        "--validate-config", "--json"]})["validate"]
+    present = sorted(m for m in (*NOT_FOR_VALIDATE, *NO_RICH) if m in loaded)
+    assert not present, f"after --validate-config --json: {present} loaded"
+    assert "infra.config.topology" in loaded
+
+
+def test_config_package_names_load_on_use() -> None:
+    """``infra.config`` imports no submodule itself; each public name still resolves."""
+    code = ("import sys, infra.config as c; "
+            "print(sorted(m for m in sys.modules if m.startswith('infra.config.'))); "
+            "print(all(getattr(c, n) is not None for n in c.__all__))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120, check=True).stdout.splitlines()
+    assert out == ["[]", "True"]
 
 
 def closed_loopback_port() -> int:
@@ -89,7 +118,8 @@ def test_health_check_loads_no_planner_store_or_dashboard(tmp_path: Path) -> Non
                                       "--json"]})["health"]
     assert "infra.probe.run" in loaded and "asyncssh" in loaded  # it did probe
     lean = ("rich.live", "infra.placement.engine", "sqlite3", "infra.state.store",
-            "infra.cli.actions", "infra.monitor.loop", "plotly", "mlflow")
+            "infra.cli.actions", "infra.monitor.loop", "plotly", "mlflow", *NO_RICH,
+            "infra.config.specs", "infra.campaign.sweep")
     present = sorted(m for m in lean if m in loaded)
     assert not present, f"after --health-check: {present} loaded"
 
@@ -103,3 +133,43 @@ def test_version_constant_matches_installed_metadata() -> None:
     out = subprocess.run([sys.executable, "-m", "infra.cli.main", "--version"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == f"cluster-experiment, version {__version__}"
+
+
+YAML_CASES = {
+    "plain": "a: 1\nb: [x, 'y', 2.5, 1_000, 0x1f, 2024-01-02, ~, true]\nc: {d: {e: [f]}}\n",
+    "alias": "a: &x [1]\nb: *x\n",
+    "duplicate": "a: 1\nb: 2\na: 3\n",
+    "huge int": "a: 123456789012345678901234567890\n",
+    "nan": "a: .nan\n",
+    "two documents": "a: 1\n---\nb: 2\n",
+    "syntax": "a: [1, 2\nb: 3\n",
+    "deep": "a: " + "[" * 70 + "]" * 70 + "\n",
+    "tab": "a:\n\tb: 1\n",
+}
+"""Documents for the two YAML paths: what libyaml takes and what goes to the exact parser."""
+
+
+def _yaml_outcome(load: Any, text: str) -> str:
+    """What parsing ``text`` gives: the data (refused numbers with their reason) or the error."""
+    try:
+        return repr(load(text))
+    except yaml.YAMLError as exc:
+        return f"error: {exc}"
+
+
+@pytest.mark.parametrize("name", sorted(YAML_CASES))
+def test_yaml_fast_path_gives_what_the_strict_parser_gives(name: str) -> None:
+    from infra.config import reader
+    text = YAML_CASES[name]
+    strict = _yaml_outcome(lambda t: yaml.load(t, Loader=reader._StrictLoader), text)
+    assert _yaml_outcome(reader._load_yaml, text) == strict
+
+
+def test_shipped_yaml_files_take_the_libyaml_path() -> None:
+    """The topology the CLI reads at start-up parses through libyaml, to the same data."""
+    from infra.config import reader
+    assert reader._FastLoader is not None, "PyYAML without libyaml: nothing to check"
+    for path in (SHIPPED_CONFIG, ROOT / "docs" / "example-lab.yaml"):
+        text = path.read_text()
+        assert reader._plain_for_libyaml(text), path
+        assert reader._load_yaml(text) == yaml.load(text, Loader=reader._StrictLoader)

@@ -8,6 +8,7 @@ expiry rules are checked without waiting.
 
 from __future__ import annotations
 
+import json
 import socket
 import sqlite3
 import subprocess
@@ -19,7 +20,7 @@ import pytest
 
 from infra.config.model import ExperimentSpec
 from infra.errors import StateError, UsageError
-from infra.state import FailureClass, Store
+from infra.state import FailureClass, InstancePhase, Store
 from infra.state.store import Lease, holder_is_dead, may_take
 
 HOST = socket.gethostname()
@@ -272,3 +273,51 @@ def test_processes_opening_one_new_store_at_once_all_get_it(tmp_path: Path) -> N
                                   stderr=subprocess.PIPE, text=True) for _ in range(6)]
         errors = [p.communicate(timeout=120)[1] for p in procs]
         assert [p.returncode for p in procs] == [0] * 6, errors
+
+
+def test_an_unchanged_instance_is_not_written_again(store: Store) -> None:
+    """A watch tick that hears the same state writes nothing: ``updated_at`` stays."""
+    run_id = add_run(store, "r-same")
+    store.update_instance(run_id, "a", state=InstancePhase.RUNNING, pid=41, exit_code=None,
+                          started_at=T0 + 0.25, reason="", failure_class=None)
+    first = store.instance(run_id, "a").updated_at
+    db = sqlite3.connect(str(store.path))
+    db.execute("UPDATE instances SET updated_at=? WHERE instance_id='a'", (T0,))
+    db.commit()
+    db.close()
+    store.update_instance(run_id, "a", changed_only=True, state=InstancePhase.RUNNING, pid=41,
+                          exit_code=None, started_at=T0 + 0.25, reason="",
+                          failure_class=None)
+    assert store.instance(run_id, "a").updated_at == T0  # the same values: no write
+    store.update_instance(run_id, "a", changed_only=True, state=InstancePhase.EXITED, pid=41,
+                          exit_code=0, started_at=T0 + 0.25, reason="", failure_class=None)
+    now = store.instance(run_id, "a")
+    assert (now.state, now.exit_code) == (InstancePhase.EXITED, 0) and now.updated_at > T0
+    assert first > T0
+
+
+def test_a_run_record_decodes_its_plan_only_when_asked(store: Store) -> None:
+    """A watch reads the run every tick; its stored plan (every node's evaluation of every
+    instance: megabytes for a large run) is decoded on first use only, pins included."""
+    spec = ExperimentSpec(experiment_id="a", command="true", source=Path("."))
+    plan = {"instances": {"a": {"node": "node1", "pinned": True}}, "big": ["x" * 100] * 1000}
+    store.create_run("r-lazy", "cluster_config.yaml", plan, [("a", "node1", spec, None)])
+    run = store.run("r-lazy")
+    assert "plan" not in vars(run) and run.state.value
+    assert run.pinned == frozenset({"a"}) and run.plan == plan
+
+
+def test_the_plan_is_kept_out_of_the_runs_row(store: Store) -> None:
+    """The lease columns sit in the runs row: a large plan there would be read past on every
+    lease check and copied again by every renewal. A run recorded before (plan inline) reads
+    as before."""
+    spec = ExperimentSpec(experiment_id="a", command="true", source=Path("."))
+    plan = {"instances": {"a": {"node": "node1", "pinned": True}}, "big": ["x" * 100] * 1000}
+    store.create_run("r-side", "cluster_config.yaml", plan, [("a", "node1", spec, None)])
+    row = store.db.execute("SELECT length(plan_json) AS n FROM runs WHERE run_id='r-side'")
+    assert row.fetchone()["n"] < 10
+    assert store.run("r-side").plan == plan and store.run_state("r-side")[0].value == "planned"
+    old = {"instances": {"a": {"node": "node1", "pinned": True}}}
+    store.create_run("r-inline", "cluster_config.yaml", {}, [("a", "node1", spec, None)])
+    store.db.execute("UPDATE runs SET plan_json=? WHERE run_id='r-inline'", (json.dumps(old),))
+    assert store.run("r-inline").plan == old and store.run("r-inline").pinned == {"a"}

@@ -428,3 +428,27 @@ def test_pool_hands_out_one_transport_per_node(ssh_fleet: SSHFleet) -> None:
         assert ssh.connection is None and "node2" not in pool
 
     arun(main())
+
+
+def test_aes_gcm_is_preferred_unless_the_ssh_config_names_ciphers(ssh_fleet: SSHFleet,
+                                                                  tmp_path: Path) -> None:
+    """The cheaper cipher for the many small calls of a watch; a config's choice stands."""
+    host = ssh_fleet.hosts[0]
+
+    async def cipher(ssh_config: str | None) -> str:
+        t = SSHTransport(ssh_fleet.node_config(host), ssh_fleet.health_section(),
+                         ssh_config=ssh_config)
+        try:
+            await t.run("true", check=True)
+            assert t.connection is not None
+            return str(t.connection.get_extra_info("send_cipher"))
+        finally:
+            await t.close()
+
+    assert arun(cipher(None)) == "aes128-gcm@openssh.com"
+    plain = tmp_path / "plain_config"
+    plain.write_text("Host elsewhere\n  User nobody\n")
+    assert arun(cipher(str(plain))) == "aes128-gcm@openssh.com"
+    chosen = tmp_path / "ciphers_config"
+    chosen.write_text("Ciphers chacha20-poly1305@openssh.com\n")
+    assert arun(cipher(str(chosen))) == "chacha20-poly1305@openssh.com"

@@ -11,11 +11,8 @@ import dataclasses
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from rich.markup import escape
-
-from infra.cli import views
 from infra.errors import InfraError, UsageError
 from infra.probe.health import NodeHealth
 from infra.probe.run import check_health
@@ -81,12 +78,26 @@ async def probe_nodes(cluster: Cluster, pool: ConnectionPool,
 def report_new_host_keys(c: Ctx) -> None:
     """Show every host key recorded on first contact (accept-new), so it can be checked."""
     from infra.transport.ssh import RECORDED_KEYS
+    if not RECORDED_KEYS:
+        return
+    from rich.markup import escape
     while RECORDED_KEYS:
         key = RECORDED_KEYS.pop(0)
         c.err.print(f"[yellow]new host key recorded[/] for {escape(key.host)} in "
                     f"{escape(key.known_hosts)}: {key.algorithm} {key.fingerprint} "
                     "(compare with `ssh-keygen -lf /etc/ssh/ssh_host_*_key.pub` on the node)",
                     soft_wrap=True)
+
+
+def health_json(h: NodeHealth) -> dict[str, Any]:
+    """One node's health as the ``--health-check --json`` document shows it (no rich needed)."""
+    doc: dict[str, Any] = {"status": h.status.value.upper(), "reasons": list(h.reasons),
+                           "error": h.error,
+                           "mismatches": [{"field": m.field, "declared": m.declared,
+                                           "detected": m.detected} for m in h.mismatches]}
+    if h.facts is not None:
+        doc["facts"] = dataclasses.asdict(h.facts)
+    return doc
 
 
 def do_health_check(c: Ctx, cluster: Cluster, accept_new: bool) -> None:
@@ -110,10 +121,11 @@ def do_health_check(c: Ctx, cluster: Cluster, accept_new: bool) -> None:
         report_new_host_keys(c)
     elapsed = time.monotonic() - started
     if c.json_out:
-        c.emit_json({"nodes": {name: views.health_json(h) for name, h in health.items()},
+        c.emit_json({"nodes": {name: health_json(h) for name, h in health.items()},
                      "ok": all(h.reachable for h in health.values()),
                      "seconds": round(elapsed, 3)})
     else:
+        from infra.cli import views  # rich tables: not for --json
         c.console.print(views.health_table(cluster, health))
     down = [n for n, h in health.items() if not h.reachable]
     if down:

@@ -40,9 +40,23 @@ class Ctx:
     json_out: bool = False
     accept_new: bool = False  # --accept-new-host-keys: record first-contact host keys
     yes: bool = False  # --yes: deploys may delete more than deploy.max_deletes files
-    console: Console = field(default_factory=lambda: _console())
-    err: Console = field(default_factory=lambda: _console(stderr=True))
     _cluster: Cluster | None = None
+    _out: Console | None = field(default=None, repr=False)
+    _err: Console | None = field(default=None, repr=False)
+
+    @property
+    def console(self) -> Console:
+        """stdout's rich console, made on first print (``--json`` paths never load rich)."""
+        if self._out is None:
+            self._out = _console()
+        return self._out
+
+    @property
+    def err(self) -> Console:
+        """stderr's rich console, made on first use."""
+        if self._err is None:
+            self._err = _console(stderr=True)
+        return self._err
 
     @property
     def cluster(self) -> Cluster:
@@ -235,16 +249,16 @@ def cli(ctx: click.Context, cluster_config: str | None, validate_config: bool,
     if not (validate_config or health_check or deploy_all or configs):
         click.echo(ctx.get_help())
         return
-    from infra.config import parse_pins
-    from infra.config.model import Strategy
     c = Ctx(find_cluster_config(cluster_config), json_out=json_out,
             accept_new=accept_new_host_keys, yes=yes)
     ctx.obj = c
     cluster = c.cluster
     if strategy is not None:  # the cluster object carries it to every plan() of this command
+        from infra.config.model import Strategy
         cluster = c._cluster = cluster.with_strategy(Strategy(strategy))
     specs = load_specs(cluster, configs) if configs else ()
     if placement:
+        from infra.config import parse_pins  # the spec parser: only with --config/--placement
         parse_pins(placement, cluster, specs)
 
     if validate_config:
@@ -300,7 +314,6 @@ def check_tags(tags: Sequence[str]) -> tuple[str, ...]:
 
 
 def do_validate(c: Ctx, cluster: Cluster, specs: tuple[ExperimentSpec, ...]) -> None:
-    from infra.cli import views
     from infra.config.keyfiles import check_key_files
     check_key_files(cluster)
     if c.json_out:
@@ -316,6 +329,7 @@ def do_validate(c: Ctx, cluster: Cluster, specs: tuple[ExperimentSpec, ...]) -> 
             "experiments": [s.experiment_id for s in specs],
         })
         return
+    from infra.cli import views  # rich tables: not for --json
     c.console.print(views.nodes_table(cluster))
     if specs:
         c.console.print(views.specs_table(specs))

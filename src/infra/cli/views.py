@@ -269,16 +269,6 @@ def health_table(cluster: Cluster, health: Mapping[str, NodeHealth]) -> Table:
     return table
 
 
-def health_json(h: NodeHealth) -> dict[str, Any]:
-    doc: dict[str, Any] = {"status": h.status.value.upper(), "reasons": list(h.reasons),
-                           "error": h.error,
-                           "mismatches": [{"field": m.field, "declared": m.declared,
-                                           "detected": m.detected} for m in h.mismatches]}
-    if h.facts is not None:
-        doc["facts"] = dataclasses.asdict(h.facts)
-    return doc
-
-
 # --------------------------------------------------------------------------- deploy
 
 def deploy_table(results: Mapping[str, DeployResult | InfraError], *, dry_run: bool,

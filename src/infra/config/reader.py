@@ -6,6 +6,7 @@ nothing the user wrote is silently ignored.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -182,11 +183,57 @@ def _construct_text(loader: _StrictLoader, node: yaml.ScalarNode) -> str:
     return str(loader.construct_scalar(node))
 
 
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-_StrictLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
-_StrictLoader.add_constructor("tag:yaml.org,2002:float", _construct_float)
-# An unquoted date stays the text it was written as (a spec must be JSON-representable).
-_StrictLoader.add_constructor("tag:yaml.org,2002:timestamp", _construct_text)
+def _add_strict_constructors(loader: Any) -> None:
+    """The strict loaders' constructors: duplicate keys, number ranges, dates kept as text."""
+    loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+    loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+    loader.add_constructor("tag:yaml.org,2002:float", _construct_float)
+    # An unquoted date stays the text it was written as (a spec must be JSON-representable).
+    loader.add_constructor("tag:yaml.org,2002:timestamp", _construct_text)
+
+
+_add_strict_constructors(_StrictLoader)
+
+_FastLoader: Any = None
+"""libyaml's parser and composer with the same constructors (None: PyYAML without libyaml).
+Its composer is C code that ``compose_node`` above cannot hook, so a document goes to it only
+after ``_plain_for_libyaml`` saw, in libyaml's own event stream, no alias and no deep nesting;
+anything else (and any error) is parsed again by ``_StrictLoader``, whose messages it keeps."""
+if getattr(yaml, "__with_libyaml__", False):
+    _FastLoader = type("_FastLoader", (yaml.CSafeLoader,), {})
+    _add_strict_constructors(_FastLoader)
+
+
+def _plain_for_libyaml(text: str) -> bool:
+    """The document parses in libyaml without aliases, nested well within MAX_DEPTH."""
+    events = yaml.CSafeLoader(text)
+    depth = 0
+    try:
+        while events.check_event():
+            event = events.get_event()
+            if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                depth += 1
+                if depth >= MAX_DEPTH:  # near the limit: the exact check decides
+                    return False
+            elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                depth -= 1
+            elif isinstance(event, yaml.AliasEvent):
+                return False
+    except yaml.YAMLError:
+        return False
+    finally:
+        events.dispose()
+    return True
+
+
+def _load_yaml(text: str) -> Any:
+    """Parse YAML strictly: through libyaml when it is there and the document is plain
+    (several times faster than the pure-Python parser: the CLI's start-up reads the
+    topology), else, or on any error, through ``_StrictLoader`` for its exact message."""
+    if _FastLoader is not None and _plain_for_libyaml(text):
+        with contextlib.suppress(yaml.YAMLError):
+            return yaml.load(text, Loader=_FastLoader)
+    return yaml.load(text, Loader=_StrictLoader)
 
 
 def _json_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -313,7 +360,7 @@ def load_document(path: Path, max_bytes: int = SPEC_MAX_BYTES) -> Any:
             raise ConfigError(name, "", f"nested more than {MAX_DEPTH} levels deep") from None
     else:
         try:
-            data = yaml.load(text, Loader=_StrictLoader)
+            data = _load_yaml(text)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]

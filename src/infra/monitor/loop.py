@@ -427,13 +427,16 @@ class Monitor:
         and a task that used up its attempts stays failed (the campaign goes on)."""
         await self._resume_launch()
         for rec in self.s.store.instances(self.run_id):
-            if not self.holding():
-                return
             if rec.spec.campaign is not None or not rec.node:
                 continue
             t = self.trackers.get(rec.node)
             policy = rec.spec.recover
-            if t is not None and t.state is NodeState.OFFLINE and rec.state.active:
+            case = self._recovery_case(rec, t, policy)
+            if case is None:  # the lease is read before each action, not for rows needing none
+                continue
+            if not self.holding():
+                return
+            if case == "offline" and t is not None:
                 why = f"node {rec.node} offline ({t.reason})"
                 wait = self.fence_wait(rec.node) if self.s.fenced(rec.spec) else 0.0
                 if wait > 0:
@@ -445,17 +448,11 @@ class Monitor:
                     continue
                 self.fence_waits.discard(rec.instance_id)
                 await self._recover_one(rec, policy, why, lost=True)
-            elif rec.state is InstancePhase.LOST and rec.reason.startswith(FENCED) \
-                    and policy is RecoverPolicy.CLUSTER and rec.moves < MAX_MOVES:
+            elif case == "fenced":
                 why = f"fenced on {rec.node} while no coordinator was heard"
                 await self.s.move_instance(self.run_id, rec, self.conditions(), why,
                                            may_stay=True)
-            # restarts exhausted: a broken command would fail anywhere, and a pin names the
-            # one node the user wants; neither is moved (node loss still moves pinned work)
-            elif rec.state is InstancePhase.FAILED and policy is RecoverPolicy.CLUSTER \
-                    and self._auto_restart(rec) and rec.pid is not None \
-                    and not rec.reason.startswith(("stop", "start failed", "deploy")) \
-                    and rec.moves < MAX_MOVES and "moved" not in rec.reason:
+            else:
                 why = f"restarts exhausted on {rec.node} ({rec.reason})"
                 if rec.failure_class is FailureClass.BROKEN_COMMAND:
                     self._not_moved(rec, "the command is broken: it would fail anywhere")
@@ -463,6 +460,24 @@ class Monitor:
                     self._not_moved(rec, f"pinned to {rec.node} (--placement)")
                 else:
                     await self._recover_one(rec, policy, why, lost=False)
+
+    def _recovery_case(self, rec: InstanceRecord, t: trk.Tracker | None,
+                       policy: RecoverPolicy) -> str | None:
+        """What ``_recover`` does for ``rec``: ``offline`` (its node is lost), ``fenced``
+        (its node fenced it), ``exhausted`` (restarts used up), or None (nothing)."""
+        if t is not None and t.state is NodeState.OFFLINE and rec.state.active:
+            return "offline"
+        if rec.state is InstancePhase.LOST and rec.reason.startswith(FENCED) \
+                and policy is RecoverPolicy.CLUSTER and rec.moves < MAX_MOVES:
+            return "fenced"
+        # restarts exhausted: a broken command would fail anywhere, and a pin names the
+        # one node the user wants; neither is moved (node loss still moves pinned work)
+        if rec.state is InstancePhase.FAILED and policy is RecoverPolicy.CLUSTER \
+                and self._auto_restart(rec) and rec.pid is not None \
+                and not rec.reason.startswith(("stop", "start failed", "deploy")) \
+                and rec.moves < MAX_MOVES and "moved" not in rec.reason:
+            return "exhausted"
+        return None
 
     def _not_moved(self, rec: InstanceRecord, why: str) -> None:
         """Say once why a failed instance stays failed where it is."""
@@ -499,15 +514,17 @@ class Monitor:
         that ended, a few instances per node at once (a campaign ends many short tasks per
         tick; one at a time the coordinator would fall far behind its nodes)."""
         ended: list[InstanceRecord] = []
+        # the lease is read right before each action (a failure recorded, a stream started),
+        # not for every row: a steady tick of a large run starts nothing and reads it not once
         for instance_id, rec in sorted(records.items()):
-            if not self.holding():
-                return
             task = self.tasks.get(instance_id)
             if task is not None and task.done():
                 failure = None if task.cancelled() else task.exception()
                 if not task.cancelled() and failure is None:
                     self.drained.add(instance_id)
                 elif isinstance(failure, InfraError):
+                    if not self.holding():
+                        return
                     self._log_failed(rec, failure)
                 del self.tasks[instance_id]
                 task = None
@@ -528,6 +545,8 @@ class Monitor:
                     continue  # not started yet
                 if task is None and not rec.state.finished and \
                         self._per_node(rec.node, records) < FOLLOW_STREAMS_PER_NODE:
+                    if not self.holding():
+                        return
                     self.tasks[instance_id] = asyncio.create_task(
                         self.s.stream_log_until_done(self.run_id, instance_id,
                                                      guard=self.holding))
@@ -537,6 +556,8 @@ class Monitor:
                 continue
             if self._fetch_due(rec):
                 ended.append(rec)
+        if ended and not self.holding():
+            return
         # a bounded batch per node and tick, one supervisor call each: dispatch and the
         # status sweep come round again soon, whatever number of short tasks ended meanwhile
         batch: dict[str, list[InstanceRecord]] = {}
@@ -719,9 +740,9 @@ class Monitor:
                           for r in sorted(records.values(), key=lambda r: r.instance_id))
         events = tuple(EventView(e.at, e.kind, e.subject, e.message)
                        for e in self.s.store.recent_events(self.run_id, RECENT_EVENTS))
-        run = self.s.store.run(self.run_id)
-        progress, plain = self._progress(records, run.created_at, now)
-        return RunSnapshot(run_id=self.run_id, run_state=run.state.value, taken_at=now,
+        run_state, created_at = self.s.store.run_state(self.run_id)
+        progress, plain = self._progress(records, created_at, now)
+        return RunSnapshot(run_id=self.run_id, run_state=run_state.value, taken_at=now,
                            nodes=tuple(nodes), instances=instances, events=events,
                            watcher=self.other or "", footer=DASHBOARD_KEYS,
                            progress=progress, progress_plain=plain)

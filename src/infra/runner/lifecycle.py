@@ -516,7 +516,8 @@ class RunSession:
         if rec.state is InstancePhase.PAUSED and state.is_final:
             return
         self.store.update_instance(
-            run_id, rec.instance_id, state=phase, pid=state.pid, exit_code=state.exit_code,
+            run_id, rec.instance_id, changed_only=True,  # a tick that hears the same: no write
+            state=phase, pid=state.pid, exit_code=state.exit_code,
             signal=state.signal, started_at=state.started_at or state.created_at,
             ended_at=state.ended_at if state.is_final else None, restarts=state.restarts,
             reason=reason, last_line=state.last_line[:200], failure_class=state.failure_class)
@@ -599,6 +600,7 @@ class RunSession:
             return node_name, states
 
         errors: dict[str, InfraError] = {}
+        answers: list[tuple[str, dict[str, InstanceState]]] = []
         for node_name, result in await asyncio.gather(*(one(n) for n in by_node)):
             if isinstance(result, InfraError):
                 errors[node_name] = result
@@ -606,6 +608,20 @@ class RunSession:
             found = {s.instance_id: s for s in result}
             if stop_stale:
                 await self._stop_stale_copies(run_id, node_name, records, found)
+            answers.append((node_name, found))
+        # every node's answer folded in with one commit: nothing below awaits, and the lease
+        # checks before telemetry writes read the store inside the same transaction
+        with self.store.tx():
+            self._fold_answers(run_id, by_node, answers, asked, guard)
+        self._settle_run(run_id)
+        return errors
+
+    def _fold_answers(self, run_id: str, by_node: dict[str, list[InstanceRecord]],
+                      answers: list[tuple[str, dict[str, InstanceState]]],
+                      asked: dict[str, dict[str, int]],
+                      guard: Callable[[], bool] | None) -> None:
+        """Apply each node's instance states and append the telemetry it brought."""
+        for node_name, found in answers:
             for rec in by_node[node_name]:
                 state = found.get(rec.instance_id)
                 if state is not None and state.placement != rec.placement_id:
@@ -626,8 +642,6 @@ class RunSession:
                                             found.get(rec.instance_id), guard, self.telemetry)
                     except LeaseLostError:
                         break  # not ours to write any more: the lease check says so next
-        self._settle_run(run_id)
-        return errors
 
     def _record_pools(self, run_id: str, node_name: str, pools: Sequence[PoolState]) -> None:
         """What a node says of the run's pools there (state, held and running tasks)."""

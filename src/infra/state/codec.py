@@ -118,8 +118,11 @@ def encode_allocation(alloc: Allocation | None) -> str:
     return json.dumps(alloc.to_json() if alloc is not None else {}, sort_keys=True)
 
 
+@functools.lru_cache(maxsize=16384)
 def decode_allocation(text: str | None) -> Allocation | None:
-    """The recorded allocation, or None for records written before allocations existed."""
+    """The recorded allocation, or None for records written before allocations existed
+    (cached like ``decode_spec``: a watch reads every row several times a tick, and an
+    Allocation is immutable)."""
     try:
         doc = json.loads(text or "{}")
         return Allocation.from_json(doc) if doc else None

@@ -37,6 +37,10 @@ CREATE TABLE IF NOT EXISTS runs (
     lease_holder TEXT,
     lease_expires REAL
 );
+CREATE TABLE IF NOT EXISTS run_plans (
+    run_id TEXT PRIMARY KEY REFERENCES runs(run_id),
+    plan_json TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS instances (
     run_id TEXT NOT NULL REFERENCES runs(run_id),
     instance_id TEXT NOT NULL,
@@ -214,12 +218,28 @@ class RunRecord:
     created_at: float
     cluster_config: str
     state: RunState
-    plan: dict[str, Any]
+    stored_plan: dict[str, Any] | str | Callable[[], str]  # the plan, its JSON, or a reader
     coordinator: str
-    pinned: frozenset[str] = frozenset()  # instances placed with --placement (never moved)
     pruned_at: float | None = None  # its directories were removed by `prune` then
     manifest: Manifest | None = None  # None: recorded before manifests, or unreadable
     manifest_error: str | None = None  # why a stored manifest could not be read
+
+    @functools.cached_property
+    def plan(self) -> dict[str, Any]:
+        """The stored plan, decoded on first use: it holds every node's evaluation of every
+        instance (megabytes for a large run), and most readers of a run never look at it
+        (a watch reads the run's state every tick)."""
+        stored = self.stored_plan
+        if callable(stored):
+            stored = stored()
+        if isinstance(stored, str):
+            return json.loads(stored)  # type: ignore[no-any-return]
+        return stored
+
+    @functools.cached_property
+    def pinned(self) -> frozenset[str]:
+        """Instances placed with --placement (never moved)."""
+        return _pinned(self.plan)
 
 
 @dataclass(frozen=True)
@@ -255,7 +275,14 @@ def issues_json(issues: tuple[ResultIssue, ...] | list[ResultIssue]) -> str:
     return json.dumps([i.to_json() for i in issues])
 
 
+def _previous_nodes(text: str) -> tuple[str, ...]:
+    """The nodes an instance was moved away from (``[]`` for nearly every row)."""
+    return () if text == "[]" else tuple(json.loads(text))
+
+
 def _issues(text: str | None) -> tuple[ResultIssue, ...]:
+    if not text or text == "[]":  # nearly every row: no JSON to decode
+        return ()
     return tuple(ResultIssue(str(d["path"]), str(d["reason"])) for d in json.loads(text or "[]"))
 
 
@@ -487,7 +514,12 @@ class Store:
             db.execute("INSERT INTO runs(run_id, created_at, cluster_config, state, plan_json,"
                        " coordinator) VALUES (?,?,?,?,?,?)",
                        (run_id, now, cluster_config, RunState.PLANNED.value,
-                        json.dumps(plan), coordinator_id()))
+                        "{}", coordinator_id()))
+            # the plan in a table of its own: in the runs row its megabytes (every node's
+            # evaluation of every instance) would be read past for the lease columns, and
+            # copied again by each lease renewal (SQLite rewrites a changed row whole)
+            db.execute("INSERT INTO run_plans(run_id, plan_json) VALUES (?,?)",
+                       (run_id, json.dumps(plan)))
             for instance_id, node, spec, alloc in instances:
                 db.execute("INSERT INTO instances(run_id, instance_id, node, state, spec_json,"
                            " allocation_json, updated_at) VALUES (?,?,?,?,?,?,?)",
@@ -547,15 +579,31 @@ class Store:
         raise UsageError(f"run id {run_id!r} is ambiguous ({len(rows)} runs match): "
                          f"{shown}{more}")
 
-    @staticmethod
-    def _run(row: sqlite3.Row) -> RunRecord:
-        plan = json.loads(row["plan_json"])
+    def _run(self, row: sqlite3.Row) -> RunRecord:
         manifest, manifest_error = _manifest(row["manifest_json"])
-        return RunRecord(run_id=row["run_id"], created_at=row["created_at"],
+        run_id = str(row["run_id"])
+        inline = str(row["plan_json"])  # runs recorded before run_plans keep it here
+        return RunRecord(run_id=run_id, created_at=row["created_at"],
                          cluster_config=row["cluster_config"], state=RunState(row["state"]),
-                         plan=plan, coordinator=row["coordinator"], pinned=_pinned(plan),
+                         stored_plan=inline if inline != "{}" else
+                         functools.partial(self._plan_text, run_id),
+                         coordinator=row["coordinator"],
                          pruned_at=row["pruned_at"], manifest=manifest,
                          manifest_error=manifest_error)
+
+    def _plan_text(self, run_id: str) -> str:
+        """A run's stored plan as JSON text (``{}`` when none was kept)."""
+        row = self.db.execute("SELECT plan_json FROM run_plans WHERE run_id=?",
+                              (run_id,)).fetchone()
+        return str(row["plan_json"]) if row is not None else "{}"
+
+    def run_state(self, run_id: str) -> tuple[RunState, float]:
+        """A run's state and creation time alone: what a watch needs every tick."""
+        row = self.db.execute("SELECT state, created_at FROM runs WHERE run_id=?",
+                              (run_id,)).fetchone()
+        if row is None:
+            raise UsageError(f"no run {run_id!r} in {self.path}")
+        return RunState(row["state"]), float(row["created_at"])
 
     def set_manifest(self, run_id: str, manifest: Manifest) -> None:
         """Keep the run's manifest (written before launch, updated with the end record)."""
@@ -632,7 +680,11 @@ class Store:
             raise UsageError(f"run {run_id} has no instance {instance_id!r}")
         return self._instance(row)
 
-    def update_instance(self, run_id: str, instance_id: str, **fields: Any) -> None:
+    def update_instance(self, run_id: str, instance_id: str, *, changed_only: bool = False,
+                        **fields: Any) -> None:
+        """Set ``fields`` of one instance (and its ``updated_at``). With ``changed_only`` the
+        row is left alone when it holds these values already: a watch tick that hears the
+        same state again writes nothing (no WAL page, no commit of a changed row)."""
         allowed = {"node", "state", "pid", "exit_code", "signal", "started_at", "ended_at",
                    "restarts", "reason", "last_line", "log_offset", "results_fetched", "moves",
                    "previous_nodes", "log_base", "allocation", "placement_seq",
@@ -649,6 +701,12 @@ class Store:
                   json.dumps(list(v)) if isinstance(v, (tuple, list)) else v
                   for v in fields.values()]
         cols = ", ".join(f"{k}=?" for k in fields)
+        if changed_only:  # IS compares NULLs as equal: any difference makes the row match
+            same = " AND ".join(f"{k} IS ?" for k in fields)
+            self.db.execute(f"UPDATE instances SET {cols}, updated_at=? "
+                            f"WHERE run_id=? AND instance_id=? AND NOT ({same})",
+                            (*values, time.time(), run_id, instance_id, *values))
+            return
         self.db.execute(f"UPDATE instances SET {cols}, updated_at=? "
                         "WHERE run_id=? AND instance_id=?",
                         (*values, time.time(), run_id, instance_id))
@@ -670,7 +728,7 @@ class Store:
             started_at=row["started_at"], ended_at=row["ended_at"], restarts=row["restarts"],
             reason=row["reason"], last_line=row["last_line"], log_offset=row["log_offset"],
             results_fetched=bool(row["results_fetched"]), updated_at=row["updated_at"],
-            moves=row["moves"], previous_nodes=tuple(json.loads(row["previous_nodes"])),
+            moves=row["moves"], previous_nodes=_previous_nodes(row["previous_nodes"]),
             log_base=row["log_base"], allocation=decode_allocation(row["allocation_json"]),
             placement_seq=row["placement_seq"],
             results_missing=_issues(row["results_missing"]),

@@ -126,6 +126,25 @@ def load_known_hosts(path: str | os.PathLike[str]) -> asyncssh.SSHKnownHosts:
     return known
 
 
+PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com",
+                     "chacha20-poly1305@openssh.com", "aes128-ctr", "aes192-ctr", "aes256-ctr")
+"""The ciphers offered, best first. AES-GCM before asyncssh's default chacha20-poly1305:
+it is as safe, and its Python-side cost per packet is about a third lower (one cipher call
+per packet where chacha20 makes several), which a watch's per-tick status call to every
+node pays many times over. The node picks the first one it also has."""
+
+
+def names_ciphers(path: Path | None) -> bool:
+    """Whether an ssh config file mentions ``Ciphers``: then its choice is left alone."""
+    if path is None:
+        return False
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return False
+    return any(line.strip().lower().startswith("ciphers") for line in text.splitlines())
+
+
 def known_hosts_lines(path: str | os.PathLike[str], host: str, addr: str,
                       port: int | None) -> list[int]:
     """1-based line numbers of known_hosts entries that vouch for this host (key or CA)."""
@@ -376,6 +395,8 @@ class SSHTransport(Transport):
             "keepalive_interval": health.keepalive_seconds,
             "keepalive_count_max": health.keepalive_count_max,
         }
+        if not names_ciphers(self.ssh_config if has_config else None):
+            options["encryption_algs"] = list(PREFERRED_CIPHERS)
         if cfg.ssh_user:
             options["username"] = cfg.ssh_user
         if cfg.ssh_port != SSH_PORT:  # else ~/.ssh/config's Port (or 22) applies
