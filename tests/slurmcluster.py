@@ -52,7 +52,7 @@ READY_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
 _START_ATTEMPTS = 5
 _MARKER = "INFRA_TEST_SLURM_CLUSTER"
-"""Set in the daemons' environment (slurmstepd inherits it): finds our stray processes."""
+"""Set in the daemons' environment: finds what they start (slurmstepd does not inherit it)."""
 TERMINAL_STATES = frozenset({
     "BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL",
     "OUT_OF_MEMORY", "PREEMPTED", "TIMEOUT",
@@ -351,15 +351,18 @@ class SlurmCluster:
 
     def strays(self) -> list[psutil.Process]:
         """Live processes of this cluster other than the daemons we hold: slurmstepd (it
-        inherits our marker) and job processes (Slurm gives them SLURM_CLUSTER_NAME)."""
+        keeps our slurmd log open; slurmd gives it an empty environment) and job processes
+        (Slurm gives them SLURM_CLUSTER_NAME)."""
         held = {proc.pid for proc in self._procs.values()} | {os.getpid()}
+        ours = str(self.workdir) + os.sep
         found = []
         for proc in psutil.process_iter(["status"]):
             if proc.info.get("status") == psutil.STATUS_ZOMBIE or proc.pid in held:
                 continue
             with contextlib.suppress(psutil.Error):
                 env = proc.environ()
-                if self.name in (env.get(_MARKER), env.get("SLURM_CLUSTER_NAME")):
+                if (self.name in (env.get(_MARKER), env.get("SLURM_CLUSTER_NAME"))
+                        or any(f.path.startswith(ours) for f in proc.open_files())):
                     found.append(proc)
         return found
 
