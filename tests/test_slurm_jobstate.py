@@ -5,6 +5,7 @@ store phase each state maps to."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
@@ -258,3 +259,86 @@ def test_sacct_skips_steps_and_noise_and_reads_truncated_states() -> None:
             "30|30|n|OUT_OF_ME+|0:125|host|Unknown|Unknown|00:01:00\n")
     states = parse_sacct(text)
     assert [(s.task_id, s.state) for s in states] == [("30", SlurmState.OUT_OF_MEMORY)]
+
+
+# --------------------------------------------------------------------------- real Slurm text
+
+FIXTURES = Path(__file__).parent / "fixtures" / "slurm"
+
+
+def fixture(name: str) -> str:
+    return (FIXTURES / name).read_text()
+
+
+@pytest.mark.parametrize(("name", "state", "words", "phase", "exit_code", "signal"), [
+    ("completed.txt", SlurmState.COMPLETED, "completed", InstancePhase.EXITED, 0, None),
+    ("failed_exit3.txt", SlurmState.FAILED, "failed: exit code 3", InstancePhase.FAILED, 3,
+     None),
+    ("cancelled.txt", SlurmState.CANCELLED, "cancelled", InstancePhase.STOPPED, 0, 15),
+    ("timeout.txt", SlurmState.TIMEOUT, "hit its time limit (00:01:00)", InstancePhase.FAILED,
+     0, 15),
+    ("over_memory_cgroup.txt", SlurmState.OUT_OF_MEMORY, "ran out of memory",
+     InstancePhase.FAILED, 0, 125),
+    ("over_memory_jobacct.txt", SlurmState.FAILED, "killed by signal 9", InstancePhase.FAILED,
+     0, 9),
+    ("running.txt", SlurmState.RUNNING, "running on t7612a810n1", InstancePhase.RUNNING, None,
+     None),
+    ("pending_dependency.txt", SlurmState.PENDING, "waiting: after its dependencies",
+     InstancePhase.QUEUED, None, None),
+    ("dependency_never_satisfied.txt", SlurmState.PENDING,
+     "waiting: a dependency failed, so it will never start", InstancePhase.QUEUED, None, None),
+])
+def test_real_scontrol_lines(name: str, state: SlurmState, words: str, phase: InstancePhase,
+                             exit_code: int | None, signal: int | None) -> None:
+    s = one(fixture(name))
+    assert (s.state, s.exit_code, s.signal, s.index) == (state, exit_code, signal, None)
+    assert plain_words(s) == words and phase_of(s) is phase
+    assert s.job_id.isdigit() and s.task_id == s.job_id
+    if state is SlurmState.PENDING:
+        assert s.node is None and s.start_time is None and s.end_time is None
+    else:
+        assert s.node and s.node.endswith("n1") and s.start_time is not None
+        assert (s.end_time is not None) == state.finished
+        if s.end_time is not None:
+            assert s.end_time >= s.start_time
+
+
+def test_real_timeout_keeps_its_limit_and_times() -> None:
+    s = one(fixture("timeout.txt"))
+    assert s.time_limit == "00:01:00" and s.restarts == 0
+    assert s.end_time is not None and s.start_time is not None
+    assert s.end_time - s.start_time == 66  # RunTime=00:01:06
+
+
+def test_real_memory_kill_without_cgroups_is_told_by_the_output() -> None:
+    s = one(fixture("over_memory_jobacct.txt"))
+    assert s.reason == "JobLaunchFailure"
+    assert plain_words(s, fixture("over_memory_jobacct_output.txt")) == \
+        "ran out of memory (killed at its --mem limit)"
+    cgroup = one(fixture("over_memory_cgroup.txt"))
+    assert plain_words(cgroup, fixture("over_memory_cgroup_output.txt")) == "ran out of memory"
+    failed = one(fixture("failed_exit3.txt"))  # an ordinary failure stays what it is
+    assert plain_words(failed, "failing\nout of memory? no\n") == "failed: exit code 3"
+
+
+def test_real_throttled_array() -> None:
+    states = parse_scontrol(fixture("array_pending_throttled.txt"))
+    by = {s.index: s for s in states}
+    assert sorted(by) == list(range(8))
+    assert {s.job_id for s in states} == {"3"}
+    assert [by[i].state for i in (0, 1)] == [SlurmState.RUNNING] * 2
+    assert all(by[i].state is SlurmState.PENDING for i in range(2, 8))
+    assert plain_words(by[5]) == "waiting: the array's %2 throttle"
+    assert by[5].task_id == "3_5" and by[0].throttle == 2
+
+
+def test_real_completed_array() -> None:
+    states = parse_scontrol(fixture("array_completed.txt"))
+    assert sorted(s.index for s in states if s.index is not None) == list(range(8))
+    assert {(s.job_id, s.state, s.exit_code) for s in states} == \
+        {("3", SlurmState.COMPLETED, 0)}
+    assert all(s.time_limit == "UNLIMITED" for s in states)
+
+
+def test_sacct_refusal_is_no_state() -> None:
+    assert parse_sacct(fixture("sacct_disabled.txt")) == []

@@ -327,9 +327,27 @@ def _failed(state: JobState) -> str:
     return f"failed ({reason})" if reason and reason != "NonZeroExitCode" else "failed"
 
 
-def plain_words(state: JobState) -> str:
-    """What the job is doing or how it ended, in plain words for status and watch."""
+_MEMORY_KILL = re.compile(r"exceeded (?:job )?memory limit|oom-kill event|out-of-memory",
+                          re.IGNORECASE)
+
+
+def memory_killed(output: str) -> bool:
+    """Whether a job's output holds slurmstepd's note that it was killed for memory: the
+    only sign of it where Slurm enforces ``--mem`` by sampling (``OverMemoryKill``), which
+    ends the job FAILED (``JobLaunchFailure``, signal 9) rather than OUT_OF_MEMORY."""
+    return any(_MEMORY_KILL.search(ln) for ln in output.splitlines()
+               if ln.startswith("slurmstepd"))
+
+
+def plain_words(state: JobState, output: str = "") -> str:
+    """What the job is doing or how it ended, in plain words for status and watch.
+
+    ``output``: the tail of the job's output file when known; a failed job whose output
+    has slurmstepd's memory-kill note "ran out of memory" (``memory_killed``).
+    """
     s = state.state
+    if s in (SlurmState.FAILED, SlurmState.CANCELLED) and output and memory_killed(output):
+        return "ran out of memory (killed at its --mem limit)"
     node = f" on {state.node}" if state.node else ""
     if s is SlurmState.PENDING:
         return _waiting(state)
