@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 
+from tests.slurmcluster import SlurmCluster, SlurmClusterError, SlurmLogin, login_on
+from tests.slurmcluster import unavailable_reason as slurm_unavailable_reason
 from tests.sshfleet import SSHFleet, unavailable_reason
 
 REQUIRE_INTEGRATION = "INFRA_REQUIRE_INTEGRATION"
@@ -54,10 +56,38 @@ def ssh_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SSHFleet]:
         yield fleet
 
 
+@pytest.fixture(scope="session")
+def slurm_cluster() -> Iterator[SlurmCluster]:
+    """A real single-node Slurm (munged, slurmctld, slurmd) for the whole session.
+
+    Tests using it carry ``@pytest.mark.xdist_group("slurm")`` so that one xdist worker runs
+    them all against one cluster.  A daemon that does not come up fails the test with the
+    daemons' log tails; it is never a skip.
+    """
+    reason = slurm_unavailable_reason()
+    if reason is not None:
+        skip_or_fail(f"Slurm cluster unavailable: {reason}")
+    try:
+        with SlurmCluster.start() as cluster:
+            yield cluster
+    except SlurmClusterError as exc:
+        pytest.fail(f"Slurm cluster did not start: {exc}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def slurm_login(slurm_cluster: SlurmCluster, ssh_fleet: SSHFleet) -> Iterator[SlurmLogin]:
+    """The fleet's node1 as the cluster's login host: its sessions get ``SLURM_CONF``."""
+    with login_on(slurm_cluster, ssh_fleet, ssh_fleet.host("node1")) as login:
+        yield login
+
+
+INTEGRATION_FIXTURES = ("ssh_fleet", "slurm_cluster", "slurm_login")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark every test that uses the fleet as ``integration``."""
+    """Mark every test that uses the fleet or the Slurm cluster as ``integration``."""
     for item in items:
-        if "ssh_fleet" in getattr(item, "fixturenames", ()):
+        if any(name in getattr(item, "fixturenames", ()) for name in INTEGRATION_FIXTURES):
             item.add_marker(pytest.mark.integration)
 
 

@@ -198,6 +198,9 @@ class FleetHost:
     home: Path
     uid: int
     hostdir: Path
+    env: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Exported to every session of this host (sshd ``SetEnv``), e.g. ``SLURM_CONF``."""
+    _extra: list[str] = dataclasses.field(default_factory=list, repr=False)
     _proc: subprocess.Popen[bytes] | None = dataclasses.field(default=None, repr=False)
     _paused: list[psutil.Process] = dataclasses.field(default_factory=list, repr=False)
 
@@ -233,6 +236,9 @@ class FleetHost:
         return f"[{self.address}]:{self.port} {kind} {key}"
 
     def _write_config(self, extra: Sequence[str]) -> None:
+        self._extra = list(extra)
+        setenv = ["SetEnv " + " ".join(f"{key}={value}"
+                                       for key, value in sorted(self.env.items()))]
         lines = [
             f"ListenAddress {self.address}",
             f"Port {self.port}",
@@ -255,6 +261,7 @@ class FleetHost:
             "Subsystem sftp internal-sftp",
             f"AllowUsers {self.user}",
             *extra,
+            *(setenv if self.env else []),
         ]
         self.config_path.write_text("\n".join(lines) + "\n")
 
@@ -337,6 +344,34 @@ class FleetHost:
         self._kill_sshd()
         if kill_user_processes:
             _kill_user_processes(self.uid)
+
+    def set_env(self, env: dict[str, str]) -> None:
+        """Export ``env`` to every new session: rewrite sshd_config and reload sshd (SIGHUP:
+        sshd re-executes itself with the new config; open sessions carry on)."""
+        bad = [f"{k}={v}" for k, v in env.items()
+               if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k) or re.search(r"[\s\"'\\]", v)]
+        if bad:
+            raise ValueError(f"cannot export {bad}: names are identifiers, values unquoted")
+        self.env = dict(env)
+        self._write_config(self._extra)
+        if self._proc is None or not self.is_running():
+            return
+        before = self._listen_count()
+        self._proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + _READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self._listen_count() > before and self._listening() and self._banner():
+                return
+            time.sleep(0.05)
+        raise FleetError(f"{self.name}: sshd not back after SIGHUP: "
+                         f"{self.log_path.read_text(errors='replace')[-400:]}")
+
+    def _listen_count(self) -> int:
+        """How often sshd has logged that it listens: one more after each (re)load."""
+        try:
+            return self.log_path.read_text(errors="replace").count("Server listening on")
+        except OSError:
+            return 0
 
     def pause(self) -> None:
         """Freeze the node: SIGSTOP sshd, its connection processes and the user's processes."""
