@@ -17,13 +17,13 @@ import base64
 import json
 import os
 import sys
-from typing import Any, Dict, List
+from typing import Any
 
 BEGIN = "@@INFRA-JSON-BEGIN@@"
 END = "@@INFRA-JSON-END@@"
 
 
-def read_one(path: str, offset: int, cap: int) -> Dict[str, Any]:
+def read_one(path: str, offset: int, cap: int) -> dict[str, Any]:
     """Up to ``cap`` bytes of ``path`` from ``offset``, and the file's size."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
@@ -34,7 +34,7 @@ def read_one(path: str, offset: int, cap: int) -> Dict[str, Any]:
     try:
         size = os.fstat(fd).st_size
         os.lseek(fd, max(0, offset), os.SEEK_SET)
-        chunks: List[bytes] = []
+        chunks: list[bytes] = []
         left = cap
         while left > 0:
             piece = os.read(fd, min(left, 1 << 20))
@@ -51,7 +51,7 @@ def read_one(path: str, offset: int, cap: int) -> Dict[str, Any]:
         os.close(fd)
 
 
-def main(argv: List[str]) -> int:
+def main(argv: list[str]) -> int:
     cap = int(argv[0])
     pairs = argv[1:]
     files = [read_one(pairs[i], int(pairs[i + 1]), cap) for i in range(0, len(pairs) - 1, 2)]

@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import base64
 import functools
-import posixpath
 import re
 import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 
-from infra.backends.slurm.jobstate import JobState, parse_sacct, parse_scontrol
-from infra.backends.slurm.sbatch import JobScript
+from infra.backends.slurm.jobstate import SACCT_FORMAT, JobState, parse_sacct, parse_scontrol
+from infra.backends.slurm.sbatch import JobScript, slurm_dir
 from infra.config.model import NodeConfig
 from infra.errors import BadAnswerError, CommandFailedError, InfraError, TransportError
 from infra.quoting import program_command, shell_path
@@ -32,7 +31,6 @@ LOG_CHUNK_BYTES = 256 * 1024
 """Bytes of one job output file one log read brings (per file and call)."""
 LOG_FILES_PER_CALL = 32
 """Output files one log read covers (the rest wait for the next call)."""
-SACCT_FORMAT = "JobID,JobName,State,ExitCode,NodeList,Start,End,Restarts"
 _JOB_ID = re.compile(r"^[0-9]+$")
 _TASK_WORD = re.compile(r"^[0-9]+(_[0-9]+)?$")
 _BEGIN_JOB = "@@INFRA-SLURM-JOB "
@@ -41,16 +39,6 @@ _END_JOB = "@@INFRA-SLURM-RC "
 
 class SlurmCommandError(CommandFailedError):
     """A Slurm command on the login host failed (sbatch refused, scancel failed, ...)."""
-
-
-def state_dir(work_dir: str, run_id: str) -> str:
-    """Where the run's submission markers live on the cluster (absolute)."""
-    return posixpath.join(work_dir, ".infra", "slurm", run_id)
-
-
-def results_dir(work_dir: str, run_id: str, instance_id: str) -> str:
-    """The instance's ``INFRA_RESULTS_DIR`` on the cluster (as the batch script makes it)."""
-    return posixpath.join(work_dir, ".infra", "runs", run_id, instance_id, "results")
 
 
 @functools.cache
@@ -156,7 +144,7 @@ class SlurmClient:
 
     async def submit_once(self, work_dir: str, run_id: str, script: JobScript) -> Submitted:
         """Submit ``script`` unless the cluster already has it (marker or job name)."""
-        command = submit_command(state_dir(work_dir, run_id), script.key, script)
+        command = submit_command(slurm_dir(work_dir, run_id), script.key, script)
         out = await self._run(command, what=f"submitting {script.key}", input=script.text,
                               timeout=max(self.timeout, LOCK_WAIT_SECONDS + 30.0))
         for line in reversed(out.splitlines()):

@@ -16,10 +16,10 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from infra.backends.slurm.client import SlurmClient, Submitted, transport_reason
-from infra.backends.slurm.sbatch import Dependency, DependencyKind, JobScript, job_name, \
-    job_script
+from infra.backends.slurm.sbatch import Dependency, DependencyKind, JobScript, job_name, job_script
 from infra.config.model import Cluster, ExperimentSpec, NodeConfig, SlurmTarget
 from infra.errors import DeployRefused, InfraError, UsageError
+from infra.placement.allocation import Allocation
 from infra.runner.deploy import deploy_all
 from infra.runner.lifecycle import RunSession, deploy_excludes, deploy_protect, stored_specs
 from infra.state import InstancePhase, RunState
@@ -195,7 +195,8 @@ def record_slurm_run(session: RunSession, target: SlurmTarget,
     """Record the run, its instances and every job's intent before anything is touched."""
     run_id = new_run_id()
     jobs = plan_jobs(specs)
-    rows = [(s.experiment_id, target.name, s, None) for j in jobs for s in j.tasks]
+    rows: list[tuple[str, str, ExperimentSpec, Allocation | None]] = [
+        (s.experiment_id, target.name, s, None) for j in jobs for s in j.tasks]
     session.store.create_run(
         run_id, str(session.cluster.path), plan_doc(target, jobs), rows, backend=SLURM,
         slurm_jobs=[(j.key, job_name(run_id, j.key), target.name, j.instance_ids)

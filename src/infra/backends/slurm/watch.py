@@ -19,20 +19,19 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from infra.backends.slurm.client import LOG_FILES_PER_CALL, LogPiece, results_dir, \
-    transport_reason
+from infra.backends.slurm.client import LOG_FILES_PER_CALL, LogPiece, transport_reason
 from infra.backends.slurm.driver import SlurmRun
 from infra.backends.slurm.jobstate import JobState, SlurmState, phase_of, plain_words
-from infra.backends.slurm.sbatch import output_path
+from infra.backends.slurm.sbatch import output_path, results_dir
 from infra.config.model import JobType
 from infra.errors import InfraError, LeaseLostError, TransportError
-from infra.monitor.loop import Monitor, MonitorOutcome
+from infra.monitor.loop import Monitor
 from infra.monitor.snapshot import NodeState, NodeView, RunSnapshot
 from infra.runner import results as res
 from infra.runner.lifecycle import RunSession, StopReport, local_log_path
 from infra.runner.results import ResultsFetch
 from infra.runner.supervisor_client import RestartPolicy
-from infra.state import InstancePhase, InstanceRecord, RunState
+from infra.state import InstancePhase, InstanceRecord, ResultIssue, RunState
 from infra.state.store import SlurmJobRecord
 
 DEFAULT_ATTEMPTS = 4
@@ -43,6 +42,9 @@ SETTLED = frozenset({InstancePhase.EXITED, InstancePhase.FAILED, InstancePhase.S
                      InstancePhase.SKIPPED, InstancePhase.CANCELLED, InstancePhase.LOST})
 FETCHABLE = frozenset({InstancePhase.EXITED, InstancePhase.FAILED, InstancePhase.STOPPED})
 RESULT_ATTEMPTS = 3
+MEMORY_MARKS = ("Exceeded job memory limit", "Exceeded step memory limit", "oom-kill event")
+"""What slurmstepd writes into a job's output when it kills the job for its memory."""
+MEMORY_TAIL_BYTES = 16 * 1024
 Guard = Callable[[], bool]
 
 
@@ -140,9 +142,12 @@ class SlurmWatch(SlurmRun):
         if state.state is SlurmState.PENDING and state.reason == NEVER_SATISFIED:
             self.never.add(rec.instance_id)
         job_word = state.job_id if state.index is None else f"{state.job_id}_{state.index}"
+        # a pending job's StartTime is Slurm's estimate, and a job cancelled while pending
+        # gets one too: only a job that got a node has started
+        ran = state.node is not None and state.state is not SlurmState.PENDING
         self.s.store.update_instance(
             self.run_id, rec.instance_id, state=phase, exit_code=state.exit_code,
-            signal=signal_name(state.signal), started_at=state.start_time,
+            signal=signal_name(state.signal), started_at=state.start_time if ran else None,
             ended_at=state.end_time if phase.finished else None, restarts=state.restarts,
             reason=f"Slurm job {job_word}: {reason}")
         if state.restarts > rec.restarts:
@@ -297,10 +302,30 @@ class SlurmWatch(SlurmRun):
             tail = piece.data.rstrip(b"\n").rsplit(b"\n", 1)[-1].decode("utf-8", "replace")
             self.s.store.update_instance(self.run_id, rec.instance_id, log_offset=size,
                                          last_line=tail[:200])
+        if rec.state is InstancePhase.FAILED:
+            self._memory_reason(rec, path)
         remote_end = piece.size if piece.size is not None else 0
         if rec.state.finished and size - rec.log_base >= remote_end and \
                 len(piece.data) < 1 and piece.error is None:
             self.drained.add(rec.instance_id)
+
+    def _memory_reason(self, rec: InstanceRecord, path: Path) -> None:
+        """A task Slurm killed past its ``--mem`` without cgroups (OverMemoryKill) ends
+        FAILED by signal 9; slurmstepd's line in its output says why: say it plainly."""
+        if "memory" in rec.reason:
+            return
+        try:
+            with open(path, "rb") as fh:
+                fh.seek(max(0, path.stat().st_size - MEMORY_TAIL_BYTES))
+                tail = fh.read().decode("utf-8", "replace")
+        except OSError:
+            return
+        if not any(mark in tail for mark in MEMORY_MARKS):
+            return
+        word = self._word(rec.instance_id) or "?"
+        why = f"Slurm job {word}: ran out of memory (killed past its --mem by Slurm)"
+        self.s.store.update_instance(self.run_id, rec.instance_id, reason=why)
+        self.s.event(self.run_id, "state", rec.instance_id, why)
 
     # ------------------------------------------------------------------ results
 
@@ -327,7 +352,7 @@ class SlurmWatch(SlurmRun):
         timeout = self.s.cluster.health_check.timeout_seconds * 3
         login = dataclasses.replace(self.login, remote_work_dir=work_dir)
         sources: list[tuple[res.ResultListing, str]] = []
-        issues: list[res.ResultIssue] = []
+        issues: list[ResultIssue] = []
         patterns = list(rec.spec.results)
         if patterns:
             cwd = f"{work_dir}/{rec.spec.workdir}" if rec.spec.workdir else work_dir
@@ -346,7 +371,7 @@ class SlurmWatch(SlurmRun):
                                               dest_root / prefix if prefix else dest_root,
                                               timeout)
             fetched += got
-            issues += [res.ResultIssue(f"{prefix}/{f.path}" if prefix else f.path, f.reason)
+            issues += [ResultIssue(f"{prefix}/{f.path}" if prefix else f.path, f.reason)
                        for f in failed]
         outcome = ResultsFetch(dest_root, tuple(fetched), tuple(issues))
         res.record_fetch(self.s, rec, outcome, final=rec.state.finished,
