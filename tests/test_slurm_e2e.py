@@ -161,6 +161,12 @@ def test_plain_experiment_end_to_end(sproj: Path, slurm_login: SlurmLogin) -> No
     assert local == remote and "done plain" in local and local.count("line 0 of") == 1
     proc = cli(sproj, "logs", run_id, "plain")
     assert proc.returncode == 0 and proc.stdout == remote, proc.stderr
+    proc = cli(sproj, "logs", "plain", "-f")  # the task is over: it drains and returns
+    assert proc.returncode == 0 and proc.stdout == remote, proc.stderr
+    for words in (("status", run_id), ("watch", run_id)):  # tables, dashboard lines
+        proc = cli(sproj, *words)
+        assert proc.returncode == 0 and "plain" in proc.stdout and TARGET in proc.stdout, \
+            proc.stdout + proc.stderr
     # results home: the results dir and the spec's glob
     assert (sproj / "logs" / run_id / "plain" / "results" / "times.txt").exists()
     assert (sproj / "logs" / run_id / "plain" / "out" / "plain.txt").read_text() == "plain\n"
@@ -265,8 +271,16 @@ def test_stop_cancels_the_job(sproj: Path, slurm_login: SlurmLogin) -> None:
         return instances(status_json(sproj, run_id))["long"]["state"] == "running"
 
     wait_for(running, timeout=RUN_BOUND, interval=1.0)
-    proc = cli(sproj, "stop", run_id, "--json")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    follow = subprocess.Popen([sys.executable, "-m", "infra.cli.main", "logs", run_id, "long",
+                               "-f"], cwd=sproj, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        proc = cli(sproj, "stop", run_id, "--json")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        out, err = follow.communicate(timeout=RUN_BOUND)  # `logs -f` ends with the job
+    finally:
+        follow.kill()
+    assert follow.returncode == 0 and "line 4 of long" in out, out + err
     doc = json.loads(proc.stdout)
     assert instances(doc)["long"]["state"] == "stopped", doc
     assert doc["state"] == "stopped"
@@ -351,3 +365,21 @@ def test_coordinator_killed_after_sbatch_then_watch_submits_nothing_new(
     assert slurm_jobs_named(slurm_login, name) == [job.job_id]
     local = (sproj / "logs" / run_id / "once.log").read_text()
     assert local.count("done once") == 1, local
+
+
+# --------------------------------------------------------------------------- restart rules
+
+
+def test_failed_task_is_requeued_while_its_restart_rules_allow(sproj: Path,
+                                                                slurm_login: SlurmLogin) -> None:
+    s = spec(sproj, "flaky", 'echo "attempt $INFRA_ATTEMPT"; [ "$INFRA_ATTEMPT" -ge 2 ]',
+             auto_restart=True, max_retries=1)
+    proc = run(sproj, s, pins=f"flaky:{TARGET}")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    doc = json.loads(proc.stdout)
+    rec = instances(doc)["flaky"]
+    assert rec["state"] == "exited" and rec["restarts"] == 1, rec
+    text = (sproj / "logs" / doc["run_id"] / "flaky.log").read_text()
+    assert text.count("attempt 1") == 1 and text.count("attempt 2") == 1, text
+    [job] = jobs_of(sproj, doc["run_id"])
+    assert slurm_jobs_named(slurm_login, job.name) == [job.job_id]
