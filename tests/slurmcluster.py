@@ -11,9 +11,13 @@ ports picked free on 127.0.0.1 (re-picked when a daemon cannot bind), its own mu
 and key, and its own state/spool/log files.  The daemons listen on loopback only
 (``CommunicationParameters=NoInAddrAny,NoCtldInAddrAny``).
 
-Memory limits are enforced without cgroups: ``jobacct_gather/linux`` samples every second and
-``OverMemoryKill`` kills a job whose resident memory exceeds ``--mem`` (Slurm 22.05 reports
-such a job as FAILED, not OUT_OF_MEMORY: see tests/fixtures/slurm/).
+Memory limits (``--mem``) are enforced as on most real clusters when this machine has the
+cgroup v1 memory and freezer controllers mounted (``task/cgroup`` + ``proctrack/cgroup``,
+``ConstrainRAMSpace``: the kernel kills the job, Slurm says OUT_OF_MEMORY); otherwise without
+cgroups (``jobacct_gather/linux`` samples every second and ``OverMemoryKill`` kills the job:
+Slurm 22.05 then says FAILED, ExitCode 0:9).  ``INFRA_SLURM_MEMORY=cgroup|jobacct`` forces
+one; see tests/fixtures/slurm/ for what each looks like.  The node is named after the cluster
+(``slurmd -N``), so each cluster's cgroups (``slurm_<node>``) are its own.
 
 Needs root and Debian's ``slurm-wlm`` and ``munge`` packages (scripts/test.sh installs them).
 """
@@ -23,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 import secrets
 import shlex
 import shutil
@@ -32,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import psutil
@@ -48,11 +53,14 @@ DEF_MEM_PER_CPU_MB = 256
 """A job without ``--mem`` gets 256 MB per CPU, so eight one-CPU jobs fit at once (without a
 default each job would take the whole node's memory and jobs would run one at a time)."""
 PARTITION = "debug"
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+MEMORY_ENV = "INFRA_SLURM_MEMORY"
+CGROUP, JOBACCT = "cgroup", "jobacct"
 READY_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
 _START_ATTEMPTS = 5
 _MARKER = "INFRA_TEST_SLURM_CLUSTER"
-"""Set in the daemons' environment (slurmstepd inherits it): finds our stray processes."""
+"""Set in the daemons' environment: finds what they start (slurmstepd does not inherit it)."""
 TERMINAL_STATES = frozenset({
     "BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL",
     "OUT_OF_MEMORY", "PREEMPTED", "TIMEOUT",
@@ -61,6 +69,51 @@ TERMINAL_STATES = frozenset({
 
 class SlurmClusterError(RuntimeError):
     """The cluster could not start (the message carries the daemons' log tails)."""
+
+
+WORKDIR_PREFIX = "infra-slurm-"
+OWNER_FILE = "owner"
+"""In each cluster's directory: ``pid=N start=T`` of the pytest process that started it."""
+
+
+def _owner_tag() -> str:
+    me = psutil.Process()
+    return f"pid={me.pid} start={me.create_time():.2f}\n"
+
+
+def _owner_alive(tag: str) -> bool:
+    match = re.search(r"pid=(\d+) start=([\d.]+)", tag)
+    if match is None:
+        return False
+    try:
+        return abs(psutil.Process(int(match.group(1))).create_time()
+                   - float(match.group(2))) < 0.05
+    except psutil.Error:
+        return False
+
+
+def reap_stale_clusters(tmp: Path = Path("/tmp")) -> list[Path]:
+    """Stop and remove the clusters of pytest sessions that died without tearing them down
+    (killed by a timeout, say): their daemons run in sessions of their own and survive."""
+    stale = []
+    for workdir in tmp.glob(f"{WORKDIR_PREFIX}*"):
+        try:
+            tag = (workdir / OWNER_FILE).read_text()
+            conf = (workdir / "slurm.conf").read_text()
+        except OSError:
+            continue  # being set up or torn down right now, or not ours
+        if _owner_alive(tag):
+            continue
+        names = re.search(r"^ClusterName=(\S+)", conf, re.M)
+        nodes = re.search(r"^NodeName=(\S+)", conf, re.M)
+        if names is None or nodes is None:
+            continue
+        cluster = SlurmCluster(workdir=workdir, name=names.group(1), node=nodes.group(1))
+        cluster._kill_strays()
+        cluster._remove_cgroups()
+        shutil.rmtree(workdir, ignore_errors=True)
+        stale.append(workdir)
+    return stale
 
 
 def unavailable_reason() -> str | None:
@@ -74,6 +127,19 @@ def unavailable_reason() -> str | None:
     if missing:
         return f"missing {', '.join(missing)} (apt-get install slurm-wlm munge)"
     return None
+
+
+def memory_enforcement() -> str:
+    """``cgroup`` when the cgroup v1 memory and freezer controllers are mounted (and
+    INFRA_SLURM_MEMORY does not say ``jobacct``), else ``jobacct`` (OverMemoryKill)."""
+    forced = os.environ.get(MEMORY_ENV, "")
+    if forced in (CGROUP, JOBACCT):
+        return forced
+    if forced:
+        raise SlurmClusterError(f"{MEMORY_ENV}={forced!r}: expected {CGROUP} or {JOBACCT}")
+    usable = all(os.access(CGROUP_ROOT / controller / "cgroup.procs", os.W_OK)
+                 for controller in ("memory", "freezer"))
+    return CGROUP if usable else JOBACCT
 
 
 def short_hostname() -> str:
@@ -112,6 +178,9 @@ class SlurmCluster:
     workdir: Path
     name: str
     node: str
+    """The NodeName (``slurmd -N``): the cluster's name plus ``n1``, this machine underneath."""
+    memory: str = JOBACCT
+    """How ``--mem`` is enforced: ``cgroup`` (OUT_OF_MEMORY) or ``jobacct`` (FAILED 0:9)."""
     ctld_port: int = 0
     slurmd_port: int = 0
     _procs: dict[str, subprocess.Popen[bytes]] = dataclasses.field(default_factory=dict,
@@ -189,7 +258,7 @@ class SlurmCluster:
         w = self.workdir
         lines = [
             f"ClusterName={self.name}",
-            f"SlurmctldHost={self.node}(127.0.0.1)",
+            f"SlurmctldHost={short_hostname()}(127.0.0.1)",
             f"SlurmctldPort={self.ctld_port}",
             f"SlurmdPort={self.slurmd_port}",
             "SlurmUser=root",
@@ -207,14 +276,12 @@ class SlurmCluster:
             f"SlurmdLogFile={self.log_path('slurmd')}",
             "SlurmctldDebug=info",
             "SlurmdDebug=info",
-            "ProctrackType=proctrack/linuxproc",
-            "TaskPlugin=task/none",
+            *self._memory_lines(),
             "SelectType=select/cons_tres",
             "SelectTypeParameters=CR_Core_Memory",
             f"DefMemPerCPU={DEF_MEM_PER_CPU_MB}",
             "JobAcctGatherType=jobacct_gather/linux",
             "JobAcctGatherFrequency=1",
-            "JobAcctGatherParams=OverMemoryKill",
             "AccountingStorageType=accounting_storage/none",
             "JobCompType=jobcomp/none",
             "MpiDefault=none",
@@ -227,11 +294,44 @@ class SlurmCluster:
             "SlurmdTimeout=300",
             "SlurmdParameters=config_overrides",  # 8 CPUs / 4 GB whatever the box has
             "SchedulerType=sched/backfill",
-            f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={NODE_CPUS} "
+            f"NodeName={self.node} NodeHostname={short_hostname()} NodeAddr=127.0.0.1 "
+            f"CPUs={NODE_CPUS} "
             f"RealMemory={NODE_MEMORY_MB} State=UNKNOWN",
             f"PartitionName={PARTITION} Nodes={self.node} Default=YES MaxTime=INFINITE State=UP",
         ]
         return "\n".join(lines) + "\n"
+
+    def _memory_lines(self) -> list[str]:
+        """slurm.conf lines that enforce ``--mem`` the chosen way."""
+        if self.memory == CGROUP:
+            return ["ProctrackType=proctrack/cgroup", "TaskPlugin=task/cgroup"]
+        return ["ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none",
+                "JobAcctGatherParams=OverMemoryKill"]
+
+    def cgroup_text(self) -> str:
+        """cgroup.conf (read from slurm.conf's directory) for the ``cgroup`` mode."""
+        return "\n".join([
+            "CgroupPlugin=cgroup/v1",
+            f"CgroupMountpoint={CGROUP_ROOT}",
+            "CgroupAutomount=no",
+            "ConstrainRAMSpace=yes",
+            "ConstrainSwapSpace=no",
+            "ConstrainCores=no",
+            "ConstrainDevices=no",
+        ]) + "\n"
+
+    def cgroup_dirs(self) -> list[Path]:
+        """This cluster's cgroup directories (``slurm_<node>`` under each controller)."""
+        return sorted(CGROUP_ROOT.glob(f"*/slurm_{self.node}"))
+
+    def _remove_cgroups(self) -> None:
+        """rmdir our (by then empty) cgroup trees, deepest first; they are this node's own."""
+        for top in self.cgroup_dirs():
+            inner = sorted((p for p in top.rglob("*") if p.is_dir()),
+                           key=lambda p: len(p.parts), reverse=True)
+            for folder in [*inner, top]:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
 
     def _prepare(self) -> None:
         """Directories, munge key and an (empty) log per daemon."""
@@ -241,6 +341,8 @@ class SlurmCluster:
         key = self.workdir / "munge" / "munge.key"
         key.write_bytes(secrets.token_bytes(1024))
         key.chmod(0o600)
+        if self.memory == CGROUP:
+            (self.workdir / "cgroup.conf").write_text(self.cgroup_text())
 
     # daemons ---------------------------------------------------------------------------
 
@@ -299,7 +401,7 @@ class SlurmCluster:
                 self._launch("slurmctld", [*conf, "-i"])
                 self._wait("slurmctld", lambda: self._listening("slurmctld", self.ctld_port),
                            f"listener on port {self.ctld_port}")
-                self._launch("slurmd", conf)
+                self._launch("slurmd", [*conf, "-N", self.node])
                 self._wait("slurmd", lambda: self._listening("slurmd", self.slurmd_port),
                            f"listener on port {self.slurmd_port}")
                 return
@@ -351,15 +453,19 @@ class SlurmCluster:
 
     def strays(self) -> list[psutil.Process]:
         """Live processes of this cluster other than the daemons we hold: slurmstepd (it
-        inherits our marker) and job processes (Slurm gives them SLURM_CLUSTER_NAME)."""
+        keeps our slurmd log open; slurmd gives it an empty environment) and job processes
+        (Slurm gives them SLURM_CLUSTER_NAME)."""
         held = {proc.pid for proc in self._procs.values()} | {os.getpid()}
+        ours = str(self.workdir) + os.sep
         found = []
-        for proc in psutil.process_iter(["status"]):
+        for proc in psutil.process_iter(["status", "cmdline"]):
             if proc.info.get("status") == psutil.STATUS_ZOMBIE or proc.pid in held:
                 continue
             with contextlib.suppress(psutil.Error):
                 env = proc.environ()
-                if self.name in (env.get(_MARKER), env.get("SLURM_CLUSTER_NAME")):
+                if (self.name in (env.get(_MARKER), env.get("SLURM_CLUSTER_NAME"))
+                        or any(ours in arg for arg in proc.info.get("cmdline") or [])
+                        or any(f.path.startswith(ours) for f in proc.open_files())):
                     found.append(proc)
         return found
 
@@ -379,17 +485,24 @@ class SlurmCluster:
         self._cancel_all_jobs()
         self._stop_daemons(["slurmd", "slurmctld", "munged"])
         self._kill_strays()
+        self._remove_cgroups()
 
     @classmethod
     @contextlib.contextmanager
-    def start(cls, node: str | None = None) -> Iterator[SlurmCluster]:
-        """Start a cluster in a fresh directory under /tmp; stop and remove it on exit."""
+    def start(cls, memory: str | None = None) -> Iterator[SlurmCluster]:
+        """Start a cluster in a fresh directory under /tmp; stop and remove it on exit.
+
+        ``memory``: ``cgroup`` or ``jobacct``; default: ``memory_enforcement()``.
+        """
         reason = unavailable_reason()
         if reason is not None:
             raise SlurmClusterError(reason)
-        workdir = Path(tempfile.mkdtemp(prefix="infra-slurm-", dir="/tmp"))
-        cluster = cls(workdir=workdir, name=f"t{secrets.token_hex(4)}",
-                      node=node or short_hostname())
+        mode = memory or memory_enforcement()
+        reap_stale_clusters()
+        name = f"t{secrets.token_hex(4)}"
+        workdir = Path(tempfile.mkdtemp(prefix=WORKDIR_PREFIX, dir="/tmp"))
+        (workdir / OWNER_FILE).write_text(_owner_tag())
+        cluster = cls(workdir=workdir, name=name, node=f"{name}n1", memory=mode)
         try:
             cluster._prepare()
             cluster._start_munged()
@@ -402,10 +515,6 @@ class SlurmCluster:
             finally:
                 shutil.rmtree(workdir, ignore_errors=True)
 
-
-def job_fields(jobs: Sequence[Mapping[str, str]], *keys: str) -> list[tuple[str, ...]]:
-    """Pick ``keys`` out of each parsed job, for compact assertions and messages."""
-    return [tuple(job.get(key, "") for key in keys) for job in jobs]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import psutil
 import pytest
 
 from tests.builders import wait_for
-from tests.slurmcluster import SlurmCluster, SlurmLogin, job_fields
+from tests.slurmcluster import CGROUP, SlurmCluster, SlurmLogin, reap_stale_clusters
 
 pytestmark = pytest.mark.xdist_group("slurm")
 
@@ -129,16 +131,25 @@ print("survived")
 
 
 def test_job_over_its_memory_is_killed(slurm_login: SlurmLogin) -> None:
-    """--mem=50M and 300 MB resident: OverMemoryKill (jobacct_gather/linux, no cgroups) kills
-    it within seconds; Slurm 22.05 then says FAILED, ExitCode=0:9 (SIGKILL), and the job's
-    output carries slurmstepd's 'Exceeded job memory limit'."""
+    """--mem=50M and 300 MB resident: the job is killed within seconds.
+
+    With cgroups (task/cgroup, ConstrainRAMSpace) the kernel's OOM killer does it and Slurm
+    says OUT_OF_MEMORY, Reason=OutOfMemory, ExitCode=0:125; without (OverMemoryKill of
+    jobacct_gather/linux) slurmstepd does it and Slurm 22.05 says FAILED,
+    Reason=JobLaunchFailure, ExitCode=0:9, with 'Exceeded job memory limit' in the output.
+    """
+    mode = slurm_login.cluster.memory
     job_id = slurm_login.sbatch(OVER_MEMORY, "--mem=50M", "--output=oom-%j.out")
-    job = finished(slurm_login, job_id, "over_memory.txt")
+    job = finished(slurm_login, job_id, f"over_memory_{mode}.txt")
     out = slurm_login.read(f"oom-{job_id}.out")
-    record("over_memory_output.txt", out)
-    assert job["JobState"] in ("FAILED", "OUT_OF_MEMORY"), job_fields([job], "JobState")
-    assert job["ExitCode"].endswith(":9"), job["ExitCode"]
-    assert "Exceeded job memory limit" in out
+    record(f"over_memory_{mode}_output.txt", out)
+    fields = (job["JobState"], job["Reason"], job["ExitCode"])
+    if mode == CGROUP:
+        assert fields == ("OUT_OF_MEMORY", "OutOfMemory", "0:125"), fields
+        assert "oom-kill event" in out
+    else:
+        assert fields == ("FAILED", "JobLaunchFailure", "0:9"), fields
+        assert "Exceeded job memory limit" in out
     assert "survived" not in out
 
 
@@ -218,11 +229,51 @@ def test_second_cluster_coexists_and_leaves_nothing(slurm_cluster: SlurmCluster)
         job_id = other.run("sbatch", "--parsable", "--output=/dev/null",
                            "--wrap=sleep 600").stdout.strip()
         other.wait_job(job_id, states=["RUNNING"], timeout=120.0)
-        assert other.strays(), "the running job's processes carry SLURM_CLUSTER_NAME"
+        # slurmstepd, the job's shell and its `sleep`, once the step has launched
+        wait_for(lambda: len(other.strays()) >= 3, timeout=60.0)
         pids = list(other.pids().values())
         workdir = other.workdir
     assert not [p for p in pids if psutil.pid_exists(p)
                 and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     assert other.strays() == []
+    assert other.cgroup_dirs() == []
     assert not workdir.exists()
-    assert slurm_cluster.node_state() == "IDLE" or slurm_cluster.node_state() == "MIXED"
+    assert slurm_cluster.node_state() in ("IDLE", "MIXED")
+
+
+KEEP_A_CLUSTER = """
+import time
+from tests.slurmcluster import SlurmCluster
+with SlurmCluster.start() as cluster:
+    print(cluster.workdir, flush=True)
+    time.sleep(600)  # until the test SIGKILLs this stand-in for a pytest session
+"""
+
+
+def test_cluster_of_a_killed_session_is_reaped(slurm_cluster: SlurmCluster) -> None:
+    """A session SIGKILLed with its cluster up leaves the daemons running (they have their
+    own sessions); the next cluster to start stops them and removes their directory, and
+    leaves live sessions' clusters alone."""
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-c", KEEP_A_CLUSTER], cwd=root,
+                            env={**os.environ, "PYTHONPATH": str(root)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline().strip()
+    if not line:
+        proc.wait(timeout=60)
+        assert proc.stderr is not None
+        raise AssertionError(f"the stand-in session failed: {proc.stderr.read()[-2000:]}")
+    workdir = Path(line)
+    proc.kill()
+    proc.communicate(timeout=60)
+    survivors = [p for p in psutil.process_iter(["cmdline"])
+                 if any(str(workdir) in arg for arg in p.info["cmdline"] or [])]
+    assert len(survivors) >= 3, "munged, slurmctld and slurmd outlive the killed session"
+
+    assert workdir in reap_stale_clusters()
+    assert not workdir.exists()
+    gone, alive = psutil.wait_procs(survivors, timeout=30.0)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+    assert slurm_cluster.workdir.exists()
+    assert set(slurm_cluster.pids()) == {"munged", "slurmctld", "slurmd"}

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from infra.config.model import HealthCheckSection
+from infra.config.model import HealthCheckSection, SlurmOptions
 from infra.config.specs import check_spec_set, parse_spec
 from infra.errors import StateError
 from infra.monitor import tracker as trk
@@ -80,11 +80,17 @@ def test_backoff_is_capped_at_the_interval() -> None:
 
 # --------------------------------------------------------------------------- codec
 
+SLURM_OPTIONS = st.none() | st.builds(
+    SlurmOptions, time_limit=st.none() | st.sampled_from(["5", "00:10:00", "1-12:00"]),
+    signal=st.none() | st.sampled_from(["USR1@60", "B:TERM@120", "10"]))
+
+
 @PROPS
 @given(data=st.data())
 def test_a_stored_spec_decodes_to_the_same_spec(data: st.DataObject) -> None:
     cluster = data.draw(clusters())
     for spec in data.draw(spec_sets(cluster)):
+        spec = replace(spec, slurm=data.draw(SLURM_OPTIONS))  # bench specs may carry it too
         back = decode_spec(encode_spec(spec))
         assert back == spec
         assert dict(back.params) == dict(spec.params)
@@ -102,9 +108,11 @@ def test_every_spec_field_is_stored() -> None:
         "auto_restart": False, "description": "all keys", "params": {"lr": 0.1},
         "job_type": "service", "constraints": [{"operator": "distinct_hosts"}],
         "resources": {"disk_gb": 1, "ports": [{"label": "api", "port": 8080}]},
+        "slurm": {"time_limit": "00:30:00", "signal": "B:USR1@60"},
     }, SPEC_DIR / "full.json", cluster)
     back = decode_spec(encode_spec(spec))
     assert back == spec and dict(back.params) == {"lr": 0.1}
+    assert back.slurm == SlurmOptions(time_limit="00:30:00", signal="B:USR1@60")
     assert (back.recover.value, back.max_retries, back.auto_restart, back.job_type.value) == \
         ("pause", 2, False, "service")
 

@@ -158,3 +158,8 @@ class DeployRefused(DeployError):
         super().__init__(node, f"deploy would delete {count} files or directories (more than "
                                f"deploy.max_deletes {limit}); nothing was changed: list them with "
                                "--deploy-all --dry-run, then rerun with --yes to allow it")
+
+
+class SlurmMappingError(UsageError):
+    """A spec asks for something an sbatch job cannot express (an attribute constraint, a
+    non-GPU device, unsafe text in an option); raised before anything is submitted."""

@@ -165,6 +165,14 @@ def shell_path(path: str) -> str:
     return "~" + match.group(1) + ("/" + shlex.quote(rest[1:]) if len(rest) > 1 else rest)
 
 
+def shell_word(value: str) -> str:
+    """Quote any text as one word for a POSIX shell (single quotes); refuses NUL, which no
+    shell word, argument or environment value can hold."""
+    if "\0" in value:
+        raise ValueError(f"NUL character in {value[:60]!r}")
+    return shlex.quote(value)
+
+
 def ssh_option_value(value: str) -> str:
     """Escape a value for an ssh ``-o`` option: ``%`` tokens, then OpenSSH's quoting rules."""
     value = value.replace("%", "%%")

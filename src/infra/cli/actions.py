@@ -365,11 +365,11 @@ def queued_work(cluster: Cluster, specs: tuple[ExperimentSpec, ...], placement: 
     ``name = rpi1`` on each pinned task, which the queue's placements then honour.
     """
     from infra.config.model import Constraint, Operator
-    from infra.config.specs import parse_pins
+    from infra.config.specs import bench_pins, parse_pins
     queued = [s for s in specs if is_queued_work(s)]
     if not queued:
         return (), placement
-    pins = parse_pins(placement, cluster, specs)
+    pins = bench_pins(parse_pins(placement, cluster, specs), cluster)
     ids = {s.experiment_id for s in queued}
     out: list[ExperimentSpec] = []
     unpinned: list[str] = []

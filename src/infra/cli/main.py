@@ -123,9 +123,10 @@ def make_plan(cluster: Cluster, specs: tuple[ExperimentSpec, ...], placement: st
     """
     from infra.config import parse_pins
     from infra.config.model import JobType
+    from infra.config.specs import bench_pins
     from infra.placement import plan
     from infra.placement.jobs import expand_system_jobs
-    pins = parse_pins(placement, cluster, specs)
+    pins = bench_pins(parse_pins(placement, cluster, specs), cluster)
     system = [s.experiment_id for s in specs if s.job_type in (JobType.SYSTEM, JobType.SYSBATCH)]
     pinned_system = sorted(set(system) & set(pins))
     if pinned_system:
@@ -335,18 +336,27 @@ def do_validate(c: Ctx, cluster: Cluster, specs: tuple[ExperimentSpec, ...]) -> 
                        "gpu_memory_gb": n.gpu_memory_gb, "unified_memory": n.unified_memory,
                        "cpu_cores": n.cpu_cores, "max_instances": n.max_instances,
                        "tags": sorted(n.tags)} for n in cluster.nodes],
+            "slurm_targets": [{"name": t.name, "host": t.host, "ssh_user": t.ssh_user,
+                               "ssh_port": t.ssh_port, "enabled": t.enabled,
+                               "partition": t.partition, "account": t.account, "qos": t.qos,
+                               "time_limit": t.time_limit, "remote_work_dir": t.remote_work_dir}
+                              for t in cluster.slurm_targets],
             "experiments": [s.experiment_id for s in specs],
         })
         return
-    c.console.print(views.nodes_table(cluster))
+    if cluster.nodes:
+        c.console.print(views.nodes_table(cluster))
+    if cluster.slurm_targets:
+        c.console.print(views.slurm_targets_table(cluster))
     if specs:
         c.console.print(views.specs_table(specs))
     enabled = sum(1 for n in cluster.nodes if n.enabled)
     files = len({s.template_id if s.task_index is not None else s.experiment_id for s in specs})
     count = f", {files} experiment specs" + \
         (f" ({len(specs)} instances, sweeps expanded)" if files != len(specs) else "")
+    targets = f", {len(cluster.slurm_targets)} Slurm targets" if cluster.slurm_targets else ""
     c.console.print(f"[green]OK[/]: {cluster.path.name} is valid: {len(cluster.nodes)} nodes "
-                    f"({enabled} enabled)" + (count if specs else ""))
+                    f"({enabled} enabled){targets}" + (count if specs else ""))
 
 
 def show_plan(c: Ctx, result: Plan, *, explain: bool, dry_run: bool,

@@ -53,6 +53,22 @@ def nodes_table(cluster: Cluster) -> Table:
     return table
 
 
+def slurm_targets_table(cluster: Cluster) -> Table:
+    """The Slurm targets: login host, what jobs are submitted with, the work dir."""
+    table = Table(title="Slurm targets (work goes there only when pinned)",
+                  title_justify="left")
+    for col in ("target", "login host", "on", "submits with", "work dir"):
+        table.add_column(col, overflow="fold")
+    for t in cluster.slurm_targets:
+        user = f"{t.ssh_user}@" if t.ssh_user else ""
+        submit = [f"{k} {v}" for k, v in (("partition", t.partition), ("account", t.account),
+                                          ("qos", t.qos)) if v]
+        submit.append(f"time {t.time_limit}")
+        table.add_row(t.name, f"{user}{t.host}:{t.ssh_port}", "yes" if t.enabled else "[dim]no[/]",
+                      ", ".join(submit), t.remote_work_dir)
+    return table
+
+
 def specs_table(specs: tuple[ExperimentSpec, ...]) -> Table:
     table = Table(title="Experiments", title_justify="left")
     for col in ("instance", "RAM GB", "GPU", "cores", "preferred", "affinity", "anti-affinity",

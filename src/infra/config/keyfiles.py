@@ -43,3 +43,10 @@ def check_key_files(cluster: Cluster) -> None:
         if problem is not None:
             raise ConfigError(str(cluster.path), f"nodes[{index}].ssh_key_path",
                               f"{problem} (node {node.name})")
+    for target in cluster.slurm_targets:
+        if not target.enabled or not target.ssh_key_path:
+            continue
+        problem = key_file_problem(Path(target.ssh_key_path).expanduser())
+        if problem is not None:
+            raise ConfigError(str(cluster.path), "nodes", f"ssh_key_path of slurm target "
+                              f"{target.name}: {problem}")

@@ -310,6 +310,63 @@ class NodeConfig:
 
 
 @dataclass(frozen=True)
+class SlurmOptions:
+    """A spec's ``slurm`` section: used only when the spec runs on a Slurm target."""
+
+    time_limit: str | None = None  # Slurm duration text; overrides the target's
+    signal: str | None = None  # ``[B:|R:]SIG[@SECONDS]``, given to sbatch as ``--signal``
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON form for the state store (only the keys that are set)."""
+        doc: dict[str, Any] = {}
+        if self.time_limit is not None:
+            doc["time_limit"] = self.time_limit
+        if self.signal is not None:
+            doc["signal"] = self.signal
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> SlurmOptions:
+        """Inverse of ``to_json`` (trusted input: documents this program wrote)."""
+        time_limit, sig = doc.get("time_limit"), doc.get("signal")
+        return cls(time_limit=None if time_limit is None else str(time_limit),
+                   signal=None if sig is None else str(sig))
+
+
+DEFAULT_SLURM_TIME_LIMIT = "01:00:00"
+
+
+@dataclass(frozen=True)
+class SlurmTarget:
+    """A Slurm cluster reached through its login host: work goes there only when pinned.
+
+    Not a node: probing, health, placement and deploys of bench nodes never see it (it
+    lives in ``Cluster.slurm_targets``, not ``Cluster.nodes``); Slurm owns its resources.
+    """
+
+    name: str
+    host: str
+    ssh_user: str | None = None
+    ssh_port: int = 22
+    ssh_key_path: str | None = None
+    remote_work_dir: str = "~/lab-orchestrator"
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time_limit: str = DEFAULT_SLURM_TIME_LIMIT
+    description: str = ""
+    enabled: bool = True
+
+    def login_node(self) -> NodeConfig:
+        """The login host as a node, so SSH connections, rsync deploys and results work
+        unchanged; never eligible for placement (it is no bench node)."""
+        return NodeConfig(name=self.name, host=self.host, description=self.description,
+                          ssh_user=self.ssh_user, ssh_port=self.ssh_port,
+                          ssh_key_path=self.ssh_key_path, remote_work_dir=self.remote_work_dir,
+                          enabled=self.enabled, scheduling_eligible=False)
+
+
+@dataclass(frozen=True)
 class ClusterSection:
     name: str = "lab-cluster"
     coordinator_host: str = "localhost"
@@ -431,6 +488,7 @@ class Cluster:
     deploy: DeploySection = DeploySection()
     campaigns: CampaignsSection = CampaignsSection()
     telemetry: TelemetrySection = TelemetrySection()
+    slurm_targets: tuple[SlurmTarget, ...] = ()  # never in ``nodes``
 
     def node(self, name: str) -> NodeConfig:
         for node in self.nodes:
@@ -441,6 +499,14 @@ class Cluster:
     @property
     def node_names(self) -> tuple[str, ...]:
         return tuple(n.name for n in self.nodes)
+
+    def slurm_target(self, name: str) -> SlurmTarget | None:
+        """The Slurm target called ``name``, or None (a bench node or nothing)."""
+        return next((t for t in self.slurm_targets if t.name == name), None)
+
+    @property
+    def slurm_target_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.slurm_targets)
 
     def with_strategy(self, strategy: Strategy) -> Cluster:
         """The same cluster placing with ``strategy`` (the ``--strategy`` flag)."""
@@ -498,6 +564,7 @@ class ExperimentSpec:
     campaign: CampaignSpec | None = None  # every sweep task; a spec with suite/queue keys
     task_index: int | None = None  # a sweep task's index (0-based)
     sweep: SweepSpec | None = None  # the template only: expanded before planning
+    slurm: SlurmOptions | None = None  # used only on a Slurm target (bench nodes ignore it)
 
     @property
     def ram_demand_unified(self) -> float:

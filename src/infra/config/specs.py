@@ -18,7 +18,7 @@ from infra.campaign.model import (
     SweepSpec,
 )
 from infra.campaign.sweep import argv_template, check_task_ids, check_templates, parse_sweep
-from infra.config.model import Cluster, ExperimentSpec, JobType, RecoverPolicy
+from infra.config.model import Cluster, ExperimentSpec, JobType, RecoverPolicy, SlurmOptions
 from infra.config.reader import (
     MAX_COUNT,
     Section,
@@ -28,6 +28,7 @@ from infra.config.reader import (
     relative_path_problem,
 )
 from infra.config.resources import ParsedResources, parse_constraints, parse_resources
+from infra.config.slurm import duration_problem, signal_problem
 from infra.errors import ConfigError, UsageError
 
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -154,6 +155,22 @@ def _campaign(s: Section, experiment_id: str, sweep: SweepSpec | None,
                         fail_fast=fail_fast, suite=suite)
 
 
+def _slurm(s: Section) -> SlurmOptions:
+    """The ``slurm`` section: options used only when the spec runs on a Slurm target."""
+    time_limit = s.string("time_limit", None)
+    if time_limit is not None:
+        why = duration_problem(time_limit)
+        if why:
+            raise s.error("time_limit", why)
+    sig = s.string("signal", None)
+    if sig is not None:
+        why = signal_problem(sig)
+        if why:
+            raise s.error("signal", why)
+    s.finish()
+    return SlurmOptions(time_limit=time_limit, signal=sig)
+
+
 def parse_spec(data: Any, path: Path, cluster: Cluster) -> ExperimentSpec:
     """Validate one parsed spec document (pure)."""
     file = str(path)
@@ -195,6 +212,9 @@ def parse_spec(data: Any, path: Path, cluster: Cluster) -> ExperimentSpec:
 
     node_names = set(cluster.node_names)
     preferred = s.string("preferred_node", None)
+    if preferred is not None and cluster.slurm_target(preferred) is not None:
+        raise s.error("preferred_node", f"{preferred!r} is a Slurm target, not a node: pin "
+                      f"the experiment there with --placement {experiment_id}:{preferred}")
     if preferred is not None and preferred not in node_names:
         raise s.error("preferred_node",
                       f"unknown node {preferred!r}; nodes: {', '.join(cluster.node_names)}")
@@ -257,6 +277,7 @@ def parse_spec(data: Any, path: Path, cluster: Cluster) -> ExperimentSpec:
         priority=priority,
         campaign=campaign,
         sweep=sweep,
+        slurm=_slurm(s.section("slurm")) if s.has("slurm") else None,
     )
     s.finish(reserved=RESERVED_SPEC_KEYS)
     if sweep is not None:
@@ -390,9 +411,23 @@ def check_spec_set(specs: Iterable[ExperimentSpec]) -> tuple[ExperimentSpec, ...
     return tuple(sorted(checked, key=lambda sp: sp.experiment_id))
 
 
+def _pin_target(cluster: Cluster, node: str, instance: str) -> None:
+    """Refuse a pin to a name that is neither a node nor a Slurm target."""
+    if node in cluster.node_names or cluster.slurm_target(node) is not None:
+        return
+    targets = cluster.slurm_target_names
+    known = f"nodes: {', '.join(cluster.node_names) or '(none)'}" + (
+        f"; slurm targets: {', '.join(targets)}" if targets else "")
+    raise UsageError(f"--placement: unknown node {node!r} for {instance}; {known}")
+
+
 def parse_pins(text: str | None, cluster: Cluster,
                specs: Iterable[ExperimentSpec]) -> dict[str, str]:
-    """Parse ``--placement a:jetson,b:rpi1`` into {instance: node}, checking both names."""
+    """Parse ``--placement a:jetson,b:rpi1`` into {instance: node}, checking both names.
+
+    A pin may name a Slurm target (``cluster.slurm_target``): the run's dispatch sends such
+    work to Slurm; the planner itself never places on a target (``bench_pins``).
+    """
     if not text:
         return {}
     by_id = {s.experiment_id: s for s in specs}
@@ -408,9 +443,7 @@ def parse_pins(text: str | None, cluster: Cluster,
         if not sep or not instance or not node:
             raise UsageError(f"--placement: {item!r} is not of the form INSTANCE:NODE")
         if instance in sweeps:  # a sweep's name pins every one of its tasks
-            if node not in cluster.node_names:
-                raise UsageError(f"--placement: unknown node {node!r} for {instance}; nodes: "
-                                 f"{', '.join(cluster.node_names)}")
+            _pin_target(cluster, node, instance)
             for task in sweeps[instance]:
                 if pins.get(task, node) != node:
                     raise UsageError(f"--placement: {task} is pinned twice "
@@ -420,11 +453,26 @@ def parse_pins(text: str | None, cluster: Cluster,
         if instance not in ids:
             raise UsageError(f"--placement: unknown instance id {instance!r}; instances: "
                              f"{_known_ids(by_id, sweeps) or '(none: give --config files)'}")
-        if node not in cluster.node_names:
-            raise UsageError(f"--placement: unknown node {node!r} for {instance}; nodes: "
-                             f"{', '.join(cluster.node_names)}")
+        _pin_target(cluster, node, instance)
         if instance in pins and pins[instance] != node:
             raise UsageError(f"--placement: {instance} is pinned twice "
                              f"({pins[instance]} and {node})")
         pins[instance] = node
     return pins
+
+
+def target_pins(pins: Mapping[str, str], cluster: Cluster) -> dict[str, str]:
+    """The pins (instance -> target name) that name a Slurm target."""
+    return {i: n for i, n in pins.items() if cluster.slurm_target(n) is not None}
+
+
+def bench_pins(pins: Mapping[str, str], cluster: Cluster) -> dict[str, str]:
+    """``pins`` for the bench planner; refuses (one line) any pin to a Slurm target, which
+    the planner must never see: such work is the Slurm dispatch's, never a bench node's."""
+    slurm = target_pins(pins, cluster)
+    if slurm:
+        ids = sorted(slurm)
+        shown = ", ".join(f"{i}:{slurm[i]}" for i in ids[:5]) + (" ..." if len(ids) > 5 else "")
+        raise UsageError(f"--placement: {shown} pins work to a Slurm target, which this "
+                         "command cannot place on bench nodes (a run is all-bench or all-Slurm)")
+    return dict(pins)

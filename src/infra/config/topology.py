@@ -14,6 +14,7 @@ from infra.config.model import (
     DEFAULT_MAX_DELETES,
     DEFAULT_MAX_TASKS,
     DEFAULT_RUNTIME_DRIVERS,
+    DEFAULT_SLURM_TIME_LIMIT,
     LOCAL_HOSTS,
     CampaignsSection,
     Cluster,
@@ -29,6 +30,7 @@ from infra.config.model import (
     NodeType,
     PlacementSection,
     PortRange,
+    SlurmTarget,
     Strategy,
     TelemetrySection,
 )
@@ -47,6 +49,7 @@ from infra.config.resources import (
     parse_host_paths,
     parse_node_devices,
 )
+from infra.config.slurm import duration_problem, name_problem
 from infra.errors import ConfigError
 from infra.quoting import (
     host_problem,
@@ -58,7 +61,17 @@ from infra.quoting import (
     user_problem,
 )
 
-NODE_TYPES = [t.value for t in NodeType]
+SLURM_TYPE = "slurm"
+NODE_TYPES = [*(t.value for t in NodeType), SLURM_TYPE]
+SLURM_TARGET_KEYS = ("name", "type", "host", "ssh_user", "ssh_port", "ssh_key_path",
+                     "remote_work_dir", "partition", "account", "qos", "time_limit",
+                     "description", "enabled")
+BENCH_ONLY_KEYS = frozenset({
+    "ram_gb", "reserved_ram_gb", "gpu", "gpu_memory_gb", "unified_memory", "cpu_cores",
+    "max_instances", "python_path", "monitor_port", "tags", "scheduling_eligible",
+    "attributes", "devices", "host_paths", "runtime_drivers", "disk_gb", "claims_dir",
+})
+"""Keys of a bench node that mean nothing on a Slurm target (Slurm owns the resources)."""
 LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 HEALTH_CHECK_NAMES = ["ssh", "memory", "disk", "temperature", "process"]
 MAX_CORES = 4096
@@ -85,7 +98,7 @@ def parse_cluster(data: Any, path: Path) -> Cluster:
         raise ConfigError(file, "", "the file is empty")
     top = Section(file, "", data)
     cluster = _cluster_section(top.section("cluster"))
-    nodes = _nodes(top, path.resolve().parent)
+    nodes, targets = _nodes(top, path.resolve().parent)
     network = _network(top.section("network"))
     defaults = _defaults(top.section("defaults"))
     health = _health(top.section("health_check"))
@@ -99,7 +112,7 @@ def parse_cluster(data: Any, path: Path) -> Cluster:
     return Cluster(path=path.resolve(), nodes=nodes, cluster=cluster, network=network,
                    defaults=defaults, health_check=health, failover=failover,
                    logging=logging, placement=placement, deploy=deploy, campaigns=campaigns,
-                   telemetry=telemetry)
+                   telemetry=telemetry, slurm_targets=targets)
 
 
 def _cluster_section(s: Section) -> ClusterSection:
@@ -111,22 +124,96 @@ def _cluster_section(s: Section) -> ClusterSection:
     return out
 
 
-def _nodes(top: Section, base_dir: Path) -> tuple[NodeConfig, ...]:
+def _nodes(top: Section, base_dir: Path) -> tuple[tuple[NodeConfig, ...],
+                                                  tuple[SlurmTarget, ...]]:
+    """The bench nodes and, apart from them, the ``type: slurm`` entries (Slurm targets)."""
     raw = top.raw("nodes")
     if not isinstance(raw, list):
         raise top.error("nodes", "expected a list of nodes")
     if not raw:
         raise top.error("nodes", "at least one node is required")
     nodes: list[NodeConfig] = []
+    targets: list[SlurmTarget] = []
     seen: dict[str, int] = {}
     for i, item in enumerate(raw):
-        node = _node(Section(top.file, f"nodes[{i}]", item), base_dir)
-        if node.name in seen:
-            raise ConfigError(top.file, f"nodes[{i}].name",
-                              f"duplicate node name {node.name!r} (also nodes[{seen[node.name]}])")
-        seen[node.name] = i
-        nodes.append(node)
-    return tuple(nodes)
+        section = Section(top.file, f"nodes[{i}]", item)
+        entry: NodeConfig | SlurmTarget
+        if section.data.get("type") == SLURM_TYPE:
+            entry = _slurm_target(section, base_dir)
+            targets.append(entry)
+        else:
+            entry = _node(section, base_dir)
+            nodes.append(entry)
+        if entry.name in seen:
+            raise ConfigError(top.file, f"nodes[{i}].name", f"duplicate node name "
+                              f"{entry.name!r} (also nodes[{seen[entry.name]}])")
+        seen[entry.name] = i
+    return tuple(nodes), tuple(targets)
+
+
+def _work_dir(s: Section, host: str, base_dir: Path) -> str:
+    """``remote_work_dir``: absolute or ``~/`` (a local host may name it relative to the
+    config file's directory)."""
+    remote_work_dir = s.string("remote_work_dir", "~/lab-orchestrator")
+    if host in LOCAL_HOSTS and not remote_work_dir.startswith(("/", "~")):
+        # The local node may name its work dir relative to the config file ("." = the tree).
+        # Only what the user wrote is checked: the config's own directory is theirs to name.
+        _check(s, "remote_work_dir", path_char_problem(remote_work_dir))
+        return str((base_dir / remote_work_dir).resolve())
+    return _node_path(s, "remote_work_dir", remote_work_dir)
+
+
+def _ssh_keys(s: Section) -> tuple[str | None, str | None]:
+    """``ssh_key_path`` and ``ssh_user``, checked as every SSH destination is."""
+    key_path = s.string("ssh_key_path", None)
+    if key_path is not None:
+        key_path = _node_path(s, "ssh_key_path", check_local_path(s, "ssh_key_path", key_path))
+    user = s.string("ssh_user", None)
+    if user is not None:
+        _check(s, "ssh_user", user_problem(user))
+    return key_path, user
+
+
+def _slurm_name(s: Section, key: str, *, many: bool = False) -> str | None:
+    """An optional partition/account/QoS name, in the characters Slurm accepts."""
+    value: str | None = s.string(key, None)
+    if value is not None:
+        _check(s, key, name_problem(value, many=many))
+    return value
+
+
+def _slurm_target(s: Section, base_dir: Path) -> SlurmTarget:
+    """A ``type: slurm`` entry: the login host and what every job there is submitted with."""
+    for key in s.data:
+        if key in BENCH_ONLY_KEYS:
+            raise s.error(key, "not a key of a slurm target (Slurm owns the cluster's "
+                          "resources; see docs/slurm.md)")
+    s.used.add("type")
+    name = s.string("name")
+    why = check_safe_id(name)
+    if why:
+        raise s.error("name", why)
+    host = s.string("host")
+    _check(s, "host", host_problem(host))
+    key_path, user = _ssh_keys(s)
+    time_limit = s.string("time_limit", DEFAULT_SLURM_TIME_LIMIT)
+    _check(s, "time_limit", duration_problem(time_limit))
+    target = SlurmTarget(
+        name=name,
+        host=host,
+        ssh_user=user,
+        ssh_port=s.port("ssh_port", 22),
+        ssh_key_path=key_path,
+        remote_work_dir=_work_dir(s, host, base_dir),
+        partition=_slurm_name(s, "partition", many=True),
+        account=_slurm_name(s, "account"),
+        qos=_slurm_name(s, "qos"),
+        time_limit=time_limit,
+        description=s.string("description", "", allow_empty=True),
+        enabled=s.boolean("enabled", True),
+    )
+    s.finish()
+    return target
 
 
 def _node(s: Section, base_dir: Path) -> NodeConfig:
@@ -136,7 +223,7 @@ def _node(s: Section, base_dir: Path) -> NodeConfig:
         raise s.error("name", why)
     host = s.string("host")
     _check(s, "host", host_problem(host))
-    ntype = s.choice("type", NodeType, NODE_TYPES, NodeType.GENERIC)
+    ntype = s.choice("type", NodeType, NODE_TYPES, NodeType.GENERIC)  # "slurm": not here
     ram_gb = s.number("ram_gb", positive=True)
     reserved = s.number("reserved_ram_gb", 0.0, minimum=0.0)
     if reserved >= ram_gb:
@@ -150,20 +237,8 @@ def _node(s: Section, base_dir: Path) -> NodeConfig:
                       "must be greater than 0 when gpu is true (or set unified_memory: true)")
     if not gpu and gpu_mem > 0:
         raise s.error("gpu_memory_gb", "is set but gpu is false")
-    remote_work_dir = s.string("remote_work_dir", "~/lab-orchestrator")
-    if host in LOCAL_HOSTS and not remote_work_dir.startswith(("/", "~")):
-        # The local node may name its work dir relative to the config file ("." = the tree).
-        # Only what the user wrote is checked: the config's own directory is theirs to name.
-        _check(s, "remote_work_dir", path_char_problem(remote_work_dir))
-        remote_work_dir = str((base_dir / remote_work_dir).resolve())
-    else:
-        remote_work_dir = _node_path(s, "remote_work_dir", remote_work_dir)
-    key_path = s.string("ssh_key_path", None)
-    if key_path is not None:
-        key_path = _node_path(s, "ssh_key_path", check_local_path(s, "ssh_key_path", key_path))
-    user = s.string("ssh_user", None)
-    if user is not None:
-        _check(s, "ssh_user", user_problem(user))
+    remote_work_dir = _work_dir(s, host, base_dir)
+    key_path, user = _ssh_keys(s)
     python_path = s.string("python_path", "python3")
     _check(s, "python_path", program_problem(python_path))
     tags = s.string_list("tags", ())

@@ -18,6 +18,7 @@ from infra.config.model import (
     JobType,
     RecoverPolicy,
     ResourceRequest,
+    SlurmOptions,
 )
 from infra.errors import StateError
 from infra.placement.allocation import Allocation
@@ -59,6 +60,8 @@ def spec_document(spec: ExperimentSpec) -> dict[str, Any]:
         doc["task_index"] = spec.task_index
     if spec.sweep is not None:
         doc["sweep"] = spec.sweep.to_json()
+    if spec.slurm is not None:
+        doc["slurm"] = spec.slurm.to_json()
     return doc
 
 
@@ -68,6 +71,7 @@ def spec_from_document(doc: dict[str, Any]) -> ExperimentSpec:
         max_retries = doc.get("max_retries")
         auto_restart = doc.get("auto_restart")
         campaign, task_index, sweep = doc.get("campaign"), doc.get("task_index"), doc.get("sweep")
+        slurm = doc.get("slurm")
         return ExperimentSpec(
             experiment_id=str(doc["experiment_id"]), command=str(doc["command"]),
             source=Path(doc.get("source") or "."), workdir=doc.get("workdir"),
@@ -91,7 +95,8 @@ def spec_from_document(doc: dict[str, Any]) -> ExperimentSpec:
             priority=int(doc.get("priority") or 0),
             campaign=None if campaign is None else CampaignSpec.from_json(campaign),
             task_index=None if task_index is None else int(task_index),
-            sweep=None if sweep is None else SweepSpec.from_json(sweep))
+            sweep=None if sweep is None else SweepSpec.from_json(sweep),
+            slurm=None if slurm is None else SlurmOptions.from_json(slurm))
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise StateError(f"a stored spec cannot be read ({exc!r}): "
                          f"{json.dumps(doc)[:200]}") from None
