@@ -213,9 +213,9 @@ def do_run(c: Ctx, cluster: Cluster, specs: tuple[ExperimentSpec, ...], *,
 
     cluster = with_accept_new(cluster, accept_new)
     _ = cluster.deploy_source  # a bad deploy source fails here, before any node is touched
-    on_slurm, rest = split_pins(placement, cluster, specs)
+    on_slurm, _ = split_pins(placement, cluster, specs)
     if on_slurm:
-        do_slurm_run(c, cluster, specs, on_slurm, rest, auto_place=auto_place,
+        do_slurm_run(c, cluster, specs, on_slurm, auto_place=auto_place,
                      monitor_duration=monitor_duration, tags=tags)
         return
     store = Store.for_log_dir(cluster.log_dir)
@@ -301,7 +301,7 @@ def do_run(c: Ctx, cluster: Cluster, specs: tuple[ExperimentSpec, ...], *,
 
 
 def do_slurm_run(c: Ctx, cluster: Cluster, specs: tuple[ExperimentSpec, ...],
-                 pins: dict[str, str], rest: str | None, *, auto_place: bool,
+                 pins: dict[str, str], *, auto_place: bool,
                  monitor_duration: float | None, tags: tuple[str, ...]) -> None:
     """An all-Slurm run: record it and its jobs' intents, deploy to the target's work dir,
     submit each job once (``infra.backends.slurm``), then watch it like any run."""
@@ -309,7 +309,7 @@ def do_slurm_run(c: Ctx, cluster: Cluster, specs: tuple[ExperimentSpec, ...],
     from infra.backends.slurm.watch import SlurmWatch
     from infra.runner.manifest import record_manifest
 
-    target = check_all_slurm(pins, specs, rest, auto_place, cluster)
+    target = check_all_slurm(pins, specs, auto_place, cluster)
     check_scripts(target, specs)  # what cannot map to sbatch is refused before any record
     store = Store.for_log_dir(cluster.log_dir)
     saved = SavedState(cluster.log_dir)

@@ -245,10 +245,8 @@ def cli(ctx: click.Context, cluster_config: str | None, validate_config: bool,
     if strategy is not None:  # the cluster object carries it to every plan() of this command
         cluster = c._cluster = cluster.with_strategy(Strategy(strategy))
     specs = load_specs(cluster, configs) if configs else ()
-    from infra.backends.slurm.driver import split_pins
-    on_slurm, bench_pins = split_pins(placement, cluster, specs)
-    if bench_pins:
-        parse_pins(bench_pins, cluster, specs)
+    from infra.config.specs import target_pins
+    on_slurm = target_pins(parse_pins(placement, cluster, specs), cluster)
 
     if validate_config:
         do_validate(c, cluster, specs)
@@ -263,7 +261,7 @@ def cli(ctx: click.Context, cluster_config: str | None, validate_config: bool,
                       accept_new=accept_new_host_keys, specs=specs)
     if specs and not validate_config:
         if dry_run and on_slurm:
-            show_slurm_plan(c, cluster, specs, on_slurm, bench_pins, auto_place)
+            show_slurm_plan(c, cluster, specs, on_slurm, auto_place)
             return
         if dry_run:
             from infra.cli.actions import queued_work
@@ -293,11 +291,11 @@ def cli(ctx: click.Context, cluster_config: str | None, validate_config: bool,
 
 
 def show_slurm_plan(c: Ctx, cluster: Cluster, specs: tuple[ExperimentSpec, ...],
-                    pins: dict[str, str], rest: str | None, auto_place: bool) -> None:
+                    pins: dict[str, str], auto_place: bool) -> None:
     """``--dry-run`` of an all-Slurm run: each job's sbatch options (nothing is sent; the
     work dir shows as configured, ``RUN`` stands for the run id)."""
     from infra.backends.slurm.driver import check_all_slurm, check_scripts
-    target = check_all_slurm(pins, specs, rest, auto_place, cluster)
+    target = check_all_slurm(pins, specs, auto_place, cluster)
     scripts = check_scripts(target, specs)
     if c.json_out:
         c.emit_json({"dry_run": True, "target": target.name,

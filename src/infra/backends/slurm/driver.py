@@ -11,13 +11,14 @@ record the next ``watch`` finishes from, never submitting a job twice.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 from infra.backends.slurm.client import SlurmClient, Submitted, transport_reason
 from infra.backends.slurm.sbatch import Dependency, DependencyKind, JobScript, job_name, job_script
 from infra.config.model import Cluster, ExperimentSpec, NodeConfig, SlurmTarget
+from infra.config.specs import parse_pins, target_pins
 from infra.errors import DeployRefused, InfraError, UsageError
 from infra.placement.allocation import Allocation
 from infra.runner.deploy import deploy_all
@@ -29,53 +30,22 @@ SUBMIT_STATES = frozenset({InstancePhase.PLANNED, InstancePhase.DEPLOYING})
 """Instances whose job is not known to be submitted yet."""
 
 
-def _sweeps(specs: Iterable[ExperimentSpec]) -> dict[str, list[str]]:
-    """Sweep name -> its tasks' ids, in task order."""
-    out: dict[str, list[tuple[int, str]]] = {}
-    for s in specs:
-        if s.task_index is not None and s.template_id is not None:
-            out.setdefault(s.template_id, []).append((s.task_index, s.experiment_id))
-    return {k: [i for _, i in sorted(v)] for k, v in out.items()}
-
-
 def split_pins(text: str | None, cluster: Cluster,
-               specs: Sequence[ExperimentSpec]) -> tuple[dict[str, str], str | None]:
-    """``--placement`` split in two: {instance: Slurm target} for the items naming a Slurm
-    target (a sweep's name stands for all its tasks), and the rest of the text (bench pins,
-    for ``parse_pins``)."""
-    if not text or not cluster.slurm_targets:
-        return {}, text
-    targets = {t.name for t in cluster.slurm_targets}
-    by_id = {s.experiment_id for s in specs}
-    sweeps = _sweeps(specs)
-    pins: dict[str, str] = {}
-    rest: list[str] = []
-    for raw in text.split(","):
-        item = raw.strip()
-        instance, sep, where = (p.strip() for p in item.partition(":"))
-        if not sep or where not in targets:
-            if item:
-                rest.append(item)
-            continue
-        ids = sweeps.get(instance) or ([instance] if instance in by_id else [])
-        if not ids:
-            raise UsageError(f"--placement: unknown instance id {instance!r} for Slurm target "
-                             f"{where}; instances: {', '.join(sorted(by_id)[:10]) or 'none'}")
-        for iid in ids:
-            if pins.get(iid, where) != where:
-                raise UsageError(f"--placement: {iid} is pinned twice ({pins[iid]} and "
-                                 f"{where})")
-            pins[iid] = where
-    return pins, ",".join(rest) or None
+               specs: Sequence[ExperimentSpec]) -> tuple[dict[str, str], dict[str, str]]:
+    """``--placement`` (checked by ``parse_pins``: a sweep's name stands for all its tasks)
+    split in two: {instance: Slurm target} and {instance: bench node}."""
+    pins = parse_pins(text, cluster, specs)
+    on_slurm = target_pins(pins, cluster)
+    return on_slurm, {i: n for i, n in pins.items() if i not in on_slurm}
 
 
-def check_all_slurm(pins: dict[str, str], specs: Sequence[ExperimentSpec], rest: str | None,
+def check_all_slurm(pins: dict[str, str], specs: Sequence[ExperimentSpec],
                     auto_place: bool, cluster: Cluster) -> SlurmTarget:
     """The one target of an all-Slurm run, or refuse a run that mixes Slurm and bench."""
-    others = [s.experiment_id for s in specs if s.experiment_id not in pins]
-    if others or rest:
+    others = sorted(s.experiment_id for s in specs if s.experiment_id not in pins)
+    if others:
         on = sorted(pins)
-        off = others or [rest or ""]
+        off = others
         raise UsageError(
             f"a run is all-Slurm or all-bench: {_some(on)} pinned to Slurm target "
             f"{', '.join(sorted(set(pins.values())))}, but {_some(off)} "
@@ -158,18 +128,27 @@ def plan_jobs(specs: Sequence[ExperimentSpec]) -> list[PlannedJob]:
     return [jobs[k] for k in order]
 
 
-def check_scripts(target: SlurmTarget, specs: Sequence[ExperimentSpec]) -> list[JobScript]:
+def shown_work_dir(target: SlurmTarget) -> str:
+    """The target's work dir as a dry run shows it (``~`` as ``/HOME``: not asked)."""
+    path = target.remote_work_dir
+    if path.startswith("/"):
+        return path
+    return "/HOME" + (path[1:] if path.startswith("~/") else "/" + path.lstrip("~"))
+
+
+def check_scripts(target: SlurmTarget, specs: Sequence[ExperimentSpec],
+                  run_id: str = "RUN") -> list[JobScript]:
     """Build every job's script with stand-in ids (nothing is recorded or sent): a spec that
     cannot map to sbatch options is refused here, with one line, before the run exists."""
     jobs = plan_jobs(specs)
-    stand_in = {j.key: SlurmJobRecord("r-check", j.key, j.key, target.name, n,
+    stand_in = {j.key: SlurmJobRecord(run_id, j.key, j.key, target.name, n,
                                       j.instance_ids, str(n + 1), None, "")
                 for n, j in enumerate(jobs)}
     out = []
     for job in jobs:
         first = job.tasks[0]
         deps = [Dependency(kind, SlurmRun.dep_word(ref, stand_in)) for kind, ref in job.waits]
-        out.append(job_script(target, "r-check", job.tasks, work_dir="/check",
+        out.append(job_script(target, run_id, job.tasks, work_dir=shown_work_dir(target),
                               dependencies=tuple(deps), max_parallel=_throttle(first)))
     return out
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from infra.backends.slurm.client import LOG_FILES_PER_CALL, LogPiece, transport_reason
 from infra.backends.slurm.driver import SlurmRun
-from infra.backends.slurm.jobstate import JobState, SlurmState, phase_of, plain_words
+from infra.backends.slurm.jobstate import JobState, SlurmState, memory_killed, phase_of, plain_words
 from infra.backends.slurm.sbatch import output_path, results_dir
 from infra.config.model import JobType
 from infra.errors import InfraError, LeaseLostError, TransportError
@@ -42,8 +42,6 @@ SETTLED = frozenset({InstancePhase.EXITED, InstancePhase.FAILED, InstancePhase.S
                      InstancePhase.SKIPPED, InstancePhase.CANCELLED, InstancePhase.LOST})
 FETCHABLE = frozenset({InstancePhase.EXITED, InstancePhase.FAILED, InstancePhase.STOPPED})
 RESULT_ATTEMPTS = 3
-MEMORY_MARKS = ("Exceeded job memory limit", "Exceeded step memory limit", "oom-kill event")
-"""What slurmstepd writes into a job's output when it kills the job for its memory."""
 MEMORY_TAIL_BYTES = 16 * 1024
 Guard = Callable[[], bool]
 
@@ -320,10 +318,10 @@ class SlurmWatch(SlurmRun):
                 tail = fh.read().decode("utf-8", "replace")
         except OSError:
             return
-        if not any(mark in tail for mark in MEMORY_MARKS):
+        if not memory_killed(tail):
             return
         word = self._word(rec.instance_id) or "?"
-        why = f"Slurm job {word}: ran out of memory (killed past its --mem by Slurm)"
+        why = f"Slurm job {word}: ran out of memory (killed at its --mem limit)"
         self.s.store.update_instance(self.run_id, rec.instance_id, reason=why)
         self.s.event(self.run_id, "state", rec.instance_id, why)
 
