@@ -262,8 +262,10 @@ def test_failed_first_job_leaves_the_second_never_started(sproj: Path,
 
 def test_stop_cancels_the_job(sproj: Path, slurm_login: SlurmLogin) -> None:
     s = spec(sproj, "long", "sh task.sh 600 0")
-    proc = cli(sproj, "--config", str(s), "--placement", f"long:{TARGET}",
-               "--monitor-duration", "0", "--json", timeout=RUN_BOUND)
+    sweep = spec(sproj, "ls", "sh task.sh 600 0", sweep={"repeat": 3}, max_parallel=2)
+    proc = cli(sproj, "--config", str(s), "--config", str(sweep), "--placement",
+               f"long:{TARGET},ls:{TARGET}", "--monitor-duration", "0", "--json",
+               timeout=RUN_BOUND)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     run_id = json.loads(proc.stdout)["run_id"]
 
@@ -271,6 +273,12 @@ def test_stop_cancels_the_job(sproj: Path, slurm_login: SlurmLogin) -> None:
         return instances(status_json(sproj, run_id))["long"]["state"] == "running"
 
     wait_for(running, timeout=RUN_BOUND, interval=1.0)
+    # a sweep's name: its whole array, one scancel; the other job runs on
+    proc = cli(sproj, "stop", run_id, "ls", "--json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    recs = instances(json.loads(proc.stdout))
+    assert {recs[f"ls.{i:04d}"]["state"] for i in range(3)} == {"stopped"}, recs
+    assert recs["long"]["state"] == "running", recs
     follow = subprocess.Popen([sys.executable, "-m", "infra.cli.main", "logs", run_id, "long",
                                "-f"], cwd=sproj, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
@@ -284,9 +292,9 @@ def test_stop_cancels_the_job(sproj: Path, slurm_login: SlurmLogin) -> None:
     doc = json.loads(proc.stdout)
     assert instances(doc)["long"]["state"] == "stopped", doc
     assert doc["state"] == "stopped"
-    [job] = jobs_of(sproj, run_id)
-    shown = slurm_login.ssh(f"scontrol show -o job {job.job_id}").stdout
-    assert "JobState=CANCELLED" in shown, shown
+    for job in jobs_of(sproj, run_id):
+        shown = slurm_login.ssh(f"scontrol show -o job {job.job_id}").stdout
+        assert "JobState=CANCELLED" in shown and "JobState=RUNNING" not in shown, shown
 
 
 # --------------------------------------------------------------------------- memory

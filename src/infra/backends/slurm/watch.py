@@ -24,7 +24,7 @@ from infra.backends.slurm.driver import SlurmRun
 from infra.backends.slurm.jobstate import JobState, SlurmState, memory_killed, phase_of, plain_words
 from infra.backends.slurm.sbatch import output_path, results_dir
 from infra.config.model import JobType
-from infra.errors import InfraError, LeaseLostError, TransportError
+from infra.errors import InfraError, LeaseLostError, TransportError, UsageError
 from infra.monitor.loop import Monitor
 from infra.monitor.snapshot import NodeState, NodeView, RunSnapshot
 from infra.runner import results as res
@@ -382,10 +382,14 @@ class SlurmWatch(SlurmRun):
         """``scancel`` the run's jobs (one word per job or array), or one task; then record
         what Slurm says."""
         records = self.s.store.instances(self.run_id)
-        if instance_id is not None:
+        array = next((j for j in self.jobs() if j.key == instance_id and j.is_array), None)
+        if array is not None:  # a sweep's name: its whole array, one scancel
+            records = [r for r in records if r.instance_id in array.instance_ids]
+        elif instance_id is not None:
             records = [r for r in records if r.instance_id == instance_id]
             if not records:
-                raise InfraError(f"run {self.run_id} has no instance {instance_id!r}")
+                raise UsageError(f"run {self.run_id} has no instance or sweep "
+                                 f"{instance_id!r}")
         report = StopReport(already_over={r.instance_id: r.state.value
                                           for r in records if r.state.finished})
         live = [r for r in records if not r.state.finished]
@@ -397,7 +401,7 @@ class SlurmWatch(SlurmRun):
                                           reason="cancelled: stop requested before submit")
             report.cancelled.extend(unsubmitted)
         words: list[str] = []
-        if instance_id is None:
+        if instance_id is None or array is not None:
             words = [str(j.job_id) for j in self.jobs() if j.job_id and any(
                 r.instance_id in j.instance_ids for r in live)]
         elif live and instance_id not in unsubmitted:
