@@ -60,9 +60,10 @@ def ssh_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SSHFleet]:
 def slurm_cluster() -> Iterator[SlurmCluster]:
     """A real single-node Slurm (munged, slurmctld, slurmd) for the whole session.
 
-    Tests using it carry ``@pytest.mark.xdist_group("slurm")`` so that one xdist worker runs
-    them all against one cluster.  A daemon that does not come up fails the test with the
-    daemons' log tails; it is never a skip.
+    Tests using it carry ``@pytest.mark.xdist_group("slurm")`` so that, with ``--dist
+    loadgroup``, one xdist worker runs them all against one cluster (pytest 9.2 ignores the
+    grouping; each worker then starts its own cluster, in about half a second).  A daemon
+    that does not come up fails the test with the daemons' log tails; it is never a skip.
     """
     reason = slurm_unavailable_reason()
     if reason is not None:
