@@ -125,7 +125,17 @@ def test_validate_config_checks_a_target_key_file(tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     path = write(tmp_path, [BENCH, target(ssh_key_path=str(tmp_path / "missing"))])
     code, _, err = run_cli(capsys, "--cluster-config", str(path), "--validate-config")
-    assert_one_line_error(code, err, "slurm target hpc", "does not exist")
+    assert_one_line_error(code, err, "nodes[1].ssh_key_path: ", "does not exist",
+                          "(slurm target hpc)")
+
+
+def test_a_node_after_a_target_is_named_by_its_place_in_the_file(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    node = {"name": "n2", "host": "n2.lab.invalid", "ram_gb": 4,
+            "ssh_key_path": str(tmp_path / "nokey")}
+    path = write(tmp_path, [target(), node])
+    code, _, err = run_cli(capsys, "--cluster-config", str(path), "--validate-config")
+    assert_one_line_error(code, err, "nodes[1].ssh_key_path: ", "(node n2)")
 
 
 # --------------------------------------------------------------------------- durations, signals

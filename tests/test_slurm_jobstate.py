@@ -137,6 +137,9 @@ WORDS = [
      "killed by signal 9", InstancePhase.FAILED),
     ({"JobState": "FAILED", "Reason": "launch failed requeued held", "ExitCode": "0:0"},
      "failed (launch failed requeued held)", InstancePhase.FAILED),
+    ({"JobState": "FAILED", "Reason": "JobLaunchFailure", "ExitCode": "0:53"},
+     "failed to launch: Slurm could not start it on its node (a missing work dir or output "
+     "directory?)", InstancePhase.FAILED),
     ({"JobState": "TIMEOUT", "Reason": "TimeLimit", "ExitCode": "0:15"},
      "hit its time limit (00:01:00)", InstancePhase.FAILED),
     ({"JobState": "OUT_OF_MEMORY", "Reason": "OutOfMemory", "ExitCode": "0:125"},

@@ -35,18 +35,19 @@ def key_file_problem(path: Path) -> str | None:
 
 
 def check_key_files(cluster: Cluster) -> None:
-    """Raise ``ConfigError`` for the first enabled SSH node whose ``ssh_key_path`` is unusable."""
-    for index, node in enumerate(cluster.nodes):
+    """Raise ``ConfigError`` for the first enabled SSH node or Slurm target whose
+    ``ssh_key_path`` is unusable."""
+    for node in cluster.nodes:
         if not node.enabled or node.is_local or not node.ssh_key_path:
             continue
         problem = key_file_problem(Path(node.ssh_key_path).expanduser())
         if problem is not None:
-            raise ConfigError(str(cluster.path), f"nodes[{index}].ssh_key_path",
+            raise ConfigError(str(cluster.path), f"{cluster.entry_key(node.name)}.ssh_key_path",
                               f"{problem} (node {node.name})")
     for target in cluster.slurm_targets:
         if not target.enabled or not target.ssh_key_path:
             continue
         problem = key_file_problem(Path(target.ssh_key_path).expanduser())
         if problem is not None:
-            raise ConfigError(str(cluster.path), "nodes", f"ssh_key_path of slurm target "
-                              f"{target.name}: {problem}")
+            raise ConfigError(str(cluster.path), f"{cluster.entry_key(target.name)}.ssh_key_path",
+                              f"{problem} (slurm target {target.name})")

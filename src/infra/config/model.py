@@ -489,6 +489,15 @@ class Cluster:
     campaigns: CampaignsSection = CampaignsSection()
     telemetry: TelemetrySection = TelemetrySection()
     slurm_targets: tuple[SlurmTarget, ...] = ()  # never in ``nodes``
+    entry_names: tuple[str, ...] = field(default=(), compare=False)
+    """Names of the ``nodes:`` entries in file order (nodes and targets): ``nodes[i]`` in
+    messages."""
+
+    def entry_key(self, name: str) -> str:
+        """``nodes[i]``: where the node or target ``name`` is in the file."""
+        if name in self.entry_names:
+            return f"nodes[{self.entry_names.index(name)}]"
+        return f"nodes[{name}]"
 
     def node(self, name: str) -> NodeConfig:
         for node in self.nodes:

@@ -112,7 +112,8 @@ def parse_cluster(data: Any, path: Path) -> Cluster:
     return Cluster(path=path.resolve(), nodes=nodes, cluster=cluster, network=network,
                    defaults=defaults, health_check=health, failover=failover,
                    logging=logging, placement=placement, deploy=deploy, campaigns=campaigns,
-                   telemetry=telemetry, slurm_targets=targets)
+                   telemetry=telemetry, slurm_targets=targets,
+                   entry_names=_entry_names(top.raw("nodes")))
 
 
 def _cluster_section(s: Section) -> ClusterSection:
@@ -149,6 +150,11 @@ def _nodes(top: Section, base_dir: Path) -> tuple[tuple[NodeConfig, ...],
                               f"{entry.name!r} (also nodes[{seen[entry.name]}])")
         seen[entry.name] = i
     return tuple(nodes), tuple(targets)
+
+
+def _entry_names(raw: list[Any]) -> tuple[str, ...]:
+    """The ``nodes:`` entries' names in file order (already validated)."""
+    return tuple(str(item["name"]) for item in raw)
 
 
 def _work_dir(s: Section, host: str, base_dir: Path) -> str:

@@ -318,7 +318,14 @@ def _waiting(state: JobState) -> str:
     return f"waiting ({reason})" if reason else "waiting in the Slurm queue"
 
 
+_KILL_SIGNALS = frozenset({6, 9, 15})
+
+
 def _failed(state: JobState) -> str:
+    if state.reason == "JobLaunchFailure" and state.signal not in _KILL_SIGNALS:
+        # e.g. ExitCode=0:53: slurmd could not start the batch script at all
+        return ("failed to launch: Slurm could not start it on its node (a missing work "
+                "dir or output directory?)")
     if state.signal:
         return f"killed by signal {state.signal}"
     if state.exit_code:

@@ -247,8 +247,11 @@ def job_script(target: SlurmTarget, run_id: str, tasks: Sequence[ExperimentSpec]
                max_parallel: int | None = None) -> JobScript:
     """One spec -> one job; a sweep's tasks (in task order) -> one array ``0-(N-1)%P``.
 
-    ``work_dir`` is the target's work dir as an absolute path on the cluster. Raises
-    ``SlurmMappingError`` (one line) for what cannot map; nothing is submitted here.
+    ``work_dir`` is the target's work dir as an absolute path on the cluster. The caller
+    creates ``slurm_dir(work_dir, run_id)`` before sbatch: Slurm creates no directory for
+    ``--output``, and without it the job fails at launch (FAILED, ``JobLaunchFailure``,
+    ``ExitCode=0:53``). Raises ``SlurmMappingError`` (one line) for what cannot map;
+    nothing is submitted here.
     """
     if not tasks:
         raise ValueError("job_script needs at least one task")
