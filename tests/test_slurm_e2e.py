@@ -174,6 +174,13 @@ def test_plain_experiment_end_to_end(sproj: Path, slurm_login: SlurmLogin) -> No
     assert proc.returncode == 0, proc.stdout + proc.stderr
     st = status_json(sproj, run_id)
     assert st["state"] == "finished" and instances(st)["plain"]["state"] == "exited", st
+    for words in (("show", run_id), ("runs",), ("report", run_id)):  # local records
+        proc = cli(sproj, *words)
+        assert proc.returncode == 0 and run_id in proc.stdout, proc.stdout + proc.stderr
+    proc = cli(sproj, "rerun", run_id, "--failed")
+    assert proc.returncode == 2 and "is a Slurm run" in proc.stderr, proc.stderr
+    proc = cli(sproj, "prune", "--older-than", "0", "--json")
+    assert proc.returncode == 0 and "a Slurm run" in proc.stdout, proc.stdout + proc.stderr
 
 
 def test_mixed_run_is_refused_and_submits_nothing(sproj: Path,

@@ -455,6 +455,11 @@ def do_rerun(c: Ctx, run_id: str | None, duration: float | None) -> None:
     cluster = c.cluster
     store = open_store(cluster)
     run = store.resolve_run(run_id)
+    if run.on_slurm:
+        store.close()
+        raise UsageError(f"rerun: {run.run_id} is a Slurm run; its failed tasks are requeued "
+                         "by their restart rules (`watch` applies them): submit the specs "
+                         "again for a new run")
     other = store.acquire_lease(run.run_id, coordinator_id(), 120.0)
     store.close()
     if other is not None:
