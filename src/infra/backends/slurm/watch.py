@@ -110,8 +110,8 @@ class SlurmWatch(SlurmRun):
             states = found.get(str(job.job_id))
             if states is None:
                 states = [s for s in (old or []) if s.job_id == job.job_id]
-            if not states and old is None:
-                self._forgotten(job, records)
+            if not states:
+                self._forgotten(job, records, accounting=old is not None)
                 continue
             for state in states:
                 iid = self._task_of(job, state)
@@ -120,13 +120,16 @@ class SlurmWatch(SlurmRun):
         self._settle()
         return None
 
-    def _forgotten(self, job: SlurmJobRecord, records: dict[str, InstanceRecord]) -> None:
-        """Slurm forgot the job (and keeps no accounting): its end is unknown."""
+    def _forgotten(self, job: SlurmJobRecord, records: dict[str, InstanceRecord], *,
+                   accounting: bool) -> None:
+        """Slurm forgot the job (scontrol no longer knows it, sacct has nothing or is off):
+        its end is unknown."""
         for iid in job.instance_ids:
             rec = records.get(iid)
             if rec is not None and rec.state not in SETTLED:
-                why = (f"Slurm job {job.job_id} is no longer known to scontrol and Slurm "
-                       "accounting is off: its end state is unknown")
+                why = (f"Slurm job {job.job_id} is no longer known to scontrol and "
+                       + ("sacct has no record of it" if accounting else
+                          "Slurm accounting is off") + ": its end state is unknown")
                 self.s.store.update_instance(self.run_id, iid, state=InstancePhase.LOST,
                                              reason=why)
                 self.s.event(self.run_id, "state", iid, f"lost: {why}")
@@ -454,14 +457,13 @@ class SlurmMonitor(Monitor):
         exc = await self.slurm.refresh()
         if exc is None:
             self.last_seen[self.slurm.target.name] = time.time()
-        if acting and await self.hold_lease():
+        if acting and await self.hold_lease():  # what it changes it records itself
             try:
                 await self.slurm.act(self.holding)
             except LeaseLostError:
                 pass
             except TransportError as err:
                 exc = err
-            await self.slurm.refresh()
         if exc is not None:
             self.s.emit("slurm", self.slurm.target.name, f"unreachable: {exc.one_line()}")
             return {self.slurm.target.name: transport_reason(exc)}
