@@ -224,12 +224,20 @@ def test_a_pin_may_name_a_target_but_the_planner_never_sees_it() -> None:
         parse_pins("e1:ghost", CLUSTER, specs)
 
 
-def test_a_bench_run_pinned_to_a_target_is_refused_in_one_line(
+def test_a_dry_run_pinned_to_a_target_shows_its_sbatch_options(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """(The driver's dispatch: a pinned dry run lists each job's sbatch words, sends nothing;
+    a run mixing a target and bench work is refused in one line naming the ids.)"""
     path = write(tmp_path, [BENCH, target()])
     sp = tmp_path / "e1.json"
     sp.write_text(json.dumps({"command": "true"}))
+    code, out, err = run_cli(capsys, "--cluster-config", str(path), "--config", str(sp),
+                             "--placement", "e1:hpc", "--dry-run")
+    assert code == 0 and "Traceback" not in err, err
+    assert "e1 -> hpc: sbatch " in out and "--job-name=infra.RUN.e1" in out, out
+    sp2 = tmp_path / "e2.json"
+    sp2.write_text(json.dumps({"command": "true"}))
     code, _, err = run_cli(capsys, "--cluster-config", str(path), "--config", str(sp),
-                           "--placement", "e1:hpc", "--dry-run")
-    assert "Traceback" not in err and code != 0
-    assert "Slurm target" in err
+                           "--config", str(sp2), "--placement", "e1:hpc", "--dry-run")
+    assert code != 0 and "Traceback" not in err
+    assert "all-Slurm or all-bench" in err and "e1" in err and "e2" in err, err

@@ -187,11 +187,15 @@ async def _watch(c: Ctx, session: RunSession, run_id: str, duration: float | Non
     """Run the monitor with the live dashboard (or plain lines when not a terminal)."""
     from infra.dashboard import Dashboard
 
+    monitor: type[Monitor] = Monitor
+    if session.store.run(run_id).on_slurm:
+        from infra.backends.slurm.watch import SlurmMonitor
+        monitor = SlurmMonitor
     if c.json_out:
-        outcome = await Monitor(session, run_id, saved=saved).run(duration)
+        outcome = await monitor(session, run_id, saved=saved).run(duration)
     else:
         with Dashboard(c.console) as dash:
-            outcome = await Monitor(session, run_id, saved=saved,
+            outcome = await monitor(session, run_id, saved=saved,
                                     on_snapshot=dash.update).run(duration)
     if outcome.finished and outcome.lease_holder is None:  # the acting watcher saw it end
         from infra.runner.manifest import record_end
@@ -203,11 +207,17 @@ def do_run(c: Ctx, cluster: Cluster, specs: tuple[ExperimentSpec, ...], *,
            placement: str | None, auto_place: bool, force: bool, explain: bool,
            monitor_duration: float | None, accept_new: bool,
            tags: tuple[str, ...] = ()) -> None:
+    from infra.backends.slurm.driver import split_pins
     from infra.cli.main import make_plan, plan_failure
     from infra.runner.manifest import record_manifest
 
     cluster = with_accept_new(cluster, accept_new)
     _ = cluster.deploy_source  # a bad deploy source fails here, before any node is touched
+    on_slurm, _ = split_pins(placement, cluster, specs)
+    if on_slurm:
+        do_slurm_run(c, cluster, specs, on_slurm, auto_place=auto_place,
+                     monitor_duration=monitor_duration, tags=tags)
+        return
     store = Store.for_log_dir(cluster.log_dir)
     saved = SavedState(cluster.log_dir)
     holder: dict[str, str] = {}
@@ -288,6 +298,62 @@ def do_run(c: Ctx, cluster: Cluster, specs: tuple[ExperimentSpec, ...], *,
         report_new_host_keys(c)
     run_id = holder["run"]
     _report(c, cluster, store, run_id, finished)
+
+
+def do_slurm_run(c: Ctx, cluster: Cluster, specs: tuple[ExperimentSpec, ...],
+                 pins: dict[str, str], *, auto_place: bool,
+                 monitor_duration: float | None, tags: tuple[str, ...]) -> None:
+    """An all-Slurm run: record it and its jobs' intents, deploy to the target's work dir,
+    submit each job once (``infra.backends.slurm``), then watch it like any run."""
+    from infra.backends.slurm.driver import check_all_slurm, check_scripts, record_slurm_run
+    from infra.backends.slurm.watch import SlurmWatch
+    from infra.runner.manifest import record_manifest
+
+    target = check_all_slurm(pins, specs, auto_place, cluster)
+    check_scripts(target, specs)  # what cannot map to sbatch is refused before any record
+    store = Store.for_log_dir(cluster.log_dir)
+    saved = SavedState(cluster.log_dir)
+    holder: dict[str, str] = {}
+
+    async def go() -> bool:
+        async with ConnectionPool(cluster) as pool:
+            session = RunSession(cluster, store, pool, emit=_printer(c, saved),
+                                 confirm_deletes=c.yes)
+            run_id = record_slurm_run(session, target, specs)
+            holder["run"] = run_id
+            await record_manifest(session, run_id, specs=specs, tags=tags, facts={})
+            store.acquire_lease(run_id, coordinator_id(), 120.0)
+            session.emit("run", run_id, f"run {run_id}: {len(specs)} instance(s) on Slurm "
+                                        f"target {target.name}")
+            await SlurmWatch(session, run_id).launch()
+            holder["launched"] = run_id
+            if session.refusals:
+                store.release_lease(run_id, coordinator_id())
+                raise refused_error(f"run {run_id} not submitted: deploy refused",
+                                    session.refusals, cluster.deploy.max_deletes)
+            if monitor_duration is not None and monitor_duration <= 0:
+                store.release_lease(run_id, coordinator_id())
+                return False
+            session.emit = _printer(c, saved, quiet=not c.json_out)
+            outcome = await _watch(c, session, run_id, monitor_duration, saved)
+            return outcome.finished
+
+    try:
+        finished = run_async(go)
+    except KeyboardInterrupt:
+        finished = False
+        if "run" not in holder:
+            raise
+        if "launched" not in holder:
+            raise Interrupted(f"submission of {holder['run']} interrupted: "
+                              f"`cluster-experiment watch {holder['run']}` finishes it (a job "
+                              "already submitted is found again, never submitted twice), "
+                              f"`cluster-experiment stop {holder['run']}` gives it up") from None
+        c.err.print("detached (Ctrl-C): the Slurm jobs keep running")
+    finally:
+        saved.close()
+        report_new_host_keys(c)
+    _report(c, cluster, store, holder["run"], finished)
 
 
 def queued_work(cluster: Cluster, specs: tuple[ExperimentSpec, ...], placement: str | None,
@@ -389,6 +455,11 @@ def do_rerun(c: Ctx, run_id: str | None, duration: float | None) -> None:
     cluster = c.cluster
     store = open_store(cluster)
     run = store.resolve_run(run_id)
+    if run.on_slurm:
+        store.close()
+        raise UsageError(f"rerun: {run.run_id} is a Slurm run; its failed tasks are requeued "
+                         "by their restart rules (`watch` applies them): submit the specs "
+                         "again for a new run")
     other = store.acquire_lease(run.run_id, coordinator_id(), 120.0)
     store.close()
     if other is not None:
@@ -458,9 +529,14 @@ def do_status(c: Ctx, run_id: str | None, refresh: bool) -> None:
     if refresh:
         async def go() -> dict[str, InfraError]:
             async with ConnectionPool(cluster) as pool:
+                session = RunSession(cluster, store, pool)
+                if run.on_slurm:  # Slurm's answer (scontrol per job), recorded; no action
+                    from infra.backends.slurm.watch import SlurmWatch
+                    watch = SlurmWatch(session, run.run_id)
+                    exc = await watch.refresh()
+                    return {} if exc is None else {watch.target.name: exc}
                 # a reader: records what the nodes say, acts on nothing (no lease)
-                return await RunSession(cluster, store, pool).sweep(run.run_id,
-                                                                    stop_stale=False)
+                return await session.sweep(run.run_id, stop_stale=False)
         errors = run_async(go)
         run = store.run(run.run_id)
     records = store.instances(run.run_id)
@@ -543,6 +619,10 @@ def do_logs(c: Ctx, first: str, second: str | None, follow: bool) -> None:
     async def go() -> None:
         async with ConnectionPool(cluster) as pool:
             session = RunSession(cluster, store, pool, emit=_printer(c))
+            if run.on_slurm:
+                from infra.backends.slurm.watch import show_slurm_log
+                await show_slurm_log(session, run.run_id, instance_id, out, follow=follow)
+                return
             await show_log(session, run.run_id, instance_id, out, follow=follow)
 
     try:
@@ -564,6 +644,9 @@ def do_stop(c: Ctx, run_id: str, instance_id: str | None, grace: float) -> None:
     async def go() -> StopReport:
         async with ConnectionPool(cluster) as pool:
             session = RunSession(cluster, store, pool, emit=_printer(c))
+            if run.on_slurm:  # scancel: one call for the run's jobs, or ID_i for one task
+                from infra.backends.slurm.watch import SlurmWatch
+                return await SlurmWatch(session, run.run_id).stop(instance_id)
             pool_errors: dict[str, InfraError] = {}
             if instance_id is None and store.pools(run.run_id):
                 # pools first: they drop their queues, stop their tasks and run cleanup
@@ -641,6 +724,8 @@ async def _fetch_all(c: Ctx, store: Store, run_id: str) -> dict[str, ResultsFetc
     out: dict[str, ResultsFetch | InfraError] = {}
     async with ConnectionPool(cluster) as pool:
         session = RunSession(cluster, store, pool, emit=_printer(c))
+        if store.run(run_id).on_slurm:
+            return await _fetch_slurm(session, run_id)
         for rec in store.instances(run_id):
             if not rec.node or rec.state in NEVER_STARTED:
                 continue
@@ -652,6 +737,24 @@ async def _fetch_all(c: Ctx, store: Store, run_id: str) -> dict[str, ResultsFetc
                 out[rec.instance_id] = await session.fetch_results(run_id, rec)
             except InfraError as exc:
                 out[rec.instance_id] = exc
+    return out
+
+
+async def _fetch_slurm(session: RunSession, run_id: str) -> dict[str, ResultsFetch | InfraError]:
+    """Fetch the results of every task of a Slurm run that ran."""
+    from infra.backends.slurm.watch import SlurmWatch
+    out: dict[str, ResultsFetch | InfraError] = {}
+    try:
+        watch = SlurmWatch(session, run_id)
+    except InfraError as exc:
+        return {r.instance_id: exc for r in session.store.instances(run_id)}
+    for rec in session.store.instances(run_id):
+        if rec.started_at is None or rec.state in NEVER_STARTED:
+            continue
+        try:
+            out[rec.instance_id] = await watch.fetch_results(rec)
+        except InfraError as exc:
+            out[rec.instance_id] = exc
     return out
 
 

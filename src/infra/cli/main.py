@@ -258,9 +258,11 @@ def cli(ctx: click.Context, cluster_config: str | None, validate_config: bool,
         from infra.config.model import Strategy
         cluster = c._cluster = cluster.with_strategy(Strategy(strategy))
     specs = load_specs(cluster, configs) if configs else ()
+    on_slurm: dict[str, str] = {}
     if placement:
         from infra.config import parse_pins  # the spec parser: only with --config/--placement
-        parse_pins(placement, cluster, specs)
+        from infra.config.specs import target_pins
+        on_slurm = target_pins(parse_pins(placement, cluster, specs), cluster)
 
     if validate_config:
         do_validate(c, cluster, specs)
@@ -274,6 +276,9 @@ def cli(ctx: click.Context, cluster_config: str | None, validate_config: bool,
         do_deploy_all(c, cluster, dry_run=dry_run, delete=delete,
                       accept_new=accept_new_host_keys, specs=specs)
     if specs and not validate_config:
+        if dry_run and on_slurm:
+            show_slurm_plan(c, cluster, specs, on_slurm, auto_place)
+            return
         if dry_run:
             from infra.cli.actions import queued_work
             from infra.runner.campaign import first_wave, never_fits
@@ -299,6 +304,23 @@ def cli(ctx: click.Context, cluster_config: str | None, validate_config: bool,
         do_run(c, cluster, specs, placement=placement, auto_place=auto_place, force=force,
                explain=explain, monitor_duration=monitor_duration,
                accept_new=accept_new_host_keys, tags=tags)
+
+
+def show_slurm_plan(c: Ctx, cluster: Cluster, specs: tuple[ExperimentSpec, ...],
+                    pins: dict[str, str], auto_place: bool) -> None:
+    """``--dry-run`` of an all-Slurm run: each job's sbatch options (nothing is sent; the
+    work dir shows as configured, ``RUN`` stands for the run id)."""
+    from infra.backends.slurm.driver import check_all_slurm, check_scripts
+    target = check_all_slurm(pins, specs, auto_place, cluster)
+    scripts = check_scripts(target, specs)
+    if c.json_out:
+        c.emit_json({"dry_run": True, "target": target.name,
+                     "jobs": [{"key": s.key, "instances": list(s.instance_ids),
+                               "options": list(s.options)} for s in scripts]})
+        return
+    for script in scripts:
+        click.echo(f"{script.key} -> {target.name}: sbatch {' '.join(script.options)}")
+    click.echo("dry run: nothing was deployed or submitted")
 
 
 TAG_MAX_CHARS = 64

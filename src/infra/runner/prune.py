@@ -117,6 +117,10 @@ def select(store: Store, cutoff: float, known_nodes: Iterable[str]
         except InfraError as exc:
             skipped.append(Skipped(run.run_id, exc.one_line()))
             continue
+        if run.on_slurm:  # its files are in the Slurm target's work dir: not this tool's
+            skipped.append(Skipped(run.run_id, "a Slurm run: prune leaves it (its files on "
+                                   "the cluster are not removed by this version)"))
+            continue
         active = [r.instance_id for r in records if not r.state.finished]
         if active:
             skipped.append(Skipped(run.run_id, f"{', '.join(active)} not over in the store "

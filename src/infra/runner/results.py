@@ -226,6 +226,12 @@ async def fetch_results(session: RunSession, rec: InstanceRecord, patterns: list
     return outcome
 
 
+def record_fetch(session: RunSession, rec: InstanceRecord, outcome: ResultsFetch, *,
+                 final: bool, declared: bool) -> None:
+    """Record a fetch's outcome on the instance (a Slurm task's fetch too)."""
+    _record(session, rec, outcome, final=final, declared=declared)
+
+
 def _record(session: RunSession, rec: InstanceRecord, outcome: ResultsFetch, *, final: bool,
             declared: bool) -> None:
     """Store what did not come on the instance, and say it: one event each, bounded."""

@@ -105,6 +105,19 @@ CREATE TABLE IF NOT EXISTS pools (
     updated_at REAL NOT NULL,
     PRIMARY KEY (run_id, campaign, node)
 );
+CREATE TABLE IF NOT EXISTS slurm_jobs (
+    run_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    name TEXT NOT NULL,
+    target TEXT NOT NULL,
+    seq INTEGER NOT NULL DEFAULT 0,
+    instance_ids TEXT NOT NULL DEFAULT '[]',
+    job_id TEXT,
+    submitted_at REAL,
+    how TEXT NOT NULL DEFAULT '',
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (run_id, key)
+);
 """
 
 
@@ -116,6 +129,7 @@ ADDED_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
     "runs": (
         ("pruned_at", "REAL"),  # when `prune` removed its directories (rows are kept)
         ("manifest_json", "TEXT"),  # the run's manifest (infra.manifest); NULL before issue 11
+        ("backend", "TEXT NOT NULL DEFAULT 'bench'"),  # 'bench' or 'slurm' (issue 13)
     ),
     "instances": (
         ("moves", "INTEGER NOT NULL DEFAULT 0"),
@@ -212,6 +226,32 @@ class FailureClass(str, enum.Enum):
             return None
 
 
+BENCH = "bench"
+SLURM = "slurm"
+"""A run's backend (``runs.backend``): its instances' ``node`` names a Slurm target."""
+
+
+@dataclass(frozen=True)
+class SlurmJobRecord:
+    """One Slurm job of a run (a plain job, or a sweep's array), recorded before it is
+    submitted (``job_id`` None: the intent) and given its id once sbatch (or the lookup on
+    the login host) answered; ``instance_ids[i]`` is array task ``i`` (or the one job)."""
+
+    run_id: str
+    key: str
+    name: str
+    target: str
+    seq: int
+    instance_ids: tuple[str, ...]
+    job_id: str | None
+    submitted_at: float | None
+    how: str  # "submitted", "found by marker", "found by name"
+
+    @property
+    def is_array(self) -> bool:
+        return len(self.instance_ids) > 1 or self.key not in self.instance_ids
+
+
 @dataclass(frozen=True)
 class RunRecord:
     run_id: str
@@ -223,6 +263,12 @@ class RunRecord:
     pruned_at: float | None = None  # its directories were removed by `prune` then
     manifest: Manifest | None = None  # None: recorded before manifests, or unreadable
     manifest_error: str | None = None  # why a stored manifest could not be read
+    backend: str = BENCH  # where its work runs: BENCH nodes or a SLURM target
+
+    @property
+    def on_slurm(self) -> bool:
+        """Its work was submitted to a Slurm target (``infra.backends.slurm``)."""
+        return self.backend == SLURM
 
     @functools.cached_property
     def plan(self) -> dict[str, Any]:
@@ -506,20 +552,27 @@ class Store:
 
     def create_run(self, run_id: str, cluster_config: str, plan: dict[str, Any],
                    instances: list[tuple[str, str, ExperimentSpec, Allocation | None]],
-                   queued: Sequence[ExperimentSpec] = ()) -> None:
+                   queued: Sequence[ExperimentSpec] = (), *, backend: str = BENCH,
+                   slurm_jobs: Sequence[tuple[str, str, str, Sequence[str]]] = ()) -> None:
         """Record a run and its planned instances (id, node, spec, allocation) in one go;
-        ``queued`` work (campaign tasks) is recorded QUEUED, on no node yet."""
+        ``queued`` work (campaign tasks) is recorded QUEUED, on no node yet. A Slurm run
+        (``backend`` SLURM) also records the intent of each job (key, name, target,
+        instance ids) in submission order, before anything is submitted."""
         now = time.time()
         with self.tx() as db:
             db.execute("INSERT INTO runs(run_id, created_at, cluster_config, state, plan_json,"
-                       " coordinator) VALUES (?,?,?,?,?,?)",
+                       " coordinator, backend) VALUES (?,?,?,?,?,?,?)",
                        (run_id, now, cluster_config, RunState.PLANNED.value,
-                        "{}", coordinator_id()))
+                        "{}", coordinator_id(), backend))
             # the plan in a table of its own: in the runs row its megabytes (every node's
             # evaluation of every instance) would be read past for the lease columns, and
             # copied again by each lease renewal (SQLite rewrites a changed row whole)
             db.execute("INSERT INTO run_plans(run_id, plan_json) VALUES (?,?)",
                        (run_id, json.dumps(plan)))
+            db.executemany("INSERT INTO slurm_jobs(run_id, key, name, target, seq, "
+                           "instance_ids, updated_at) VALUES (?,?,?,?,?,?,?)",
+                           [(run_id, key, name, target, seq, json.dumps(list(ids)), now)
+                            for seq, (key, name, target, ids) in enumerate(slurm_jobs)])
             for instance_id, node, spec, alloc in instances:
                 db.execute("INSERT INTO instances(run_id, instance_id, node, state, spec_json,"
                            " allocation_json, updated_at) VALUES (?,?,?,?,?,?,?)",
@@ -589,7 +642,7 @@ class Store:
                          functools.partial(self._plan_text, run_id),
                          coordinator=row["coordinator"],
                          pruned_at=row["pruned_at"], manifest=manifest,
-                         manifest_error=manifest_error)
+                         manifest_error=manifest_error, backend=row["backend"] or BENCH)
 
     def _plan_text(self, run_id: str) -> str:
         """A run's stored plan as JSON text (``{}`` when none was kept)."""
@@ -741,9 +794,29 @@ class Store:
         phases = [p.value for p in InstancePhase if p.active]
         rows = self.db.execute(
             f"SELECT * FROM instances WHERE state IN ({','.join('?' * len(phases))}) "
-            "AND run_id != ? ORDER BY run_id, instance_id",
-            (*phases, exclude_run or "")).fetchall()
+            "AND run_id != ? AND run_id NOT IN (SELECT run_id FROM runs WHERE backend=?) "
+            "ORDER BY run_id, instance_id",
+            (*phases, exclude_run or "", SLURM)).fetchall()
         return [self._instance(r) for r in rows]
+
+    # ------------------------------------------------------------------ slurm jobs
+
+    def slurm_jobs(self, run_id: str) -> list[SlurmJobRecord]:
+        """A Slurm run's jobs in submission (dependency) order."""
+        rows = self.db.execute("SELECT * FROM slurm_jobs WHERE run_id=? ORDER BY seq",
+                               (run_id,)).fetchall()
+        return [SlurmJobRecord(run_id=r["run_id"], key=r["key"], name=r["name"],
+                               target=r["target"], seq=r["seq"],
+                               instance_ids=tuple(json.loads(r["instance_ids"])),
+                               job_id=r["job_id"], submitted_at=r["submitted_at"],
+                               how=r["how"]) for r in rows]
+
+    def set_slurm_job_id(self, run_id: str, key: str, job_id: str, how: str) -> None:
+        """Record the Slurm job id of one job (what the login host answered)."""
+        now = time.time()
+        self.db.execute("UPDATE slurm_jobs SET job_id=?, submitted_at=COALESCE(submitted_at, ?),"
+                        " how=?, updated_at=? WHERE run_id=? AND key=?",
+                        (job_id, now, how, now, run_id, key))
 
     # ------------------------------------------------------------------ pools
 
