@@ -143,7 +143,7 @@ def memory_enforcement() -> str:
 
 
 def short_hostname() -> str:
-    """This machine's short host name: the NodeName slurmd looks for in slurm.conf."""
+    """This machine's short host name: SlurmctldHost and the node's NodeHostname."""
     return socket.gethostname().split(".", 1)[0]
 
 
@@ -285,6 +285,7 @@ class SlurmCluster:
             "AccountingStorageType=accounting_storage/none",
             "JobCompType=jobcomp/none",
             "MpiDefault=none",
+            "MailProg=/bin/true",
             "ReturnToService=2",
             "MinJobAge=3600",  # finished jobs stay visible in `scontrol show job` for an hour
             "KillWait=2",
@@ -504,10 +505,16 @@ class SlurmCluster:
         (workdir / OWNER_FILE).write_text(_owner_tag())
         cluster = cls(workdir=workdir, name=name, node=f"{name}n1", memory=mode)
         try:
-            cluster._prepare()
-            cluster._start_munged()
-            cluster._start_slurm()
-            cluster._wait_idle()
+            try:
+                cluster._prepare()
+                cluster._start_munged()
+                cluster._start_slurm()
+                cluster._wait_idle()
+            except SlurmClusterError as exc:
+                if mode == CGROUP:
+                    raise SlurmClusterError(f"{exc}\n(cgroup mode; {MEMORY_ENV}={JOBACCT} "
+                                            "runs without cgroups)") from exc
+                raise
             yield cluster
         finally:
             try:
