@@ -43,6 +43,17 @@ def own_claims_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
         os.environ["INFRA_CLAIMS_DIR"] = before
 
 
+@pytest.fixture(autouse=True)
+def keep_umask() -> Iterator[None]:
+    """Each test gets the session's umask back: the CLI's ``main()`` sets 077 for the
+    process, and a test that calls it in-process must not make files that a later fixture
+    writes (a Slurm config read by the fleet users) private."""
+    before = os.umask(0o022)
+    os.umask(before)
+    yield
+    os.umask(before)
+
+
 @pytest.fixture(scope="session")
 def ssh_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SSHFleet]:
     """Three real sshd hosts on 127.0.0.21-23, one Unix user each, for the whole session.

@@ -504,12 +504,16 @@ class SlurmCluster:
         workdir = Path(tempfile.mkdtemp(prefix=WORKDIR_PREFIX, dir="/tmp"))
         (workdir / OWNER_FILE).write_text(_owner_tag())
         cluster = cls(workdir=workdir, name=name, node=f"{name}n1", memory=mode)
+        # files and daemons readable by the fleet users whatever umask the process has
+        # (the CLI's main() sets 077 when a test ran it in-process)
+        umask = os.umask(0o022)
         try:
             try:
                 cluster._prepare()
                 cluster._start_munged()
                 cluster._start_slurm()
                 cluster._wait_idle()
+                os.umask(umask)
             except SlurmClusterError as exc:
                 if mode == CGROUP:
                     raise SlurmClusterError(f"{exc}\n(cgroup mode; {MEMORY_ENV}={JOBACCT} "
@@ -517,6 +521,7 @@ class SlurmCluster:
                 raise
             yield cluster
         finally:
+            os.umask(umask)
             try:
                 cluster.stop()
             finally:
