@@ -203,6 +203,23 @@ async def _watch(c: Ctx, session: RunSession, run_id: str, duration: float | Non
     return outcome
 
 
+async def _after_launch(c: Ctx, session: RunSession, run_id: str, done: str,
+                        monitor_duration: float | None, saved: SavedState) -> bool:
+    """What follows a launch (bench or Slurm): a refused deploy fails the command, a zero
+    ``--monitor-duration`` detaches, anything else watches; True when the watch saw the end."""
+    store = session.store
+    if session.refusals:
+        store.release_lease(run_id, coordinator_id())
+        raise refused_error(f"run {run_id} not {done}: deploy refused",
+                            session.refusals, session.cluster.deploy.max_deletes)
+    if monitor_duration is not None and monitor_duration <= 0:
+        store.release_lease(run_id, coordinator_id())
+        return False
+    session.emit = _printer(c, saved, quiet=not c.json_out)
+    outcome = await _watch(c, session, run_id, monitor_duration, saved)
+    return outcome.finished
+
+
 def do_run(c: Ctx, cluster: Cluster, specs: tuple[ExperimentSpec, ...], *,
            placement: str | None, auto_place: bool, force: bool, explain: bool,
            monitor_duration: float | None, accept_new: bool,
@@ -273,16 +290,7 @@ def do_run(c: Ctx, cluster: Cluster, specs: tuple[ExperimentSpec, ...], *,
                                   down={n for n, h in health.items() if not h.reachable},
                                   fence_seconds=None)
             holder["launched"] = run_id
-            if session.refusals:
-                store.release_lease(run_id, coordinator_id())
-                raise refused_error(f"run {run_id} not started: deploy refused",
-                                    session.refusals, cluster.deploy.max_deletes)
-            if monitor_duration is not None and monitor_duration <= 0:
-                store.release_lease(run_id, coordinator_id())
-                return False
-            session.emit = _printer(c, saved, quiet=not c.json_out)
-            outcome = await _watch(c, session, run_id, monitor_duration, saved)
-            return outcome.finished
+            return await _after_launch(c, session, run_id, "started", monitor_duration, saved)
 
     try:
         finished = run_async(go)
@@ -327,16 +335,8 @@ def do_slurm_run(c: Ctx, cluster: Cluster, specs: tuple[ExperimentSpec, ...],
                                         f"target {target.name}")
             await SlurmWatch(session, run_id).launch()
             holder["launched"] = run_id
-            if session.refusals:
-                store.release_lease(run_id, coordinator_id())
-                raise refused_error(f"run {run_id} not submitted: deploy refused",
-                                    session.refusals, cluster.deploy.max_deletes)
-            if monitor_duration is not None and monitor_duration <= 0:
-                store.release_lease(run_id, coordinator_id())
-                return False
-            session.emit = _printer(c, saved, quiet=not c.json_out)
-            outcome = await _watch(c, session, run_id, monitor_duration, saved)
-            return outcome.finished
+            return await _after_launch(c, session, run_id, "submitted", monitor_duration,
+                                       saved)
 
     try:
         finished = run_async(go)
