@@ -581,3 +581,13 @@ def login_on(cluster: SlurmCluster, fleet: SSHFleet, host: FleetHost) -> Iterato
         yield SlurmLogin(cluster=cluster, fleet=fleet, host=host)
     finally:
         host.set_env(before)
+
+
+def max_overlap(spans: list[tuple[float, float]]) -> int:
+    """The largest number of (start, end) spans open at one instant."""
+    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
+    running = peak = 0
+    for _, delta in events:
+        running += delta
+        peak = max(peak, running)
+    return peak

@@ -27,7 +27,7 @@ import yaml
 from infra.backends.slurm.sbatch import job_name, output_path
 from infra.state import Store
 from tests.builders import wait_for
-from tests.slurmcluster import SlurmLogin
+from tests.slurmcluster import SlurmLogin, max_overlap
 from tests.sshfleet import SSHFleet
 from tests.test_run_e2e import cli, status_json
 
@@ -124,15 +124,6 @@ def times(root: Path, run_id: str, iid: str) -> tuple[float, float]:
     start = float(re.search(r"start ([\d.]+)", text).group(1))  # type: ignore[union-attr]
     end = float(re.search(r"end ([\d.]+)", text).group(1))  # type: ignore[union-attr]
     return start, end
-
-
-def max_overlap(spans: list[tuple[float, float]]) -> int:
-    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
-    running = peak = 0
-    for _, delta in events:
-        running += delta
-        peak = max(peak, running)
-    return peak
 
 
 def slurm_jobs_named(login: SlurmLogin, name: str) -> list[str]:

@@ -18,7 +18,13 @@ import psutil
 import pytest
 
 from tests.builders import wait_for
-from tests.slurmcluster import CGROUP, SlurmCluster, SlurmLogin, reap_stale_clusters
+from tests.slurmcluster import (
+    CGROUP,
+    SlurmCluster,
+    SlurmLogin,
+    max_overlap,
+    reap_stale_clusters,
+)
 
 pytestmark = pytest.mark.xdist_group("slurm")
 
@@ -81,16 +87,6 @@ echo "start $(date +%s.%N)" > "array-$SLURM_ARRAY_TASK_ID.times"
 sleep 2
 echo "end $(date +%s.%N)" >> "array-$SLURM_ARRAY_TASK_ID.times"
 """
-
-
-def max_overlap(spans: list[tuple[float, float]]) -> int:
-    """The largest number of (start, end) spans open at one instant."""
-    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
-    running = peak = 0
-    for _, delta in events:
-        running += delta
-        peak = max(peak, running)
-    return peak
 
 
 def test_array_throttle_runs_at_most_two_at_once(slurm_login: SlurmLogin) -> None:
