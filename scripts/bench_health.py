@@ -6,6 +6,8 @@ Every method runs the same node probe (``infra.remote.probe`` sent on stdin to
   ours (library)  probe_nodes over a fresh ConnectionPool: what ``--health-check`` calls
   ours (CLI)      ``python -m infra.cli.main --cluster-config X --health-check --json``
   asyncssh floor  asyncio.gather of bare asyncssh.connect + conn.run + close per host
+  process floor   the same bare asyncssh gather in a fresh ``python -c`` process: the least
+                  any Python command built on asyncssh pays (interpreter, imports, exit)
   parallel-ssh    Debian's ``parallel-ssh -I`` feeding the probe on stdin to every host
 
 Each method must return one valid probe document per host (its disk path lies in that
@@ -67,6 +69,9 @@ LIMIT_PER_HOST_ROUND_S = 0.25
 rounds on a loaded box before): scaled by the measured load factor at run time."""
 CLI_TARGET = 1.15
 """Issue 12: the full-CLI health check within 1.15x of the library path."""
+PROCESS_TARGET = 1.15
+"""The CLI within 1.15x of the process floor: what the CLI adds beyond any Python process
+that imports asyncssh and does the same work (interpreter start, imports and exit included)."""
 FLOOR_KEEP = 0.98
 """Kept from before: the library path at about 0.98x of the bare asyncssh floor."""
 PSSH_KEEP = 1.9
@@ -175,6 +180,55 @@ async def asyncssh_floor(fleet: SSHFleet, key: asyncssh.SSHKey,
     return docs, errors
 
 
+PROCESS_FLOOR = """\
+import asyncio, json, sys, warnings
+warnings.filterwarnings("ignore", message=r".*DSA is deprecated.*")
+import asyncssh
+job = json.load(sys.stdin)
+key = asyncssh.read_private_key(job["key"])
+known = asyncssh.read_known_hosts(job["known_hosts"])
+async def one(h):
+    async with asyncssh.connect(h["address"], h["port"], username=h["user"], client_keys=[key],
+                                known_hosts=known, agent_path=None) as conn:
+        return (await conn.run(job["command"], input=job["source"])).stdout
+async def main():
+    got = await asyncio.gather(*(one(h) for h in job["hosts"]), return_exceptions=True)
+    return {h["name"]: (f"{type(r).__name__}: {r}" if isinstance(r, BaseException) else r)
+            for h, r in zip(job["hosts"], got)}
+json.dump(asyncio.run(main()), sys.stdout)
+"""
+"""The process floor: bare asyncssh in a fresh interpreter, nothing of ours imported."""
+
+
+def process_floor_job(fleet: SSHFleet) -> str:
+    """The process floor's input: every host, the key, known_hosts and the probe."""
+    return json.dumps({
+        "key": str(fleet.client_key), "known_hosts": str(fleet.known_hosts),
+        "command": shlex.join([node_python(), "-", WORK_DIR]), "source": probe_source(),
+        "hosts": [{"name": h.name, "address": h.address, "port": h.port, "user": h.user}
+                  for h in fleet.hosts]})
+
+
+def process_floor(job: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """Run the process floor and sort its answers into probe documents and errors."""
+    proc = subprocess.run([sys.executable, "-c", PROCESS_FLOOR], input=job,
+                          capture_output=True, text=True, timeout=METHOD_TIMEOUT_S,
+                          check=False)
+    try:
+        outputs = json.loads(proc.stdout)
+    except ValueError:
+        raise BenchFailure(f"process floor exited {proc.returncode}: "
+                           f"{proc.stderr.strip()[-400:]}") from None
+    docs: dict[str, Any] = {}
+    errors: dict[str, str] = {}
+    for name, out in outputs.items():
+        try:
+            docs[name] = extract_json(out)
+        except ValueError:
+            errors[name] = out[:200]
+    return docs, errors
+
+
 def pssh_argv(fleet: SSHFleet, hosts_file: Path, outdir: Path, parallel: int) -> list[str]:
     """parallel-ssh sending the probe on stdin (-I) to every host, one output file per host."""
     extra = shlex.join(["-i", str(fleet.client_key),
@@ -251,6 +305,7 @@ def main() -> int:
         ("lib", "ours: probe_nodes (library)"),
         ("cli", "ours: CLI --health-check --json"),
         ("floor", "asyncssh floor (gather)"),
+        ("pfloor", "process floor (python+asyncssh)"),
         ("pssh", f"parallel-ssh -p {args.hosts} -I"),
     )}
     failures: list[str] = []
@@ -273,11 +328,13 @@ def main() -> int:
             outdir = root / "pssh_out"
             argv = pssh_argv(fleet, hosts_file, outdir, args.hosts)
             valid = make_validator(fleet)
+            floor_job = process_floor_job(fleet)
 
             runners: dict[str, Callable[[], tuple[dict[str, Any], dict[str, str]]]] = {
                 "lib": lambda: asyncio.run(ours_library(cluster)),
                 "cli": lambda: ours_cli(config),
                 "floor": lambda: asyncio.run(asyncssh_floor(fleet, key, known)),
+                "pfloor": lambda: process_floor(floor_job),
                 "pssh": lambda: run_pssh(fleet, argv, outdir),
             }
             print(f"{args.hosts} sshd hosts up in {fleet_s:.1f} s; "
@@ -316,7 +373,7 @@ def main() -> int:
                 f"(wall and client CPU seconds; median and min of {args.repeat})",
                 ["method", "wall med", "wall min", "cpu med", "/floor", "/pssh", "valid"],
                 rows)
-    lib, cli = series["lib"], series["cli"]
+    lib, cli, pfloor = series["lib"], series["cli"], series["pfloor"]
     print()
     for label, other in (("asyncssh floor", floor), ("parallel-ssh", pssh)):
         for mine in (lib, cli):
@@ -324,12 +381,24 @@ def main() -> int:
             print(f"ours ({who}) / {label}: {ratio(mine.median(), other.median())} wall, "
                   f"{ratio(mine.median('cpu'), other.median('cpu'))} CPU (ratio of medians); "
                   f"{paired_ratio(mine, other)} wall (median of per-round ratios)")
+    print(f"ours (CLI) / process floor: {ratio(cli.median(), pfloor.median())} wall, "
+          f"{ratio(cli.median('cpu'), pfloor.median('cpu'))} CPU (ratio of medians); "
+          f"{paired_ratio(cli, pfloor)} wall (median of per-round ratios)")
     print(f"CLI process overhead: {cli.median() - lib.median():+.3f} s wall "
           f"({ratio(cli.median(), lib.median())} of the library call); of it, interpreter "
           f"start {startup['start']:.3f} s and importing the CLI {startup['imports']:.3f} s "
           f"(median of 3)")
+    print(f"A bare python+asyncssh process doing the same: {pfloor.median() - lib.median():+.3f} s "
+          f"wall ({ratio(pfloor.median(), lib.median())} of the library call): the least any "
+          f"Python command built on asyncssh adds at {args.hosts} hosts on this machine")
+    reachable = pfloor.median() / lib.median() <= CLI_TARGET
     verdicts = [
-        (f"CLI / library <= {CLI_TARGET}x (target)", cli.median() / lib.median() <= CLI_TARGET),
+        (f"CLI / library <= {CLI_TARGET}x (target"
+         + ("" if reachable else "; the process floor itself is at "
+            f"{ratio(pfloor.median(), lib.median())} here")
+         + ")", cli.median() / lib.median() <= CLI_TARGET),
+        (f"CLI / process floor <= {PROCESS_TARGET}x (our share of the overhead)",
+         cli.median() / pfloor.median() <= PROCESS_TARGET),
         (f"library / asyncssh floor <= {1 / FLOOR_KEEP:.2f}x (keep about {FLOOR_KEEP}x)",
          lib.median() <= floor.median() / FLOOR_KEEP),
         (f"parallel-ssh / library >= {PSSH_KEEP}x (keep)", pssh.median() >= PSSH_KEEP * lib.median()),

@@ -6,7 +6,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from infra.cli.main import main
+from infra.cli.main import entry
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -135,6 +135,37 @@ def test_version_constant_matches_installed_metadata() -> None:
     assert out.stdout.strip() == f"cluster-experiment, version {__version__}"
 
 
+ENTRY_PROBE = """
+import atexit, gc, sys
+atexit.register(lambda: print("frozen at exit:", gc.get_freeze_count() > 0, file=sys.stderr))
+sys.argv = ["cluster-experiment", *sys.argv[1:]]
+from infra.cli.main import entry
+entry()
+"""
+
+
+def test_installed_command_is_entry() -> None:
+    scripts = importlib.metadata.entry_points(group="console_scripts")
+    assert [ep.value for ep in scripts if ep.name == "cluster-experiment"] == [
+        "infra.cli.main:entry"]
+
+
+@pytest.mark.parametrize(("argv", "code", "stdout", "stderr"), [
+    (["--version"], 0, f"cluster-experiment, version {__version__}\n", ""),
+    (["--cluster-config", "no-such.yaml", "--validate-config"], 2, "", "error: "),
+])
+def test_entry_exits_with_main_code_and_output_and_skips_the_final_collection(
+        argv: list[str], code: int, stdout: str, stderr: str) -> None:
+    """The command's exit code and output pass through; the heap is frozen before exit, so
+    the collector's last pass (about 60 ms after a health check's imports) is skipped."""
+    out = subprocess.run([sys.executable, "-c", ENTRY_PROBE, *argv], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert (out.returncode, out.stdout) == (code, stdout), out.stderr
+    lines = out.stderr.splitlines()
+    assert lines[-1] == "frozen at exit: True"
+    assert "\n".join(lines[:-1]).startswith(stderr)
+
+
 YAML_CASES = {
     "plain": "a: 1\nb: [x, 'y', 2.5, 1_000, 0x1f, 2024-01-02, ~, true]\nc: {d: {e: [f]}}\n",
     "alias": "a: &x [1]\nb: *x\n",

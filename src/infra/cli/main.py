@@ -8,11 +8,12 @@ becomes one line on stderr and a non-zero exit code; user mistakes never print a
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
 import click
 
@@ -625,5 +626,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     return rv if isinstance(rv, int) else 0
 
 
+def entry() -> NoReturn:
+    """The installed command: ``main()``, then exit without the final garbage collection.
+
+    Everything the command made stays alive until the process ends, so the collector's last
+    pass over it at interpreter exit only costs time (about 60 ms after a health check's
+    imports). Freezing the heap skips that pass; open files, atexit handlers and buffered
+    output are still flushed and closed as usual. Not done in ``main()``: tests call it
+    in-process, where garbage must stay collectable.
+    """
+    code = main()
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
