@@ -67,6 +67,21 @@ def ssh_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SSHFleet]:
         yield fleet
 
 
+@pytest.fixture(autouse=True)
+def fleet_cleared(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After a test on the fleet, nothing it started runs on into the next one.
+
+    A detached run outlives its test by design; left alone, its workloads (restarted by
+    their supervisors when merely killed) would hold slots, CPU and ports that the next
+    test counts as its own.
+    """
+    fleet = (request.getfixturevalue("ssh_fleet") if "ssh_fleet" in request.fixturenames
+             else None)
+    yield
+    if fleet is not None:
+        fleet.clear_work()
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster() -> Iterator[SlurmCluster]:
     """A real single-node Slurm (munged, slurmctld, slurmd) for the whole session.

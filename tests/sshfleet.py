@@ -443,6 +443,31 @@ class SSHFleet:
         """(Re)write ``known_hosts`` with every host's current key and port."""
         self.known_hosts.write_text("".join(h.host_key_line() + "\n" for h in self.hosts))
 
+    def leftover_processes(self) -> list[psutil.Process]:
+        """What the fleet's users still run outside sshd: supervisors, workloads, samplers."""
+        found = []
+        for proc in _processes_of(*(host.uid for host in self.hosts)):
+            with contextlib.suppress(psutil.Error):
+                if not proc.name().startswith("sshd"):
+                    found.append(proc)
+        return found
+
+    def clear_work(self) -> None:
+        """Kill what a test left running on the nodes, until nothing is left.
+
+        A detached run outlives its test by design, and its supervisor restarts a workload
+        that is merely killed: so everything of the users goes, supervisors with their
+        workloads, again and again until none comes back; sshd and its sessions stay.
+        """
+        for _ in range(50):
+            procs = self.leftover_processes()
+            if not procs:
+                return
+            _signal_all(procs, signal.SIGKILL)
+            _wait_gone(procs, timeout=1.0)
+        raise FleetError("processes of the fleet users keep coming back: "
+                         + ", ".join(str(p.pid) for p in self.leftover_processes()))
+
     @classmethod
     @contextlib.contextmanager
     def start(cls, n: int = 3, workdir: Path | str | None = None,

@@ -132,6 +132,27 @@ def test_two_coordinators_at_once_never_overcommit_a_node(project: Path,
     assert all(running == 2 for running, _ in outcomes), outcomes  # and the node was used
 
 
+def test_fleet_cleared_leaves_no_supervisor_to_restart_a_workload(project: Path,
+                                                                  ssh_fleet: SSHFleet) -> None:
+    """What conftest's ``fleet_cleared`` does after every fleet test. Killing the workloads
+    alone (the old teardown) let their supervisors start them again, and a later test
+    counted that stray as its own: once "3 held" on the 2-slot node above."""
+    fast_health(project)  # auto_restart: a killed workload comes back after 0.2 s
+    s = spec(project, "left", duration=60.0, interval=0.5)
+    proc = cli(project, "--config", str(s), "--placement", "left:node1",
+               "--monitor-duration", "0")
+    assert proc.returncode == 0, proc.stderr
+    host = ssh_fleet.host("node1")
+    wait_for(lambda: workloads_of(host), timeout=60)
+    supervisors = [p for p in ssh_fleet.leftover_processes()
+                   if any(a.endswith("supervisor.py") for a in p.cmdline())]
+    assert supervisors
+    ssh_fleet.clear_work()
+    assert ssh_fleet.leftover_processes() == []
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in supervisors)
+    assert host.is_running()  # sshd and its sessions stay
+
+
 def _runs(root: Path, side: str) -> list[str]:
     """The run ids one coordinator's store holds (read directly, no node contacted)."""
     if not (root / "logs" / side / "state.db").exists():

@@ -61,9 +61,7 @@ def project(ssh_fleet: SSHFleet, tmp_path: Path) -> Iterator[Path]:
               # explicit: in-process sessions (cwd: the repo) deploy this tree, not the repo
               "deploy": {"source": "."}}
     (root / "cluster_config.yaml").write_text(yaml.safe_dump(config))
-    yield root
-    for h in ssh_fleet.hosts:  # stop anything a failed test left running
-        subprocess.run(["pkill", "-KILL", "-u", h.user, "-f", "mind.py"], check=False)
+    yield root  # what the test left running on the fleet: conftest's fleet_cleared
 
 
 def spec(root: Path, eid: str, *, duration: float = 2.0, interval: float = 0.2,
