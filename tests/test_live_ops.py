@@ -124,12 +124,15 @@ def test_lost_node_moves_cluster_work_and_pauses_the_rest(project: Path,
     store.close()
 
 
-def test_returning_node_has_its_stale_copy_stopped(project: Path, ssh_fleet: SSHFleet) -> None:
+def test_returning_node_has_its_stale_copy_stopped(project: Path, ssh_fleet: SSHFleet,
+                                                   go_flag: Path) -> None:
     # fencing off (fence_timeout_seconds: 0): the coordinator moves the work while the old
-    # copy still runs behind the partition, and stops that copy when the node is back
+    # copy still runs behind the partition, and stops that copy when the node is back.
+    # The workload runs until the test ends it (go_flag): a fixed 30 s could run out on a
+    # loaded machine before the stale copy is found, and then there is nothing to stop.
     fast_health(project, failover={"auto_restart": True, "retry_delay_seconds": 0.2,
                                    "fence_timeout_seconds": 0})
-    s = spec(project, "twin", duration=30.0, interval=0.5, recover="cluster")
+    s = spec(project, "twin", duration=600.0, interval=0.5, recover="cluster", until=go_flag)
     proc = cli(project, "--config", str(s), "--placement", "twin:node2",
                "--monitor-duration", "0")
     assert proc.returncode == 0, proc.stderr
@@ -138,7 +141,7 @@ def test_returning_node_has_its_stale_copy_stopped(project: Path, ssh_fleet: SSH
     host = ssh_fleet.host("node2")
     host.stop()  # sshd down (a partition): the experiment keeps running on node2
     try:
-        events, store = monitor(project, run_id, duration=8)
+        events, store = monitor(project, run_id, duration=12)
         moved = store.instance(run_id, "twin")
         assert moved.node != "node2" and moved.state is InstancePhase.RUNNING
         assert psutil.pid_exists(old_pid)  # the first copy still runs behind the partition
@@ -149,7 +152,7 @@ def test_returning_node_has_its_stale_copy_stopped(project: Path, ssh_fleet: SSH
     assert status.returncode == 0, status.stderr
     assert psutil.pid_exists(old_pid) and psutil.Process(old_pid).status() != \
         psutil.STATUS_ZOMBIE
-    events, store = monitor(project, run_id, duration=5)
+    events, store = monitor(project, run_id, duration=10)
     assert any(k == "stale" and "stopped a stale copy on node2" in m for k, _, m in events)
     wait_for(lambda: not psutil.pid_exists(old_pid) or
              psutil.Process(old_pid).status() == psutil.STATUS_ZOMBIE, timeout=15)
