@@ -33,15 +33,47 @@ def with_accept_new(cluster: Cluster, accept_new: bool) -> Cluster:
         cluster.health_check, accept_new_host_keys=True))
 
 
+CLEANUP_WAIT_S = 15.0
+"""After Ctrl-C, the longest the command's cancelled tasks get to finish their own cleanup
+(kill a subprocess, close a connection) before ``asyncio.run`` cancels them a second time."""
+
+
 def run_async(factory: Callable[[], Awaitable[T]]) -> T:
     """Run the command's coroutine. After Ctrl-C the processes it started are killed, but
     asyncio may still report their transports as collected after the loop closed: noise that
     must not look like a crash ("Event loop is closed"), so it is not printed."""
     try:
-        return asyncio.run(factory())  # type: ignore[arg-type]
+        return asyncio.run(_drained(factory()))
     except KeyboardInterrupt:
         quiet_closed_loop_noise()
         raise
+
+
+async def _drained(command: Awaitable[T]) -> T:
+    """The command; when Ctrl-C cancels it, it ends only after the tasks being cancelled with
+    it have finished their cleanup (bounded by CLEANUP_WAIT_S).
+
+    ``asyncio.gather`` gives up on its other children as soon as one of them ends cancelled,
+    and ``asyncio.run`` then cancels whatever is still running a second time, in the middle
+    of its cleanup. On Python 3.11 that second cancellation, landing on a subprocess being
+    created, leaves a wait for its end that never returns: a deploy hung for ever after
+    Ctrl-C. Tasks nobody cancelled (a background loop) are left to ``asyncio.run``.
+    """
+    try:
+        return await command
+    except asyncio.CancelledError:
+        me = asyncio.current_task()
+        cleaning = {t for t in asyncio.all_tasks()
+                    if t is not me and not t.done() and _cancelling(t)}
+        if cleaning:
+            await asyncio.wait(cleaning, timeout=CLEANUP_WAIT_S)
+        raise
+
+
+def _cancelling(task: asyncio.Task[Any]) -> bool:
+    """True when the task has been asked to cancel and has not finished (3.11+; else False)."""
+    count = getattr(task, "cancelling", None)
+    return bool(count()) if count is not None else False
 
 
 def quiet_closed_loop_noise() -> None:

@@ -55,8 +55,7 @@ def _held_work(cluster: Cluster, store: Store,
                refresh: bool) -> tuple[list[OccupiedWork], dict[str, str]]:
     """Work holding capacity per node: the enabled nodes' own claims (any coordinator's),
     this store's records for nodes that could not be asked; and those nodes' errors."""
-    import asyncio
-
+    from infra.cli.health import run_async
     from infra.runner.claims import claims_of, occupied_work
     from infra.runner.lifecycle import RunSession
     from infra.runner.supervisor_client import Claim
@@ -71,7 +70,7 @@ def _held_work(cluster: Cluster, store: Store,
             return await claims_of([n.name for n in cluster.nodes if n.enabled],
                                    session.client)
 
-    claims = asyncio.run(go())
+    claims = run_async(go)
     unreachable = {n: c.one_line() for n, c in claims.items() if isinstance(c, InfraError)}
     return occupied_work(cluster, claims, stored), unreachable
 
@@ -201,6 +200,7 @@ def drain(c: Ctx, name: str, reason: str, deadline: str, dry_run: bool, wait: bo
     """Mark a node draining (no new work) and move its work off (reference semantics)."""
     import asyncio
 
+    from infra.cli.health import run_async
     from infra.runner.lifecycle import RunSession
     from infra.runner.nodeops import ActionKind, drain_pass
     from infra.state.store import AdminState
@@ -238,7 +238,7 @@ def drain(c: Ctx, name: str, reason: str, deadline: str, dry_run: bool, wait: bo
                                 f"{counts['blocked']} blocked)")
                 await asyncio.sleep(2.0)
 
-    report = asyncio.run(go())
+    report = run_async(go)
     store.close()
     if c.json_out or json_out:
         c.emit_json({"node": name, "dry_run": dry_run, "done": report.done,
@@ -282,9 +282,7 @@ def undrain(c: Ctx, name: str, reason: str, mark_eligible: bool) -> None:
 @click.pass_obj
 def reconcile(c: Ctx, name: str, reason: str, dry_run: bool) -> None:
     """Check the work placed on a node; recover it by policy if the node is gone (JSON)."""
-    import asyncio
-
-    from infra.cli.health import probe_nodes
+    from infra.cli.health import probe_nodes, run_async
     from infra.runner.lifecycle import RunSession
     from infra.runner.nodeops import reconcile_node
     from infra.transport.pool import ConnectionPool
@@ -303,7 +301,7 @@ def reconcile(c: Ctx, name: str, reason: str, dry_run: bool) -> None:
             doc.update(reachable=reachable, dry_run=dry_run, reason=reason)
             return doc
 
-    doc = asyncio.run(go())
+    doc = run_async(go)
     if not dry_run:
         store.add_event(None, "node", name, f"reconciled: {reason or 'manual'}")
     store.close()
