@@ -92,25 +92,35 @@ def signature(result: Plan) -> tuple[object, ...]:
             dict(result.evaluations.items()))
 
 
-@PROPS
-@given(data=st.data())
-def test_fast_plan_equals_the_reference_loop(data: st.DataObject) -> None:
-    """Same placements, scores, parts, allocations, failures and explanations."""
-    cluster = data.draw(clusters())
-    specs = data.draw(spec_sets(cluster))
+def draw_plan_inputs(data: st.DataObject, cluster: Any, specs: list[Any], *, unset: int,
+                     pin_one_in: int, occupy_one_in: int) -> tuple[list[Any], dict[str, Any]]:
+    """Node conditions (``unset`` in ``unset + len(Condition)`` left unset), pins and occupied
+    work (about one spec in ``pin_one_in`` / ``occupy_one_in``), a force flag and a strategy:
+    the specs still to place and ``plan``'s keyword arguments, the same for both planners."""
     conditions = {n: NodeCondition(c, "generated") for n in cluster.node_names
-                  if (c := data.draw(st.sampled_from([None, None, None, *Condition])))
+                  if (c := data.draw(st.sampled_from([None] * unset + [*Condition])))
                   is not None}
     pins = {s.experiment_id: data.draw(st.sampled_from(cluster.node_names))
-            for s in specs if data.draw(st.integers(0, 4)) == 0}
+            for s in specs if data.draw(st.integers(0, pin_one_in - 1)) == 0}
     occupied = [(s, data.draw(st.sampled_from(cluster.node_names)))
-                for s in specs if data.draw(st.integers(0, 6)) == 0]
+                for s in specs if data.draw(st.integers(0, occupy_one_in - 1)) == 0]
     busy = {s.experiment_id for s, _ in occupied}
     todo = [s for s in specs if s.experiment_id not in busy]
     kwargs: dict[str, Any] = {
         "pins": {k: v for k, v in pins.items() if k not in busy},
         "conditions": conditions, "force": data.draw(st.booleans()),
         "strategy": data.draw(st.sampled_from([None, *Strategy])), "occupied": occupied}
+    return todo, kwargs
+
+
+@PROPS
+@given(data=st.data())
+def test_fast_plan_equals_the_reference_loop(data: st.DataObject) -> None:
+    """Same placements, scores, parts, allocations, failures and explanations."""
+    cluster = data.draw(clusters())
+    specs = data.draw(spec_sets(cluster))
+    todo, kwargs = draw_plan_inputs(data, cluster, specs, unset=3, pin_one_in=5,
+                                    occupy_one_in=7)
     fast = plan(cluster, todo, **kwargs)
     slow = plan(cluster, todo, reference=True, **kwargs)
     assert signature(fast) == signature(slow)
@@ -276,19 +286,8 @@ def test_fast_plan_equals_the_reference_loop_on_crowds(data: st.DataObject) -> N
     pins, occupied work, every strategy: the same plan, explanations and counts."""
     cluster = data.draw(crowds())
     specs = data.draw(crowd_specs(cluster))
-    conditions = {n: NodeCondition(c, "generated") for n in cluster.node_names
-                  if (c := data.draw(st.sampled_from([None] * 8 + [*Condition])))
-                  is not None}
-    pins = {s.experiment_id: data.draw(st.sampled_from(cluster.node_names))
-            for s in specs if data.draw(st.integers(0, 9)) == 0}
-    occupied = [(s, data.draw(st.sampled_from(cluster.node_names)))
-                for s in specs if data.draw(st.integers(0, 9)) == 0]
-    busy = {s.experiment_id for s, _ in occupied}
-    todo = [s for s in specs if s.experiment_id not in busy]
-    kwargs: dict[str, Any] = {
-        "pins": {k: v for k, v in pins.items() if k not in busy},
-        "conditions": conditions, "force": data.draw(st.booleans()),
-        "strategy": data.draw(st.sampled_from([None, *Strategy])), "occupied": occupied}
+    todo, kwargs = draw_plan_inputs(data, cluster, specs, unset=8, pin_one_in=10,
+                                    occupy_one_in=10)
     fast = plan(cluster, todo, **kwargs)
     slow = plan(cluster, todo, reference=True, **kwargs)
     assert signature(fast) == signature(slow)
